@@ -1,0 +1,169 @@
+"""MQIRTN model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# What each composition variant is made of. `fusion`: runs the cross-modal attention fusion;
+# `complex`: ComposeAE's rotation in complex space (so the symmetric constraint exists);
+# `reconstruction`: has the image/text decoders and their losses.
+COMPOSITIONS = {
+    "mqirtn": {"fusion": True, "complex": True, "reconstruction": True},
+    "composeae": {"fusion": False, "complex": True, "reconstruction": True},
+    "tirg": {"fusion": False, "complex": False, "reconstruction": False},
+    "realspace_concat": {"fusion": False, "complex": False, "reconstruction": True},
+    "image_only": {"fusion": False, "complex": False, "reconstruction": False},
+    "text_only": {"fusion": False, "complex": False, "reconstruction": False},
+}
+LOSS_TYPES = ("batch_based_classification", "soft_triplet")
+
+
+@strict
+class MQIRTNConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`MQIRTNModel`]: a vision tower and a text tower (any AutoConfig model types, ViT and BERT by
+    default), cross-modal attention fusion, ComposeAE's complex-space composition and the deep-metric-learning loss.
+
+    vision_config (`dict` or `PreTrainedConfig`, *optional*):
+        Configuration of the vision tower; a dict may name any `model_type` (default `"vit"`).
+    text_config (`dict` or `PreTrainedConfig`, *optional*):
+        Configuration of the text tower; a dict may name any `model_type` (default `"bert"`).
+    projection_dim (`int`, *optional*, defaults to 512):
+        Width `d` of the shared embedding space (queries and gallery images).
+    num_fusion_layers (`int`, *optional*, defaults to 2):
+        Cross-attention layers between image and text tokens (`composition="mqirtn"` only; 0 disables fusion).
+    fusion_num_heads (`int`, *optional*, defaults to 8):
+        Attention heads in each fusion layer; must divide `projection_dim`.
+    fusion_intermediate_size (`int`, *optional*):
+        Width of the fusion feed-forward blocks; defaults to `4 * projection_dim`.
+    fusion_dropout (`float`, *optional*, defaults to 0.0):
+        Dropout inside the fusion layers.
+    composition (`str`, *optional*, defaults to `"mqirtn"`):
+        One of `"mqirtn"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`, `"text_only"`.
+    image_residual (`bool`, *optional*, defaults to `True`):
+        Add a learnable, text-gated residual of the reference's gallery embedding to the MQIRTN query.
+    conv_channels (`int`, *optional*, defaults to 16):
+        Channels of the convolutional mapping `rho_conv`.
+    composition_weights_init (`list[float]`, *optional*, defaults to `[10.0, 1.0]`):
+        Initial values of the learnable weights of the linear and convolutional mappings (ComposeAE uses 10 and 1).
+    loss_type (`str`, *optional*, defaults to `"batch_based_classification"`):
+        Deep-metric-learning loss: `"batch_based_classification"` or `"soft_triplet"`.
+    logit_scale_init_value (`float`, *optional*, defaults to 4.0):
+        Initial value of the learnable normalisation scale applied to cosine similarities.
+    logit_scale_bounds (`list[float]`, *optional*, defaults to `[1.0, 100.0]`):
+        The scale is clamped to this range in the forward pass.
+    base_loss_weight, reconstruction_image_loss_weight, reconstruction_text_loss_weight, symmetric_loss_weight (`float`):
+        Weights of the four loss terms (ComposeAE: 1.0, 0.1, 0.1, 0.01).
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the normal initialiser of the new layers.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
+
+    >>> vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    >>> text = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    >>> config = MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32, fusion_num_heads=4)
+    >>> model = MQIRTNModel(config)
+    >>> config.composition
+    'mqirtn'
+    ```"""
+
+    model_type = "mqirtn"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    projection_dim: int = 512
+    num_fusion_layers: int = 2
+    fusion_num_heads: int = 8
+    fusion_intermediate_size: int | None = None
+    fusion_dropout: float | int = 0.0
+    composition: str = "mqirtn"
+    image_residual: bool = True
+    conv_channels: int = 16
+    composition_weights_init: list[float | int] | tuple[float | int, ...] = (10.0, 1.0)
+    loss_type: str = "batch_based_classification"
+    logit_scale_init_value: float | int = 4.0
+    logit_scale_bounds: list[float | int] | tuple[float | int, ...] = (1.0, 100.0)
+    base_loss_weight: float | int = 1.0
+    reconstruction_image_loss_weight: float | int = 0.1
+    reconstruction_text_loss_weight: float | int = 0.1
+    symmetric_loss_weight: float | int = 0.01
+    initializer_range: float | int = 0.02
+
+    def validate_architecture(self):
+        """Validates every MQIRTN field; raises `ValueError` naming the field, the value and what is allowed."""
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"`composition` must be one of {sorted(COMPOSITIONS)}, got {self.composition!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"`loss_type` must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        for name in ("projection_dim", "fusion_num_heads", "conv_channels"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}")
+        if self.num_fusion_layers < 0:
+            raise ValueError(f"`num_fusion_layers` must be >= 0, got {self.num_fusion_layers}")
+        if self.projection_dim % self.fusion_num_heads != 0:
+            raise ValueError(
+                f"`projection_dim` ({self.projection_dim}) must be divisible by `fusion_num_heads` "
+                f"({self.fusion_num_heads})"
+            )
+        if self.projection_dim < 4:
+            raise ValueError(f"`projection_dim` must be at least 4 (the convolutional mapping pools to d/4), got {self.projection_dim}")
+        if self.fusion_intermediate_size is not None and self.fusion_intermediate_size < 1:
+            raise ValueError(f"`fusion_intermediate_size` must be a positive integer or None, got {self.fusion_intermediate_size}")
+        if not 0.0 <= self.fusion_dropout < 1.0:
+            raise ValueError(f"`fusion_dropout` must be in [0, 1), got {self.fusion_dropout}")
+        for name in (
+            "base_loss_weight",
+            "reconstruction_image_loss_weight",
+            "reconstruction_text_loss_weight",
+            "symmetric_loss_weight",
+        ):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value}")
+        if len(self.composition_weights_init) != 2:
+            raise ValueError(
+                "`composition_weights_init` must hold two values (linear, convolutional mapping), "
+                f"got {list(self.composition_weights_init)}"
+            )
+        bounds = list(self.logit_scale_bounds)
+        if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"`logit_scale_bounds` must be two numbers 0 < low <= high, got {bounds}")
+        if not bounds[0] <= self.logit_scale_init_value <= bounds[1]:
+            raise ValueError(
+                f"`logit_scale_init_value` must lie within `logit_scale_bounds` {list(self.logit_scale_bounds)}, "
+                f"got {self.logit_scale_init_value}"
+            )
+        for key in ("vision_config", "text_config"):
+            sub = getattr(self, key)
+            if getattr(sub, "hidden_size", None) is None:
+                raise ValueError(f"`{key}` ({sub.model_type!r}) must define `hidden_size`, the width of its token states")
+
+    @property
+    def composition_spec(self) -> dict:
+        """What the chosen composition variant is made of (see `COMPOSITIONS`)."""
+        return COMPOSITIONS[self.composition]
+
+    @property
+    def uses_fusion(self) -> bool:
+        return self.composition_spec["fusion"] and self.num_fusion_layers > 0
+
+    @classmethod
+    def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
+        """Builds an `MQIRTNConfig` from two tower configurations; `kwargs` set the MQIRTN fields."""
+        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
+
+
+__all__ = ["MQIRTNConfig", "COMPOSITIONS", "LOSS_TYPES"]

@@ -1,0 +1,376 @@
+"""MQIRTN: composed image retrieval with a vision tower, a text tower, cross-modal attention fusion, ComposeAE's
+complex-space composition, deep metric learning and the rotational symmetric constraint."""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .composition_mqirtn import MQIRTNImageResidual, MQIRTNMLP, build_composition
+from .configuration_mqirtn import MQIRTNConfig
+from .fusion_mqirtn import MQIRTNFusion, masked_mean
+from .losses_mqirtn import build_metric_loss, image_fingerprints
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MQIRTNOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Weighted sum of the terms in `loss_terms`.
+    loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `return_loss=True`):
+        Each unweighted loss term: `base` (deep metric learning), and where the composition has them `symmetric`
+        (symmetric constraint), `reconstruction_image`, `reconstruction_text`.
+    query_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised composed query (reference image + modification text).
+    target_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+        L2-normalised gallery embeddings of the target images, when `target_pixel_values` is given.
+    reference_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+        L2-normalised gallery embeddings of the reference images.
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+        L2-normalised embeddings of the modification texts.
+    logits_per_query (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*):
+        Scaled cosine similarities between every query and every target of the batch.
+    logit_scale (`torch.FloatTensor` of shape `()`):
+        The (clamped) normalisation scale used for the logits.
+    image_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Per fusion layer, image tokens attending to text tokens: `(batch_size, heads, 1 + num_patches, text_length)`.
+    text_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Per fusion layer, text tokens attending to image tokens: `(batch_size, heads, text_length, 1 + num_patches)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_terms: dict[str, torch.FloatTensor] | None = None
+    query_embeds: torch.FloatTensor | None = None
+    target_embeds: torch.FloatTensor | None = None
+    reference_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logits_per_query: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _tower_from_config(config) -> PreTrainedModel:
+    """A tower built from any AutoConfig, without the pooler MQIRTN never uses (it would receive no gradient)."""
+    model_class = AutoModel._model_mapping[type(config)]
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+def _tower_from_pretrained(name_or_path: str, **kwargs) -> PreTrainedModel:
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
+    model_class = AutoModel._model_mapping[type(config)]
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        kwargs.setdefault("add_pooling_layer", False)
+    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+class MQIRTNPreTrainedModel(PreTrainedModel):
+    config: MQIRTNConfig
+    config_class = MQIRTNConfig
+    base_model_prefix = "mqirtn"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["MQIRTNFusionLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MQIRTNModel):
+            init.constant_(module.logit_scale, float(self.config.logit_scale_init_value))
+        if hasattr(module, "mapping_weights"):
+            init.copy_(module.mapping_weights, torch.tensor(module.weights_init, dtype=module.mapping_weights.dtype))
+        if isinstance(module, MQIRTNImageResidual):
+            init.constant_(module.weight, 1.0)
+
+
+class MQIRTNModel(MQIRTNPreTrainedModel):
+    r"""
+    MQIRTN composed-image-retrieval model. A query (reference image + modification text) and a gallery image are
+    embedded in the same `projection_dim`-dimensional space; retrieval ranks gallery images by cosine similarity.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
+
+    >>> vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    >>> text = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    >>> model = MQIRTNModel(MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32, fusion_num_heads=4))
+    >>> pixel_values, targets = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    >>> input_ids, attention_mask = torch.randint(0, 100, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    >>> out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, target_pixel_values=targets, return_loss=True)
+    >>> out.query_embeds.shape, sorted(out.loss_terms)
+    (torch.Size([4, 32]), ['base', 'reconstruction_image', 'reconstruction_text', 'symmetric'])
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MQIRTNConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else _tower_from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
+        # One config object per tower, shared by the tower and the composite config (as VisionTextDualEncoder does).
+        self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
+        self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
+        self.vision_model.config = self.config.vision_config
+        self.text_model.config = self.config.text_config
+
+        dim = config.projection_dim
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        spec = config.composition_spec
+        self.image_projection = nn.Linear(vision_width, dim)
+        self.text_projection = nn.Linear(text_width, dim)
+        self.fusion = None
+        if config.uses_fusion:
+            self.fusion = MQIRTNFusion(
+                vision_width,
+                text_width,
+                dim,
+                config.num_fusion_layers,
+                config.fusion_num_heads,
+                config.fusion_intermediate_size or 4 * dim,
+                config.fusion_dropout,
+            )
+        self.composition = build_composition(config.composition, dim, config.conv_channels, config.composition_weights_init)
+        self.image_residual = (
+            MQIRTNImageResidual(dim) if config.composition == "mqirtn" and config.image_residual else None
+        )
+        self.image_decoder = MQIRTNMLP(dim, dim, dim) if spec["reconstruction"] else None
+        self.text_decoder = MQIRTNMLP(dim, dim, dim) if spec["reconstruction"] else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.metric_loss = build_metric_loss(config.loss_type)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- towers
+    def _image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower token states (B, 1+P, dv)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Text tower token states (B, L, dt)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _compose(self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False):
+        """Composed query theta (B, d), unnormalised, plus the fusion attentions when asked."""
+        image_attentions = text_attentions = None
+        if self.fusion is not None:
+            fused_image, fused_text, image_attentions, text_attentions = self.fusion(
+                image_tokens, text_tokens, attention_mask, output_attentions
+            )
+        else:
+            fused_image, fused_text = image_embeds, text_embeds
+        query = self.composition(fused_image, fused_text, sign)
+        if self.image_residual is not None:
+            query = query + self.image_residual(image_embeds, fused_image, fused_text)
+        return query, image_attentions, text_attentions
+
+    # ----------------------------------------------------------------------------------------------- features
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        r"""
+        Gallery embedding `phi(x)` of images: the only function used to embed gallery and target images.
+
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
+
+        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        """
+        return F.normalize(self.image_projection(self._image_tokens(pixel_values)[:, 0]), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""
+        Text embedding `psi(t)`: projection of the masked mean of the text tower's token states.
+
+        input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`)
+
+        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        """
+        return F.normalize(self.text_projection(masked_mean(self._text_tokens(input_ids, attention_mask), attention_mask)), dim=-1)
+
+    def get_query_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r"""
+        Composed query embedding `theta` of (reference image, modification text) pairs.
+
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): reference images.
+        input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`): modification texts.
+
+        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        """
+        return self(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).query_embeds
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        target_pixel_values: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool = False,
+        target_ids: torch.Tensor | None = None,
+        reference_ids: torch.Tensor | None = None,
+    ) -> MQIRTNOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Reference images.
+        input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Modification texts (an empty text makes a pure image query).
+        target_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`, *optional*):
+            Target images; needed for the loss.
+        return_loss (`bool`, *optional*):
+            Compute the loss and its terms.
+        output_attentions (`bool`, *optional*, defaults to `False`):
+            Return the fusion layers' attention weights (for visualisation).
+        target_ids, reference_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Identify equal images so that copies of a query's own target are not used as its negatives; by default
+            images are compared by a hash of their pixels.
+        """
+        if pixel_values is None or input_ids is None:
+            raise ValueError("MQIRTNModel needs both `pixel_values` (reference images) and `input_ids` (modification texts)")
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"`pixel_values` and `input_ids` must have the same batch size, got {pixel_values.shape[0]} and {input_ids.shape[0]}"
+            )
+        if target_pixel_values is not None and target_pixel_values.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                "`target_pixel_values` and `pixel_values` must have the same batch size, got "
+                f"{target_pixel_values.shape[0]} and {pixel_values.shape[0]}"
+            )
+        if return_loss and target_pixel_values is None:
+            raise ValueError("`return_loss=True` needs `target_pixel_values` (the target images)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        image_tokens = self._image_tokens(pixel_values)
+        text_tokens = self._text_tokens(input_ids, attention_mask)
+        image_embeds = self.image_projection(image_tokens[:, 0])
+        text_embeds = self.text_projection(masked_mean(text_tokens, attention_mask))
+        query, image_attentions, text_attentions = self._compose(
+            image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, 1.0, output_attentions
+        )
+        query_embeds = F.normalize(query, dim=-1)
+        scale = self.logit_scale.clamp(*[float(b) for b in self.config.logit_scale_bounds])
+
+        target_embeds = logits = loss = loss_terms = None
+        if target_pixel_values is not None:
+            target_tokens = self._image_tokens(target_pixel_values)
+            target_raw = self.image_projection(target_tokens[:, 0])
+            target_embeds = F.normalize(target_raw, dim=-1)
+            logits = scale * query_embeds @ target_embeds.T
+            if return_loss:
+                loss, loss_terms = self._loss(
+                    query, query_embeds, target_embeds, scale, image_embeds, text_embeds, target_tokens, target_raw,
+                    text_tokens, attention_mask, pixel_values, target_pixel_values, target_ids, reference_ids,
+                )
+
+        return MQIRTNOutput(
+            loss=loss,
+            loss_terms=loss_terms,
+            query_embeds=query_embeds,
+            target_embeds=target_embeds,
+            reference_embeds=F.normalize(image_embeds, dim=-1),
+            text_embeds=F.normalize(text_embeds, dim=-1),
+            logits_per_query=logits,
+            logit_scale=scale,
+            image_attentions=image_attentions,
+            text_attentions=text_attentions,
+        )
+
+    def _loss(
+        self, query, query_embeds, target_embeds, scale, image_embeds, text_embeds, target_tokens, target_raw,
+        text_tokens, attention_mask, pixel_values, target_pixel_values, target_ids, reference_ids,
+    ):
+        config = self.config
+        spec = config.composition_spec
+        if target_ids is None:
+            target_ids = image_fingerprints(target_pixel_values)
+        terms = {"base": self.metric_loss(query_embeds, target_embeds, scale, target_ids)}
+        total = config.base_loss_weight * terms["base"]
+        if spec["complex"]:
+            # Symmetric constraint: the target rotated back by the conjugate of the same text must retrieve the
+            # reference. The target's tower outputs are reused; only fusion and composition run again.
+            if reference_ids is None:
+                reference_ids = image_fingerprints(pixel_values)
+            back, _, _ = self._compose(target_tokens, text_tokens, attention_mask, target_raw, text_embeds, -1.0)
+            terms["symmetric"] = self.metric_loss(
+                F.normalize(back, dim=-1), F.normalize(image_embeds, dim=-1), scale, reference_ids
+            )
+            total = total + config.symmetric_loss_weight * terms["symmetric"]
+        if spec["reconstruction"]:
+            terms["reconstruction_image"] = F.mse_loss(
+                F.normalize(self.image_decoder(query), dim=-1), F.normalize(image_embeds, dim=-1)
+            )
+            terms["reconstruction_text"] = F.mse_loss(
+                F.normalize(self.text_decoder(query), dim=-1), F.normalize(text_embeds, dim=-1)
+            )
+            total = (
+                total
+                + config.reconstruction_image_loss_weight * terms["reconstruction_image"]
+                + config.reconstruction_text_loss_weight * terms["reconstruction_text"]
+            )
+        return total, terms
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+    ) -> "MQIRTNModel":
+        r"""
+        Composes an MQIRTN model from a pretrained vision checkpoint and a pretrained text checkpoint.
+
+        The tower weights are kept; the projections, fusion, composition, decoders and scale are newly initialised
+        (a log line names them). Keyword arguments starting with `vision_` / `text_` go to the respective tower's
+        `from_pretrained` (e.g. `vision_attn_implementation="sdpa"`); the others set `MQIRTNConfig` fields.
+
+        Example:
+
+        ```python
+        >>> model = MQIRTNModel.from_vision_text_pretrained(
+        ...     "google/vit-base-patch16-224-in21k", "bert-base-uncased", projection_dim=512
+        ... )  # doctest: +SKIP
+        ```
+        """
+        vision_kwargs = {k[len("vision_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
+        text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
+        vision_model = _tower_from_pretrained(vision_model_name_or_path, **vision_kwargs)
+        text_model = _tower_from_pretrained(text_model_name_or_path, **text_kwargs)
+        config = MQIRTNConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
+        model = cls(config, vision_model=vision_model, text_model=text_model)
+        new_layers = sorted(
+            {name.split(".")[0] for name, _ in model.named_parameters()} - {"vision_model", "text_model"}
+        )
+        logger.warning(
+            f"Kept the pretrained towers {vision_model_name_or_path!r} (vision) and {text_model_name_or_path!r} (text); "
+            f"newly initialised: {new_layers}. Train the model before using it for retrieval."
+        )
+        return model
+
+
+__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput"]

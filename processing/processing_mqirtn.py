@@ -1,0 +1,152 @@
+"""MQIRTNProcessor: prepares (reference image, modification text[, target image]) batches for MQIRTNModel.
+
+Hub code: imports only transformers, torch, numpy and PIL (which transformers' image processors need anyway).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image
+
+
+def to_rgb_image(image, argument: str = "images", index: int | None = None) -> Image.Image:
+    """Converts one image (PIL image, numpy array, path or URL) to an RGB PIL image.
+
+    Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels are laid on white. Anything else
+    raises `ValueError` naming `argument` (and the position in a list) and the type that came.
+    """
+    where = f"`{argument}`" if index is None else f"`{argument}[{index}]`"
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image = load_image(str(image)) if str(image).startswith(("http://", "https://")) else Image.open(Path(image))
+            image.load()
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{where}: could not read the image {str(image)!r}: {error}") from error
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # channels-first -> channels-last
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"{where}: a numpy image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {image.shape}")
+        if array.dtype != np.uint8:
+            array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"{where} must be a PIL image, a numpy array, a path or a URL, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.max() > 0 else 1.0
+        return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _as_list(value, argument: str) -> list:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError(f"`{argument}` is an empty list; give at least one item")
+    return items
+
+
+class MQIRTNProcessor(ProcessorMixin):
+    r"""
+    Wraps an image processor and a tokenizer into one processor for composed image retrieval.
+
+    `processor(images=..., text=..., target_images=..., return_tensors="pt")` returns `pixel_values` (reference images,
+    `(batch, 3, H, W)`), `input_ids` and `attention_mask` (modification texts, `(batch, length)`) and
+    `target_pixel_values` (`(batch, 3, H, W)`). Each argument may be given alone (e.g. gallery images only).
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from transformers import BertTokenizer, ViTImageProcessor
+    >>> from processing import MQIRTNProcessor
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "vocab.txt"), "w") as f:
+    ...     _ = f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", "blue"]))
+    >>> processor = MQIRTNProcessor(ViTImageProcessor(size={"height": 32, "width": 32}), BertTokenizer(os.path.join(folder, "vocab.txt")))
+    >>> batch = processor(images=[Image.new("RGB", (40, 40))], text=["make it blue"], target_images=[Image.new("L", (50, 50))])
+    >>> batch["pixel_values"].shape, batch["input_ids"].shape, batch["target_pixel_values"].shape
+    (torch.Size([1, 3, 32, 32]), torch.Size([1, 5]), torch.Size([1, 3, 32, 32]))
+    ```
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None):
+        super().__init__(image_processor, tokenizer)
+
+    def _pixels(self, images, argument: str):
+        rgb = [to_rgb_image(image, argument, i) for i, image in enumerate(images)]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        target_images=None,
+        return_tensors: str = "pt",
+        padding: bool | str = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> BatchFeature:
+        r"""
+        images (PIL image, numpy array, path, URL, or a list of them, *optional*): reference images.
+        text (`str` or `list[str]`, *optional*): modification texts; an empty string makes a pure image query.
+        target_images (same types as `images`, *optional*): target images (training).
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"`return_tensors` must be 'pt' (MQIRTN is a PyTorch model), got {return_tensors!r}")
+        if images is None and text is None and target_images is None:
+            raise ValueError("Give at least one of `images`, `text` or `target_images`")
+        lengths = {}
+        data = {}
+        if images is not None:
+            images = _as_list(images, "images")
+            lengths["images"] = len(images)
+        if text is not None:
+            texts = _as_list(text, "text")
+            for i, item in enumerate(texts):
+                if not isinstance(item, str):
+                    raise ValueError(f"`text[{i}]` must be a string, got {type(item).__name__}")
+            lengths["text"] = len(texts)
+        if target_images is not None:
+            target_images = _as_list(target_images, "target_images")
+            lengths["target_images"] = len(target_images)
+        if len(set(lengths.values())) > 1:
+            described = ", ".join(f"`{name}` has {count}" for name, count in lengths.items())
+            raise ValueError(f"`images`, `text` and `target_images` must have the same length, but {described}")
+
+        if images is not None:
+            data["pixel_values"] = self._pixels(images, "images")
+        if text is not None:
+            encoded = self.tokenizer(
+                texts,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
+            data["input_ids"] = encoded["input_ids"]
+            data["attention_mask"] = encoded["attention_mask"]
+        if target_images is not None:
+            data["target_pixel_values"] = self._pixels(target_images, "target_images")
+        return BatchFeature(data=data, tensor_type="pt")
+
+    @property
+    def model_input_names(self):
+        return ["pixel_values", "input_ids", "attention_mask", "target_pixel_values"]
+
+
+__all__ = ["MQIRTNProcessor", "to_rgb_image"]
