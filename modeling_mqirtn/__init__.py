@@ -1,9 +1,12 @@
 """MQIRTN model package: importing it registers the `mqirtn` model type with the Auto classes."""
 
 from transformers import AutoConfig, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig
 from .modeling_mqirtn import MQIRTNModel, MQIRTNOutput, MQIRTNPreTrainedModel
+from .pipeline_mqirtn import TASK as PIPELINE_TASK
+from .pipeline_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
 
 
 AutoConfig.register("mqirtn", MQIRTNConfig, exist_ok=True)
@@ -11,5 +14,18 @@ AutoModel.register(MQIRTNConfig, MQIRTNModel, exist_ok=True)
 # `save_pretrained` then writes `auto_map` and copies the code files, so the folder loads with trust_remote_code.
 MQIRTNConfig.register_for_auto_class()
 MQIRTNModel.register_for_auto_class("AutoModel")
+if PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=ComposedImageRetrievalPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
-__all__ = ["COMPOSITIONS", "LOSS_TYPES", "MQIRTNConfig", "MQIRTNModel", "MQIRTNOutput", "MQIRTNPreTrainedModel"]
+__all__ = [
+    "COMPOSITIONS",
+    "LOSS_TYPES",
+    "ComposedImageRetrievalPipeline",
+    "MQIRTNConfig",
+    "MQIRTNModel",
+    "MQIRTNOutput",
+    "MQIRTNPreTrainedModel",
+    "save_for_hub",
+]

@@ -1,0 +1,247 @@
+"""`ComposedImageRetrievalPipeline`: the `"composed-image-retrieval"` task for MQIRTN models.
+
+Hub code: imports only torch, transformers, numpy and PIL, so that a saved model folder (see `save_for_hub`) loads the
+pipeline in a process where this package is not installed:
+
+```python
+>>> from transformers import pipeline
+>>> pipe = pipeline("composed-image-retrieval", model="org/mqirtn", trust_remote_code=True)  # doctest: +SKIP
+>>> pipe(image="dress.jpg", text="make it red", gallery=index, top_k=5)  # doctest: +SKIP
+[{'score': 0.91, 'index': 17, 'id': 'red_dress.jpg'}, ...]
+```
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+
+TASK = "composed-image-retrieval"
+PIPELINE_FILE = "pipeline_mqirtn.py"
+# What `config.json` needs so that `pipeline(TASK, model=folder, trust_remote_code=True)` finds this class.
+CUSTOM_PIPELINES = {
+    TASK: {"impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+}
+
+
+def exact_search(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    top_k: int,
+    block_size: int = 65536,
+    query_batch_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Exact maximum-inner-product search (cosine similarity for L2-normalised embeddings), best first.
+
+    The gallery is scored in blocks of `block_size` rows and queries in batches of `query_batch_size`, keeping a
+    running top-k, so peak extra memory is `query_batch_size x block_size` scores whatever the gallery size (the
+    gallery itself may live on another device or be memory-mapped; each block is moved to the query's device).
+
+    query_embeds (`torch.FloatTensor` of shape `(num_queries, dim)`)
+    gallery_embeds (`torch.FloatTensor` of shape `(gallery_size, dim)`)
+
+    Returns `(scores, indices)`, both of shape `(num_queries, min(top_k, gallery_size))`.
+    """
+    if query_embeds.dim() != 2 or gallery_embeds.dim() != 2:
+        raise ValueError(
+            f"`query_embeds` and `gallery_embeds` must be 2-D (count, dim), got {tuple(query_embeds.shape)} and "
+            f"{tuple(gallery_embeds.shape)}"
+        )
+    if query_embeds.shape[1] != gallery_embeds.shape[1]:
+        raise ValueError(
+            f"`query_embeds` has dimension {query_embeds.shape[1]} but `gallery_embeds` has {gallery_embeds.shape[1]}"
+        )
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+    for name, value in (("block_size", block_size), ("query_batch_size", query_batch_size)):
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value}")
+    gallery_size = gallery_embeds.shape[0]
+    if gallery_size == 0:
+        raise ValueError("the gallery is empty: there is nothing to search")
+    k = min(top_k, gallery_size)
+    all_scores, all_indices = [], []
+    for q_start in range(0, query_embeds.shape[0], query_batch_size):
+        queries = query_embeds[q_start : q_start + query_batch_size]
+        best_scores = queries.new_empty((queries.shape[0], 0))
+        best_indices = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+        for g_start in range(0, gallery_size, block_size):
+            block = gallery_embeds[g_start : g_start + block_size].to(device=queries.device, dtype=queries.dtype)
+            scores = queries @ block.T
+            block_scores, block_indices = scores.topk(min(k, scores.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores, block_scores], dim=1)
+            merged_indices = torch.cat([best_indices, block_indices + g_start], dim=1)
+            best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_indices = merged_indices.gather(1, order)
+        all_scores.append(best_scores)
+        all_indices.append(best_indices)
+    return torch.cat(all_scores), torch.cat(all_indices)
+
+
+class ComposedImageRetrievalPipeline(Pipeline):
+    r"""
+    Composed image retrieval: a query is a reference image plus a modification text; the answer is the gallery images
+    ranked by cosine similarity between the composed query embedding and their gallery embeddings.
+
+    Call forms:
+
+    - `pipe(image=ref, text="make it red", gallery=index, top_k=5)` -> `[{"score": float, "index": int, "id": str}, ...]`
+      best first;
+    - `pipe([{"image": ..., "text": ...}, ...], gallery=index, batch_size=16)` -> one such list per query;
+    - without `gallery` -> the L2-normalised query embedding, a `torch.FloatTensor` of shape `(projection_dim,)`.
+
+    Images may be PIL images, numpy arrays, local paths or URLs. `gallery` is either an index object with
+    `search(query_embeds, top_k) -> (scores, indices)` and `ids` (such as `GalleryIndex`; if it has
+    `check_model(model)` that is called first, so an index built with another model is refused), or a
+    `torch.Tensor`/`numpy.ndarray` of L2-normalised gallery embeddings of shape `(gallery_size, projection_dim)`
+    (ids are then the row numbers as strings).
+
+    Example:
+
+    ```python
+    >>> import modeling_mqirtn  # registers the task  # doctest: +SKIP
+    >>> from transformers import pipeline
+    >>> pipe = pipeline("composed-image-retrieval", model=model, processor=processor)  # doctest: +SKIP
+    >>> pipe(image="shirt.png", text="with long sleeves", gallery=gallery_embeds, top_k=3)  # doctest: +SKIP
+    [{'score': 0.83, 'index': 4, 'id': '4'}, {'score': 0.79, 'index': 12, 'id': '12'}, ...]
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "ComposedImageRetrievalPipeline needs a `processor` (an MQIRTNProcessor): pass `processor=` or load "
+                "from a folder saved with `save_for_hub`, which holds the processor"
+            )
+        self.model.eval()
+
+    def __call__(self, inputs=None, *, image=None, text=None, **kwargs):
+        r"""
+        inputs (`dict` or `list[dict]`, *optional*): `{"image": ..., "text": ...}` queries; or use `image=`/`text=`.
+        image (image or list of images, *optional*): reference image(s).
+        text (`str` or `list[str]`, *optional*): modification text(s).
+        gallery (index object, tensor or array, *optional*): what to search; without it the query embedding is returned.
+        top_k (`int`, *optional*, defaults to 10): number of results per query.
+        batch_size (`int`, *optional*): queries per forward pass for list inputs.
+        """
+        if inputs is None:
+            if image is None or text is None:
+                raise ValueError("Give `image=` and `text=` (or a list of {'image': ..., 'text': ...} dicts as `inputs`)")
+            if isinstance(image, (list, tuple)) or isinstance(text, (list, tuple)):
+                if not (isinstance(image, (list, tuple)) and isinstance(text, (list, tuple))):
+                    raise ValueError("`image` and `text` must both be lists or both be single items")
+                if len(image) != len(text):
+                    raise ValueError(f"`image` and `text` must have the same length, got {len(image)} and {len(text)}")
+                inputs = [{"image": i, "text": t} for i, t in zip(image, text)]
+            else:
+                inputs = {"image": image, "text": text}
+        elif image is not None or text is not None:
+            raise ValueError("Give either `inputs` or `image=`/`text=`, not both")
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        if isinstance(inputs, list) and not inputs:
+            raise ValueError("`inputs` is an empty list; give at least one query")
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, gallery=None, top_k=None, **unknown):
+        if unknown:
+            raise TypeError(f"ComposedImageRetrievalPipeline got unexpected arguments {sorted(unknown)}")
+        forward_params, postprocess_params = {}, {}
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+            forward_params["top_k"] = top_k
+        if gallery is not None:
+            gallery = self._check_gallery(gallery)
+            forward_params["gallery"] = gallery
+            postprocess_params["gallery"] = gallery
+        return {}, forward_params, postprocess_params
+
+    def _check_gallery(self, gallery):
+        """Validates `gallery` once per call; returns it with tensors/arrays as float tensors."""
+        dim = self.model.config.projection_dim
+        if isinstance(gallery, np.ndarray):
+            gallery = torch.from_numpy(gallery)
+        if isinstance(gallery, torch.Tensor):
+            if gallery.dim() != 2 or gallery.shape[1] != dim:
+                raise ValueError(
+                    f"`gallery` as embeddings must have shape (gallery_size, {dim}) (the model's projection_dim), "
+                    f"got {tuple(gallery.shape)}"
+                )
+            return gallery.float()
+        if not callable(getattr(gallery, "search", None)) or not hasattr(gallery, "ids"):
+            raise ValueError(
+                "`gallery` must be an index with `search(query_embeds, top_k)` and `ids` (e.g. GalleryIndex) or a "
+                f"(gallery_size, {dim}) tensor of embeddings, got {type(gallery).__name__}"
+            )
+        if callable(getattr(gallery, "check_model", None)):
+            gallery.check_model(self.model)
+        return gallery
+
+    def preprocess(self, inputs):
+        if not isinstance(inputs, dict) or set(inputs) != {"image", "text"}:
+            described = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+            raise ValueError(f"each query must be a dict with keys 'image' and 'text', got {described}")
+        if not isinstance(inputs["text"], str):
+            raise ValueError(f"a query's 'text' must be a string, got {type(inputs['text']).__name__}")
+        batch = self.processor(images=[inputs["image"]], text=[inputs["text"]], return_tensors="pt")
+        return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+
+    def _forward(self, model_inputs, gallery=None, top_k=10):
+        query_embeds = self.model.get_query_features(
+            pixel_values=model_inputs["pixel_values"].to(self.model.dtype),
+            input_ids=model_inputs["input_ids"],
+            attention_mask=model_inputs["attention_mask"],
+        )
+        if gallery is None:
+            return {"query_embeds": query_embeds}
+        if isinstance(gallery, torch.Tensor):
+            scores, indices = exact_search(query_embeds.float(), gallery, top_k)
+        else:
+            scores, indices = gallery.search(query_embeds, top_k)
+        return {"scores": torch.as_tensor(scores), "indices": torch.as_tensor(indices)}
+
+    def postprocess(self, model_outputs, gallery=None):
+        if gallery is None:
+            return model_outputs["query_embeds"][0].float().cpu()
+        ids = None if isinstance(gallery, torch.Tensor) else gallery.ids
+        scores = model_outputs["scores"][0].tolist()
+        indices = model_outputs["indices"][0].tolist()
+        return [
+            {"score": float(score), "index": int(index), "id": str(index) if ids is None else str(ids[index])}
+            for score, index in zip(scores, indices)
+            if index >= 0  # FAISS marks missing results with -1
+        ]
+
+
+def save_for_hub(model, processor, folder: str | os.PathLike) -> Path:
+    r"""
+    Saves `model`, `processor` and this pipeline's code into `folder`, so that in a fresh process (our packages not
+    installed) `pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)`,
+    `AutoModel.from_pretrained(folder, trust_remote_code=True)` and `AutoProcessor.from_pretrained(folder,
+    trust_remote_code=True)` all work. Writes `custom_pipelines` into `config.json` (transformers' own
+    `Pipeline.save_pretrained` does that too, but forgets the processor).
+
+    Returns the folder as a `Path`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    shutil.copyfile(Path(__file__), folder / PIPELINE_FILE)
+    return folder
+
+
+__all__ = ["ComposedImageRetrievalPipeline", "exact_search", "save_for_hub", "TASK"]
