@@ -423,7 +423,8 @@ def evaluate_cirr(
 def _column(table, name: str) -> list:
     try:
         return list(table[name])
-    except KeyError as error:
+    # `datasets.Dataset` raises ValueError for an unknown column, a dict KeyError.
+    except (KeyError, ValueError) as error:
         raise ValueError(f"Expected a `{name}` column, got columns {list(getattr(table, 'column_names', table))}") from error
 
 
