@@ -1,0 +1,556 @@
+"""`GalleryIndex`: embeds a gallery with an MQIRTN model, stores it (safetensors + JSON) and searches it.
+
+Not Hub code (the model never imports it): it may use tqdm, safetensors and, lazily, `datasets`, `accelerate` and
+`faiss`. The pipeline only duck-types it (`search`, `ids`, `check_model`).
+
+>>> index = GalleryIndex.from_folder(model, processor, "catalogue/")              # doctest: +SKIP
+>>> index.save("catalogue.index")                                                 # doctest: +SKIP
+>>> index = GalleryIndex.load("catalogue.index", model=model, processor=processor)  # doctest: +SKIP
+>>> pipe(image="dress.jpg", text="make it red", gallery=index, top_k=5)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .pipeline_mqirtn import exact_search
+
+
+logger = logging.get_logger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+INDEX_FILE = "index.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+FORMAT_VERSION = 1
+# Errors PIL raises for files that are not (complete, sane) images.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class ModelMismatchError(ValueError):
+    """The model given to an index is not the one that built it (other projection_dim or other weights)."""
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes, shapes and bytes), as hex.
+
+    Cached per model object and recomputed only when a parameter or buffer was modified in place since (tracked with
+    the tensors' version counters, which optimizer steps and `load_state_dict` bump), so calling it per search is cheap.
+    The same weights in another dtype give another fingerprint.
+    """
+    state = model.state_dict()
+    versions = tuple(tensor._version for tensor in state.values())
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    fingerprint = digest.hexdigest()
+    _FINGERPRINTS[model] = (versions, fingerprint)
+    return fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def _open_image(item) -> Image.Image:
+    """Decodes one gallery item (PIL image, path, `datasets` {"bytes", "path"} dict or numpy array) to a PIL image.
+
+    Raises one of `_UNREADABLE` for files that are missing, truncated or not images.
+    """
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            image = Image.open(io.BytesIO(item["bytes"]))
+        elif item.get("path"):
+            image = Image.open(item["path"])
+        else:
+            raise ValueError("the image entry has neither bytes nor a path")
+    elif isinstance(item, (str, os.PathLike)):
+        image = Image.open(Path(item))
+    else:
+        raise ValueError(f"an image must be a PIL image, a path or a numpy array, got {type(item).__name__}")
+    image.load()
+    return image
+
+
+def _describe(item, position: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, dict) and item.get("path"):
+        return str(item["path"])
+    return f"#{position}"
+
+
+def _warn_skipped(skipped: list[str], total: int) -> None:
+    if not skipped:
+        return
+    shown = ", ".join(skipped[:20]) + (f", ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+    logger.warning(f"Skipped {len(skipped)} unreadable image(s) of {total}: {shown}")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files (by extension, case-insensitive: `IMAGE_EXTENSIONS`) under `folder`, recursively, sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"`folder` {str(folder)!r} does not exist or is not a directory")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@torch.inference_mode()
+def embed_images(
+    model,
+    processor,
+    images: Sequence,
+    batch_size: int = 32,
+    progress: bool = True,
+    description: str = "Embedding gallery",
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    r"""
+    Gallery embeddings `get_image_features` of `images`, decoded lazily batch by batch; unreadable items are skipped.
+
+    Returns `(embeddings, kept, skipped)`: `embeddings` (`torch.FloatTensor` of shape `(len(kept), projection_dim)`,
+    L2-normalised, on CPU), `kept` the positions in `images` that were embedded, `skipped` descriptions of the others.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
+    parameter = next(model.parameters())
+    chunks, kept, skipped = [], [], []
+    with tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            decoded, positions = [], []
+            for position in range(start, min(start + batch_size, len(images))):
+                item = images[position]
+                try:
+                    decoded.append(_open_image(item))
+                    positions.append(position)
+                except _UNREADABLE as error:
+                    skipped.append(f"{_describe(item, position)} ({type(error).__name__}: {error})")
+            if decoded:
+                pixel_values = processor(images=decoded, return_tensors="pt")["pixel_values"]
+                embeds = model.get_image_features(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
+                chunks.append(embeds.float().cpu())
+                kept.extend(positions)
+            bar.update(min(batch_size, len(images) - start))
+    dim = model.config.projection_dim
+    embeddings = torch.cat(chunks) if chunks else torch.empty((0, dim))
+    return embeddings, kept, skipped
+
+
+def _embed_sharded(model, processor, images, batch_size, progress, accelerator):
+    """`embed_images` over this process's contiguous shard of `images`, then merged in order on every process."""
+    from accelerate.utils import gather_object
+
+    model = accelerator.unwrap_model(model)
+    with accelerator.split_between_processes(list(range(len(images)))) as shard:
+        local_images = _SubsetView(images, shard)
+        embeddings, kept, skipped = embed_images(
+            model, processor, local_images, batch_size, progress and accelerator.is_local_main_process,
+            f"Embedding gallery (rank {accelerator.process_index}, {len(local_images)} images)",
+        )
+        kept = [shard[i] for i in kept] if shard else []
+    # Shards are contiguous and in rank order, so concatenating in rank order restores the input order.
+    counts = gather_object([len(kept)])
+    padded = accelerator.pad_across_processes(embeddings.to(accelerator.device), dim=0)
+    gathered = accelerator.gather(padded).cpu()
+    rows_per_rank = gathered.shape[0] // accelerator.num_processes
+    embeddings = torch.cat([gathered[r * rows_per_rank : r * rows_per_rank + n] for r, n in enumerate(counts)])
+    return embeddings, gather_object(kept), gather_object(skipped)
+
+
+# ---------------------------------------------------------------------------------------------------- FAISS
+def _import_faiss(backend: str):
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            f"The {backend!r} backend needs FAISS, which is not installed: `pip install faiss-cpu` (or the `faiss` "
+            "extra of this package), or use backend='exact'"
+        ) from error
+    return faiss
+
+
+def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
+    faiss = _import_faiss(backend)
+    vectors = np.ascontiguousarray(embeddings.float().numpy())
+    count, dim = vectors.shape
+    if backend == "faiss-flat":
+        index = faiss.IndexFlatIP(dim)
+    elif backend == "faiss-ivf":
+        # FAISS wants >= 39 training points per list; 4 * sqrt(N) lists is its usual rule of thumb.
+        nlist = int(options.get("nlist") or max(1, min(int(4 * math.sqrt(count)), count // 39)))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = int(options.get("nprobe") or min(nlist, 16))
+    elif backend == "faiss-hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(options.get("hnsw_m") or 32), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(options.get("ef_construction") or 80)
+        index.hnsw.efSearch = int(options.get("ef_search") or 64)
+    else:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+    index.add(vectors)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------- index
+class GalleryIndex:
+    r"""
+    L2-normalised gallery embeddings (`(len(index), projection_dim)`, float32, CPU) with one string id per image and
+    the identity of the model that computed them (its `name_or_path`, `projection_dim` and `model_fingerprint`).
+
+    Build with `from_images`, `from_folder` or `from_dataset`; grow with `add`; persist with `save`/`load`
+    (safetensors + JSON, no pickle); search with `search(query_embeds, top_k)` (exact blocked matrix product by
+    default, or FAISS: `backend="faiss-flat" | "faiss-ivf" | "faiss-hnsw"`). `check_model(model)` raises
+    `ModelMismatchError` for a model with another `projection_dim` or other weights; the pipeline calls it.
+
+    Items that cannot be read are skipped, listed in one warning and recorded in `skipped`.
+    """
+
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        ids: Sequence[str],
+        *,
+        model_name_or_path: str | None = None,
+        fingerprint: str | None = None,
+        backend: str = "exact",
+        backend_options: dict | None = None,
+        root: str | os.PathLike | None = None,
+        model=None,
+        processor=None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+        if embeddings.dim() != 2:
+            raise ValueError(f"`embeddings` must have shape (gallery_size, dim), got {tuple(embeddings.shape)}")
+        ids = [str(i) for i in ids]
+        if len(ids) != embeddings.shape[0]:
+            raise ValueError(f"`ids` has {len(ids)} entries but `embeddings` has {embeddings.shape[0]} rows")
+        self._check_unique(ids)
+        self.embeddings = embeddings.detach().float().cpu().contiguous()
+        self.ids = ids
+        self.projection_dim = int(embeddings.shape[1])
+        self.model_name_or_path = model_name_or_path
+        self.fingerprint = fingerprint
+        self.backend = backend
+        self.backend_options = dict(backend_options or {})
+        self.root = None if root is None else str(Path(root).resolve())
+        self.skipped: list[str] = []
+        self.model = model
+        self.processor = processor
+        self._faiss_index = None
+
+    # ------------------------------------------------------------------------------------------- building
+    @staticmethod
+    def _check_unique(ids: Sequence[str], existing: Sequence[str] = ()) -> None:
+        seen = set(existing)
+        for item in ids:
+            if item in seen:
+                raise ValueError(f"duplicate gallery id {item!r}: ids must be unique")
+            seen.add(item)
+
+    @staticmethod
+    def _model_identity(model) -> dict:
+        name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
+        if name and Path(name).is_dir():
+            name = str(Path(name).resolve())
+        return {"model_name_or_path": name, "fingerprint": model_fingerprint(model)}
+
+    @classmethod
+    def from_images(
+        cls,
+        model,
+        processor,
+        images: Sequence,
+        ids: Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        backend: str = "exact",
+        backend_options: dict | None = None,
+        accelerator=None,
+        progress: bool = True,
+        root: str | os.PathLike | None = None,
+    ) -> "GalleryIndex":
+        r"""
+        Embeds `images` (PIL images, paths, numpy arrays or `datasets` {"bytes", "path"} dicts) in batches.
+
+        ids (`list[str]`, *optional*): one per image; defaults to the path for paths and the position otherwise.
+        accelerator (`accelerate.Accelerator`, *optional*): with several processes each embeds a contiguous shard
+            (`split_between_processes`) and the shards are gathered, so every process returns the full index, equal
+            to the single-process one. Put the model on `accelerator.device` first.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+        if not len(images):
+            raise ValueError("`images` is empty: there is nothing to index")
+        index = cls(
+            torch.empty((0, model.config.projection_dim)), [], backend=backend, backend_options=backend_options,
+            root=root, model=model, processor=processor, **cls._model_identity(model),
+        )
+        index.add(images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress)
+        if not len(index):
+            raise ValueError(f"none of the {len(images)} images could be read; see the warning above")
+        return index
+
+    @classmethod
+    def from_folder(cls, model, processor, folder: str | os.PathLike, **kwargs) -> "GalleryIndex":
+        """Indexes every image file under `folder` (recursively, `IMAGE_EXTENSIONS`); ids are relative POSIX paths.
+
+        Keyword arguments are those of `from_images`.
+        """
+        files = image_files(folder)
+        if not files:
+            raise ValueError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"
+            )
+        ids = [path.relative_to(folder).as_posix() for path in files]
+        return cls.from_images(model, processor, files, ids, root=folder, **kwargs)
+
+    @classmethod
+    def from_dataset(
+        cls, model, processor, dataset, image_column: str = "image", id_column: str | None = None, **kwargs
+    ) -> "GalleryIndex":
+        """Indexes a `datasets.Dataset` image column; ids from `id_column`, else the row numbers.
+
+        Images are decoded here, one by one, so a corrupt entry is skipped instead of failing a whole batch.
+        Keyword arguments are those of `from_images`.
+        """
+        from datasets import Image as ImageFeature
+
+        for name, column in (("image_column", image_column), ("id_column", id_column)):
+            if column is not None and column not in dataset.column_names:
+                raise ValueError(f"`{name}` {column!r} is not a column of the dataset; columns: {dataset.column_names}")
+        if isinstance(dataset.features[image_column], ImageFeature):
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        images = _ColumnView(dataset, image_column)
+        ids = [str(i) for i in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+        return cls.from_images(model, processor, images, ids, **kwargs)
+
+    def add(
+        self,
+        images: Sequence,
+        ids: Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        accelerator=None,
+        progress: bool = True,
+    ) -> int:
+        """Embeds `images` with the attached model and appends them; returns how many were added (readable)."""
+        if self.model is None or self.processor is None:
+            raise ValueError(
+                "this index has no model attached: pass `model=` and `processor=` to `GalleryIndex.load` (or build it "
+                "with `from_images`) before `add`"
+            )
+        self.check_model(self.model)
+        if ids is None:
+            ids = [
+                str(item) if isinstance(item, (str, os.PathLike)) else str(len(self) + i) for i, item in enumerate(images)
+            ]
+        else:
+            ids = [str(i) for i in ids]
+            if len(ids) != len(images):
+                raise ValueError(f"`ids` has {len(ids)} entries but `images` has {len(images)}")
+        self._check_unique(ids, self.ids)
+        if accelerator is not None and accelerator.num_processes > 1:
+            embeddings, kept, skipped = _embed_sharded(
+                self.model, self.processor, images, batch_size, progress, accelerator
+            )
+        else:
+            embeddings, kept, skipped = embed_images(self.model, self.processor, images, batch_size, progress)
+        _warn_skipped(skipped, len(images))
+        self.add_embeddings(embeddings, [ids[i] for i in kept])
+        self.skipped.extend(skipped)
+        return len(kept)
+
+    def add_embeddings(self, embeddings: torch.Tensor, ids: Sequence[str]) -> None:
+        """Appends precomputed gallery embeddings `(count, projection_dim)` (normalised here) with their ids."""
+        ids = [str(i) for i in ids]
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.projection_dim:
+            raise ValueError(
+                f"`embeddings` must have shape (count, {self.projection_dim}), got {tuple(embeddings.shape)}"
+            )
+        if len(ids) != embeddings.shape[0]:
+            raise ValueError(f"`ids` has {len(ids)} entries but `embeddings` has {embeddings.shape[0]} rows")
+        self._check_unique(ids, self.ids)
+        embeddings = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=-1)
+        self.embeddings = torch.cat([self.embeddings, embeddings]).contiguous()
+        self.ids.extend(ids)
+        self._faiss_index = None  # rebuilt on the next search
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"GalleryIndex(size={len(self)}, projection_dim={self.projection_dim}, backend={self.backend!r}, "
+            f"model={self.model_name_or_path!r})"
+        )
+
+    def image_path(self, position: int) -> Path | None:
+        """Where the image of row `position` lives, when known (folder indices and path-built indices)."""
+        item = Path(self.root) / self.ids[position] if self.root else Path(self.ids[position])
+        return item if item.is_file() else None
+
+    # ------------------------------------------------------------------------------------------- searching
+    def check_model(self, model) -> None:
+        """Raises `ModelMismatchError` unless `model` has this index's `projection_dim` and checkpoint fingerprint."""
+        dim = model.config.projection_dim
+        if dim != self.projection_dim:
+            raise ModelMismatchError(
+                f"this gallery index was built with a model of projection_dim {self.projection_dim} "
+                f"({self.model_name_or_path or 'unknown model'}), but the given model has projection_dim {dim}; "
+                "rebuild the index with this model"
+            )
+        if self.fingerprint is not None and model_fingerprint(model) != self.fingerprint:
+            raise ModelMismatchError(
+                f"this gallery index was built with another checkpoint ({self.model_name_or_path or 'unknown model'}, "
+                f"fingerprint {self.fingerprint[:12]}); the given model's weights differ "
+                f"(fingerprint {model_fingerprint(model)[:12]}); rebuild the index with this model"
+            )
+
+    def search(self, query_embeds: torch.Tensor, top_k: int = 10, block_size: int = 65536):
+        r"""
+        The `top_k` gallery rows most similar to each query, best first.
+
+        query_embeds (`torch.FloatTensor` of shape `(num_queries, projection_dim)` or `(projection_dim,)`)
+
+        Returns `(scores, indices)`, `torch.Tensor`s of shape `(num_queries, min(top_k, len(self)))` on CPU.
+        Approximate FAISS backends may return fewer hits, marked by index -1.
+        """
+        if isinstance(query_embeds, np.ndarray):
+            query_embeds = torch.from_numpy(query_embeds)
+        if query_embeds.dim() == 1:
+            query_embeds = query_embeds[None]
+        if query_embeds.dim() != 2 or query_embeds.shape[1] != self.projection_dim:
+            raise ValueError(
+                f"`query_embeds` must have shape (num_queries, {self.projection_dim}), got {tuple(query_embeds.shape)}"
+            )
+        if not len(self):
+            raise ValueError("the gallery index is empty: there is nothing to search")
+        query_embeds = query_embeds.detach().float().cpu()
+        if self.backend == "exact":
+            return exact_search(query_embeds, self.embeddings, top_k, block_size=block_size)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        if self._faiss_index is None:
+            self._faiss_index = _build_faiss(self.backend, self.embeddings, self.backend_options)
+        scores, indices = self._faiss_index.search(np.ascontiguousarray(query_embeds.numpy()), min(top_k, len(self)))
+        return torch.from_numpy(scores), torch.from_numpy(indices)
+
+    # ------------------------------------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes `embeddings.safetensors` and `index.json` (ids, model identity, backend, root) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": self.embeddings}, str(directory / EMBEDDINGS_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "size": len(self),
+            "projection_dim": self.projection_dim,
+            "model_name_or_path": self.model_name_or_path,
+            "fingerprint": self.fingerprint,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "root": self.root,
+            "skipped": self.skipped,
+            "ids": self.ids,
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, model=None, processor=None, backend: str | None = None
+    ) -> "GalleryIndex":
+        """Reads an index written by `save`. With `model`, checks it is the model the index was built with.
+
+        backend (`str`, *optional*): override the stored search backend.
+        """
+        directory = Path(directory)
+        meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
+        if not meta_path.is_file() or not embeddings_path.is_file():
+            raise FileNotFoundError(
+                f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(directory)!r} has index format version {meta.get('format_version')!r}; this code reads "
+                f"version {FORMAT_VERSION}"
+            )
+        embeddings = load_file(str(embeddings_path))["embeddings"]
+        index = cls(
+            embeddings,
+            meta["ids"],
+            model_name_or_path=meta["model_name_or_path"],
+            fingerprint=meta["fingerprint"],
+            backend=backend or meta["backend"],
+            backend_options=meta["backend_options"],
+            root=meta["root"],
+            processor=processor,
+        )
+        index.skipped = list(meta.get("skipped", []))
+        if model is not None:
+            index.check_model(model)
+            index.model = model
+        return index
+
+
+class _ColumnView(Sequence):
+    """Lazy, indexable view of one column of a `datasets.Dataset` (rows are read when embedded)."""
+
+    def __init__(self, dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position):
+        return self.dataset[int(position)][self.column]
+
+
+class _SubsetView(Sequence):
+    """Lazy view of the rows `positions` of a sequence (a process's shard)."""
+
+    def __init__(self, items: Sequence, positions: Sequence[int]):
+        self.items, self.positions = items, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, position):
+        return self.items[self.positions[position]]
+
+
+__all__ = [
+    "BACKENDS",
+    "IMAGE_EXTENSIONS",
+    "GalleryIndex",
+    "ModelMismatchError",
+    "embed_images",
+    "image_files",
+    "model_fingerprint",
+]
