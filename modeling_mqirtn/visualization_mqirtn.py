@@ -345,7 +345,7 @@ def attention_figure(
         raise ValueError(f"`image` could not be read: {image!r}")
     uniform = 1.0 / maps["map"].size
     panels = [(reference.resize((panel_size, panel_size), Image.Resampling.BICUBIC), "reference image")]
-    panels.append((_overlay(reference, maps["map"], panel_size, alpha), f"all words (peak {maps["map"].max() / uniform:.2f}x)"))
+    panels.append((_overlay(reference, maps["map"], panel_size, alpha), f"all words (peak {maps['map'].max() / uniform:.2f}x)"))
     if per_word:
         for word, heat in zip(maps["words"], maps["word_maps"]):
             panels.append((_overlay(reference, heat, panel_size, alpha), f"\u201c{word}\u201d (peak {heat.max() / uniform:.2f}x)"))
