@@ -283,7 +283,7 @@ def test_fashion200k_evaluation(fashion200k_dir, caplog):
     # query 0 retrieving image 3 (another "white lace top") is a hit; its own image is removed
     gallery = torch.eye(4)
     # query 1's own image (index 3) is removed, leaving a "white lace top": a miss
-    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 1.0]]), dim=-1)
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 0.2, 1.0]]), dim=-1)
     result = evaluate_protocol("fashion200k", queries, gallery, data.queries, data.gallery, ks=(1, 2))
     assert result == {"recall@1": 50.0, "recall@2": 50.0}
 
