@@ -1,0 +1,140 @@
+"""Shared tiny-config helpers for the MQIRTN tests: tiny ViT/BERT configs, a tiny processor and random batches.
+
+Everything runs on CPU in a few milliseconds per forward pass: 32 px images, patch 8, width 32, two layers.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `pytest tests/` from the root works without PYTHONPATH too
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Keep the shared 2-core machine usable and the timings stable.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor  # noqa: E402
+
+from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel  # noqa: E402
+
+
+ALL_COMPOSITIONS = sorted(COMPOSITIONS)
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+PROJECTION_DIM = 32
+FUSION_HEADS = 4
+TEXT_VOCAB_SIZE = 100
+# The tiny tokenizer's vocabulary (ids 0..len-1 < TEXT_VOCAB_SIZE).
+VOCAB = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    "make", "it", "change", "to", "a", "the", "blue", "red", "green", "yellow", "black", "white",
+    "bigger", "smaller", "add", "remove", "circle", "square", "triangle", "left", "right", "top", "bottom",
+    "with", "and", "no", "more", "less", "dress", "shirt", "sleeves", "long", "short", "dark", "light",
+]  # fmt: skip
+assert len(VOCAB) < TEXT_VOCAB_SIZE
+
+
+def tiny_vision_config(**overrides) -> ViTConfig:
+    """A ViT with 32 px images, patch 8 (16 patches + CLS), width 32, 2 layers."""
+    kwargs = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def tiny_text_config(**overrides) -> BertConfig:
+    """A BERT with a 100-token vocabulary, width 24 (unlike the vision tower's 32, so mixed-up widths fail), 2 layers."""
+    kwargs = dict(
+        vocab_size=TEXT_VOCAB_SIZE,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_config(composition: str = "mqirtn", **overrides) -> MQIRTNConfig:
+    """An `MQIRTNConfig` over the tiny towers; `overrides` set MQIRTN fields."""
+    kwargs = dict(
+        vision_config=tiny_vision_config().to_dict(),
+        text_config=tiny_text_config().to_dict(),
+        projection_dim=PROJECTION_DIM,
+        fusion_num_heads=FUSION_HEADS,
+        num_fusion_layers=2,
+        fusion_intermediate_size=64,
+        conv_channels=4,
+        composition=composition,
+        # Fan-in-scaled init for the width-32 new layers (~ torch's default, 1/sqrt(3*32)): with the default 0.02 the
+        # stacked MLPs of the complex composition start with outputs ~1e-5, the queries collapse onto the biases in the
+        # first steps and `composeae` cannot fit 8 triples. At the paper's width 512, 0.02 ~ 1/sqrt(3*512) already.
+        initializer_range=0.1,
+    )
+    kwargs.update(overrides)
+    return MQIRTNConfig(**kwargs)
+
+
+def tiny_model(composition: str = "mqirtn", seed: int = 0, **overrides) -> MQIRTNModel:
+    torch.manual_seed(seed)
+    return MQIRTNModel(tiny_config(composition, **overrides))
+
+
+def random_batch(batch_size: int = 4, seq_len: int = 7, seed: int = 0, with_targets: bool = True) -> dict:
+    """Random distinct images and token ids; every row after the first has some right padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, len(VOCAB), (batch_size, seq_len), generator=generator)
+    input_ids[:, 0] = VOCAB.index("[CLS]")
+    attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    for row in range(1, batch_size):
+        length = max(2, seq_len - (row % (seq_len - 1)))  # between 2 and seq_len real tokens
+        input_ids[row, length - 1] = VOCAB.index("[SEP]")
+        input_ids[row, length:] = VOCAB.index("[PAD]")
+        attention_mask[row, length:] = 0
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+    }
+    if with_targets:
+        batch["target_pixel_values"] = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return batch
+
+
+def write_vocab(folder) -> str:
+    path = os.path.join(str(folder), "vocab.txt")
+    with open(path, "w") as handle:
+        handle.write("\n".join(VOCAB) + "\n")
+    return path
+
+
+def tiny_processor(folder):
+    """An `MQIRTNProcessor` (32 px ViT image processor + BertTokenizer over `VOCAB`) built in `folder`."""
+    from processing import MQIRTNProcessor
+
+    image_processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    tokenizer = BertTokenizer(write_vocab(folder))
+    return MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def processor(tmp_path):
+    return tiny_processor(tmp_path)
