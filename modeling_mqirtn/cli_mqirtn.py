@@ -1,0 +1,186 @@
+"""`mqirtn`: index a folder of images with an MQIRTN model, and search it with (reference image, modification text).
+
+    mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N]
+                 [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw]
+    mqirtn search --index INDEX_DIR --image query.jpg --text "make it red" [--top-k 10] [--json]
+                  [--grid results.png] [--attention attention.png] [--target ID] [--model DIR_OR_ID]
+
+The index remembers its model, so `search` needs no `--model` (give one to search with another copy of the same
+checkpoint; a different checkpoint is refused). Under `accelerate launch`/`torchrun` with several processes,
+`index` embeds one shard of the folder per process and the main process writes the merged index.
+Errors are one line on stderr and exit status 1 (2 for bad command-line usage); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class _CLIError(Exception):
+    """An error reported as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line instead of argparse's usage block + message.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .index_mqirtn import BACKENDS
+
+    parser = _Parser(prog="mqirtn", description="Composed image retrieval with an MQIRTN model.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    index = commands.add_parser("index", help="embed a folder of images into a gallery index")
+    index.add_argument("--model", required=True, help="saved model folder or Hub id (with its processor)")
+    index.add_argument("--images", required=True, help="folder of images, searched recursively")
+    index.add_argument("--out", required=True, help="folder to write the index into")
+    index.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    search = commands.add_parser("search", help="search an index with a reference image and a modification text")
+    search.add_argument("--index", required=True, help="folder written by `mqirtn index`")
+    search.add_argument("--image", required=True, help="reference image (path or URL)")
+    search.add_argument("--text", required=True, help="modification text, e.g. 'make it red'")
+    search.add_argument("--top-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("--grid", help="write a results-grid PNG here")
+    search.add_argument("--attention", help="write a text->image attention PNG here")
+    search.add_argument("--target", help="id of the known target image, outlined in the grid")
+    search.add_argument("--model", help="model to search with (default: the one recorded in the index)")
+    search.add_argument("--backend", choices=BACKENDS, help="override the index's search backend")
+    return parser
+
+
+def _load_model(name_or_path: str):
+    if (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))) and not os.path.isdir(
+        os.path.expanduser(name_or_path)
+    ):
+        raise _CLIError(f"the model folder {name_or_path!r} does not exist")
+    import modeling_mqirtn  # noqa: F401  (registers the MQIRTN Auto classes and the pipeline task)
+    import processing  # noqa: F401  (registers the MQIRTN AutoProcessor)
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
+    if not hasattr(model, "get_query_features"):
+        raise _CLIError(f"{name_or_path!r} is a {model.config.model_type!r} model, not an MQIRTN model")
+    return model.eval(), processor
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _index(args) -> int:
+    from .index_mqirtn import IMAGE_EXTENSIONS, GalleryIndex, image_files
+
+    if args.batch_size < 1:
+        raise _CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if not Path(args.images).is_dir():
+        raise _CLIError(f"--images {args.images!r} does not exist or is not a folder")
+    if not image_files(args.images):
+        raise _CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
+    accelerator = None
+    if _distributed():
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    model, processor = _load_model(args.model)
+    if accelerator is not None:
+        model.to(accelerator.device)
+    index = GalleryIndex.from_folder(
+        model,
+        processor,
+        args.images,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    if accelerator is None or accelerator.is_main_process:
+        index.save(args.out)
+        skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
+        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped})")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    return 0
+
+
+def _search(args) -> int:
+    from .index_mqirtn import GalleryIndex
+    from .pipeline_mqirtn import ComposedImageRetrievalPipeline
+
+    if args.top_k < 1:
+        raise _CLIError(f"--top-k must be a positive integer, got {args.top_k}")
+    is_url = args.image.startswith(("http://", "https://"))
+    if not is_url and not Path(args.image).is_file():
+        raise _CLIError(f"--image {args.image!r} does not exist")
+    index = GalleryIndex.load(args.index, backend=args.backend)
+    model_name = args.model or index.model_name_or_path
+    if not model_name:
+        raise _CLIError(f"the index {args.index!r} does not record its model; pass --model")
+    model, processor = _load_model(model_name)
+    index.check_model(model)
+    index.model, index.processor = model, processor
+    if args.target is not None and args.target not in index.ids:
+        raise _CLIError(f"--target {args.target!r} is not an id of the index")
+
+    pipe = ComposedImageRetrievalPipeline(model=model, processor=processor)
+    results = pipe(image=args.image, text=args.text, gallery=index, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  id")
+        for rank, result in enumerate(results, start=1):
+            print(f"{rank:>4}  {result['score']:7.4f}  {result['id']}")
+
+    if args.grid:
+        from .visualization_mqirtn import save_results_grid
+
+        ids = [result["id"] for result in results]
+        save_results_grid(
+            args.grid,
+            args.image,
+            args.text,
+            [index.image_path(result["index"]) for result in results],
+            [result["score"] for result in results],
+            target_index=ids.index(args.target) if args.target in ids else None,
+            ids=ids,
+        )
+        print(f"Wrote the results grid to {args.grid}", file=sys.stderr)
+    if args.attention:
+        from .visualization_mqirtn import save_attention_map
+
+        save_attention_map(args.attention, model, processor, args.image, args.text)
+        print(f"Wrote the attention map to {args.attention}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mqirtn` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    from .index_mqirtn import ModelMismatchError
+
+    try:
+        return _index(args) if args.command == "index" else _search(args)
+    except (_CLIError, ModelMismatchError, ValueError, FileNotFoundError, ImportError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
