@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Features, Image, Sequence as SequenceFeature, Value, load_dataset
+from datasets import Dataset, Features, Image, Value, concatenate_datasets, load_dataset
+from datasets import Sequence as SequenceFeature
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -601,12 +602,12 @@ def _fashion200k_training_pairs(images: list[dict], pairs_per_image: int, seed: 
         for position in range(len(words)):
             parent = " ".join(words[:position] + words[position + 1 :])
             parent_to_captions.setdefault(parent, set()).add(caption)
-    caption_to_siblings: dict[str, list[str]] = {}
+    caption_to_siblings: dict[str, set[str]] = {}
     for siblings in parent_to_captions.values():
         if len(siblings) < 2:
             continue
         for caption in siblings:
-            caption_to_siblings.setdefault(caption, set()).update(siblings - {caption})  # type: ignore[arg-type]
+            caption_to_siblings.setdefault(caption, set()).update(siblings - {caption})
     rng = random.Random(f"mqirtn-fashion200k/{seed}")
     pairs = []
     for image in images:
@@ -946,8 +947,6 @@ def from_hf_dataset(
         id_column = "target_id" if column == "target_image" else "reference_id"
         part = dataset.select(rows).select_columns([id_column, column])
         parts.append(part.rename_columns({id_column: "image_id", column: "image"}))
-    from datasets import concatenate_datasets
-
     queries = dataset.remove_columns(["target_image"]).add_column("query_id", [str(i) for i in range(len(dataset))])
     return CIREvaluationData(
         queries=queries, gallery=concatenate_datasets(parts), protocol="exact", remove_reference=remove_reference
