@@ -111,7 +111,8 @@ def _index(args) -> int:
     if accelerator is None or accelerator.is_main_process:
         index.save(args.out)
         skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
-        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped})")
+        processes = f", embedded by {accelerator.num_processes} processes" if accelerator is not None else ""
+        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped}{processes})")
     if accelerator is not None:
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -1,0 +1,188 @@
+"""ComposedImageRetrievalPipeline: call forms, equality with direct model calls, remote-code loading in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import pipeline
+
+from modeling_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
+from modeling_mqirtn.index_mqirtn import GalleryIndex, ModelMismatchError
+from modeling_mqirtn.pipeline_mqirtn import exact_search
+from conftest import tiny_model, tiny_processor
+from retrieval_utils import shape_image
+
+
+TEXTS = ["make it red", "add a small blue circle", "remove the large square", "it", "make the circle green"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    model, processor = tiny_model(), tiny_processor(folder)
+    gallery_images = [shape_image(i) for i in range(20)]
+    with torch.no_grad():
+        gallery = model.get_image_features(pixel_values=processor(images=gallery_images)["pixel_values"])
+    pipe = pipeline("composed-image-retrieval", model=model, processor=processor)
+    return {"folder": folder, "model": model, "processor": processor, "gallery": gallery, "pipe": pipe}
+
+
+def direct_queries(model, processor, images, texts):
+    with torch.no_grad():
+        return model.get_query_features(**processor(images=images, text=texts))
+
+
+def direct_topk(model, processor, images, texts, gallery, k):
+    scores, indices = (direct_queries(model, processor, images, texts) @ gallery.T).topk(k, dim=1)
+    return scores, indices
+
+
+def test_task_is_registered_on_import(setup):
+    assert isinstance(setup["pipe"], ComposedImageRetrievalPipeline)
+
+
+def test_single_call_equals_direct_model_calls(setup):
+    model, processor, gallery, pipe = setup["model"], setup["processor"], setup["gallery"], setup["pipe"]
+    image = shape_image(100)
+    results = pipe(image=image, text="make it red", gallery=gallery, top_k=5)
+    scores, indices = direct_topk(model, processor, [image], ["make it red"], gallery, 5)
+    assert [r["index"] for r in results] == indices[0].tolist()
+    assert [r["id"] for r in results] == [str(i) for i in indices[0].tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), scores[0], atol=1e-5, rtol=0)
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))  # best first
+
+
+def test_without_gallery_returns_normalised_query_embedding(setup):
+    model, processor, pipe = setup["model"], setup["processor"], setup["pipe"]
+    image = shape_image(7)
+    embedding = pipe(image=image, text="add a small blue circle")
+    assert embedding.shape == (model.config.projection_dim,)
+    torch.testing.assert_close(embedding.norm(), torch.tensor(1.0))
+    torch.testing.assert_close(embedding, direct_queries(model, processor, [image], ["add a small blue circle"])[0])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_batched_list_input_equals_direct_batch(setup, batch_size):
+    model, processor, gallery, pipe = setup["model"], setup["processor"], setup["gallery"], setup["pipe"]
+    images = [shape_image(50 + i) for i in range(len(TEXTS))]
+    # Texts of different lengths: the pipeline pads per batch, the direct call pads to the longest overall.
+    results = pipe([{"image": i, "text": t} for i, t in zip(images, TEXTS)], gallery=gallery, top_k=3, batch_size=batch_size)
+    scores, indices = direct_topk(model, processor, images, TEXTS, gallery, 3)
+    assert len(results) == len(TEXTS)
+    for row, result in enumerate(results):
+        assert [r["index"] for r in result] == indices[row].tolist()
+        torch.testing.assert_close(torch.tensor([r["score"] for r in result]), scores[row], atol=1e-5, rtol=0)
+    # The keyword list form gives the same answers; without a gallery, one embedding per query.
+    assert pipe(image=images, text=TEXTS, gallery=gallery, top_k=3, batch_size=batch_size) == results
+    embeddings = torch.stack(pipe(image=images, text=TEXTS, batch_size=batch_size))
+    torch.testing.assert_close(embeddings, direct_queries(model, processor, images, TEXTS), atol=1e-5, rtol=0)
+
+
+def test_gallery_index_and_path_inputs(setup, tmp_path):
+    model, processor, pipe = setup["model"], setup["processor"], setup["pipe"]
+    images = [shape_image(i) for i in range(8)]
+    index = GalleryIndex.from_images(model, processor, images, [f"item-{i}" for i in range(8)], progress=False)
+    path = tmp_path / "query.png"
+    shape_image(3).save(path)
+    results = pipe(image=str(path), text="make it red", gallery=index, top_k=4)
+    scores, indices = direct_topk(model, processor, [shape_image(3)], ["make it red"], index.embeddings, 4)
+    assert [r["id"] for r in results] == [f"item-{i}" for i in indices[0].tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), scores[0], atol=1e-5, rtol=0)
+    # top_k larger than the gallery: every image once.
+    assert sorted(r["index"] for r in pipe(image=images[0], text="it", gallery=index, top_k=50)) == list(range(8))
+    # An index built with another checkpoint is refused.
+    other = GalleryIndex.from_images(tiny_model(seed=5), processor, images, progress=False)
+    with pytest.raises(ModelMismatchError, match="another checkpoint"):
+        pipe(image=images[0], text="it", gallery=other)
+
+
+def test_invalid_arguments(setup):
+    pipe, gallery = setup["pipe"], setup["gallery"]
+    image = shape_image(1)
+    with pytest.raises(ValueError, match="top_k"):
+        pipe(image=image, text="it", gallery=gallery, top_k=0)
+    with pytest.raises(ValueError, match="'image' and 'text'"):
+        pipe({"img": image, "text": "it"})
+    with pytest.raises(ValueError, match=r"\(gallery_size, 32\)"):
+        pipe(image=image, text="it", gallery=torch.randn(5, 7))
+    with pytest.raises(ValueError, match="same length"):
+        pipe(image=[image, image], text=["it"])
+    with pytest.raises(ValueError, match="image=. and .text="):
+        pipe(image=image)
+
+
+def test_exact_search_in_blocks_equals_full_topk():
+    torch.manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(1000, 16), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(23, 16), dim=-1)
+    scores, indices = exact_search(queries, gallery, 10, block_size=37, query_batch_size=7)
+    expected_scores, expected_indices = (queries @ gallery.T).topk(10, dim=1)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(scores, expected_scores)
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import torch
+    from PIL import Image
+    from transformers import pipeline
+
+    assert importlib.util.find_spec("modeling_mqirtn") is None and importlib.util.find_spec("processing") is None
+    folder, images_folder, texts, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
+    images = [Image.open(f"{images_folder}/query_{i}.png") for i in range(len(texts))]
+    gallery = torch.load(f"{images_folder}/gallery.pt", weights_only=True)
+    single = pipe(image=images[0], text=texts[0], gallery=gallery, top_k=3)
+    batched = pipe([{"image": i, "text": t} for i, t in zip(images, texts)], gallery=gallery, top_k=3, batch_size=2)
+    embedding = pipe(image=images[0], text=texts[0])
+    json.dump({"single": single, "batched": batched, "embedding": embedding.tolist(),
+               "class": type(pipe).__module__, "model_class": type(pipe.model).__module__}, open(out, "w"))
+    """
+)
+
+
+def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
+    model, processor, gallery = setup["model"], setup["processor"], setup["gallery"]
+    folder = save_for_hub(model, processor, tmp_path / "saved")
+    assert (folder / "pipeline_mqirtn.py").is_file()
+    assert "composed-image-retrieval" in json.loads((folder / "config.json").read_text())["custom_pipelines"]
+    images = [shape_image(200 + i) for i in range(3)]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"query_{i}.png")
+    torch.save(gallery, tmp_path / "gallery.pt")
+    script, out, elsewhere = tmp_path / "run.py", tmp_path / "out.json", tmp_path / "cwd"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    elsewhere.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    texts = TEXTS[:3]
+    completed = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path), json.dumps(texts), str(out)],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["class"].startswith("transformers_modules") and result["model_class"].startswith("transformers_modules")
+
+    # Direct calls on the PNG round trip of the same images (what the subprocess read).
+    from PIL import Image
+
+    reloaded = [Image.open(tmp_path / f"query_{i}.png") for i in range(3)]
+    scores, indices = direct_topk(model, processor, reloaded, texts, gallery, 3)
+    assert [r["index"] for r in result["single"]] == indices[0].tolist()
+    for row, hits in enumerate(result["batched"]):
+        assert [r["index"] for r in hits] == indices[row].tolist()
+        torch.testing.assert_close(torch.tensor([r["score"] for r in hits]), scores[row], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(result["embedding"]), direct_queries(model, processor, reloaded[:1], texts[:1])[0], atol=1e-5, rtol=0
+    )
