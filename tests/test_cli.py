@@ -1,0 +1,148 @@
+"""`mqirtn index` / `mqirtn search` end to end on a temporary folder of generated images (with a corrupt file and a
+non-image file), and the one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_processor
+from PIL import Image
+from retrieval_utils import write_image_folder
+
+from modeling_mqirtn import save_for_hub
+from modeling_mqirtn.cli_mqirtn import main
+from modeling_mqirtn.index_mqirtn import GalleryIndex
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model().eval()
+    processor = tiny_processor(root)
+    save_for_hub(model, processor, root / "model")
+    save_for_hub(tiny_model(seed=3), processor, root / "other_model")
+    paths = write_image_folder(root / "images", 8)
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "images" / "readme.txt").write_text("not an image")
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    return {"root": root, "model": model, "processor": processor, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def built_index(workspace):
+    root = workspace["root"]
+    code = main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "index"),
+                 "--batch-size", "3", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return root / "index"
+
+
+def test_index_skips_corrupt_and_non_image_files(workspace, built_index):
+    index = GalleryIndex.load(built_index)
+    assert len(index) == 8 and len(index.skipped) == 1 and "corrupt.png" in index.skipped[0]
+    assert "readme.txt" not in " ".join(index.ids)
+    assert index.model_name_or_path == str((workspace["root"] / "model").resolve())
+    with torch.no_grad():
+        expected = workspace["model"].get_image_features(
+            pixel_values=workspace["processor"](images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
+        )
+    torch.testing.assert_close(index.embeddings, expected, atol=1e-5, rtol=0)
+
+
+def test_search_prints_json_equal_to_the_pipeline(workspace, built_index, capsys):
+    root = workspace["root"]
+    query = str(workspace["paths"][2])
+    capsys.readouterr()
+    code = main(["search", "--index", str(built_index), "--image", query, "--text", "make it red", "--top-k", "4",
+                 "--json", "--grid", str(root / "grid.png"), "--attention", str(root / "attention.png"),
+                 "--target", "img_002.png"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out)
+    from transformers import pipeline
+
+    pipe = pipeline("composed-image-retrieval", model=workspace["model"], processor=workspace["processor"])
+    index = GalleryIndex.load(built_index, model=workspace["model"])
+    expected = pipe(image=query, text="make it red", gallery=index, top_k=4)
+    assert [r["id"] for r in results] == [r["id"] for r in expected]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), torch.tensor([r["score"] for r in expected]))
+    assert set(results[0]) == {"score", "index", "id"}
+    for name in ("grid.png", "attention.png"):
+        with Image.open(root / name) as picture:
+            assert picture.format == "PNG" and picture.width > 300
+
+
+def test_search_prints_a_ranked_table(workspace, built_index, capsys):
+    capsys.readouterr()
+    code = main(["search", "--index", str(built_index), "--image", str(workspace["paths"][0]), "--text", "add a circle",
+                 "--top-k", "3"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and lines[0].split() == ["rank", "score", "id"] and len(lines) == 4
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_folder", "does not exist or is not a folder"),
+        ("no_images", "no image files"),
+        ("missing_model", "the model folder"),
+        ("not_an_index", "is not a gallery index"),
+        ("other_model", "another checkpoint"),
+        ("missing_query", "--image"),
+        ("unknown_target", "--target"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(workspace, built_index, capsys, case, expected):
+    root = workspace["root"]
+    query = str(workspace["paths"][0])
+    argv = {
+        "missing_folder": ["index", "--model", str(root / "model"), "--images", str(root / "nope"), "--out", str(root / "x")],
+        "no_images": ["index", "--model", str(root / "model"), "--images", str(root / "empty"), "--out", str(root / "x")],
+        "missing_model": ["index", "--model", str(root / "no_model"), "--images", str(root / "images"), "--out", str(root / "x")],
+        "not_an_index": ["search", "--index", str(root / "images"), "--image", query, "--text", "it"],
+        "other_model": ["search", "--index", str(built_index), "--model", str(root / "other_model"), "--image", query, "--text", "it"],
+        "missing_query": ["search", "--index", str(built_index), "--image", str(root / "nope.png"), "--text", "it"],
+        "unknown_target": ["search", "--index", str(built_index), "--image", query, "--text", "it", "--target", "zzz"],
+    }[case]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"mqirtn {argv[0]}: error:") and expected in line
+
+
+def test_unknown_backend_is_a_usage_error(workspace, capsys):
+    root = workspace["root"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "x"),
+              "--backend", "annoy"])  # fmt: skip
+    assert exit_info.value.code == 2
+    line = error_line(capsys)
+    assert "invalid choice: 'annoy'" in line and "faiss-hnsw" in line
+
+
+def test_console_script_subprocess_exit_status(workspace, built_index):
+    """As a separate process (what the `mqirtn` console script runs): exit status and stderr, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    root = workspace["root"]
+    command = [sys.executable, "-m", "modeling_mqirtn.cli_mqirtn", "search", "--index", str(built_index),
+               "--model", str(root / "other_model"), "--image", str(workspace["paths"][0]), "--text", "make it red"]  # fmt: skip
+    completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith("mqirtn search: error: this gallery index was built")
