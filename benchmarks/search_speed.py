@@ -1,0 +1,112 @@
+"""Gallery search throughput: exact torch search vs FAISS flat / IVF / HNSW, with recall@10 against exact.
+
+    nice -n 10 python benchmarks/search_speed.py [--gallery-size 100000] [--dim 512] [--queries 1000] [--threads 2]
+
+What is measured, in one process and one run (so the ratios are meaningful on a shared machine):
+
+- gallery: `--gallery-size` x `--dim` float32 L2-normalised vectors drawn around `--clusters` random centres (real
+  embeddings are clustered; on uniform random vectors every neighbour is almost equally far and approximate
+  indexes look worse than they are); queries: noisy copies of random gallery vectors.
+- exact: `GalleryIndex.search` with backend "exact" (blocked `queries @ gallery.T` + top-k in torch).
+- faiss-flat / faiss-ivf / faiss-hnsw: the same `GalleryIndex` with those backends (index built once, build time
+  reported separately; IVF: nlist = 4 sqrt(N), nprobe 16; HNSW: M 32, efConstruction 80, efSearch 64).
+- queries/s = queries / best wall time of `--repeats` searches of all queries at once (top-10), after one warm-up;
+  recall@10 = share of the exact top-10 each backend returns. Every figure is also given as a ratio vs exact.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_mqirtn.index_mqirtn import GalleryIndex  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gallery-size", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
+    parser.add_argument("--backends", nargs="+", default=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("gallery_size", "dim", "queries", "clusters", "top_k", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def make_data(args):
+    generator = torch.Generator().manual_seed(args.seed)
+    centers = torch.randn(args.clusters, args.dim, generator=generator)
+    assignment = torch.randint(0, args.clusters, (args.gallery_size,), generator=generator)
+    gallery = centers[assignment] + 0.5 * torch.randn(args.gallery_size, args.dim, generator=generator)
+    gallery = torch.nn.functional.normalize(gallery, dim=-1)
+    picks = torch.randint(0, args.gallery_size, (args.queries,), generator=generator)
+    queries = gallery[picks] + 0.05 * torch.randn(args.queries, args.dim, generator=generator)
+    return gallery, torch.nn.functional.normalize(queries, dim=-1)
+
+
+def best_time(function, repeats):
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    except ImportError:
+        args.backends = [b for b in args.backends if not b.startswith("faiss")]
+        print("FAISS is not installed: measuring exact search only")
+    gallery, queries = make_data(args)
+    ids = [str(i) for i in range(args.gallery_size)]
+    print(
+        f"Gallery {args.gallery_size} x {args.dim} (float32, {args.clusters} clusters), {args.queries} queries, "
+        f"top-{args.top_k}, {args.threads} threads, best of {args.repeats} after a warm-up; torch {torch.__version__}"
+    )
+    rows = []
+    exact_indices = None
+    for backend in args.backends:
+        index = GalleryIndex(gallery, ids, backend=backend)
+        start = time.perf_counter()
+        if backend != "exact":
+            index.search(queries[:1], 1)  # builds the FAISS index
+        build = time.perf_counter() - start
+        seconds, (_, indices) = best_time(lambda: index.search(queries, args.top_k), args.repeats)
+        if backend == "exact":
+            exact_indices = indices
+        recall = None
+        if exact_indices is not None:
+            hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(indices, exact_indices))
+            recall = hits / exact_indices.numel()
+        rows.append((backend, build, args.queries / seconds, recall))
+        del index
+
+    exact_qps = next((qps for backend, _, qps, _ in rows if backend == "exact"), None)
+    print(f"{'backend':<11} {'build s':>8} {'queries/s':>11} {'vs exact':>9} {'recall@' + str(args.top_k):>10}")
+    for backend, build, qps, recall in rows:
+        ratio = f"{qps / exact_qps:8.2f}x" if exact_qps else "      n/a"
+        recall_text = f"{recall:10.3f}" if recall is not None else "       n/a"
+        print(f"{backend:<11} {build:8.2f} {qps:11.0f} {ratio} {recall_text}")
+
+
+if __name__ == "__main__":
+    main()
