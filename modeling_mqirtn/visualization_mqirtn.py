@@ -280,18 +280,22 @@ def attention_maps(model, processor, image, text: str, layers: Sequence[int] | N
     tokenizer = processor.tokenizer
     input_ids = batch["input_ids"][0].tolist()
     mask = batch["attention_mask"][0].tolist()
-    special = set(tokenizer.all_special_ids)
+    # Out-of-vocabulary words ([UNK]) are words of the text too; only structural special tokens are left out.
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     content = [i for i, (token, m) in enumerate(zip(input_ids, mask)) if m and token not in special]
     groups: dict = {}
-    word_ids = None
+    word_ids = offsets = None
     if getattr(tokenizer, "is_fast", False):
-        encoding = tokenizer([text], return_token_type_ids=False)
+        encoding = tokenizer([text], return_token_type_ids=False, return_offsets_mapping=True)
         if encoding["input_ids"][0] == input_ids[: len(encoding["input_ids"][0])]:
-            word_ids = encoding.word_ids(0)
+            word_ids, offsets = encoding.word_ids(0), encoding["offset_mapping"][0]
     for position in content:
         key = word_ids[position] if word_ids is not None and word_ids[position] is not None else ("token", position)
         groups.setdefault(key, []).append(position)
-    words = [tokenizer.decode([input_ids[p] for p in positions]).strip() for positions in groups.values()]
+    if offsets is not None:  # the words as written, also where the tokenizer only knows [UNK]
+        words = [text[offsets[positions[0]][0] : offsets[positions[-1]][1]] for positions in groups.values()]
+    else:
+        words = [tokenizer.decode([input_ids[p] for p in positions]).strip() for positions in groups.values()]
     word_maps = np.stack(
         [patches[positions].mean(dim=0).reshape(grid).cpu().numpy() for positions in groups.values()]
     ) if groups else np.zeros((0, *grid))

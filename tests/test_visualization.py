@@ -77,6 +77,8 @@ def test_attention_maps_are_distributions_over_patches(model, processor):
     attention = torch.stack([a[0] for a in out.text_attentions]).mean(dim=(0, 1))[1:4, 1:]  # the 3 word tokens
     expected = (attention / attention.sum(-1, keepdim=True)).reshape(3, 4, 4).numpy()
     np.testing.assert_allclose(maps["word_maps"], expected, atol=1e-6)
+    # Out-of-vocabulary words keep their panel, labelled as written.
+    assert attention_maps(model, processor, shape_image(3), "make it crimson")["words"] == ["make", "it", "crimson"]
     # A single layer differs from the average.
     assert not np.allclose(attention_maps(model, processor, shape_image(3), "make it red", layers=[0])["map"], maps["map"])
 
