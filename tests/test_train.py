@@ -1,0 +1,342 @@
+"""train.py end to end on tiny towers: smoke run + fresh-process reload + --eval_only, kill-and-resume,
+non-finite losses, --push_to_hub against a stand-in HfApi, argument validation, and the training data plumbing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+
+
+# Tiny shapes data (32 px) and one tiny model: patch 8, hidden 32, 2 layers, text tower from scratch.
+DATA_ARGS = [
+    "--image_size", "32",
+    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "16", "--shapes_num_test_queries", "40",
+    "--per_device_eval_batch_size", "16", "--num_results_grids", "0",
+]  # fmt: skip
+TINY_ARGS = [
+    *DATA_ARGS, "--patch_size", "8",
+    "--vision_hidden_size", "32", "--vision_num_hidden_layers", "2", "--vision_num_attention_heads", "2",
+    "--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "2", "--text_num_attention_heads", "2",
+    "--projection_dim", "32", "--fusion_num_heads", "4",
+    "--per_device_train_batch_size", "8", "--num_warmup_steps", "0", "--logging_steps", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mqirtn-cache")
+
+
+def run_env(cache_dir: Path) -> dict:
+    env = dict(os.environ)
+    # One thread: several of these processes share two cores, and OpenMP spinning makes 2 threads far slower then.
+    env.update(PYTHONPATH=str(REPO), MQIRTN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_train(args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_ARGS, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *base, *args],
+        env=run_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ smoke + reload
+def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
+    output = tmp_path / "model"
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "4"], cache_dir)
+
+    # The Recall@K table is printed and written.
+    assert "recall@1" in result.stdout and "recall@50" in result.stdout
+    results = read_json(output / "eval_results.json")
+    assert set(results["test"]) == {"recall@1", "recall@5", "recall@10", "recall@50"}
+    state = read_json(output / "training_state.json")
+    assert state["completed_steps"] == 4 and state["samples_seen"] == 4 * 8
+    for name in ("model.safetensors", "config.json", "processor_config.json", "modeling_mqirtn.py", "processing_mqirtn.py", "README.md"):
+        assert (output / name).is_file(), name
+    assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
+
+    # README.md: YAML metadata with the results as model-index entries.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "transformers"
+    assert "composed-image-retrieval" in card.data.tags
+    recall_at_1 = [r for r in card.data.eval_results if r.metric_name == "recall@1"]
+    assert recall_at_1 and recall_at_1[0].metric_value == pytest.approx(results["test"]["recall@1"], abs=0.01)
+    assert "| recall@1 |" in card.text
+
+    # The logit scale trains on its own learning rate: after 4 steps it has moved away from its init (4.0).
+    scale = load_file(output / "model.safetensors")["logit_scale"].item()
+    assert abs(scale - 4.0) > 0.01
+
+    # A fresh process, another cwd, no PYTHONPATH: only the saved folder and trust_remote_code.
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(output)!r}, trust_remote_code=True)
+        batch = processor(images=[Image.new("RGB", (32, 32), (200, 30, 30))] * 2, text=["add a small red circle to the top left", "remove the blue square"], return_tensors="pt")
+        with torch.no_grad():
+            query = model.get_query_features(**batch)
+            gallery = model.get_image_features(pixel_values=batch["pixel_values"])
+        print(json.dumps({{"module": type(model).__module__, "query": list(query.shape), "norm": query.norm(dim=-1).tolist(), "gallery": list(gallery.shape), "scale": model.logit_scale.item()}}))
+        """
+    )
+    env = {k: v for k, v in run_env(cache_dir).items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    info = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert info["module"].startswith("transformers_modules")  # the saved code, not this repository
+    assert info["query"] == [2, 32] and info["gallery"] == [2, 32]
+    assert info["norm"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert info["scale"] == pytest.approx(scale)
+
+    # --eval_only on the saved model reproduces the numbers of the training run's evaluation.
+    eval_output = tmp_path / "eval"
+    run_train(["--eval_only", "--model_name_or_path", str(output), "--output_dir", str(eval_output)], cache_dir, base=DATA_ARGS)
+    evaluated = read_json(eval_output / "eval_results.json")["test"]
+    assert evaluated.keys() == results["test"].keys()
+    for key, value in results["test"].items():
+        assert evaluated[key] == pytest.approx(value, abs=1e-6), key
+    assert not (eval_output / "model.safetensors").exists()  # evaluation does not write a model
+
+
+# ------------------------------------------------------------------------------------------------ kill and resume
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
+    # 64 queries / batch 8 = 8 steps per epoch; 12 steps cross an epoch boundary.
+    common = ["--max_train_steps", "12", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--no-do_eval"]
+    reference = tmp_path / "reference"
+    run_train([*common, "--output_dir", str(reference)], cache_dir)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *TINY_ARGS, *common, "--output_dir", str(killed), "--debug_sleep_per_step", "0.4"],
+        env=run_env(cache_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while not list((killed / "checkpoints").glob("checkpoint-*/progress.json")):
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "training_state.json").exists()  # it really died mid-run
+    checkpoints = sorted(int(p.parent.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*/progress.json"))
+    assert checkpoints and checkpoints[-1] < 12
+
+    resumed = run_train([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], cache_dir)
+    assert f"Resumed from {killed / 'checkpoints'}" in resumed.stderr
+    expected = read_json(reference / "training_state.json")
+    state = read_json(killed / "training_state.json")
+    assert (state["completed_steps"], state["samples_seen"]) == (expected["completed_steps"], expected["samples_seen"]) == (12, 96)
+    # Model, optimizer, scheduler, RNG and data order were all restored: the weights match too.
+    final, expected_weights = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # checkpoints_total_limit=2 keeps the last two.
+    assert len(list((killed / "checkpoints").glob("checkpoint-*"))) == 2
+
+
+# ------------------------------------------------------------------------------------------------ non-finite losses
+def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(tmp_path, cache_dir):
+    output = tmp_path / "once"
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--no-do_eval", "--debug_nonfinite_steps", "1"], cache_dir)
+    assert "Non-finite loss at step 1" in result.stderr
+    state = read_json(output / "training_state.json")
+    assert state["completed_steps"] == 4 and state["skipped_nonfinite_steps"] == 1
+
+    failed = run_train(
+        ["--output_dir", str(tmp_path / "always"), "--max_train_steps", "6", "--no-do_eval", "--debug_nonfinite_steps", "1,2,3",
+         "--max_nonfinite_steps", "3"],
+        cache_dir,
+        check=False,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert "non-finite for 3 micro-batches in a row" in failed.stderr
+    assert not (tmp_path / "always" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ push to hub
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi`: records what would be created and uploaded."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
+        RecordingHfApi.calls.append(("create_repo", repo_id, {"exist_ok": exist_ok, "private": private}))
+
+        class RepoUrl(str):
+            pass
+
+        url = RepoUrl(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kwargs):
+        import fnmatch
+
+        files = sorted(
+            str(p.relative_to(folder_path))
+            for p in Path(folder_path).rglob("*")
+            if p.is_file() and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in ignore_patterns or [])
+        )
+        RecordingHfApi.calls.append(("upload_folder", repo_id, files))
+
+
+def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(train, "HfApi", RecordingHfApi)
+    monkeypatch.setenv("MQIRTN_CACHE", str(cache_dir))
+    RecordingHfApi.calls = []
+    torch.set_num_threads(1)
+    output = tmp_path / "pushed"
+    train.main(
+        [*TINY_ARGS, "--output_dir", str(output), "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
+         "--hub_model_id", "someone/mqirtn-tiny", "--hub_private"]
+    )  # fmt: skip
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert RecordingHfApi.calls[0] == ("create_repo", "someone/mqirtn-tiny", {"exist_ok": True, "private": True})
+    kind, repo_id, files = RecordingHfApi.calls[1]
+    assert (kind, repo_id) == ("upload_folder", "someone/mqirtn-tiny")
+    for name in ("model.safetensors", "config.json", "README.md", "eval_results.json", "modeling_mqirtn.py", "processing_mqirtn.py"):
+        assert name in files
+    assert not [f for f in files if f.startswith("checkpoints/")]  # training state stays local
+    assert "someone/mqirtn-tiny" in (output / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ argument errors
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--eval_only"], "--eval_only needs --model_name_or_path"),
+        (["--dataset", "cirr"], "needs --data_dir"),
+        (["--do_predict"], "--do_predict writes CIRR"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps must be"),
+        (["--image_size", "30", "--patch_size", "8"], "must be a multiple of --patch_size"),
+        (["--freeze_vision"], "--freeze_vision would freeze a randomly initialised"),
+        (["--text_from_scratch", "--freeze_text"], "--freeze_text would freeze"),
+        (["--dataset", "shapes", "--dataset_name", "x/y"], "either --dataset or --dataset_name"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "no checkpoint folder"),
+        (["--no-do_eval", "--eval_steps", "10"], "--eval_steps evaluates during training"),
+        (["--learning_rate", "-1"], "must be a positive number"),
+        (["--composition", "bogus"], "invalid choice"),
+        (["--model_name_or_path", "m", "--text_from_scratch"], "loads a whole MQIRTN model"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        train.parse_args(argv)
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_embedded_shapes_run():
+    args = train.parse_args([])
+    assert (args.source, args.eval_split, args.do_eval) == ("shapes", "test", True)
+    assert args.output_dir == "outputs/mqirtn-shapes"
+    assert args.text_model_name_or_path == train.default_text_model()
+    assert train.parse_args(["--checkpointing_steps", "7"]).checkpointing_steps == 7
+
+
+def test_parameter_groups_give_the_logit_scale_and_pretrained_towers_their_own_rates():
+    args = train.parse_args(["--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
+                             "--vision_num_hidden_layers", "1", "--projection_dim", "32", "--learning_rate", "1e-3",
+                             "--tower_lr_multiplier", "0.1", "--logit_scale_lr", "0.05"])  # fmt: skip
+    model, processor, pretrained = train.build_model_and_processor(args)
+    assert pretrained == ("text_model.",)  # the MiniLM text tower is pretrained, the ViT is not
+    groups = {group["name"]: group for group in train.parameter_groups(model, args, pretrained)}
+    assert [p is model.logit_scale for p in groups["logit_scale"]["params"]] == [True]
+    assert groups["logit_scale"]["lr"] == 0.05 and groups["logit_scale"]["weight_decay"] == 0.0
+    assert groups["towers"]["lr"] == pytest.approx(1e-4) and groups["new"]["lr"] == 1e-3
+    tower_ids = {id(p) for g in ("towers", "towers_no_decay") for p in groups[g]["params"]}
+    assert tower_ids == {id(p) for p in model.text_model.parameters()}
+    assert {id(p) for p in model.vision_model.parameters()} <= {id(p) for g in ("new", "new_no_decay") for p in groups[g]["params"]}
+    # The pretrained weights survived composition (post_init must not re-initialise them).
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(args.text_model_name_or_path, add_pooling_layer=False)
+    torch.testing.assert_close(model.text_model.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight)
+
+
+# ------------------------------------------------------------------------------------------------ data plumbing
+def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+    from transformers import ViTImageProcessor
+
+    from processing import MQIRTNProcessor
+    from processing.training_data import CIRTrainingCollator, set_training_transform, stable_id
+
+    def png(color) -> bytes:
+        buffer = io.BytesIO()
+        PILImage.new("RGB", (20, 20), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    features = Features({"reference_image": Image(), "modification_text": Value("string"), "target_image": Image(), "target_id": Value("string")})
+    dataset = Dataset.from_dict(
+        {
+            "reference_image": [{"bytes": png((255, 0, 0)), "path": None}, {"bytes": b"not a png", "path": None},
+                                {"bytes": None, "path": str(tmp_path / "missing.png")}, {"bytes": png((0, 0, 255)), "path": None}],
+            "modification_text": ["make it blue", "broken", "missing", "make it red"],
+            "target_image": [{"bytes": png((0, 0, 255)), "path": None}] * 4,
+            "target_id": ["blue", "x", "y", "red"],
+        },
+        features=features,
+    )  # fmt: skip
+    processor = MQIRTNProcessor(
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        train.AutoTokenizer.from_pretrained(train.default_text_model()),
+    )
+    transformed = set_training_transform(dataset, processor)
+    assert dataset.features["reference_image"].decode and dataset.format["type"] is None  # the caller's dataset is untouched
+    rows = [transformed[i] for i in range(4)]
+    assert rows[1]["pixel_values"] is None and rows[2]["pixel_values"] is None
+    batch = CIRTrainingCollator(processor.tokenizer)(rows)
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["target_pixel_values"].shape == (4, 3, 16, 16)
+    assert batch["input_ids"].shape[0] == 4
+    # The two bad rows became copies of readable rows, with their target ids (so they are masked as duplicates).
+    assert batch["target_ids"].tolist() == [stable_id("blue"), stable_id("red"), stable_id("blue"), stable_id("red")]
+    assert torch.equal(batch["pixel_values"][2], batch["pixel_values"][0])
