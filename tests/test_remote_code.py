@@ -143,11 +143,10 @@ def test_saved_folder_holds_code_and_auto_map(saved_folders):
 
 
 def test_fresh_process_cannot_import_our_packages(child_results):
-    # Outside the repository with PYTHONPATH unset, neither package is found at all (a pip-installed copy would be:
-    # the child then blocks it anyway, so the round trip below still proves the folder is self-contained).
-    assert child_results["found_before_blocking"] == {"modeling_mqirtn": False, "processing": False}, (
-        "our packages are importable outside the repository (installed into the environment?)"
-    )
+    # The child is a Hub user without this repository: PYTHONPATH unset, another working directory, and a finder that
+    # refuses our packages even where they are pip-installed into the environment (as `scripts/install.sh` does).
+    # Loading must still work there, so the saved folder is self-contained.
+    assert set(child_results["found_before_blocking"]) == {"modeling_mqirtn", "processing"}
     assert child_results["still_blocked"] == {"modeling_mqirtn": True}
 
 
