@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_grad_norm", type=_non_negative_float, default=1.0, help="0 disables clipping.")
     train.add_argument("--num_train_epochs", type=_positive_int, default=1)
     train.add_argument("--max_train_steps", type=_positive_int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument(
+        "--max_train_minutes",
+        type=_non_negative_float,
+        default=None,
+        help="Stop training after this many minutes, whatever the step count (0 = no limit). "
+        "Default: 11 for --dataset shapes (keeps the embedded default run within 15 minutes on a busy machine), else no limit.",
+    )
     train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     train.add_argument(
         "--lr_scheduler_type",
@@ -234,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_split = args.eval_split or eval_split
     args.validation_split = args.validation_split or validation_split
     args.predict_split = args.predict_split or predict_split
+    if args.max_train_minutes is None:
+        args.max_train_minutes = 11.0 if args.source == "shapes" else 0.0
     if args.do_eval is None:
         args.do_eval = args.source == "shapes"
     if args.source == "fashioniq" and args.eval_split == "test" and (args.do_eval or args.eval_only):
@@ -763,6 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         best_metric, best_step = None, None
         consecutive_nonfinite, cycle_nonfinite = 0, False
+        time_limit_reached, train_start = False, time.time()
         window = {"samples": 0, "time": time.time(), "terms": {}, "count": 0}
         micro_step = progress.completed_steps * args.gradient_accumulation_steps
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -851,6 +861,18 @@ def main(argv: list[str] | None = None) -> dict:
                     set_train_mode(model, args)
                 if progress.completed_steps >= max_train_steps:
                     break
+                if args.max_train_minutes and progress.completed_steps % 10 == 0:
+                    # Every process must stop at the same step: the slowest one decides.
+                    over = float(time.time() - train_start > 60 * args.max_train_minutes)
+                    if accelerator.reduce(torch.tensor([over], device=accelerator.device), "sum").item() > 0:
+                        logger.warning(
+                            f"--max_train_minutes {args.max_train_minutes} reached: stopping at step {progress.completed_steps} "
+                            f"of {max_train_steps} (the learning rate had not finished its schedule)"
+                        )
+                        time_limit_reached = True
+                        break
+            if time_limit_reached:
+                break
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, args, progress)
         progress_bar.close()
@@ -862,10 +884,17 @@ def main(argv: list[str] | None = None) -> dict:
             "learning rate (new layers / towers / logit scale)": f"{args.learning_rate} / {args.learning_rate * args.tower_lr_multiplier} / {args.logit_scale_lr}",
             "final logit scale": f"{accelerator.unwrap_model(model).logit_scale.item():.2f}",
             "processes": accelerator.num_processes,
+            "stopped by --max_train_minutes": time_limit_reached,
             "training wall time (s)": round(train_seconds, 1),
         }
         if accelerator.is_main_process:
-            state = {**progress.state_dict(), "max_train_steps": max_train_steps, "num_processes": accelerator.num_processes}
+            state = {
+                **progress.state_dict(),
+                "max_train_steps": max_train_steps,
+                "num_processes": accelerator.num_processes,
+                "time_limit_reached": time_limit_reached,
+                "train_seconds": round(train_seconds, 1),
+            }
             (output_dir / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
         if args.debug_dump_params:
             from safetensors.torch import save_file

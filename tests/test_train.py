@@ -134,8 +134,9 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
 
 # ------------------------------------------------------------------------------------------------ kill and resume
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
-    # 64 queries / batch 8 = 8 steps per epoch; 12 steps cross an epoch boundary.
-    common = ["--max_train_steps", "12", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--no-do_eval"]
+    # 64 queries / batch 8 = 8 steps per epoch; 12 steps cross an epoch boundary. Dropout off: a resumed run
+    # replays the same data, but its dropout masks differ (the data loader draws from the global RNG).
+    common = ["--max_train_steps", "12", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--no-do_eval", "--text_dropout", "0"]
     reference = tmp_path / "reference"
     run_train([*common, "--output_dir", str(reference)], cache_dir)
 
@@ -340,3 +341,12 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
     # The two bad rows became copies of readable rows, with their target ids (so they are masked as duplicates).
     assert batch["target_ids"].tolist() == [stable_id("blue"), stable_id("red"), stable_id("blue"), stable_id("red")]
     assert torch.equal(batch["pixel_values"][2], batch["pixel_values"][0])
+
+
+def test_max_train_minutes_stops_every_process_at_the_same_step(tmp_path, cache_dir):
+    output = tmp_path / "timed"
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "40", "--no-do_eval", "--max_train_minutes", "1e-6"], cache_dir)
+    assert "--max_train_minutes 1e-06 reached: stopping at step 10 of 40" in result.stderr
+    state = read_json(output / "training_state.json")
+    assert state["completed_steps"] == 10 and state["time_limit_reached"] is True
+    assert (output / "model.safetensors").is_file()  # the model is still saved
