@@ -25,6 +25,18 @@ from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel  # noqa: E40
 
 
 ALL_COMPOSITIONS = sorted(COMPOSITIONS)
+
+# Source for child processes that play a Hub user without this repository: our packages cannot be imported there,
+# even where `scripts/install.sh` pip-installed them into the environment.
+BLOCK_OUR_PACKAGES = """
+import importlib.abc, sys
+class _BlockOurPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_mqirtn", "processing"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, _BlockOurPackages())
+"""
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2

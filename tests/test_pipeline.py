@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLOCK_OUR_PACKAGES
 from transformers import pipeline
 
 from modeling_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
@@ -125,14 +126,19 @@ def test_exact_search_in_blocks_equals_full_topk():
     torch.testing.assert_close(scores, expected_scores)
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import importlib, json, sys
     import torch
     from PIL import Image
     from transformers import pipeline
 
-    assert importlib.util.find_spec("modeling_mqirtn") is None and importlib.util.find_spec("processing") is None
+    for name in ("modeling_mqirtn", "processing"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        raise AssertionError(f"{name} is importable in the Hub-user process")
     folder, images_folder, texts, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
     images = [Image.open(f"{images_folder}/query_{i}.png") for i in range(len(texts))]
