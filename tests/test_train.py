@@ -72,7 +72,7 @@ def read_json(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ smoke + reload
 def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     output = tmp_path / "model"
-    result = run_train(["--output_dir", str(output), "--max_train_steps", "4"], cache_dir)
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--num_results_grids", "1"], cache_dir)
 
     # The Recall@K table is printed and written.
     assert "recall@1" in result.stdout and "recall@50" in result.stdout
@@ -83,6 +83,7 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     for name in ("model.safetensors", "config.json", "processor_config.json", "modeling_mqirtn.py", "processing_mqirtn.py", "README.md"):
         assert (output / name).is_file(), name
     assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
+    assert (output / "results_grids" / "query_0.png").is_file()  # qualitative figure after evaluation
 
     # README.md: YAML metadata with the results as model-index entries.
     from huggingface_hub import ModelCard
@@ -110,7 +111,12 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
         with torch.no_grad():
             query = model.get_query_features(**batch)
             gallery = model.get_image_features(pixel_values=batch["pixel_values"])
-        print(json.dumps({{"module": type(model).__module__, "query": list(query.shape), "norm": query.norm(dim=-1).tolist(), "gallery": list(gallery.shape), "scale": model.logit_scale.item()}}))
+        from transformers import pipeline
+        pipe = pipeline("composed-image-retrieval", model={str(output)!r}, trust_remote_code=True)
+        hits = pipe(image=Image.new("RGB", (32, 32), (200, 30, 30)), text="add a small red circle to the top left", gallery=gallery, top_k=2)
+        print(json.dumps({{"module": type(model).__module__, "query": list(query.shape), "norm": query.norm(dim=-1).tolist(),
+                          "gallery": list(gallery.shape), "scale": model.logit_scale.item(), "hits": len(hits),
+                          "pipe_score": hits[0]["score"], "direct_score": (query[0] @ gallery[0]).item()}}))
         """
     )
     env = {k: v for k, v in run_env(cache_dir).items() if k != "PYTHONPATH"}
@@ -121,6 +127,8 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     assert info["query"] == [2, 32] and info["gallery"] == [2, 32]
     assert info["norm"] == pytest.approx([1.0, 1.0], abs=1e-5)
     assert info["scale"] == pytest.approx(scale)
+    # The pipeline loads from the same folder and scores like the model (both gallery rows are the same image).
+    assert info["hits"] == 2 and info["pipe_score"] == pytest.approx(info["direct_score"], abs=1e-4)
 
     # --eval_only on the saved model reproduces the numbers of the training run's evaluation.
     eval_output = tmp_path / "eval"
