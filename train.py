@@ -670,7 +670,8 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=str(output_dir),
         # The epoch's shuffle depends only on (seed, epoch): a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # The baselines leave a tower (image_only) or the text projection unused; DDP must then be told.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.composition in ("image_only", "text_only"))],
     )
     import logging
 
@@ -744,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         accelerator.register_for_checkpointing(lr_scheduler, progress)
         if args.report_to != "none":
-            accelerator.init_trackers("mqirtn", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
         # ------------------------------------------------------------------------ 2.5 resume
         starting_epoch, skip_batches = 0, 0
