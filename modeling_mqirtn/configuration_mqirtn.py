@@ -2,8 +2,18 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError as error:  # older transformers 5.x
+    import transformers
+
+    raise ImportError(
+        f"MQIRTN needs transformers>=5.24 (composite configs with `SubConfigSpec`), found {transformers.__version__}; "
+        "upgrade with `pip install -U 'transformers>=5.24,<6'`"
+    ) from error
 
 
 logger = logging.get_logger(__name__)
