@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fusion_num_heads", type=_positive_int, default=4)
     model.add_argument("--no_image_residual", action="store_true", help="Ablation: no gated residual of the reference in the query.")
     model.add_argument("--loss_type", choices=LOSS_TYPES, default="batch_based_classification")
-    model.add_argument("--logit_scale_init_value", type=_positive_float, default=4.0)
+    model.add_argument(
+        "--logit_scale_init_value", type=_positive_float, default=20.0,
+        help="Initial logit scale (measured on shapes validation: 20 >> 10 >> 4 in the same budget; it keeps training).",
+    )
     model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
 
     train = parser.add_argument_group("training")
@@ -177,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logit_scale_lr", type=_non_negative_float, default=0.05, help="Own learning rate of the logit scale (DESIGN 1, Measured).")
     train.add_argument("--weight_decay", type=_non_negative_float, default=0.01)
     train.add_argument("--max_grad_norm", type=_non_negative_float, default=1.0, help="0 disables clipping.")
-    train.add_argument("--num_train_epochs", type=_positive_int, default=1)
+    train.add_argument("--num_train_epochs", type=_positive_int, default=3)
     train.add_argument("--max_train_steps", type=_positive_int, default=None, help="Overrides --num_train_epochs.")
     train.add_argument(
         "--max_train_minutes",
         type=_non_negative_float,
         default=None,
         help="Stop training after this many minutes, whatever the step count (0 = no limit). "
-        "Default: 11 for --dataset shapes (keeps the embedded default run within 15 minutes on a busy machine), else no limit.",
+        "Default: 12 for --dataset shapes (keeps the embedded default run within 15 minutes on a busy machine), else no limit.",
     )
     train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     train.add_argument(
@@ -195,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num_warmup_steps", type=_non_negative_int, default=20)
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--freeze_vision", action="store_true")
-    train.add_argument("--freeze_text", action="store_true")
+    train.add_argument(
+        "--freeze_text", action=argparse.BooleanOptionalAction, default=None,
+        help="Freeze the text tower (kept in eval mode). Default: on for shapes with a pretrained text tower (measured best "
+        "there: frozen all-MiniLM-L6-v2 R@1 30%% vs 5%% for a small tower from scratch), off otherwise.",
+    )
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: what `accelerate launch`/config says.")
     train.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
     train.add_argument("--checkpointing_steps", default=None, help="Save the training state every N steps, or 'epoch'.")
@@ -242,7 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.validation_split = args.validation_split or validation_split
     args.predict_split = args.predict_split or predict_split
     if args.max_train_minutes is None:
-        args.max_train_minutes = 11.0 if args.source == "shapes" else 0.0
+        args.max_train_minutes = 12.0 if args.source == "shapes" else 0.0
+    if args.freeze_text is None:
+        args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
     if args.do_eval is None:
         args.do_eval = args.source == "shapes"
     if args.source == "fashioniq" and args.eval_split == "test" and (args.do_eval or args.eval_only):

@@ -287,6 +287,9 @@ def test_defaults_are_the_embedded_shapes_run():
     assert (args.source, args.eval_split, args.do_eval) == ("shapes", "test", True)
     assert args.output_dir == "outputs/mqirtn-shapes"
     assert args.text_model_name_or_path == train.default_text_model()
+    assert args.freeze_text and args.logit_scale_init_value == 20.0 and args.max_train_minutes == 12.0
+    assert not train.parse_args(["--text_from_scratch"]).freeze_text
+    assert train.parse_args(["--dataset", "cirr", "--data_dir", "x"]).max_train_minutes == 0.0
     assert train.parse_args(["--checkpointing_steps", "7"]).checkpointing_steps == 7
 
 
