@@ -535,7 +535,7 @@ def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args,
         # The protocol code and the Recall@K module must agree (they are separate implementations of the count).
         module = recall_with_evaluate_module(query_embeds, gallery_embeds, data, DEFAULT_KS[data.protocol])
         for key, value in module.items():
-            if abs(value - metrics[key]) > 1e-6:
+            if abs(value - metrics[key]) > 1e-3:
                 logger.warning(f"{key}: evaluate module {value:.3f} vs protocol {metrics[key]:.3f}")
     return metrics, query_embeds, gallery_embeds
 

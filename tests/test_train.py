@@ -361,3 +361,30 @@ def test_max_train_minutes_stops_every_process_at_the_same_step(tmp_path, cache_
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 10 and state["time_limit_reached"] is True
     assert (output / "model.safetensors").is_file()  # the model is still saved
+
+
+# ------------------------------------------------------------------------------------------------ CIRR: eval + predict
+def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
+    from test_cir_datasets import make_cirr  # the data helper's in-test CIRR tree (one corrupt, one missing image)
+
+    root = tmp_path / "cirr"
+    make_cirr(root, root / "img_raw")
+    output = tmp_path / "out"
+    shapes_flags = {i for i, arg in enumerate(TINY_ARGS) if arg.startswith("--shapes_")}
+    model_args = [arg for i, arg in enumerate(TINY_ARGS) if i not in shapes_flags and i - 1 not in shapes_flags]
+    result = run_train(
+        ["--dataset", "cirr", "--data_dir", str(root), "--do_eval", "--do_predict", "--per_device_train_batch_size", "2",
+         "--max_train_steps", "1", "--output_dir", str(output)],
+        cache_dir,
+        base=model_args,
+    )  # fmt: skip
+    # Evaluated on val with the CIRR protocol (reference removed, subset recalls, leaderboard average).
+    metrics = read_json(output / "eval_results.json")["val"]
+    assert {"recall@1", "recall@50", "recall_subset@1", "recall_subset@3", "average"} <= set(metrics)
+    assert "recall_subset@1" in result.stdout
+    # The two test-server files, in the server's format, for test1's pair 7 (reference removed from its ranking).
+    recall = read_json(output / "recall_submission_mqirtn.json")
+    subset = read_json(output / "recall_subset_submission_mqirtn.json")
+    assert (recall["version"], recall["metric"], subset["metric"]) == ("rc2", "recall", "recall_subset")
+    assert sorted(recall["7"]) == ["test1-1-0-img0", "test1-2-0-img0"]
+    assert sorted(subset["7"]) == ["test1-1-0-img0", "test1-2-0-img0"]
