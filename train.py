@@ -291,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--eval_steps evaluates during training; it needs --do_eval")
     if args.eval_steps is not None and args.validation_split is None:
         parser.error("--eval_steps needs --validation_split (never select models on the test split)")
+    if args.push_to_hub and args.eval_only:
+        parser.error("--push_to_hub uploads the model this run trains; --eval_only trains nothing")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.hub_model_id is not None and args.hub_model_id.count("/") > 1:

@@ -260,6 +260,7 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
     "argv, message",
     [
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--push_to_hub", "--hub_model_id", "a/b", "--eval_only", "--model_name_or_path", "m"], "--eval_only trains nothing"),
         (["--eval_only"], "--eval_only needs --model_name_or_path"),
         (["--dataset", "cirr"], "needs --data_dir"),
         (["--do_predict"], "--do_predict writes CIRR"),
@@ -388,3 +389,12 @@ def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
     assert (recall["version"], recall["metric"], subset["metric"]) == ("rc2", "recall", "recall_subset")
     assert sorted(recall["7"]) == ["test1-1-0-img0", "test1-2-0-img0"]
     assert sorted(subset["7"]) == ["test1-1-0-img0", "test1-2-0-img0"]
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path, cache_dir):
+    output = tmp_path / "bf16"
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "3", "--no-do_eval", "--mixed_precision", "bf16"], cache_dir)
+    assert "Mixed precision type: bf16" in result.stderr
+    assert read_json(output / "training_state.json")["skipped_nonfinite_steps"] == 0
+    weights = load_file(output / "model.safetensors")
+    assert weights["logit_scale"].dtype == torch.float32  # master weights stay fp32
