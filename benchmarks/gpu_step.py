@@ -128,6 +128,31 @@ def enable_checkpointing(model) -> None:
         model.text_model.activation_checkpointing_enable()
 
 
+def set_up(name, model, optimizers, batch, args, device, autocast) -> dict:
+    """Warm-up steps (which also create the optimizer state), then one step under FlopCounterMode."""
+    model.train()
+    if args.activation_checkpointing:
+        enable_checkpointing(model)
+    optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    inputs = inputs_for(name, batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        speed.training_step(model, optimizers[name], inputs, autocast)
+    with FlopCounterMode(display=False) as counter:
+        loss = speed.training_step(model, optimizers[name], inputs, autocast)
+    synchronize(device)
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": counter.get_total_flops(),
+        "loss": float(loss),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "attn_implementation": sorted({m.config._attn_implementation for m in model.modules()
+                                       if isinstance(m, transformers.PreTrainedModel) and m is not model}),
+        "step_s": [],
+    }
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -158,28 +183,17 @@ def main(argv=None):
     models = build_models(size, args.attn_implementation, device)
     batch = speed.make_batch(size, args.batch_size, device=device)
     results, optimizers = {}, {}
-    for name, model in models.items():
-        model.train()
-        if args.activation_checkpointing:
-            enable_checkpointing(model)
-        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        inputs = inputs_for(name, batch)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):  # the first step also allocates the optimizer state
-            speed.training_step(model, optimizers[name], inputs, autocast)
-        with FlopCounterMode(display=False) as counter:
-            loss = speed.training_step(model, optimizers[name], inputs, autocast)
-        synchronize(device)
-        results[name] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "flops_per_step": counter.get_total_flops(),
-            "loss": float(loss),
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "attn_implementation": sorted({m.config._attn_implementation for m in model.modules()
-                                           if isinstance(m, transformers.PreTrainedModel) and m is not model}),
-            "step_s": [],
-        }
+    failed = {}
+    for name, model in list(models.items()):
+        try:
+            results[name] = set_up(name, model, optimizers, batch, args, device, autocast)
+        except torch.OutOfMemoryError as error:  # report the others rather than lose the whole (one) GPU run
+            failed[name] = f"out of memory: {str(error).splitlines()[0]}"
+            print(f"{name}: {failed[name]} (try a smaller --batch-size or --activation-checkpointing)", flush=True)
+            del models[name]
+            optimizers.pop(name, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     names = list(models)
     for round_index in range(args.rounds):
@@ -200,8 +214,11 @@ def main(argv=None):
         result["achieved_tflops"] = result["flops_per_step"] / step_s / 1e12
         result["mfu"] = result["achieved_tflops"] / peak if peak else None
 
-    mqirtn = results["mqirtn"]
-    ratio = mqirtn["samples_per_s"] / results["dual_encoder"]["samples_per_s"]
+    def ratio_of(a, b, key="samples_per_s"):
+        return results[a][key] / results[b][key] if a in results and b in results else None
+
+    ratio = ratio_of("mqirtn", "dual_encoder")
+    flops_ratio = ratio_of("mqirtn", "dual_encoder", "flops_per_sample")
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/gpu_step.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -210,10 +227,10 @@ def main(argv=None):
         "batch_size": args.batch_size, "autocast": "bf16" if dtype else None,
         "attn_implementation": args.attn_implementation, "activation_checkpointing": args.activation_checkpointing,
         "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
-        "ratio_vs_dual_encoder": ratio, "target": ">= 0.8", "met": ratio >= 0.8,
-        "ratio_vs_towers_contrastive": mqirtn["samples_per_s"] / results["towers_contrastive"]["samples_per_s"],
-        "flops_ratio_vs_dual_encoder": mqirtn["flops_per_sample"] / results["dual_encoder"]["flops_per_sample"],
-        "models": results,
+        "ratio_vs_dual_encoder": ratio, "target": ">= 0.8", "met": None if ratio is None else ratio >= 0.8,
+        "ratio_vs_towers_contrastive": ratio_of("mqirtn", "towers_contrastive"),
+        "flops_ratio_vs_dual_encoder": flops_ratio,
+        "models": results, "failed": failed,
     }
     print(f"{'model':<20}{'samples/s':>11}{'step ms':>10}{'GFLOP/sample':>14}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
     for name, r in results.items():
@@ -221,9 +238,14 @@ def main(argv=None):
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         print(f"{name:<20}{r['samples_per_s']:>11.1f}{r['median_step_s'] * 1e3:>10.1f}{r['flops_per_sample'] / 1e9:>14.1f}"
               f"{r['achieved_tflops']:>10.2f}{mfu:>8}{memory:>10}")
-    print(f"MQIRTN / dual encoder samples/s: {ratio:.3f} (target >= 0.8: {'met' if report['met'] else 'MISSED'}); "
-          f"FLOPs per sample {report['flops_ratio_vs_dual_encoder']:.2f}x; "
-          f"MQIRTN / towers-only on the same triplets: {report['ratio_vs_towers_contrastive']:.3f}")
+
+    def show(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    verdict = "n/a" if ratio is None else ("met" if ratio >= 0.8 else "MISSED")
+    print(f"MQIRTN / dual encoder samples/s: {show(ratio)} (target >= 0.8: {verdict}); "
+          f"FLOPs per sample {show(flops_ratio)}x; "
+          f"MQIRTN / towers-only on the same triplets: {show(report['ratio_vs_towers_contrastive'])}")
     output = args.output or REPO_ROOT / "benchmarks" / "results" / ("speed_gpu_tiny.json" if args.tiny else "speed_gpu.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
