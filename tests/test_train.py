@@ -398,3 +398,10 @@ def test_bf16_mixed_precision_on_cpu(tmp_path, cache_dir):
     assert read_json(output / "training_state.json")["skipped_nonfinite_steps"] == 0
     weights = load_file(output / "model.safetensors")
     assert weights["logit_scale"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_eval_steps_select_the_best_model_on_validation(tmp_path, cache_dir):
+    output = tmp_path / "selected"
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--eval_steps", "2"], cache_dir)
+    assert "validation @ step 2" in result.stderr  # model selection uses the validation split, not test
+    assert (output / "best_model" / "model.safetensors").is_file() and (output / "best_model" / "config.json").is_file()
