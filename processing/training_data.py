@@ -3,8 +3,8 @@
 Datasets come from the loaders (`processing.shapes`, `processing.cir_datasets`) with image columns
 (`datasets.Image`). Here they are turned into model batches:
 
-- :func:`set_training_transform` / :func:`set_query_transform` / :func:`set_gallery_transform` install a
-  `set_transform` that decodes images lazily, **without raising on a corrupt or missing file** (the row is marked
+- :func:`set_training_transform` / :func:`set_query_transform` / :func:`set_gallery_transform` return a copy of
+  the dataset with a lazy transform (`with_transform`, i.e. `set_transform` on a copy) that decodes images, **without raising on a corrupt or missing file** (the row is marked
   unreadable instead), and runs the `MQIRTNProcessor`'s image processor;
 - :class:`CIRTrainingCollator` tokenises the modification texts of a batch (padding to the batch's longest), stacks
   the pixels and replaces unreadable rows by copies of readable ones, so every process keeps the same batch size
@@ -105,7 +105,7 @@ def set_training_transform(
     reference_id_column: str | None = "reference_id",
     target_id_column: str | None = "target_id",
 ) -> Dataset:
-    """Install the lazy training transform; rows become ``pixel_values`` (3, H, W) or ``None``,
+    """A copy of ``dataset`` with the lazy training transform; rows become ``pixel_values`` (3, H, W) or ``None``,
     ``target_pixel_values``, ``modification_text`` (str), ``reference_ids`` and ``target_ids`` (int64).
 
     Ids come from ``*_id_column`` when the dataset has it, else from the image path or bytes.
@@ -144,7 +144,7 @@ def set_training_transform(
 def set_query_transform(
     dataset: Dataset, processor, reference_column: str = "reference_image", text_column: str = "modification_text"
 ) -> Dataset:
-    """Install the lazy evaluation-query transform: ``pixel_values`` (3, H, W) and ``modification_text``.
+    """A copy of ``dataset`` with the lazy evaluation-query transform: ``pixel_values`` (3, H, W) and ``modification_text``.
 
     An unreadable reference becomes a black image (the query keeps its place, so metadata rows stay aligned).
     """
@@ -162,7 +162,7 @@ def set_query_transform(
 
 
 def set_gallery_transform(dataset: Dataset, processor, image_column: str = "image") -> Dataset:
-    """Install the lazy gallery transform: ``pixel_values`` (3, H, W); unreadable images become black."""
+    """A copy of ``dataset`` with the lazy gallery transform: ``pixel_values`` (3, H, W); unreadable images become black."""
     dataset = _undecoded(dataset, (image_column,))
     image_processor = processor.image_processor
 
