@@ -4,8 +4,9 @@ Datasets come from the loaders (`processing.shapes`, `processing.cir_datasets`) 
 (`datasets.Image`). Here they are turned into model batches:
 
 - :func:`set_training_transform` / :func:`set_query_transform` / :func:`set_gallery_transform` return a copy of
-  the dataset with a lazy transform (`with_transform`, i.e. `set_transform` on a copy) that decodes images, **without raising on a corrupt or missing file** (the row is marked
-  unreadable instead), and runs the `MQIRTNProcessor`'s image processor;
+  the dataset with a lazy transform (`with_transform`, i.e. `set_transform` on a copy) that decodes images
+  **without raising on a corrupt or missing file** (the row is marked unreadable instead) and runs the
+  `MQIRTNProcessor`'s image processor;
 - :class:`CIRTrainingCollator` tokenises the modification texts of a batch (padding to the batch's longest), stacks
   the pixels and replaces unreadable rows by copies of readable ones, so every process keeps the same batch size
   (the differentiable all-gather of the loss needs it) and the copies are masked out of each other's negatives
