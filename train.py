@@ -549,8 +549,9 @@ def format_table(title: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def save_results_grids(args, data: CIREvaluationData, query_embeds, gallery_embeds, folder: Path) -> None:
-    """A few qualitative figures (reference, text, top-10 with the target outlined), if the visualisation helper exists."""
+def save_results_grids(args, data: CIREvaluationData, query_embeds, gallery_embeds, folder: Path, model=None, processor=None) -> None:
+    """A few qualitative figures (reference, text, top-10 with the target outlined) and, for fusion models, the
+    first query's text-to-image attention map; only if the visualisation helper exists."""
     try:
         from modeling_mqirtn.visualization_mqirtn import save_results_grid
     except ImportError:
@@ -578,6 +579,12 @@ def save_results_grids(args, data: CIREvaluationData, query_embeds, gallery_embe
             (query_embeds[row] @ gallery_embeds[indices].T).tolist(),
             target_index=ids.index(target) if target in ids else None,
             ids=ids,
+        )
+    if model is not None and model.config.uses_fusion:
+        from modeling_mqirtn.visualization_mqirtn import save_attention_map
+
+        save_attention_map(
+            folder / "attention_0.png", model, processor, decode_image(queries[0]["reference_image"]), queries[0]["modification_text"]
         )
 
 
@@ -924,7 +931,9 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             print(format_table(f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %", metrics))
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_results_grids(args, eval_data, query_embeds, gallery_embeds, output_dir / "results_grids")
+            save_results_grids(
+                args, eval_data, query_embeds, gallery_embeds, output_dir / "results_grids", accelerator.unwrap_model(model), processor
+            )
         accelerator.log({f"{args.eval_split}/{k}": v for k, v in metrics.items()}, step=progress.completed_steps)
     if predict_data is not None:
         query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, predict_data, args, "Predicting")

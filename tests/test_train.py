@@ -83,7 +83,8 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     for name in ("model.safetensors", "config.json", "processor_config.json", "modeling_mqirtn.py", "processing_mqirtn.py", "README.md"):
         assert (output / name).is_file(), name
     assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
-    assert (output / "results_grids" / "query_0.png").is_file()  # qualitative figure after evaluation
+    assert (output / "results_grids" / "query_0.png").is_file()  # qualitative figures after evaluation
+    assert (output / "results_grids" / "attention_0.png").is_file()
 
     # README.md: YAML metadata with the results as model-index entries.
     from huggingface_hub import ModelCard
