@@ -82,6 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute tower/fusion activations")
     parser.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
+    parser.add_argument("--profile", action="store_true", help="after timing, print torch.profiler tables of one step per model")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s for MFU (default: table)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default benchmarks/results/speed_gpu.json, speed_gpu_tiny.json with --tiny)")
@@ -153,6 +154,26 @@ def set_up(name, model, optimizers, batch, args, device, autocast) -> dict:
     }
 
 
+def profile_steps(models, optimizers, batch, autocast, device) -> None:
+    """Where a step's time goes: top operators by self device time (CUDA) or self CPU time, one step per model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name in ("mqirtn", "towers_contrastive"):
+        if name not in models:
+            continue
+        inputs = inputs_for(name, batch)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            speed.training_step(models[name], optimizers[name], inputs, autocast)
+            synchronize(device)
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower())
+        print(f"--- profile: {name} (one step; {len(events)} distinct ops, {kernels} device kernel launches)")
+        print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,6 +234,9 @@ def main(argv=None):
         result["flops_per_sample"] = result["flops_per_step"] / args.batch_size
         result["achieved_tflops"] = result["flops_per_step"] / step_s / 1e12
         result["mfu"] = result["achieved_tflops"] / peak if peak else None
+
+    if args.profile:
+        profile_steps(models, optimizers, batch, autocast, device)
 
     def ratio_of(a, b, key="samples_per_s"):
         return results[a][key] / results[b][key] if a in results and b in results else None

@@ -50,9 +50,20 @@ def image_fingerprints(pixel_values: torch.Tensor) -> torch.Tensor:
     every device and process.
     """
     flat = (pixel_values.detach().flatten(1).float() * 1024).round().to(torch.int64)
-    generator = torch.Generator().manual_seed(0x5EED)
-    weights = torch.randint(1, 2**31 - 1, (flat.shape[1],), generator=generator, dtype=torch.int64)
-    return (flat * weights.to(flat.device)).sum(dim=1)
+    return (flat * _fingerprint_weights(flat.shape[1], flat.device)).sum(dim=1)
+
+
+_FINGERPRINT_WEIGHTS: dict = {}
+
+
+def _fingerprint_weights(size: int, device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random int64 weights, made once per (size, device): no host-to-device copy on every step."""
+    key = (size, str(device))
+    if key not in _FINGERPRINT_WEIGHTS:
+        generator = torch.Generator().manual_seed(0x5EED)
+        weights = torch.randint(1, 2**31 - 1, (size,), generator=generator, dtype=torch.int64)
+        _FINGERPRINT_WEIGHTS[key] = weights.to(device)
+    return _FINGERPRINT_WEIGHTS[key]
 
 
 class MQIRTNMetricLoss(nn.Module):
