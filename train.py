@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Initial logit scale (measured on shapes validation: 20 >> 10 >> 4 in the same budget; it keeps training).",
     )
     model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    model.add_argument(
+        "--config_overrides", default=None,
+        help="Other MQIRTNConfig fields for a new model, as in run_mlm.py: "
+        "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'.",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="outputs/mqirtn-shapes")
@@ -233,9 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_config_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=true,d=name' -> {"a": 1, "b": 0.5, "c": True, "d": "name"}; unknown fields are an error."""
+    if not text:
+        return {}
+    known = set(MQIRTNConfig.__annotations__) - {"vision_config", "text_config"}  # MQIRTN's own fields
+    overrides = {}
+    for item in text.split(","):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--config_overrides items must look like key=value, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--config_overrides: {key!r} is not an MQIRTNConfig field; known: {sorted(known)}")
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        overrides[key] = value
+    return overrides
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.config_overrides = parse_config_overrides(args.config_overrides)
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.dataset is not None and args.dataset_name is not None:
         parser.error("give either --dataset or --dataset_name, not both")
@@ -400,6 +436,7 @@ def build_model_and_processor(args):
         image_residual=not args.no_image_residual,
         loss_type=args.loss_type,
         logit_scale_init_value=args.logit_scale_init_value,
+        **args.config_overrides,
     )
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)
     processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
