@@ -78,6 +78,8 @@ def exact_search(
             merged_indices = torch.cat([best_indices, block_indices + g_start], dim=1)
             best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
             best_indices = merged_indices.gather(1, order)
+            # Free this block's score matrix before the next one is allocated: peak memory holds one block, not two.
+            del scores, block_scores, block_indices, merged_scores, merged_indices
         all_scores.append(best_scores)
         all_indices.append(best_indices)
     return torch.cat(all_scores), torch.cat(all_indices)
