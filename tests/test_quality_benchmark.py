@@ -1,0 +1,79 @@
+"""Smoke test of benchmarks/quality_shapes.py at a tiny budget: it trains through train.py and writes the
+per-run JSON, the summary JSON, the Markdown table and the bar chart with the expected rows; a second call with the
+same settings trains nothing (resume). No timing or quality assertions.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_shapes.py"
+TINY_TRAIN_ARGS = [
+    "--image_size", "32", "--patch_size", "16", "--vision_hidden_size", "32", "--vision_num_hidden_layers", "1",
+    "--vision_num_attention_heads", "2", "--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "1",
+    "--text_num_attention_heads", "2", "--projection_dim", "32", "--fusion_num_heads", "2",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
+    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "24", "--shapes_num_test_queries", "24",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("benchmark_quality_shapes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_tiny_budget_writes_table_chart_and_resumes(quality, tmp_path, monkeypatch):
+    results_dir, work_dir = tmp_path / "results", tmp_path / "work"
+    argv = [
+        "--steps", "2", "--seeds", "1", "--variants", "mqirtn,image_only,fusion_2", "--split", "validation",
+        "--results_dir", str(results_dir), "--work_dir", str(work_dir), "--no_nice", "--name", "quality_tiny",
+        "--", *TINY_TRAIN_ARGS, "--shapes_cache_dir", str(tmp_path / "shapes"),
+    ]  # fmt: skip
+    summary = quality.main(argv)
+
+    rows = {entry["row"]: entry for entry in summary["rows"]}
+    assert list(rows) == ["mqirtn", "image_only", "fusion_2"]
+    # fusion_2 is train.py's default configuration: it reuses the mqirtn runs instead of training again.
+    assert rows["fusion_2"]["same_runs_as"] == "mqirtn"
+    assert rows["fusion_2"]["recall@1"] == rows["mqirtn"]["recall@1"]
+    for entry in rows.values():
+        assert entry["seeds"] == 1
+        for metric in quality.METRICS:
+            assert 0.0 <= entry[metric]["mean"] <= 100.0
+    # Only two trainings happened, each through train.py with its own per-run JSON.
+    run_files = sorted((results_dir / "quality_shapes_runs" / "validation").glob("*.json"))
+    assert [path.name.split("-")[0] for path in run_files] == ["image_only", "mqirtn"]
+    run = json.loads(run_files[1].read_text())
+    assert run["completed_steps"] == 2 and run["split"] == "validation"
+    assert "train.py" in run["command"] and "--max_train_steps 2" in run["command"]
+
+    on_disk = json.loads((results_dir / "quality_tiny.json").read_text())
+    assert [entry["row"] for entry in on_disk["rows"]] == ["mqirtn", "image_only", "fusion_2"]
+    table = (results_dir / "quality_tiny.md").read_text()
+    for name in ("**mqirtn**", "image_only", "fusion_2"):
+        assert f"| {name} |" in table
+    assert "Command: `python benchmarks/quality_shapes.py" in table
+    assert (results_dir / "quality_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(work_dir.glob("validation/*/model.safetensors"))  # model folders are not kept by default
+
+    # Resume: a second call with the same settings finds every run's JSON and starts no training.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    again = quality.main(argv)
+    assert again["rows"] == summary["rows"]
+
+
+def test_unknown_variant_is_an_error(quality):
+    with pytest.raises(SystemExit):
+        quality.main(["--variants", "mqirtn,not_a_variant", "--dry_run"])
