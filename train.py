@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,9 +28,10 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessor, get_scheduler
+from transformers import AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessor, get_scheduler
 
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
+from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
 from processing import MQIRTNProcessor
 from processing.cir_datasets import CIREvaluationData, load_cir_dataset
 from processing.retrieval_metrics import DEFAULT_KS, cirr_submission, evaluate_protocol, rank_gallery
@@ -401,15 +401,15 @@ def build_model_and_processor(args):
             hidden_dropout_prob=args.text_dropout,
             attention_probs_dropout_prob=args.text_dropout,
         )
-        text_model = AutoModel.from_config(text_config, add_pooling_layer=False)
+        text_model = tower_from_config(text_config)
     else:
-        text_model = AutoModel.from_pretrained(args.text_model_name_or_path, **_no_pooler(args.text_model_name_or_path))
+        text_model = tower_from_pretrained(args.text_model_name_or_path)
         pretrained.append("text_model.")
 
     if args.vision_model_name_or_path is not None:
         from transformers import AutoImageProcessor
 
-        vision_model = AutoModel.from_pretrained(args.vision_model_name_or_path, **_no_pooler(args.vision_model_name_or_path))
+        vision_model = tower_from_pretrained(args.vision_model_name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path)
         pretrained.append("vision_model.")
     else:
@@ -421,7 +421,7 @@ def build_model_and_processor(args):
             num_attention_heads=args.vision_num_attention_heads,
             intermediate_size=args.vision_intermediate_size or 4 * args.vision_hidden_size,
         )
-        vision_model = AutoModel.from_config(vision_config, add_pooling_layer=False)
+        vision_model = tower_from_config(vision_config)
         image_processor = ViTImageProcessor(
             size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
@@ -441,15 +441,6 @@ def build_model_and_processor(args):
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)
     processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, tuple(pretrained)
-
-
-def _no_pooler(name_or_path: str) -> dict:
-    """`add_pooling_layer=False` for towers that have the option (MQIRTN never uses the pooler)."""
-    import inspect
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    model_class = AutoModel._model_mapping[type(config)]
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
 
 
 def parameter_groups(model, args, pretrained_prefixes: tuple[str, ...]) -> list[dict]:

@@ -58,7 +58,7 @@ class MQIRTNOutput(ModelOutput):
     text_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def _tower_from_config(config) -> PreTrainedModel:
+def tower_from_config(config) -> PreTrainedModel:
     """A tower built from any AutoConfig, without the pooler MQIRTN never uses (it would receive no gradient)."""
     model_class = AutoModel._model_mapping[type(config)]
     if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
@@ -66,7 +66,8 @@ def _tower_from_config(config) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
-def _tower_from_pretrained(name_or_path: str, **kwargs) -> PreTrainedModel:
+def tower_from_pretrained(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """A pretrained tower (any AutoModel checkpoint), without its pooler where the model class has that option."""
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
     model_class = AutoModel._model_mapping[type(config)]
     if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
@@ -126,8 +127,8 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         text_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.vision_model = vision_model if vision_model is not None else _tower_from_config(config.vision_config)
-        self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
+        self.vision_model = vision_model if vision_model is not None else tower_from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else tower_from_config(config.text_config)
         # One config object per tower, shared by the tower and the composite config (as VisionTextDualEncoder does).
         self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
@@ -359,8 +360,8 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         """
         vision_kwargs = {k[len("vision_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
         text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
-        vision_model = _tower_from_pretrained(vision_model_name_or_path, **vision_kwargs)
-        text_model = _tower_from_pretrained(text_model_name_or_path, **text_kwargs)
+        vision_model = tower_from_pretrained(vision_model_name_or_path, **vision_kwargs)
+        text_model = tower_from_pretrained(text_model_name_or_path, **text_kwargs)
         config = MQIRTNConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
         model = cls(config, vision_model=vision_model, text_model=text_model)
         new_layers = sorted(
@@ -373,4 +374,4 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         return model
 
 
-__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput"]
+__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput", "tower_from_config", "tower_from_pretrained"]
