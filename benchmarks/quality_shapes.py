@@ -305,7 +305,7 @@ def bar_chart(summary: dict, path: Path) -> None:
     ax.set_title(
         f"shapes {summary['split']}: {summary['steps']} steps, "
         + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed")
-        + " (baselines above the line, MQIRTN ablations below)",
+        + (" (baselines above the line, MQIRTN ablations below)" if 0 < boundary < n else ""),
         fontsize=10,
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
