@@ -58,7 +58,7 @@ from transformers.utils import ModelOutput  # noqa: E402
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # noqa: E402
 from modeling_mqirtn.fusion_mqirtn import masked_mean  # noqa: E402
 from modeling_mqirtn.losses_mqirtn import MQIRTNSoftTripletLoss  # noqa: E402
-from modeling_mqirtn.modeling_mqirtn import _tower_from_config  # noqa: E402
+from modeling_mqirtn.modeling_mqirtn import tower_from_config  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------ sizes
@@ -133,8 +133,8 @@ class TowersContrastiveBaseline(nn.Module):
 
     def __init__(self, vision_config, text_config, projection_dim: int):
         super().__init__()
-        self.vision_model = _tower_from_config(vision_config)
-        self.text_model = _tower_from_config(text_config)
+        self.vision_model = tower_from_config(vision_config)
+        self.text_model = tower_from_config(text_config)
         self.image_projection = nn.Linear(vision_config.hidden_size, projection_dim)
         self.text_projection = nn.Linear(text_config.hidden_size, projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(4.0))
