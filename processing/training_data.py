@@ -207,18 +207,8 @@ class CIRTrainingCollator:
                 f"({self.num_replaced} so far in this worker)"
             )
             rows = good + [good[i % len(good)] for i in range(len(rows) - len(good))]
-        text = self.tokenizer(
-            [row["modification_text"] for row in rows],
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
         return {
-            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
+            **collate_queries(self.tokenizer, rows, self.max_length),
             "target_pixel_values": torch.stack([row["target_pixel_values"] for row in rows]),
             "reference_ids": torch.tensor([row["reference_ids"] for row in rows], dtype=torch.long),
             "target_ids": torch.tensor([row["target_ids"] for row in rows], dtype=torch.long),
@@ -233,19 +223,24 @@ class CIRQueryCollator:
         self.max_length = max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        text = self.tokenizer(
-            [row["modification_text"] for row in rows],
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return {
-            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-        }
+        return collate_queries(self.tokenizer, rows, self.max_length)
+
+
+def collate_queries(tokenizer, rows: list[dict], max_length: int | None) -> dict[str, torch.Tensor]:
+    """The query part of a batch: reference ``pixel_values`` (B, 3, H, W), padded ``input_ids``/``attention_mask``."""
+    text = tokenizer(
+        [row["modification_text"] for row in rows],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return {
+        "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+        "input_ids": text["input_ids"],
+        "attention_mask": text["attention_mask"],
+    }
 
 
 def collate_gallery(rows: list[dict]) -> dict[str, torch.Tensor]:
