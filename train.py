@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--config_overrides", default=None,
         help="Other MQIRTNConfig fields for a new model, as in run_mlm.py: "
-        "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'.",
+        "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'. They win over the flags above.",
     )
 
     train = parser.add_argument_group("training")
@@ -426,9 +426,7 @@ def build_model_and_processor(args):
             size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
 
-    config = MQIRTNConfig.from_vision_text_configs(
-        vision_model.config,
-        text_model.config,
+    fields = dict(
         projection_dim=args.projection_dim,
         num_fusion_layers=args.num_fusion_layers,
         fusion_num_heads=args.fusion_num_heads,
@@ -436,8 +434,9 @@ def build_model_and_processor(args):
         image_residual=not args.no_image_residual,
         loss_type=args.loss_type,
         logit_scale_init_value=args.logit_scale_init_value,
-        **args.config_overrides,
     )
+    fields.update(args.config_overrides)  # --config_overrides has the last word, also over the dedicated flags
+    config = MQIRTNConfig.from_vision_text_configs(vision_model.config, text_model.config, **fields)
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)
     processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, tuple(pretrained)

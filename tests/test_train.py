@@ -275,6 +275,9 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
         (["--learning_rate", "-1"], "must be a positive number"),
         (["--composition", "bogus"], "invalid choice"),
         (["--model_name_or_path", "m", "--text_from_scratch"], "loads a whole MQIRTN model"),
+        (["--config_overrides", "no_such_field=1"], "'no_such_field' is not an MQIRTNConfig field"),
+        (["--config_overrides", "symmetric_loss_weight"], "items must look like key=value"),
+        (["--config_overrides", "vision_config=1"], "'vision_config' is not an MQIRTNConfig field"),
     ],
 )
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
@@ -313,6 +316,19 @@ def test_parameter_groups_give_the_logit_scale_and_pretrained_towers_their_own_r
 
     reference = AutoModel.from_pretrained(args.text_model_name_or_path, add_pooling_layer=False)
     torch.testing.assert_close(model.text_model.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight)
+
+
+def test_config_overrides_reach_the_model_config():
+    args = train.parse_args(["--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "1",
+                             "--text_num_attention_heads", "2", "--image_size", "32", "--patch_size", "8",
+                             "--vision_hidden_size", "32", "--vision_num_attention_heads", "2", "--vision_num_hidden_layers", "1",
+                             "--projection_dim", "32",
+                             "--config_overrides", "symmetric_loss_weight=0,fusion_dropout=0.25,image_residual=false,conv_channels=4"])  # fmt: skip
+    assert args.config_overrides == {"symmetric_loss_weight": 0, "fusion_dropout": 0.25, "image_residual": False, "conv_channels": 4}
+    model, _, _ = train.build_model_and_processor(args)
+    config = model.config
+    assert (config.symmetric_loss_weight, config.fusion_dropout, config.image_residual, config.conv_channels) == (0, 0.25, False, 4)
+    assert model.image_residual is None and model.composition.conv_mapping.conv1.out_channels == 4
 
 
 # ------------------------------------------------------------------------------------------------ data plumbing
