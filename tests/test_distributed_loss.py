@@ -73,6 +73,8 @@ def worker(rank, port, result_file):
             results[loss_type] = {"loss": loss / WORLD_SIZE, "grads": [p.grad.clone() for p in parameters]}
         if rank == 0:
             torch.save(results, result_file)
+        # Both ranks leave together: a rank that tears gloo down while its peer is still in a collective aborts it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
