@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ALL_COMPOSITIONS, tiny_model, tiny_processor
+from conftest import ALL_COMPOSITIONS, BLOCK_OUR_PACKAGES, tiny_model, tiny_processor
 
 from modeling_mqirtn import MQIRTNModel
 
@@ -21,24 +21,19 @@ from modeling_mqirtn import MQIRTNModel
 CODE_FILES = {"configuration_mqirtn.py", "modeling_mqirtn.py", "fusion_mqirtn.py", "composition_mqirtn.py", "losses_mqirtn.py"}
 
 # Runs in the fresh process. Inputs are built there from plain data so nothing of ours is needed to make them.
+# The child first records whether our packages would be found, then blocks them (a Hub user without this repository).
 CHILD_SCRIPT = textwrap.dedent(
     '''
-    import importlib.abc, importlib.util, json, os, sys
+    import importlib.util
+    OUR_PACKAGES = ("modeling_mqirtn", "processing")
+    found = {name: importlib.util.find_spec(name) is not None for name in OUR_PACKAGES}
+    '''
+) + BLOCK_OUR_PACKAGES + textwrap.dedent(
+    '''
+    import json, os, sys
     import numpy as np
     import torch
     from PIL import Image
-
-    OUR_PACKAGES = ("modeling_mqirtn", "processing")
-    found = {name: importlib.util.find_spec(name) is not None for name in OUR_PACKAGES}
-
-    class Block(importlib.abc.MetaPathFinder):
-        """A Hub user without this repository: our packages cannot be imported (even if installed)."""
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in OUR_PACKAGES:
-                raise ModuleNotFoundError(f"No module named {name!r}")
-            return None
-
-    sys.meta_path.insert(0, Block())
     from transformers import AutoModel, AutoProcessor
 
     def make_inputs():
