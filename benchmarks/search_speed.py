@@ -12,9 +12,16 @@ What is measured, in one process and one run (so the ratios are meaningful on a 
   reported separately; IVF: nlist = 4 sqrt(N), nprobe 16; HNSW: M 32, efConstruction 80, efSearch 64).
 - queries/s = queries / best wall time of `--repeats` searches of all queries at once (top-10), after one warm-up;
   recall@10 = share of the exact top-10 each backend returns. Every figure is also given as a ratio vs exact.
+- IVF trains its k-means on a random sample of 64 vectors per list (`GalleryIndex` default `train_size`).
+
+Writes the table and the machine to `--output` (JSON; default benchmarks/results/search_speed_<N>.json).
 """
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -38,11 +45,24 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     parser.add_argument("--backends", nargs="+", default=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (default: results/search_speed_<N>.json)")
     args = parser.parse_args(argv)
     for name in ("gallery_size", "dim", "queries", "clusters", "top_k", "repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.output is None:
+        args.output = Path(__file__).resolve().parent / "results" / f"search_speed_{args.gallery_size}.json"
     return args
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def make_data(args):
@@ -69,10 +89,12 @@ def best_time(function, repeats):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    faiss_version = None
     try:
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
+        faiss_version = faiss.__version__
     except ImportError:
         args.backends = [b for b in args.backends if not b.startswith("faiss")]
         print("FAISS is not installed: measuring exact search only")
@@ -82,6 +104,7 @@ def main(argv=None):
         f"Gallery {args.gallery_size} x {args.dim} (float32, {args.clusters} clusters), {args.queries} queries, "
         f"top-{args.top_k}, {args.threads} threads, best of {args.repeats} after a warm-up; torch {torch.__version__}"
     )
+    started = time.perf_counter()
     rows = []
     exact_indices = None
     for backend in args.backends:
@@ -90,6 +113,7 @@ def main(argv=None):
         if backend != "exact":
             index.search(queries[:1], 1)  # builds the FAISS index
         build = time.perf_counter() - start
+        print(f"  {backend}: built in {build:.1f} s", flush=True)
         seconds, (_, indices) = best_time(lambda: index.search(queries, args.top_k), args.repeats)
         if backend == "exact":
             exact_indices = indices
@@ -97,15 +121,36 @@ def main(argv=None):
         if exact_indices is not None:
             hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(indices, exact_indices))
             recall = hits / exact_indices.numel()
-        rows.append((backend, build, args.queries / seconds, recall))
+        settings = {}
+        if backend == "faiss-ivf":
+            settings = {"nlist": index._faiss_index.nlist, "nprobe": index._faiss_index.nprobe}
+        elif backend == "faiss-hnsw":
+            hnsw = index._faiss_index.hnsw
+            settings = {"M": index.backend_options.get("hnsw_m", 32), "efConstruction": hnsw.efConstruction, "efSearch": hnsw.efSearch}
+        rows.append((backend, build, args.queries / seconds, recall, settings))
         del index
 
-    exact_qps = next((qps for backend, _, qps, _ in rows if backend == "exact"), None)
-    print(f"{'backend':<11} {'build s':>8} {'queries/s':>11} {'vs exact':>9} {'recall@' + str(args.top_k):>10}")
-    for backend, build, qps, recall in rows:
+    exact_qps = next((qps for backend, _, qps, _, _ in rows if backend == "exact"), None)
+    print(f"{'backend':<11} {'build s':>8} {'queries/s':>11} {'vs exact':>9} {'recall@' + str(args.top_k):>10}  settings")
+    for backend, build, qps, recall, settings in rows:
         ratio = f"{qps / exact_qps:8.2f}x" if exact_qps else "      n/a"
         recall_text = f"{recall:10.3f}" if recall is not None else "       n/a"
-        print(f"{backend:<11} {build:8.2f} {qps:11.0f} {ratio} {recall_text}")
+        print(f"{backend:<11} {build:8.2f} {qps:11.0f} {ratio} {recall_text}  {settings or ''}")
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/search_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {**machine(), "threads": args.threads, "faiss": faiss_version},
+        "gallery_size": args.gallery_size, "dim": args.dim, "queries": args.queries, "clusters": args.clusters,
+        "top_k": args.top_k, "repeats": args.repeats, "seconds": round(time.perf_counter() - started, 1),
+        "rows": [
+            {"backend": backend, "build_s": round(build, 3), "queries_per_s": round(qps, 1),
+             "ratio_vs_exact": round(qps / exact_qps, 3) if exact_qps else None, "recall_at_k": recall, "settings": settings}
+            for backend, build, qps, recall, settings in rows
+        ],
+    }  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {args.output}")
 
 
 if __name__ == "__main__":

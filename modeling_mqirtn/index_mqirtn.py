@@ -203,7 +203,14 @@ def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
         nlist = int(options.get("nlist") or max(1, min(int(4 * math.sqrt(count)), count // 39)))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
+        # k-means on every vector of a large gallery costs O(N * nlist) per iteration for no better lists: train on a
+        # fixed random sample of `train_size` vectors (default 64 per list, within FAISS's advised 39-256).
+        train_size = int(options.get("train_size") or 64 * nlist)
+        if train_size < count:
+            sample = np.random.default_rng(0).choice(count, size=max(train_size, 39 * nlist), replace=False)
+            index.train(vectors[np.sort(sample)])
+        else:
+            index.train(vectors)
         index.nprobe = int(options.get("nprobe") or min(nlist, 16))
     elif backend == "faiss-hnsw":
         index = faiss.IndexHNSWFlat(dim, int(options.get("hnsw_m") or 32), faiss.METRIC_INNER_PRODUCT)
@@ -225,6 +232,10 @@ class GalleryIndex:
     (safetensors + JSON, no pickle); search with `search(query_embeds, top_k)` (exact blocked matrix product by
     default, or FAISS: `backend="faiss-flat" | "faiss-ivf" | "faiss-hnsw"`). `check_model(model)` raises
     `ModelMismatchError` for a model with another `projection_dim` or other weights; the pipeline calls it.
+
+    `backend_options` tunes FAISS (saved with the index): `nlist` (IVF lists, default 4 sqrt(N)), `nprobe` (lists
+    searched, default 16), `train_size` (vectors IVF's k-means trains on, default 64 per list), `hnsw_m` (32),
+    `ef_construction` (80), `ef_search` (64).
 
     Items that cannot be read are skipped, listed in one warning and recorded in `skipped`.
     """

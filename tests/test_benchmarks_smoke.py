@@ -101,3 +101,21 @@ def test_memory_child_measures_the_gallery(speed):
     result = speed.memory_child("gallery", "tiny", 2, gallery_size=1000, dim=32)
     assert result["raw_bytes"] == 1000 * 32 * 4
     assert result["search_peak_bytes"] >= 0 and result["queries"] == 1000
+
+
+def test_search_speed_tiny_writes_json(tmp_path):
+    pytest.importorskip("faiss")
+    search_speed = _load("search_speed")
+    output = tmp_path / "search.json"
+    search_speed.main(
+        ["--gallery-size", "3000", "--dim", "16", "--queries", "20", "--clusters", "30", "--repeats", "1",
+         "--threads", "1", "--output", str(output)]
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert {"date", "command", "machine", "gallery_size", "rows"} <= set(report)
+    rows = {row["backend"]: row for row in report["rows"]}
+    assert set(rows) == {"exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"}
+    assert rows["exact"]["recall_at_k"] == 1.0 and rows["exact"]["ratio_vs_exact"] == 1.0
+    assert rows["faiss-flat"]["recall_at_k"] > 0.99  # exact too, up to float ties
+    assert rows["faiss-ivf"]["settings"]["nlist"] == min(int(4 * 3000**0.5), 3000 // 39)
+    assert all(row["queries_per_s"] > 0 and 0 <= row["recall_at_k"] <= 1 for row in rows.values())

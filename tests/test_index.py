@@ -168,6 +168,22 @@ def test_approximate_backends_recall_against_exact(backend, capsys):
     assert recall > 0.5  # reported, not asserted equal: approximate by design
 
 
+def test_ivf_trains_on_a_sample_of_a_large_gallery(monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    trained_on = []
+    original_train = faiss.IndexIVFFlat.train
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trained_on.append(len(x)) or original_train(self, x))
+    gallery = random_gallery(4000)
+    queries = random_gallery(50, seed=2)
+    _, exact = GalleryIndex(gallery, range(len(gallery))).search(queries, 10)
+    sampled = GalleryIndex(gallery, range(len(gallery)), backend="faiss-ivf", backend_options={"train_size": 2000})
+    _, approximate = sampled.search(queries, 10)
+    nlist = min(int(4 * 4000**0.5), 4000 // 39)
+    assert trained_on == [max(2000, 39 * nlist)] and sampled._faiss_index.ntotal == 4000  # trained on a sample, holds all
+    recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact)) / exact.numel()
+    assert recall > 0.5
+
+
 def test_missing_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
     index = GalleryIndex(random_gallery(50), range(50), backend="faiss-hnsw")
