@@ -9,7 +9,8 @@ What is measured, in one process and one run (so the ratios are meaningful on a 
   indexes look worse than they are); queries: noisy copies of random gallery vectors.
 - exact: `GalleryIndex.search` with backend "exact" (blocked `queries @ gallery.T` + top-k in torch).
 - faiss-flat / faiss-ivf / faiss-hnsw: the same `GalleryIndex` with those backends (index built once, build time
-  reported separately; IVF: nlist = 4 sqrt(N), nprobe 16; HNSW: M 32, efConstruction 80, efSearch 64).
+  reported separately; IVF: nlist = 4 sqrt(N), nprobe 16; HNSW: M 32, efConstruction 80, efSearch 64; `--ivf-nprobe` and
+  `--hnsw-ef-search` take several values and add one row each, searched on the same built index).
 - queries/s = queries / best wall time of `--repeats` searches of all queries at once (top-10), after one warm-up;
   recall@10 = share of the exact top-10 each backend returns. Every figure is also given as a ratio vs exact.
 - IVF trains its k-means on a random sample of 64 vectors per list (`GalleryIndex` default `train_size`).
@@ -45,10 +46,12 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     parser.add_argument("--backends", nargs="+", default=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ivf-nprobe", type=int, nargs="+", default=[16], help="IVF lists searched (one row each)")
+    parser.add_argument("--hnsw-ef-search", type=int, nargs="+", default=[64], help="HNSW efSearch (one row each)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: results/search_speed_<N>.json)")
     args = parser.parse_args(argv)
-    for name in ("gallery_size", "dim", "queries", "clusters", "top_k", "repeats", "threads"):
-        if getattr(args, name) < 1:
+    for name in ("gallery_size", "dim", "queries", "clusters", "top_k", "repeats", "threads", "ivf_nprobe", "hnsw_ef_search"):
+        if min(getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.output is None:
         args.output = Path(__file__).resolve().parent / "results" / f"search_speed_{args.gallery_size}.json"
@@ -114,20 +117,25 @@ def main(argv=None):
             index.search(queries[:1], 1)  # builds the FAISS index
         build = time.perf_counter() - start
         print(f"  {backend}: built in {build:.1f} s", flush=True)
-        seconds, (_, indices) = best_time(lambda: index.search(queries, args.top_k), args.repeats)
-        if backend == "exact":
-            exact_indices = indices
-        recall = None
-        if exact_indices is not None:
-            hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(indices, exact_indices))
-            recall = hits / exact_indices.numel()
-        settings = {}
-        if backend == "faiss-ivf":
-            settings = {"nlist": index._faiss_index.nlist, "nprobe": index._faiss_index.nprobe}
-        elif backend == "faiss-hnsw":
-            hnsw = index._faiss_index.hnsw
-            settings = {"M": index.backend_options.get("hnsw_m", 32), "efConstruction": hnsw.efConstruction, "efSearch": hnsw.efSearch}
-        rows.append((backend, build, args.queries / seconds, recall, settings))
+        # Search-time knobs, swept over the one built index: IVF's nprobe, HNSW's efSearch.
+        sweep = {"faiss-ivf": args.ivf_nprobe, "faiss-hnsw": args.hnsw_ef_search}.get(backend, [None])
+        for value in sweep:
+            settings = {}
+            if backend == "faiss-ivf":
+                index._faiss_index.nprobe = value
+                settings = {"nlist": index._faiss_index.nlist, "nprobe": value}
+            elif backend == "faiss-hnsw":
+                hnsw = index._faiss_index.hnsw
+                hnsw.efSearch = value
+                settings = {"M": index.backend_options.get("hnsw_m", 32), "efConstruction": hnsw.efConstruction, "efSearch": value}
+            seconds, (_, indices) = best_time(lambda: index.search(queries, args.top_k), args.repeats)
+            if backend == "exact":
+                exact_indices = indices
+            recall = None
+            if exact_indices is not None:
+                hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(indices, exact_indices))
+                recall = hits / exact_indices.numel()
+            rows.append((backend, build, args.queries / seconds, recall, settings))
         del index
 
     exact_qps = next((qps for backend, _, qps, _, _ in rows if backend == "exact"), None)

@@ -109,10 +109,13 @@ def test_search_speed_tiny_writes_json(tmp_path):
     output = tmp_path / "search.json"
     search_speed.main(
         ["--gallery-size", "3000", "--dim", "16", "--queries", "20", "--clusters", "30", "--repeats", "1",
-         "--threads", "1", "--output", str(output)]
+         "--threads", "1", "--hnsw-ef-search", "4", "64", "--output", str(output)]
     )  # fmt: skip
     report = json.loads(output.read_text())
     assert {"date", "command", "machine", "gallery_size", "rows"} <= set(report)
+    hnsw = [row for row in report["rows"] if row["backend"] == "faiss-hnsw"]
+    assert [row["settings"]["efSearch"] for row in hnsw] == [4, 64]  # one row per swept value, on one built index
+    assert hnsw[0]["recall_at_k"] <= hnsw[1]["recall_at_k"] and hnsw[0]["build_s"] == hnsw[1]["build_s"]
     rows = {row["backend"]: row for row in report["rows"]}
     assert set(rows) == {"exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"}
     assert rows["exact"]["recall_at_k"] == 1.0 and rows["exact"]["ratio_vs_exact"] == 1.0
