@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--config_overrides", default=None,
         help="Other MQIRTNConfig fields for a new model, as in run_mlm.py: "
-        "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'. They win over the flags above.",
+        "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'; lists in brackets: "
+        "'composition_weights_init=[1,0.1]'. They win over the flags above.",
     )
 
     train = parser.add_argument_group("training")
@@ -238,30 +239,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside [...] brackets: 'a=1,b=[1,2]' -> ['a=1', 'b=[1,2]']."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"--config_overrides: unbalanced ']' in {text!r}")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    if depth != 0:
+        raise ValueError(f"--config_overrides: unbalanced '[' in {text!r}")
+    return items + [current]
+
+
+def _override_value(raw: str):
+    """'true' -> True, '3' -> 3, '0.5' -> 0.5, '[1,0.1]' -> [1, 0.1], anything else -> the string."""
+    if raw.startswith("[") and raw.endswith("]"):
+        inner = raw[1:-1].strip()
+        return [_override_value(part.strip()) for part in _split_top_level(inner)] if inner else []
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def parse_config_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true,d=name' -> {"a": 1, "b": 0.5, "c": True, "d": "name"}; unknown fields are an error."""
+    """'a=1,b=0.5,c=true,d=name,e=[1,0.1]' -> {"a": 1, "b": 0.5, "c": True, "d": "name", "e": [1, 0.1]}.
+
+    List values (`composition_weights_init`, `logit_scale_bounds`) are written in brackets. Unknown fields are an error.
+    """
     if not text:
         return {}
     known = set(MQIRTNConfig.__annotations__) - {"vision_config", "text_config"}  # MQIRTN's own fields
     overrides = {}
-    for item in text.split(","):
+    for item in _split_top_level(text):
         key, sep, raw = (part.strip() for part in item.partition("="))
         if not sep or not key:
             raise ValueError(f"--config_overrides items must look like key=value, got {item!r}")
         if key not in known:
             raise ValueError(f"--config_overrides: {key!r} is not an MQIRTNConfig field; known: {sorted(known)}")
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        else:
-            try:
-                value = int(raw)
-            except ValueError:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = raw
-        overrides[key] = value
+        overrides[key] = _override_value(raw)
     return overrides
 
 

@@ -278,6 +278,8 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
         (["--config_overrides", "no_such_field=1"], "'no_such_field' is not an MQIRTNConfig field"),
         (["--config_overrides", "symmetric_loss_weight"], "items must look like key=value"),
         (["--config_overrides", "vision_config=1"], "'vision_config' is not an MQIRTNConfig field"),
+        (["--config_overrides", "composition_weights_init=[1,0.1"], "unbalanced '['"),
+        (["--config_overrides", "composition_weights_init=1,0.1]"], "unbalanced ']'"),
     ],
 )
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
@@ -323,11 +325,14 @@ def test_config_overrides_reach_the_model_config():
                              "--text_num_attention_heads", "2", "--image_size", "32", "--patch_size", "8",
                              "--vision_hidden_size", "32", "--vision_num_attention_heads", "2", "--vision_num_hidden_layers", "1",
                              "--projection_dim", "32",
-                             "--config_overrides", "symmetric_loss_weight=0,fusion_dropout=0.25,image_residual=false,conv_channels=4"])  # fmt: skip
-    assert args.config_overrides == {"symmetric_loss_weight": 0, "fusion_dropout": 0.25, "image_residual": False, "conv_channels": 4}
+                             "--config_overrides", "symmetric_loss_weight=0,fusion_dropout=0.25,image_residual=false,conv_channels=4,"
+                             "composition_weights_init=[1, 0.1],logit_scale_bounds=[2,50]"])  # fmt: skip
+    assert args.config_overrides == {"symmetric_loss_weight": 0, "fusion_dropout": 0.25, "image_residual": False, "conv_channels": 4,
+                                     "composition_weights_init": [1, 0.1], "logit_scale_bounds": [2, 50]}  # fmt: skip
     model, _, _ = train.build_model_and_processor(args)
     config = model.config
     assert (config.symmetric_loss_weight, config.fusion_dropout, config.image_residual, config.conv_channels) == (0, 0.25, False, 4)
+    assert list(config.composition_weights_init) == [1, 0.1] and list(config.logit_scale_bounds) == [2, 50]
     assert model.image_residual is None and model.composition.conv_mapping.conv1.out_channels == 4
 
 
