@@ -30,6 +30,7 @@ COMPOSITIONS = {
     "text_only": {"fusion": False, "complex": False, "reconstruction": False},
 }
 LOSS_TYPES = ("batch_based_classification", "soft_triplet")
+FUSION_POOLINGS = ("cls", "mean")
 
 
 @strict
@@ -52,6 +53,8 @@ class MQIRTNConfig(PreTrainedConfig):
         Width of the fusion feed-forward blocks; defaults to `4 * projection_dim`.
     fusion_dropout (`float`, *optional*, defaults to 0.0):
         Dropout inside the fusion layers.
+    fusion_pooling (`str`, *optional*, defaults to `"cls"`):
+        How the fused image tokens become one vector: `"cls"` (the CLS slot) or `"mean"` (mean over all image tokens).
     composition (`str`, *optional*, defaults to `"mqirtn"`):
         One of `"mqirtn"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`, `"text_only"`.
     image_residual (`bool`, *optional*, defaults to `True`):
@@ -98,6 +101,7 @@ class MQIRTNConfig(PreTrainedConfig):
     fusion_num_heads: int = 8
     fusion_intermediate_size: int | None = None
     fusion_dropout: float | int = 0.0
+    fusion_pooling: str = "cls"
     composition: str = "mqirtn"
     image_residual: bool = True
     conv_channels: int = 16
@@ -132,6 +136,8 @@ class MQIRTNConfig(PreTrainedConfig):
             raise ValueError(f"`projection_dim` must be at least 4 (the convolutional mapping pools to d/4), got {self.projection_dim}")
         if self.fusion_intermediate_size is not None and self.fusion_intermediate_size < 1:
             raise ValueError(f"`fusion_intermediate_size` must be a positive integer or None, got {self.fusion_intermediate_size}")
+        if self.fusion_pooling not in FUSION_POOLINGS:
+            raise ValueError(f"`fusion_pooling` must be one of {list(FUSION_POOLINGS)}, got {self.fusion_pooling!r}")
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ValueError(f"`fusion_dropout` must be in [0, 1), got {self.fusion_dropout}")
         for name in (

@@ -100,13 +100,14 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 class MQIRTNFusion(nn.Module):
     """Projects image tokens (B, 1+P, dv) and text tokens (B, L, dt) to width d and fuses them.
 
-    Returns the pooled fused image embedding (image CLS slot, (B, d)), the pooled fused text embedding (masked mean,
-    (B, d)) and, when asked, per layer the image-queries-text attention weights (B, heads, 1+P, L) and the
+    Returns the pooled fused image embedding (image CLS slot, or the mean of all image tokens with `pooling="mean"`;
+    (B, d)), the pooled fused text embedding (masked mean, (B, d)) and, when asked, per layer the image-queries-text attention weights (B, heads, 1+P, L) and the
     text-queries-image weights (B, heads, L, 1+P).
     """
 
-    def __init__(self, vision_width, text_width, hidden_size, num_layers, num_heads, intermediate_size, dropout=0.0):
+    def __init__(self, vision_width, text_width, hidden_size, num_layers, num_heads, intermediate_size, dropout=0.0, pooling="cls"):
         super().__init__()
+        self.pooling = pooling
         self.image_input = nn.Linear(vision_width, hidden_size)
         self.text_input = nn.Linear(text_width, hidden_size)
         self.layers = nn.ModuleList(
@@ -125,7 +126,8 @@ class MQIRTNFusion(nn.Module):
             )
             image_attentions.append(text_to_image)
             text_attentions.append(image_to_text)
-        fused_image = self.image_output_norm(image_tokens[:, 0])
+        pooled_image = image_tokens[:, 0] if self.pooling == "cls" else image_tokens.mean(dim=1)
+        fused_image = self.image_output_norm(pooled_image)
         fused_text = self.text_output_norm(masked_mean(text_tokens, text_mask))
         if not output_attentions:
             return fused_image, fused_text, None, None

@@ -150,6 +150,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
                 config.fusion_num_heads,
                 config.fusion_intermediate_size or 4 * dim,
                 config.fusion_dropout,
+                config.fusion_pooling,
             )
         self.composition = build_composition(config.composition, dim, config.conv_channels, config.composition_weights_init)
         self.image_residual = (

@@ -109,6 +109,7 @@ def _raises_naming(overrides: dict, *fragments: str):
         ({"num_fusion_layers": -1}, ["`num_fusion_layers`", "got -1", ">= 0"]),
         ({"fusion_intermediate_size": 0}, ["`fusion_intermediate_size`", "got 0"]),
         ({"fusion_dropout": 1.0}, ["`fusion_dropout`", "got 1.0", "[0, 1)"]),
+        ({"fusion_pooling": "max"}, ["`fusion_pooling`", "'max'", "cls", "mean"]),
         ({"fusion_dropout": -0.1}, ["`fusion_dropout`", "got -0.1"]),
         ({"base_loss_weight": -1.0}, ["`base_loss_weight`", "got -1.0", ">= 0"]),
         ({"reconstruction_image_loss_weight": -0.1}, ["`reconstruction_image_loss_weight`", "got -0.1"]),

@@ -375,6 +375,34 @@ def test_fusion_off_when_zero_layers_and_for_non_fusion_variants():
     assert tiny_model("mqirtn", image_residual=False).image_residual is None
 
 
+def test_fusion_pooling_mean_pools_every_fused_image_token():
+    batch = random_batch(3)
+    cls_model = tiny_model("mqirtn").eval()
+    mean_model = tiny_model("mqirtn", fusion_pooling="mean").eval()
+    assert mean_model.config.fusion_pooling == "mean" and cls_model.config.fusion_pooling == "cls"
+    mean_model.load_state_dict(cls_model.state_dict())  # same weights: only the pooling differs
+    captured = {}
+    last_layer = mean_model.fusion.layers[-1]
+
+    def keep_image_tokens(module, args, output):
+        captured.setdefault("image_tokens", output[0])  # returns None: the output is left as it is
+
+    handle = last_layer.register_forward_hook(keep_image_tokens)
+    with torch.no_grad():
+        mean_query = mean_model(**batch).query_embeds
+        cls_query = cls_model(**batch).query_embeds
+    handle.remove()
+    assert not torch.allclose(mean_query, cls_query, atol=1e-4)
+    tokens = captured["image_tokens"]  # (B, 1 + patches, d) after the last fusion layer
+    with torch.no_grad():
+        expected = mean_model.fusion.image_output_norm(tokens.mean(dim=1))
+        fused_image, _, _, _ = mean_model.fusion(
+            mean_model._image_tokens(batch["pixel_values"]), mean_model._text_tokens(batch["input_ids"], batch["attention_mask"]),
+            batch["attention_mask"],
+        )
+    torch.testing.assert_close(fused_image, expected)
+
+
 def test_image_residual_starts_query_at_reference():
     """DESIGN 1.4: the MQIRTN query has an identity path to phi(x); turning it off changes the query."""
     batch = random_batch(4)
