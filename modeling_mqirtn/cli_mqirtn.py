@@ -6,8 +6,10 @@
                   [--grid results.png] [--attention attention.png] [--target ID] [--model DIR_OR_ID]
 
 The index remembers its model, so `search` needs no `--model` (give one to search with another copy of the same
-checkpoint; a different checkpoint is refused). Under `accelerate launch`/`torchrun` with several processes,
-`index` embeds one shard of the folder per process and the main process writes the merged index.
+checkpoint; a different checkpoint is refused). With a faiss-* backend, `index` builds the FAISS index and saves
+it in the index folder, so each `search` reads it instead of re-training/rebuilding it. Under `accelerate launch` /
+`torchrun` with several processes, `index` embeds one shard of the folder per process and the main process writes
+the merged index.
 Errors are one line on stderr and exit status 1 (2 for bad command-line usage); no traceback.
 """
 
@@ -108,14 +110,20 @@ def _index(args) -> int:
         accelerator=accelerator,
         progress=not args.no_progress,
     )
-    if accelerator is None or accelerator.is_main_process:
-        index.save(args.out)
-        skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
-        processes = f", embedded by {accelerator.num_processes} processes" if accelerator is not None else ""
-        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped}{processes})")
+    is_main_process, processes = True, ""
     if accelerator is not None:
+        # Every process holds the merged index now. Release the others before the main process builds the FAISS index
+        # and writes: a long IVF/HNSW build (minutes at millions of images) must not keep them in a barrier that can
+        # time out, and a failed write must not leave them waiting.
+        is_main_process, processes = accelerator.is_main_process, f", embedded by {accelerator.num_processes} processes"
         accelerator.wait_for_everyone()
         accelerator.end_training()
+    if is_main_process:
+        if index.backend != "exact" and not args.no_progress:
+            print(f"Building the {index.backend} index over {len(index)} images...", file=sys.stderr, flush=True)
+        index.save(args.out)  # with a faiss-* backend, builds the FAISS index and saves it with the embeddings
+        skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
+        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped}{processes})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`GalleryIndex`: embeds a gallery with an MQIRTN model, stores it (safetensors + JSON) and searches it.
 
 Not Hub code (the model never imports it): it may use tqdm, safetensors and, lazily, `datasets`, `accelerate` and
-`faiss`. The pipeline only duck-types it (`search`, `ids`, `check_model`).
+`faiss`. The pipeline only duck-types it (`search`, `ids`, `check_model`). `save` writes the embeddings and ids
+(safetensors + JSON) and, for the faiss-* backends, the built FAISS index (`faiss.index`), which `load` reads back.
 
 >>> index = GalleryIndex.from_folder(model, processor, "catalogue/")              # doctest: +SKIP
 >>> index.save("catalogue.index")                                                 # doctest: +SKIP
@@ -36,6 +37,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 INDEX_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+# FAISS's own serialisation (`faiss.write_index`), written by `save` for the faiss-* backends; `index.json` records
+# what it was built from (its "faiss" entry) so `load` can tell a stale file.
+FAISS_FILE = "faiss.index"
 FORMAT_VERSION = 1
 # Errors PIL raises for files that are not (complete, sane) images.
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -192,10 +196,19 @@ def _import_faiss(backend: str):
     return faiss
 
 
+def _apply_search_options(index, backend: str, options: dict) -> None:
+    """Sets the search-time knobs (`nprobe`, `ef_search`) from `options`, on a built or a read FAISS index."""
+    if backend == "faiss-ivf":
+        index.nprobe = int(options.get("nprobe") or min(index.nlist, 16))
+    elif backend == "faiss-hnsw":
+        index.hnsw.efSearch = int(options.get("ef_search") or 64)
+
+
 def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
     faiss = _import_faiss(backend)
     vectors = np.ascontiguousarray(embeddings.float().numpy())
     count, dim = vectors.shape
+    logger.info(f"Building the {backend} index over {count} vectors")
     if backend == "faiss-flat":
         index = faiss.IndexFlatIP(dim)
     elif backend == "faiss-ivf":
@@ -211,14 +224,72 @@ def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
             index.train(vectors[np.sort(sample)])
         else:
             index.train(vectors)
-        index.nprobe = int(options.get("nprobe") or min(nlist, 16))
     elif backend == "faiss-hnsw":
         index = faiss.IndexHNSWFlat(dim, int(options.get("hnsw_m") or 32), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(options.get("ef_construction") or 80)
-        index.hnsw.efSearch = int(options.get("ef_search") or 64)
     else:
         raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+    _apply_search_options(index, backend, options)
     index.add(vectors)
+    return index
+
+
+def _faiss_record(backend: str, options: dict, count: int, dim: int) -> dict:
+    """What a saved FAISS file was built from; `load` reads the file only when this matches the index it loads."""
+    return {"file": FAISS_FILE, "backend": backend, "backend_options": options, "ntotal": count, "dim": dim}
+
+
+def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count: int, dim: int):
+    """The FAISS index saved in `directory`, or None (with a warning) when it is missing, unreadable or stale.
+
+    Returns None silently when FAISS is not installed: `search` then raises the usual "needs FAISS" ImportError.
+    """
+    record = meta.get("faiss")
+    if not isinstance(record, dict):
+        logger.warning(
+            f"{str(directory)!r} holds no saved {backend} index (saved without one, or by an older version); it will "
+            "be built at the first search: save the index again to keep it"
+        )
+        return None
+    expected = _faiss_record(backend, options, count, dim)
+    differing = sorted(key for key in expected if record.get(key) != expected[key])
+    if differing:
+        logger.warning(
+            f"The saved FAISS index in {str(directory)!r} is stale (recorded "
+            f"{', '.join(f'{k}={record.get(k)!r}, expected {expected[k]!r}' for k in differing)}); it will be rebuilt "
+            "at the first search"
+        )
+        return None
+    path = directory / FAISS_FILE
+    if not path.is_file():
+        logger.warning(f"The saved FAISS index {str(path)!r} is missing; it will be rebuilt at the first search")
+        return None
+    try:
+        import faiss
+    except ImportError:
+        return None
+    kinds = {"faiss-flat": faiss.IndexFlat, "faiss-ivf": faiss.IndexIVFFlat, "faiss-hnsw": faiss.IndexHNSWFlat}
+    try:
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, OSError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.warning(
+            f"Could not read the saved FAISS index {str(path)!r} ({first_line}); it will be rebuilt at the first search"
+        )
+        return None
+    if (
+        not isinstance(index, kinds[backend])
+        or index.metric_type != faiss.METRIC_INNER_PRODUCT
+        or index.ntotal != count
+        or index.d != dim
+    ):
+        logger.warning(
+            f"The saved FAISS index {str(path)!r} does not match the gallery (a {type(index).__name__} of "
+            f"{index.ntotal} x {index.d}, expected a {backend} index of {count} x {dim}); it will be rebuilt at the "
+            "first search"
+        )
+        return None
+    _apply_search_options(index, backend, options)
     return index
 
 
@@ -232,6 +303,11 @@ class GalleryIndex:
     (safetensors + JSON, no pickle); search with `search(query_embeds, top_k)` (exact blocked matrix product by
     default, or FAISS: `backend="faiss-flat" | "faiss-ivf" | "faiss-hnsw"`). `check_model(model)` raises
     `ModelMismatchError` for a model with another `projection_dim` or other weights; the pipeline calls it.
+
+    A FAISS index is built at the first search (or by `save`, whichever comes first) and rebuilt after `add`. `save`
+    writes it too (`faiss.index`, FAISS's own format) and `load` reads it back, so a loaded IVF/HNSW index searches
+    at once, without re-training or rebuilding; a saved FAISS file that is missing, unreadable or stale (built for
+    other vectors or options) is ignored with a warning and rebuilt at the first search.
 
     `backend_options` tunes FAISS (saved with the index): `nlist` (IVF lists, default 4 sqrt(N)), `nprobe` (lists
     searched, default 16), `train_size` (vectors IVF's k-means trains on, default 64 per list), `hnsw_m` (32),
@@ -466,17 +542,36 @@ class GalleryIndex:
             return exact_search(query_embeds, self.embeddings, top_k, block_size=block_size)
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        faiss_index = self._get_faiss_index()
+        scores, indices = faiss_index.search(np.ascontiguousarray(query_embeds.numpy()), min(top_k, len(self)))
+        return torch.from_numpy(scores), torch.from_numpy(indices)
+
+    def _get_faiss_index(self):
+        """The FAISS index of a faiss-* backend, built now if it was not yet (or was invalidated by `add`)."""
         if self._faiss_index is None:
             self._faiss_index = _build_faiss(self.backend, self.embeddings, self.backend_options)
-        scores, indices = self._faiss_index.search(np.ascontiguousarray(query_embeds.numpy()), min(top_k, len(self)))
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+        return self._faiss_index
 
     # ------------------------------------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes `embeddings.safetensors` and `index.json` (ids, model identity, backend, root) into `directory`."""
+        """Writes `embeddings.safetensors` and `index.json` (ids, model identity, backend, root) into `directory`.
+
+        With a faiss-* backend, also `faiss.index` (`faiss.write_index`), building the FAISS index first if no search
+        built it yet (raises `ImportError` without FAISS); `index.json` records what it was built from.
+        """
         directory = Path(directory)
+        faiss_index = self._get_faiss_index() if self.backend != "exact" and len(self) else None
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": self.embeddings}, str(directory / EMBEDDINGS_FILE))
+        faiss_path = directory / FAISS_FILE
+        if faiss_index is not None:
+            faiss = _import_faiss(self.backend)
+            # Written aside and renamed, so an interrupted save never leaves a half-written file under the real name.
+            partial = directory / f"{FAISS_FILE}.partial"
+            faiss.write_index(faiss_index, str(partial))
+            os.replace(partial, faiss_path)
+        elif faiss_path.is_file():
+            faiss_path.unlink()  # left by an earlier save with a FAISS backend: it no longer matches this index
         meta = {
             "format_version": FORMAT_VERSION,
             "size": len(self),
@@ -487,6 +582,10 @@ class GalleryIndex:
             "backend_options": self.backend_options,
             "root": self.root,
             "skipped": self.skipped,
+            "faiss": (
+                None if faiss_index is None
+                else _faiss_record(self.backend, self.backend_options, int(faiss_index.ntotal), int(faiss_index.d))
+            ),
             "ids": self.ids,
         }
         (directory / INDEX_FILE).write_text(json.dumps(meta, indent=1))
@@ -499,6 +598,10 @@ class GalleryIndex:
         """Reads an index written by `save`. With `model`, checks it is the model the index was built with.
 
         backend (`str`, *optional*): override the stored search backend.
+
+        The saved FAISS index (faiss-* backends) is read when it matches the gallery (same backend, options, vector
+        count and dimension), so the first search neither re-trains nor rebuilds it; otherwise a warning says it will
+        be rebuilt at the first search. FAISS is imported only then: without it, exact search still works.
         """
         directory = Path(directory)
         meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
@@ -524,6 +627,16 @@ class GalleryIndex:
             processor=processor,
         )
         index.skipped = list(meta.get("skipped", []))
+        if index.backend != "exact" and len(index):
+            if index.backend == meta["backend"]:
+                index._faiss_index = _read_faiss(
+                    directory, meta, index.backend, index.backend_options, len(index), index.projection_dim
+                )
+            else:
+                logger.info(
+                    f"Searching with {index.backend!r} instead of the saved {meta['backend']!r}: its FAISS index is "
+                    "built at the first search"
+                )
         if model is not None:
             index.check_model(model)
             index.model = model

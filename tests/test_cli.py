@@ -146,3 +146,33 @@ def test_console_script_subprocess_exit_status(workspace, built_index):
     completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("mqirtn search: error: this gallery index was built")
+
+
+def test_faiss_index_is_built_by_index_and_read_by_each_search(workspace, monkeypatch, capsys):
+    """`index --backend faiss-ivf` saves the trained FAISS index; `search` (one process per query) reads it."""
+    from modeling_mqirtn import index_mqirtn
+
+    root = workspace["root"]
+    builds = []
+    original = index_mqirtn._build_faiss
+    monkeypatch.setattr(index_mqirtn, "_build_faiss", lambda backend, *a: builds.append(backend) or original(backend, *a))
+    capsys.readouterr()
+    code = main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "ivf"),
+                 "--backend", "faiss-ivf", "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and builds == ["faiss-ivf"]
+    assert out.strip() == f"Indexed 8 images from {root / 'images'} into {root / 'ivf'} (backend faiss-ivf, skipped 1 unreadable file(s))"
+    assert (root / "ivf" / "faiss.index").is_file()
+    assert json.loads((root / "ivf" / "index.json").read_text())["faiss"]["ntotal"] == 8
+
+    query = str(workspace["paths"][1])
+    code = main(["search", "--index", str(root / "ivf"), "--image", query, "--text", "make it red", "--top-k", "3",
+                 "--json"])  # fmt: skip
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0 and builds == ["faiss-ivf"]  # the search read the saved index: no k-means, no rebuild
+    index = GalleryIndex.load(root / "ivf", model=workspace["model"], backend="exact")
+    from transformers import pipeline
+
+    pipe = pipeline("composed-image-retrieval", model=workspace["model"], processor=workspace["processor"])
+    expected = pipe(image=query, text="make it red", gallery=index, top_k=3)
+    assert [r["id"] for r in results] == [r["id"] for r in expected]  # 8 vectors in 1 list: IVF is exact here

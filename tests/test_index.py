@@ -194,7 +194,8 @@ def test_missing_faiss_is_a_clear_error(monkeypatch):
 
 
 def test_two_rank_sharded_embedding_equals_single_process(model, processor, tmp_path):
-    """`mqirtn index` under torchrun with 2 gloo CPU ranks: each rank embeds a shard, rank 0 writes the merged index."""
+    """`mqirtn index` under torchrun with 2 gloo CPU ranks: each rank embeds a shard, rank 0 writes the merged index
+    (and builds + saves its FAISS index)."""
     folder = save_for_hub(model, processor, tmp_path / "model")
     images = tmp_path / "images"
     write_image_folder(images, 9)  # odd: uneven shards
@@ -204,7 +205,7 @@ def test_two_rank_sharded_embedding_equals_single_process(model, processor, tmp_
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "modeling_mqirtn.cli_mqirtn", "index", "--model", str(folder), "--images", str(images),
-        "--out", str(tmp_path / "sharded"), "--batch-size", "2", "--no-progress",
+        "--out", str(tmp_path / "sharded"), "--batch-size", "2", "--no-progress", "--backend", "faiss-flat",
     ]  # fmt: skip
     completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -213,4 +214,131 @@ def test_two_rank_sharded_embedding_equals_single_process(model, processor, tmp_
     sharded = GalleryIndex.load(tmp_path / "sharded")
     single = GalleryIndex.from_folder(model, processor, images, batch_size=4, progress=False)
     assert sharded.ids == single.ids and len(sharded.skipped) == 1
+    assert sharded._faiss_index is not None and sharded._faiss_index.ntotal == 9  # the saved FAISS index, read back
+    assert not (tmp_path / "sharded" / "faiss.index.partial").exists()
     torch.testing.assert_close(sharded.embeddings, single.embeddings, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- saved FAISS
+def record_builds(monkeypatch):
+    """Records the backend of every FAISS build (`_build_faiss` call) and the size of every IVF k-means training."""
+    faiss = pytest.importorskip("faiss")
+    builds, trainings = [], []
+    original_build, original_train = index_mqirtn._build_faiss, faiss.IndexIVFFlat.train
+    monkeypatch.setattr(index_mqirtn, "_build_faiss", lambda backend, *a: builds.append(backend) or original_build(backend, *a))
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trainings.append(len(x)) or original_train(self, x))
+    return builds, trainings
+
+
+@pytest.mark.parametrize(
+    "backend, options, knob",
+    [("faiss-ivf", {"nprobe": 3}, lambda i: i.nprobe == 3), ("faiss-hnsw", {"ef_search": 20}, lambda i: i.hnsw.efSearch == 20),
+     ("faiss-flat", {}, lambda i: True)],
+    ids=["faiss-ivf", "faiss-hnsw", "faiss-flat"],
+)  # fmt: skip
+def test_faiss_index_is_saved_and_loaded_without_rebuilding(backend, options, knob, monkeypatch, tmp_path):
+    builds, trainings = record_builds(monkeypatch)
+    gallery, queries = random_gallery(), random_gallery(50, seed=4)
+    index = GalleryIndex(gallery, [f"id{i}" for i in range(len(gallery))], backend=backend, backend_options=options)
+    index.save(tmp_path / "index")  # builds the FAISS index: no search has yet
+    assert builds == [backend] and len(trainings) == (backend == "faiss-ivf")
+    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "faiss.index", "index.json"]
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert meta["faiss"] == {"file": "faiss.index", "backend": backend, "backend_options": options, "ntotal": 2000, "dim": 32}
+    expected = index.search(queries, 10)
+    assert builds == [backend]  # the save's build serves the search
+
+    with CaptureLogger(index_mqirtn.logger) as captured:
+        loaded = GalleryIndex.load(tmp_path / "index")
+    assert captured.out == "" and loaded._faiss_index is not None and knob(loaded._faiss_index)
+    assert loaded._faiss_index.ntotal == 2000
+    for a, b in zip(loaded.search(queries, 10), expected):
+        assert torch.equal(a, b)
+    assert builds == [backend] and len(trainings) == (backend == "faiss-ivf")  # nothing re-trained or rebuilt
+    loaded.save(tmp_path / "copy")  # saving a loaded index writes the read FAISS index as it is
+    assert builds == [backend]
+    for a, b in zip(GalleryIndex.load(tmp_path / "copy").search(queries, 10), expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["count", "options", "no_record", "missing", "garbage", "other_vectors"])
+def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypatch, tmp_path):
+    builds, _ = record_builds(monkeypatch)
+    gallery, queries = random_gallery(), random_gallery(50, seed=4)
+    index = GalleryIndex(gallery, range(len(gallery)), backend="faiss-ivf")
+    index.save(tmp_path / "index")
+    expected = index.search(queries, 10)
+    meta_path, faiss_path = tmp_path / "index" / "index.json", tmp_path / "index" / "faiss.index"
+    meta = json.loads(meta_path.read_text())
+    if damage == "count":
+        meta["faiss"]["ntotal"] = 1999
+    elif damage == "options":
+        meta["backend_options"] = {"nprobe": 2}  # edited by hand after the save: the file was built for {}
+    elif damage == "no_record":
+        del meta["faiss"]  # as written before FAISS indexes were saved
+    elif damage == "missing":
+        faiss_path.unlink()
+    elif damage == "garbage":
+        faiss_path.write_bytes(b"this is not a FAISS index" * 10)
+    elif damage == "other_vectors":  # a valid FAISS file of another gallery, the JSON untouched
+        GalleryIndex(gallery[:500], range(500), backend="faiss-ivf").save(tmp_path / "small")
+        faiss_path.write_bytes((tmp_path / "small" / "faiss.index").read_bytes())
+    meta_path.write_text(json.dumps(meta))
+    builds.clear()
+
+    with CaptureLogger(index_mqirtn.logger) as captured:
+        loaded = GalleryIndex.load(tmp_path / "index")  # never fatal
+    assert "it will be rebuilt at the first search" in captured.out or "it will be built at the first search" in captured.out
+    assert {"count": "ntotal=1999, expected 2000", "options": "backend_options", "no_record": "holds no saved faiss-ivf index",
+            "missing": "is missing", "garbage": "Could not read", "other_vectors": "IndexIVFFlat of 500 x 32"}[damage] in captured.out  # fmt: skip
+    assert loaded._faiss_index is None and builds == []
+    scores, indices = loaded.search(queries, 10)
+    assert builds == ["faiss-ivf"]  # rebuilt lazily, as for an index that was never saved
+    if damage == "options":
+        assert loaded._faiss_index.nprobe == 2
+    else:
+        assert torch.equal(indices, expected[1])
+        torch.testing.assert_close(scores, expected[0])
+    loaded.save(tmp_path / "index")  # saving again repairs the folder
+    with CaptureLogger(index_mqirtn.logger) as captured:
+        assert GalleryIndex.load(tmp_path / "index")._faiss_index is not None and captured.out == ""
+
+
+def test_exact_save_writes_no_faiss_file_and_drops_a_stale_one(tmp_path):
+    gallery = random_gallery(300)
+    GalleryIndex(gallery, range(300), backend="faiss-hnsw").save(tmp_path / "index")
+    assert (tmp_path / "index" / "faiss.index").is_file()
+    GalleryIndex(gallery, range(300)).save(tmp_path / "index")  # exact, into the same folder
+    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json"]
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["faiss"] is None
+    with CaptureLogger(index_mqirtn.logger) as captured:
+        loaded = GalleryIndex.load(tmp_path / "index")
+    assert captured.out == "" and loaded._faiss_index is None and loaded.backend == "exact"
+
+
+def test_add_then_save_persists_the_new_vectors(monkeypatch, tmp_path):
+    builds, _ = record_builds(monkeypatch)
+    gallery, extra = random_gallery(1000), random_gallery(200, seed=5)
+    GalleryIndex(gallery, range(1000), backend="faiss-ivf").save(tmp_path / "index")
+    loaded = GalleryIndex.load(tmp_path / "index")
+    loaded.add_embeddings(extra, [f"new{i}" for i in range(200)])  # what `add` calls after embedding
+    assert loaded._faiss_index is None  # invalidated: the read index lacks the new vectors
+    loaded.save(tmp_path / "index")
+    assert builds == ["faiss-ivf", "faiss-ivf"]
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["faiss"]["ntotal"] == 1200
+    reloaded = GalleryIndex.load(tmp_path / "index")
+    assert reloaded._faiss_index.ntotal == 1200 and len(builds) == 2
+    _, indices = reloaded.search(extra, 1)
+    assert indices[:, 0].tolist() == list(range(1000, 1200))  # each new vector finds itself
+    assert len(builds) == 2
+
+
+def test_saved_faiss_index_loads_without_faiss_installed(monkeypatch, tmp_path):
+    GalleryIndex(random_gallery(300), range(300), backend="faiss-hnsw").save(tmp_path / "index")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    queries = random_gallery(3, seed=6)
+    exact = GalleryIndex.load(tmp_path / "index", backend="exact")
+    assert exact.search(queries, 5)[1].shape == (3, 5)
+    loaded = GalleryIndex.load(tmp_path / "index")  # loads; only a FAISS search needs FAISS
+    with pytest.raises(ImportError, match="'faiss-hnsw' backend needs FAISS"):
+        loaded.search(queries, 5)
