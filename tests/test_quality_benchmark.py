@@ -77,3 +77,13 @@ def test_quality_benchmark_tiny_budget_writes_table_chart_and_resumes(quality, t
 def test_unknown_variant_is_an_error(quality):
     with pytest.raises(SystemExit):
         quality.main(["--variants", "mqirtn,not_a_variant", "--dry_run"])
+
+
+def test_every_run_shares_the_benchmark_learning_rate_unless_overridden(quality):
+    args, _ = quality.parse_args([])
+    assert args.shared_train_args[-2:] == ["--learning_rate", quality.DEFAULT_LEARNING_RATE]
+    command = quality.train_command(args, quality.ROW_BY_NAME["tirg"], 0, quality.REPO_ROOT / "x")
+    assert command.count("--learning_rate") == 1 and command[command.index("--learning_rate") + 1] == quality.DEFAULT_LEARNING_RATE
+    overridden, _ = quality.parse_args(["--", "--learning_rate", "1e-3"])
+    assert overridden.shared_train_args.count("--learning_rate") == 1 and overridden.shared_train_args[-1] == "1e-3"
+    assert quality.settings_hash(overridden) != quality.settings_hash(args)  # runs of the two settings never mix
