@@ -21,8 +21,6 @@ Writes the table and the machine to `--output` (JSON; default benchmarks/results
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine_info import machine  # noqa: E402
 from modeling_mqirtn.index_mqirtn import GalleryIndex  # noqa: E402
 
 
@@ -56,16 +55,6 @@ def parse_args(argv=None):
     if args.output is None:
         args.output = Path(__file__).resolve().parent / "results" / f"search_speed_{args.gallery_size}.json"
     return args
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def make_data(args):

@@ -32,7 +32,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from torch.nn import functional as F  # noqa: E402
 from transformers import BertConfig, ViTConfig  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
+from benchmarks.machine_info import machine as machine_info  # noqa: E402
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # noqa: E402
 from modeling_mqirtn.fusion_mqirtn import masked_mean  # noqa: E402
 from modeling_mqirtn.losses_mqirtn import MQIRTNSoftTripletLoss  # noqa: E402
@@ -648,14 +648,7 @@ def parse_args(argv=None):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return {**machine_info(), "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
 
 
 def main(argv=None):
