@@ -1,27 +1,98 @@
 """Composition of an image embedding and a text embedding into a query embedding (MQIRTN section 1.4, 1.7).
 
-Every module here maps an image embedding (B, d) and a text embedding (B, d) to a query embedding (B, d).
+Every composition module maps an image embedding (B, d) and a text embedding (B, d) to a query embedding (B, d)
+and, for the rotations in complex space, the angles delta (B, d): `forward(image, text, sign) -> (query, angles)`.
+
+The baselines (`composeae`, `realspace_concat`, `tirg`) follow their published code: BatchNorm, Dropout, ReLU and
+PyTorch's default initialisation (modules built by `torch_default_init`, which `MQIRTNPreTrainedModel._init_weights`
+leaves at PyTorch's defaults instead of the 0.02-std normal of new transformers layers). MQIRTN's own layers keep
+the transformers initialisation, except its angle map (see `MQIRTNAngleMap`).
 """
+
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
-class MQIRTNMLP(nn.Module):
-    """Linear -> GELU -> Linear."""
+def torch_default_init(module: nn.Module) -> nn.Module:
+    """Marks every Linear/Conv1d inside `module` to keep PyTorch's default initialisation (returns `module`)."""
+    for child in module.modules():
+        if isinstance(child, (nn.Linear, nn.Conv1d)):
+            child._mqirtn_torch_default_init = True
+    return module
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+
+def reset_torch_default(module: nn.Module, init) -> None:
+    """PyTorch's own `reset_parameters` of a Linear/Conv1d, through transformers' guarded `init` functions (so
+    weights loaded from a checkpoint are never overwritten)."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in = module.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        init.uniform_(module.bias, -bound, bound)
+
+
+class MQIRTNMLP(nn.Module):
+    """Linear -> GELU -> Linear (-> Dropout): MQIRTN's mappings, decoders and the fusion feed-forward blocks."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, out_features)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+def batchnorm_mlp(
+    in_features: int, hidden_features: int, out_features: int, relu_first: bool = True, dropout: float = 0.0
+) -> nn.Sequential:
+    """ComposeAE/TIRG's mapping blocks, with PyTorch's default initialisation.
+
+    `relu_first=True`: BatchNorm1d -> ReLU -> Linear -> ReLU -> Linear (ComposeAE's rho mappings and decoders, TIRG's
+    residual composer). `relu_first=False`: BatchNorm1d -> Linear -> Dropout -> ReLU -> Linear (ComposeAE's complex
+    projection of the image and the text).
+    """
+    if relu_first:
+        layers = [nn.BatchNorm1d(in_features), nn.ReLU(), nn.Linear(in_features, hidden_features), nn.ReLU()]
+    else:
+        layers = [nn.BatchNorm1d(in_features), nn.Linear(in_features, hidden_features), nn.Dropout(dropout), nn.ReLU()]
+    return torch_default_init(nn.Sequential(*layers, nn.Linear(hidden_features, out_features)))
+
+
+def rotate(eta: torch.Tensor, delta: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`eta * exp(i * sign * delta)` as (real, imaginary) parts; `sign=-1` is the conjugate rotation."""
+    return eta * torch.cos(delta), sign * eta * torch.sin(delta)
+
+
+class MQIRTNAngleMap(nn.Module):
+    """The text's rotation angles delta (B, d), in radians, spread over radians from the first step.
+
+    Linear -> ReLU -> Linear with PyTorch's default initialisation (ComposeAE's text mapping, whose input here is
+    already LayerNorm'd by the fusion), then a LayerNorm whose gain is the per-dimension angle scale: at
+    initialisation every text's angles have rms 1 rad whatever `d` (a 0.02-std init gave 0.007-0.1 rad, so the
+    rotation was the identity and its conjugate did nothing). `rotation=False` (the `no_rotation` ablation) keeps
+    the same parameters and forces delta to 0.
+    """
+
+    def __init__(self, hidden_size: int, rotation: bool = True):
+        super().__init__()
+        self.mlp = torch_default_init(
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size))
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+        self.rotation = rotation
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        delta = self.norm(self.mlp(text))
+        return delta if self.rotation else torch.zeros_like(delta)
 
 
 class MQIRTNConvMapping(nn.Module):
-    """ComposeAE's convolutional mapping: channels (B, C, d) -> Conv1d x2 -> adaptive pooling to d/4 -> MLP -> (B, d)."""
+    """MQIRTN's convolutional mapping: channels (B, C, d) -> Conv1d x2 -> adaptive average pooling to d/4 -> MLP."""
 
     def __init__(self, in_channels: int, conv_channels: int, hidden_size: int):
         super().__init__()
@@ -36,75 +107,136 @@ class MQIRTNConvMapping(nn.Module):
         return self.mlp(self.pool(x).flatten(1))
 
 
-class MQIRTNComplexComposition(nn.Module):
-    """ComposeAE's rotation in complex space.
+class ComposeAEConvMapping(nn.Module):
+    """ComposeAE's convolutional mapping: Conv1d(C -> conv_channels, k=3) -> AdaptiveMaxPool1d(pool_size) ->
+    flatten -> BatchNorm1d -> ReLU -> Linear -> ReLU -> Linear (PyTorch default init)."""
 
-    `eta = f_img(image)`, `delta = f_txt(text)`, `z = eta * exp(i * sign * delta)`; the query is
+    def __init__(self, in_channels: int, conv_channels: int, pool_size: int, hidden_size: int):
+        super().__init__()
+        self.conv = torch_default_init(nn.Conv1d(in_channels, conv_channels, kernel_size=3, padding=1))
+        self.pool = nn.AdaptiveMaxPool1d(pool_size)
+        self.mapping = batchnorm_mlp(conv_channels * pool_size, hidden_size, hidden_size)
+
+    def forward(self, channels: torch.Tensor) -> torch.Tensor:
+        return self.mapping(self.pool(self.conv(channels)).flatten(1))
+
+
+class MQIRTNComplexComposition(nn.Module):
+    """MQIRTN's rotation in complex space.
+
+    `eta = f_img(image)`, `delta = f_txt(text)` (`MQIRTNAngleMap`), `z = eta * exp(i * sign * delta)`; the query is
     `a_lin * rho_lin([Re z, Im z]) + a_conv * rho_conv([Re z, Im z, eta, delta, image])`. `sign=-1` rotates by the
     conjugate, which the symmetric constraint uses to go from the target back to the reference.
     """
 
-    def __init__(self, hidden_size: int, conv_channels: int, weights_init):
+    def __init__(self, hidden_size: int, conv_channels: int, weights_init, rotation: bool = True):
         super().__init__()
         self.image_map = MQIRTNMLP(hidden_size, hidden_size, hidden_size)
-        self.text_map = MQIRTNMLP(hidden_size, hidden_size, hidden_size)
+        self.text_map = MQIRTNAngleMap(hidden_size, rotation)
         self.linear_mapping = MQIRTNMLP(2 * hidden_size, hidden_size, hidden_size)
         self.conv_mapping = MQIRTNConvMapping(5, conv_channels, hidden_size)
         self.weights_init = tuple(float(w) for w in weights_init)
         self.mapping_weights = nn.Parameter(torch.tensor(self.weights_init))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
         eta = self.image_map(image)
         delta = self.text_map(text)
-        real, imag = eta * torch.cos(delta), sign * eta * torch.sin(delta)
+        real, imag = rotate(eta, delta, sign)
         linear = self.linear_mapping(torch.cat([real, imag], dim=-1))
         conv = self.conv_mapping(torch.stack([real, imag, eta, delta, image], dim=1))
-        return self.mapping_weights[0] * linear + self.mapping_weights[1] * conv
+        return self.mapping_weights[0] * linear + self.mapping_weights[1] * conv, delta
 
 
-class MQIRTNRealSpaceComposition(nn.Module):
-    """ComposeAE's real-space ablation: the same linear + convolutional mappings on `[image, text]`, no rotation."""
+class ComposeAEComplexProjection(nn.Module):
+    """ComposeAE's `ComplexProjectionModule`: eta = image MLP (dropout 0.5), delta = text MLP, then the rotation."""
+
+    def __init__(self, hidden_size: int, rotation: bool = True):
+        super().__init__()
+        self.image_features = batchnorm_mlp(hidden_size, hidden_size, hidden_size, relu_first=False, dropout=0.5)
+        self.text_features = batchnorm_mlp(hidden_size, hidden_size, hidden_size, relu_first=False)
+        self.rotation = rotation
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float):
+        eta = self.image_features(image)
+        delta = self.text_features(text)
+        if not self.rotation:
+            delta = torch.zeros_like(delta)
+        real, imag = rotate(eta, delta, sign)
+        return eta, delta, real, imag
+
+
+class ComposeAEComposition(nn.Module):
+    """ComposeAE (Anwaar et al., WACV 2021) as in its published code: two complex projections (one feeding the
+    linear mapping, one the convolutional mapping), `theta = a_lin * rho_lin([Re z, Im z]) + a_conv *
+    rho_conv([eta, delta, image, Re z, Im z])` with a = (10, 1); the angles returned are the linear branch's."""
+
+    def __init__(self, hidden_size: int, conv_channels: int, weights_init, rotation: bool = True):
+        super().__init__()
+        self.linear_projection = ComposeAEComplexProjection(hidden_size, rotation)
+        self.conv_projection = ComposeAEComplexProjection(hidden_size, rotation)
+        self.linear_mapping = batchnorm_mlp(2 * hidden_size, hidden_size, hidden_size)
+        self.conv_mapping = ComposeAEConvMapping(5, conv_channels, 16, hidden_size)
+        self.weights_init = tuple(float(w) for w in weights_init)
+        self.mapping_weights = nn.Parameter(torch.tensor(self.weights_init))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
+        _, delta, real, imag = self.linear_projection(image, text, sign)
+        linear = self.linear_mapping(torch.cat([real, imag], dim=-1))
+        eta_c, delta_c, real_c, imag_c = self.conv_projection(image, text, sign)
+        conv = self.conv_mapping(torch.stack([eta_c, delta_c, image, real_c, imag_c], dim=1))
+        return self.mapping_weights[0] * linear + self.mapping_weights[1] * conv, delta
+
+
+class RealSpaceConcatComposition(nn.Module):
+    """ComposeAE's real-space ablation (`RealSpaceConcatAE`): the linear and convolutional mappings applied to the
+    concatenation `[image, text]` (Conv1d over it as one channel, AdaptiveMaxPool1d(20)), no rotation."""
 
     def __init__(self, hidden_size: int, conv_channels: int, weights_init):
         super().__init__()
-        self.linear_mapping = MQIRTNMLP(2 * hidden_size, hidden_size, hidden_size)
-        self.conv_mapping = MQIRTNConvMapping(2, conv_channels, hidden_size)
+        self.linear_mapping = batchnorm_mlp(2 * hidden_size, hidden_size, hidden_size)
+        self.conv_mapping = ComposeAEConvMapping(1, conv_channels, 20, hidden_size)
         self.weights_init = tuple(float(w) for w in weights_init)
         self.mapping_weights = nn.Parameter(torch.tensor(self.weights_init))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        linear = self.linear_mapping(torch.cat([image, text], dim=-1))
-        conv = self.conv_mapping(torch.stack([image, text], dim=1))
-        return self.mapping_weights[0] * linear + self.mapping_weights[1] * conv
-
-
-class MQIRTNGatedResidualComposition(nn.Module):
-    """TIRG: `w_gate * sigmoid(gate([image, text])) * image + w_res * res([image, text])` (TIRG initialises w to 1, 10)."""
-
-    def __init__(self, hidden_size: int, conv_channels: int = 0, weights_init=(1.0, 10.0)):
-        super().__init__()
-        self.gate = MQIRTNMLP(2 * hidden_size, hidden_size, hidden_size)
-        self.residual = MQIRTNMLP(2 * hidden_size, hidden_size, hidden_size)
-        self.weights_init = tuple(float(w) for w in weights_init)
-        self.mapping_weights = nn.Parameter(torch.tensor(self.weights_init))
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
         both = torch.cat([image, text], dim=-1)
-        return self.mapping_weights[0] * torch.sigmoid(self.gate(both)) * image + self.mapping_weights[1] * self.residual(both)
+        linear = self.linear_mapping(both)
+        conv = self.conv_mapping(both[:, None, :])
+        return self.mapping_weights[0] * linear + self.mapping_weights[1] * conv, None
+
+
+class TIRGComposition(nn.Module):
+    """TIRG (Vo et al., CVPR 2019) as in its published code: `a_gate * sigmoid(gate([image, text])) * image + a_res *
+    res([image, text])`, gate = BatchNorm1d -> ReLU -> Linear, res = BatchNorm1d -> ReLU -> Linear -> ReLU -> Linear
+    (width 2d), a = (1, 10), PyTorch default init."""
+
+    def __init__(self, hidden_size: int, weights_init):
+        super().__init__()
+        self.gate = torch_default_init(
+            nn.Sequential(nn.BatchNorm1d(2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, hidden_size))
+        )
+        self.residual = batchnorm_mlp(2 * hidden_size, 2 * hidden_size, hidden_size)
+        self.weights_init = tuple(float(w) for w in weights_init)
+        self.mapping_weights = nn.Parameter(torch.tensor(self.weights_init))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
+        both = torch.cat([image, text], dim=-1)
+        gated = torch.sigmoid(self.gate(both)) * image
+        return self.mapping_weights[0] * gated + self.mapping_weights[1] * self.residual(both), None
 
 
 class MQIRTNImageOnly(nn.Module):
     """Baseline: the query is the reference image's embedding."""
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        return image
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
+        return image, None
 
 
 class MQIRTNTextOnly(nn.Module):
     """Baseline: the query is the modification text's embedding."""
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        return text
+    def forward(self, image: torch.Tensor, text: torch.Tensor, sign: float = 1.0):
+        return text, None
 
 
 class MQIRTNImageResidual(nn.Module):
@@ -123,19 +255,44 @@ class MQIRTNImageResidual(nn.Module):
         return self.weight * torch.sigmoid(self.gate(torch.cat([image, text], dim=-1))) * reference_embeds
 
 
-def build_composition(composition: str, hidden_size: int, conv_channels: int, weights_init) -> nn.Module:
-    """The composition module of the variant named `composition`."""
-    if composition in ("mqirtn", "composeae"):
-        return MQIRTNComplexComposition(hidden_size, conv_channels, weights_init)
+# Published defaults of each composition: (mapping weights, convolution channels). ComposeAE: a = (10, 1) for the
+# (linear, convolutional) mapping, 64 channels; TIRG: a = (1, 10) for the (gate, residual) terms.
+COMPOSITION_DEFAULTS = {
+    "mqirtn": ((10.0, 1.0), 16),
+    "composeae": ((10.0, 1.0), 64),
+    "realspace_concat": ((10.0, 1.0), 64),
+    "tirg": ((1.0, 10.0), None),
+    "image_only": (None, None),
+    "text_only": (None, None),
+}
+
+
+def build_composition(config) -> nn.Module:
+    """The composition module of the variant named `config.composition`, with its published defaults where the
+    config leaves `composition_weights_init` / `conv_channels` unset."""
+    composition, dim = config.composition, config.projection_dim
+    if composition not in COMPOSITION_DEFAULTS:
+        raise ValueError(f"`composition` must be one of {sorted(COMPOSITION_DEFAULTS)}, got {composition!r}")
+    default_weights, default_channels = COMPOSITION_DEFAULTS[composition]
+    weights = config.composition_weights_init if config.composition_weights_init is not None else default_weights
+    channels = config.conv_channels if config.conv_channels is not None else default_channels
+    if composition == "mqirtn":
+        return MQIRTNComplexComposition(dim, channels, weights, config.rotation)
+    if composition == "composeae":
+        return ComposeAEComposition(dim, channels, weights, config.rotation)
     if composition == "realspace_concat":
-        return MQIRTNRealSpaceComposition(hidden_size, conv_channels, weights_init)
+        return RealSpaceConcatComposition(dim, channels, weights)
     if composition == "tirg":
-        return MQIRTNGatedResidualComposition(hidden_size)
+        return TIRGComposition(dim, weights)
     if composition == "image_only":
         return MQIRTNImageOnly()
-    if composition == "text_only":
-        return MQIRTNTextOnly()
-    raise ValueError(
-        "`composition` must be one of ['composeae', 'image_only', 'mqirtn', 'realspace_concat', 'text_only', 'tirg'], "
-        f"got {composition!r}"
-    )
+    return MQIRTNTextOnly()
+
+
+def build_decoder(config, out_features: int) -> nn.Module:
+    """Reconstruction decoder from the query (B, d) to (B, out_features): ComposeAE's for its own variants, MQIRTN's
+    MLP otherwise."""
+    dim = config.projection_dim
+    if config.composition in ("composeae", "realspace_concat"):
+        return batchnorm_mlp(dim, out_features, out_features)
+    return MQIRTNMLP(dim, dim, out_features)

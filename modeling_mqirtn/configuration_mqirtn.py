@@ -30,6 +30,14 @@ COMPOSITIONS = {
     "text_only": {"fusion": False, "complex": False, "reconstruction": False},
 }
 LOSS_TYPES = ("batch_based_classification", "soft_triplet")
+
+
+def tower_width(config) -> int | None:
+    """Width of a tower's output token states: `hidden_size`, or the last of `hidden_sizes` (ConvNeXt-like towers)."""
+    width = getattr(config, "hidden_size", None)
+    if width is None and getattr(config, "hidden_sizes", None):
+        width = config.hidden_sizes[-1]
+    return width
 FUSION_POOLINGS = ("cls", "mean")
 
 
@@ -59,16 +67,27 @@ class MQIRTNConfig(PreTrainedConfig):
         One of `"mqirtn"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`, `"text_only"`.
     image_residual (`bool`, *optional*, defaults to `True`):
         Add a learnable, text-gated residual of the reference's gallery embedding to the MQIRTN query.
-    conv_channels (`int`, *optional*, defaults to 16):
-        Channels of the convolutional mapping `rho_conv`.
-    composition_weights_init (`list[float]`, *optional*, defaults to `[10.0, 1.0]`):
-        Initial values of the learnable weights of the linear and convolutional mappings (ComposeAE uses 10 and 1).
+    rotation (`bool`, *optional*, defaults to `True`):
+        Rotate by the text's angles (`mqirtn`, `composeae`). `False` is the `no_rotation` ablation: the same
+        parameters, with the angles forced to 0 (the rotation is the identity and its conjugate does nothing).
+    conv_channels (`int`, *optional*):
+        Channels of the convolutional mapping `rho_conv`; unset means the composition's published default (MQIRTN 16,
+        ComposeAE and its real-space ablation 64). Only for compositions that have a convolutional mapping.
+    composition_weights_init (`list[float]`, *optional*):
+        Initial values of the two learnable mapping weights; unset means the published defaults: `[10.0, 1.0]` for the
+        (linear, convolutional) mappings of MQIRTN / ComposeAE / real-space (ComposeAE's `a`), `[1.0, 10.0]` for
+        TIRG's (gate, residual) terms. Not for `image_only` / `text_only`.
     loss_type (`str`, *optional*, defaults to `"batch_based_classification"`):
         Deep-metric-learning loss: `"batch_based_classification"` or `"soft_triplet"`.
-    logit_scale_init_value (`float`, *optional*, defaults to 4.0):
-        Initial value of the learnable normalisation scale applied to cosine similarities.
+    logit_scale_init_value (`float`, *optional*, defaults to 20.0):
+        Initial value of the learnable scale `s` of the logits `s * cos(query, target)`. TIRG and ComposeAE multiply
+        *both* query and target by their normalisation scale (init 4.0), so their logits are `s_tirg**2 * cos`
+        (16 at init) and their soft-triplet multiplier is `2 * s_tirg**2` (32): this `s` plays the role of
+        `s_tirg**2`, and the soft-triplet loss uses `2 * s`. 20 was measured best on shapes (a scale starting at 4
+        stayed there and capped Recall@1 at 11%).
     logit_scale_bounds (`list[float]`, *optional*, defaults to `[1.0, 100.0]`):
-        The scale is clamped to this range in the forward pass.
+        Range of the scale, applied to the parameter after each optimiser step (`MQIRTNModel.clamp_logit_scale_`,
+        as CLIP does); the forward pass never clamps, so the scale keeps its gradient at the bounds.
     base_loss_weight, reconstruction_image_loss_weight, reconstruction_text_loss_weight, symmetric_loss_weight (`float`):
         Weights of the four loss terms (ComposeAE: 1.0, 0.1, 0.1, 0.01).
     initializer_range (`float`, *optional*, defaults to 0.02):
@@ -104,10 +123,11 @@ class MQIRTNConfig(PreTrainedConfig):
     fusion_pooling: str = "cls"
     composition: str = "mqirtn"
     image_residual: bool = True
-    conv_channels: int = 16
-    composition_weights_init: list[float | int] | tuple[float | int, ...] = (10.0, 1.0)
+    rotation: bool = True
+    conv_channels: int | None = None
+    composition_weights_init: list[float | int] | tuple[float | int, ...] | None = None
     loss_type: str = "batch_based_classification"
-    logit_scale_init_value: float | int = 4.0
+    logit_scale_init_value: float | int = 20.0
     logit_scale_bounds: list[float | int] | tuple[float | int, ...] = (1.0, 100.0)
     base_loss_weight: float | int = 1.0
     reconstruction_image_loss_weight: float | int = 0.1
@@ -121,10 +141,20 @@ class MQIRTNConfig(PreTrainedConfig):
             raise ValueError(f"`composition` must be one of {sorted(COMPOSITIONS)}, got {self.composition!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
-        for name in ("projection_dim", "fusion_num_heads", "conv_channels"):
+        for name in ("projection_dim", "fusion_num_heads"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}")
+        if self.conv_channels is not None:
+            if self.composition not in ("mqirtn", "composeae", "realspace_concat"):
+                raise ValueError(
+                    f"`conv_channels` applies to the compositions with a convolutional mapping (mqirtn, composeae, "
+                    f"realspace_concat), not {self.composition!r}; leave it unset"
+                )
+            if self.conv_channels < 1:
+                raise ValueError(f"`conv_channels` must be a positive integer, got {self.conv_channels}")
+        if not self.rotation and not self.composition_spec["complex"]:
+            raise ValueError(f"`rotation=False` applies to the rotating compositions (mqirtn, composeae), not {self.composition!r}")
         if self.num_fusion_layers < 0:
             raise ValueError(f"`num_fusion_layers` must be >= 0, got {self.num_fusion_layers}")
         if self.projection_dim % self.fusion_num_heads != 0:
@@ -149,11 +179,14 @@ class MQIRTNConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}")
-        if len(self.composition_weights_init) != 2:
-            raise ValueError(
-                "`composition_weights_init` must hold two values (linear, convolutional mapping), "
-                f"got {list(self.composition_weights_init)}"
-            )
+        if self.composition_weights_init is not None:
+            if self.composition in ("image_only", "text_only"):
+                raise ValueError(f"`composition_weights_init` does not apply to {self.composition!r} (it has no mapping weights); leave it unset")
+            if len(self.composition_weights_init) != 2:
+                raise ValueError(
+                    "`composition_weights_init` must hold two values (the two mapping weights), "
+                    f"got {list(self.composition_weights_init)}"
+                )
         bounds = list(self.logit_scale_bounds)
         if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
             raise ValueError(f"`logit_scale_bounds` must be two numbers 0 < low <= high, got {bounds}")
@@ -164,8 +197,10 @@ class MQIRTNConfig(PreTrainedConfig):
             )
         for key in ("vision_config", "text_config"):
             sub = getattr(self, key)
-            if getattr(sub, "hidden_size", None) is None:
-                raise ValueError(f"`{key}` ({sub.model_type!r}) must define `hidden_size`, the width of its token states")
+            if tower_width(sub) is None:
+                raise ValueError(
+                    f"`{key}` ({sub.model_type!r}) must define `hidden_size` (or `hidden_sizes`), the width of its token states"
+                )
 
     @property
     def composition_spec(self) -> dict:
@@ -182,4 +217,4 @@ class MQIRTNConfig(PreTrainedConfig):
         return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
 
-__all__ = ["MQIRTNConfig", "COMPOSITIONS", "LOSS_TYPES"]
+__all__ = ["MQIRTNConfig", "COMPOSITIONS", "LOSS_TYPES", "tower_width"]

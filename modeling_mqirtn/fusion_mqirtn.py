@@ -5,6 +5,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .composition_mqirtn import MQIRTNMLP
+
 
 class MQIRTNCrossAttention(nn.Module):
     """Multi-head attention of `queries` over `context`, with SDPA when no weights are asked for.
@@ -45,17 +47,6 @@ class MQIRTNCrossAttention(nn.Module):
         return self.out_proj(attended), weights
 
 
-class MQIRTNFeedForward(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
-
-
 class MQIRTNFusionLayer(GradientCheckpointingLayer):
     """One fusion layer: image tokens attend to text tokens, then text tokens attend to the updated image tokens.
 
@@ -68,12 +59,12 @@ class MQIRTNFusionLayer(GradientCheckpointingLayer):
         self.image_context_norm = nn.LayerNorm(hidden_size)
         self.image_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout)
         self.image_ffn_norm = nn.LayerNorm(hidden_size)
-        self.image_ffn = MQIRTNFeedForward(hidden_size, intermediate_size, dropout)
+        self.image_ffn = MQIRTNMLP(hidden_size, intermediate_size, hidden_size, dropout)
         self.text_norm = nn.LayerNorm(hidden_size)
         self.text_context_norm = nn.LayerNorm(hidden_size)
         self.text_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout)
         self.text_ffn_norm = nn.LayerNorm(hidden_size)
-        self.text_ffn = MQIRTNFeedForward(hidden_size, intermediate_size, dropout)
+        self.text_ffn = MQIRTNMLP(hidden_size, intermediate_size, hidden_size, dropout)
 
     def forward(self, image_tokens, text_tokens, text_mask, output_attentions: bool = False):
         attended, text_to_image = self.image_attention(

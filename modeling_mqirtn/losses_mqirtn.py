@@ -116,17 +116,18 @@ class MQIRTNBatchClassificationLoss(MQIRTNMetricLoss):
 
 
 class MQIRTNSoftTripletLoss(MQIRTNMetricLoss):
-    """TIRG's soft triplet loss, vectorised: mean over (query i, negative j) of `softplus(D_ii - D_ij)` where
-    `D = ||s q - s t||^2` is the squared distance of the scaled, normalised embeddings.
+    """TIRG's soft triplet loss, vectorised: mean over (query i, negative j) of `softplus(D_ii - D_ij)`.
 
-    For unit vectors `D_ij = s^2 (2 - 2 q_i.t_j)`, so `D_ii - D_ij = 2 s (l_ij - l_ii)` with logits `l = s q.t`.
+    TIRG's `D` is the squared distance of embeddings normalised to norm `s_tirg`: `D_ii - D_ij = 2 s_tirg^2 (cos_ij -
+    cos_ii)`. This package's one scale `s` plays the role of `s_tirg^2` (logits `l = s cos`; see
+    `MQIRTNConfig.logit_scale_init_value`), so the margin is `2 (l_ij - l_ii)`: 32 * (cos_ij - cos_ii) at TIRG's init
+    (s_tirg = 4), 40 * (...) at this package's init s = 20.
     """
 
     def compute(self, logits, labels, duplicates, scale):
         rows = torch.arange(len(labels), device=logits.device)
         positive = logits[rows, labels][:, None]
-        # The scale enters once through the logits and once more through the squared distance.
-        margins = F.softplus(2 * scale * (logits - positive))
+        margins = F.softplus(2 * (logits - positive))
         negatives = torch.ones_like(margins, dtype=torch.bool)
         negatives[rows, labels] = False
         if duplicates is not None:
