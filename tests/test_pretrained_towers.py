@@ -51,7 +51,7 @@ def test_tiny_towers_are_kept_and_new_layers_initialised(tower_folders):
     assert_tower_kept(model.vision_model, vision_state)
     assert_tower_kept(model.text_model, text_state)
     # New layers: initialised (not left empty), and the learnable scalars at their configured starting values.
-    assert model.logit_scale.item() == 4.0
+    assert model.logit_scale.item() == 20.0
     assert model.composition.mapping_weights.tolist() == [10.0, 1.0]
     assert model.image_residual.weight.item() == 1.0
     for name, param in model.named_parameters():
@@ -69,7 +69,7 @@ def test_tiny_towers_are_kept_and_new_layers_initialised(tower_folders):
 def test_config_kwargs_and_tower_kwargs(tower_folders):
     vision_path, text_path, _, _ = tower_folders
     model, _ = compose(
-        vision_path, text_path, composition="tirg", loss_type="soft_triplet",
+        vision_path, text_path, composition="tirg", loss_type="soft_triplet", conv_channels=None,
         vision_attn_implementation="eager", text_attn_implementation="sdpa",
     )  # fmt: skip
     assert model.config.composition == "tirg" and model.config.loss_type == "soft_triplet"
