@@ -25,17 +25,20 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessor, get_scheduler
 
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
 from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
+from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+from mqirtn_app.model_card import push_to_hub, write_model_card
+from mqirtn_app.visualization import save_evaluation_grids
 from processing import MQIRTNProcessor
-from processing.cir_datasets import CIREvaluationData, load_cir_dataset
-from processing.retrieval_metrics import DEFAULT_KS, cirr_submission, evaluate_protocol, rank_gallery
-from processing.training_data import (
+from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
+from processing.data.metrics import cirr_submission, evaluate_protocol
+from processing.data.registry import dataset_names, get_dataset_spec
+from processing.data.transforms import (
     CIRQueryCollator,
     CIRTrainingCollator,
     collate_gallery,
@@ -48,19 +51,12 @@ from processing.training_data import (
 
 logger = get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent
-DATASETS = ("shapes", "fashioniq", "cirr", "fashion200k", "mitstates", "files")
-# Per dataset: (evaluation split, model-selection split during training, split of --do_predict).
-DEFAULT_SPLITS = {
-    "shapes": ("test", "validation", None),
-    "fashioniq": ("val", None, None),
-    "cirr": ("val", None, "test1"),
-    "fashion200k": ("test", None, None),
-    "mitstates": ("test", None, None),
-    "files": ("test", None, None),
-    "hub": ("test", None, None),
-}
-HEADLINE_METRIC = {"fashioniq": "average", "cirr": "average"}
+# Everything about a dataset comes from its registry entry (processing/data/registry.py): `--dataset` choices (a
+# `datasets` dataset comes through --dataset_name instead), per dataset (evaluation split, model-selection split
+# during training, split of --do_predict), and the metric that selects the best model.
+DATASETS = tuple(name for name in dataset_names() if get_dataset_spec(name).data_dir != "dataset")
+DEFAULT_SPLITS = {name: get_dataset_spec(name).default_splits for name in dataset_names()}
+HEADLINE_METRIC = {name: get_dataset_spec(name).headline_metric for name in dataset_names()}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TRAINING_STATE_FILE = "training_state.json"
 CHECKPOINT_COMPLETE_FILE = "progress.json"
@@ -382,29 +378,38 @@ class TrainingProgress:
             setattr(self, key, int(value))
 
 
+def loader_options(args, split: str) -> dict:
+    """The options of `args.source`'s loader (its registry entry names them) filled from the command line."""
+    shapes_sizes = {
+        "train": args.shapes_num_train_queries,
+        "validation": args.shapes_num_validation_queries,
+        "val": args.shapes_num_validation_queries,
+        "test": args.shapes_num_test_queries,
+    }
+    available = {
+        "check_images": args.check_images,
+        "both_caption_orders": args.both_caption_orders,
+        "num_queries": shapes_sizes.get(split),
+        "image_size": args.image_size,
+        "seed": args.shapes_seed,
+        "cache_dir": args.shapes_cache_dir,
+        "dataset_config_name": args.dataset_config_name,
+        "reference_image_column": args.reference_column,
+        "text_column": args.text_column,
+        "target_image_column": args.target_column,
+        "reference_id_column": args.reference_id_column,
+        "target_id_column": args.target_id_column,
+    }
+    return {name: available[name] for name in get_dataset_spec(args.source).options}
+
+
 def load_split(args, split: str, evaluation: bool):
-    """Training `datasets.Dataset` (evaluation=False) or `CIREvaluationData` of one split, through the data loaders."""
-    if args.source == "shapes":
-        sizes = {"train": args.shapes_num_train_queries, "validation": args.shapes_num_validation_queries, "val": args.shapes_num_validation_queries, "test": args.shapes_num_test_queries}
-        return load_cir_dataset(
-            "shapes", None, split, num_queries=sizes.get(split), image_size=args.image_size, seed=args.shapes_seed,
-            cache_dir=args.shapes_cache_dir, evaluation=evaluation,
-        )
-    options = {"evaluation": evaluation}
-    if args.source == "hub":
-        options.update(
-            dataset_config_name=args.dataset_config_name,
-            reference_image_column=args.reference_column,
-            text_column=args.text_column,
-            target_image_column=args.target_column,
-            reference_id_column=args.reference_id_column,
-            target_id_column=args.target_id_column,
-        )
-        return load_cir_dataset("hub", args.dataset_name, split, **options)
-    options["check_images"] = args.check_images
-    if args.source == "fashioniq" and not evaluation:
-        options["both_caption_orders"] = args.both_caption_orders
-    return load_cir_dataset(args.source, args.data_dir, split, **options)
+    """Training `datasets.Dataset` (evaluation=False) or `CIREvaluationData` of one split, through the registry."""
+    data_dir = args.dataset_name if args.source == "hub" else args.data_dir
+    options = loader_options(args, split)
+    if evaluation:
+        return load_evaluation_data(args.source, data_dir, split, **options)
+    return load_training_queries(args.source, data_dir, split, **options)
 
 
 def build_model_and_processor(args):
@@ -566,19 +571,6 @@ def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData
     return query_embeds, gallery_embeds
 
 
-def recall_with_evaluate_module(query_embeds, gallery_embeds, data: CIREvaluationData, ks) -> dict[str, float]:
-    """Recall@K from the `evaluate` module in metrics/recall_at_k on the top-K rankings (exact-id protocols)."""
-    import evaluate
-
-    metric = evaluate.load(str(REPO_ROOT / "metrics" / "recall_at_k"))
-    gallery_ids = list(data.gallery["image_id"])
-    target_ids = list(data.queries["target_id"])
-    rows = [i for i, target in enumerate(target_ids) if target is not None]
-    ranking = rank_gallery(query_embeds[rows], gallery_embeds, max(ks))
-    predictions = [[gallery_ids[j] for j in ranked if j >= 0] for ranked in ranking.tolist()]
-    return metric.compute(predictions=predictions, references=[target_ids[i] for i in rows], k=list(ks))
-
-
 def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args, desc: str):
     """Protocol metrics (percent) of one split, identical on every process; plus the embeddings."""
     if args.max_eval_samples is not None:
@@ -589,12 +581,6 @@ def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args,
     metrics = evaluate_protocol(
         data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference
     )
-    if data.protocol == "shapes" or (data.protocol == "exact" and not data.remove_reference):
-        # The protocol code and the Recall@K module must agree (they are separate implementations of the count).
-        module = recall_with_evaluate_module(query_embeds, gallery_embeds, data, DEFAULT_KS[data.protocol])
-        for key, value in module.items():
-            if abs(value - metrics[key]) > 1e-3:
-                logger.warning(f"{key}: evaluate module {value:.3f} vs protocol {metrics[key]:.3f}")
     return metrics, query_embeds, gallery_embeds
 
 
@@ -605,130 +591,22 @@ def format_table(title: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def save_results_grids(args, data: CIREvaluationData, query_embeds, gallery_embeds, folder: Path, model=None, processor=None) -> None:
-    """A few qualitative figures (reference, text, top-10 with the target outlined) and, for fusion models, the
-    first query's text-to-image attention map; only if the visualisation helper exists."""
-    try:
-        from modeling_mqirtn.visualization_mqirtn import save_results_grid
-    except ImportError:
-        return
-    from datasets import Image
-
-    from processing.training_data import decode_image
-
-    count = min(args.num_results_grids, len(data.queries))
-    if count == 0:
-        return
-    ranking = rank_gallery(query_embeds[:count], gallery_embeds, 10)
-    gallery = data.gallery.cast_column("image", Image(decode=False))
-    queries = data.queries.cast_column("reference_image", Image(decode=False))
-    gallery_ids = data.gallery["image_id"]
-    for row in range(count):
-        indices = [j for j in ranking[row].tolist() if j >= 0]
-        ids = [gallery_ids[j] for j in indices]
-        target = queries[row]["target_id"]
-        save_results_grid(
-            folder / f"query_{row}.png",
-            decode_image(queries[row]["reference_image"]),
-            queries[row]["modification_text"],
-            [decode_image(gallery[j]["image"]) for j in indices],
-            (query_embeds[row] @ gallery_embeds[indices].T).tolist(),
-            target_index=ids.index(target) if target in ids else None,
-            ids=ids,
-        )
-    if model is not None and model.config.uses_fusion:
-        from modeling_mqirtn.visualization_mqirtn import save_attention_map
-
-        save_attention_map(
-            folder / "attention_0.png", model, processor, decode_image(queries[0]["reference_image"]), queries[0]["modification_text"]
-        )
-
-
 def save_model(accelerator, model, processor, folder: Path) -> None:
-    """Model (safetensors) + processor + code files, loadable with trust_remote_code (and the pipeline, if present)."""
+    """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline."""
     unwrapped = accelerator.unwrap_model(model)
-    if not accelerator.is_main_process:
-        return
-    try:
-        from modeling_mqirtn.pipeline_mqirtn import save_for_hub
-    except ImportError:
-        folder.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-    else:
+    if accelerator.is_main_process:
         save_for_hub(unwrapped, processor, folder)
 
 
-def write_model_card(args, folder: Path, results: dict[str, dict[str, float]], training_summary: dict) -> None:
-    """README.md from model_card.md: YAML metadata (model-index from `results`) + the filled template."""
-    dataset_names = {
-        "shapes": "shapes (built-in CSS-style benchmark)",
-        "fashioniq": "FashionIQ",
-        "cirr": "CIRR",
-        "fashion200k": "Fashion200k",
-        "mitstates": "MIT-States",
-        "files": "custom files",
-        "hub": args.dataset_name,
-    }
-    dataset_name = dataset_names[args.source]
-    eval_results = [
-        EvalResult(
-            task_type="image-retrieval",
-            task_name="Composed image retrieval",
-            dataset_type=args.dataset_name if args.source == "hub" else args.source,
-            dataset_name=dataset_name,
-            dataset_split=split,
-            metric_type=metric.split("@")[0].replace("_", "-"),
-            metric_name=metric,
-            metric_value=round(value, 2),
-        )
-        for split, metrics in results.items()
-        for metric, value in metrics.items()
-    ]
+def card_base_models(args) -> list[str]:
+    """Hub ids of the pretrained towers this run started from (local folders have none)."""
     base_models = []
     text_path = args.text_model_name_or_path
     if args.model_name_or_path is None and not args.text_from_scratch and text_path:
         base_models.append(MINILM_HUB_ID if text_path == default_text_model() else (None if Path(text_path).exists() else text_path))
     if args.vision_model_name_or_path and not Path(args.vision_model_name_or_path).exists():
         base_models.append(args.vision_model_name_or_path)
-    base_models = [name for name in base_models if name]
-    model_name = args.hub_model_id.split("/")[-1] if args.hub_model_id else folder.name
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        tags=["composed-image-retrieval", "image-retrieval", "mqirtn", args.composition, "custom_code"],
-        base_model=base_models or None,
-        datasets=[args.dataset_name] if args.source == "hub" else None,
-        model_name=model_name if eval_results else None,
-        eval_results=eval_results or None,
-    )
-    results_table = "\n".join(
-        [f"| split | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n| {split} | " + " | ".join(f"{v:.2f}" for v in metrics.values()) + " |" for split, metrics in results.items()]
-    ) or "Not evaluated."
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(REPO_ROOT / "model_card.md"),
-        model_name=model_name,
-        repo_id=args.hub_model_id or str(folder),
-        dataset_name=dataset_name,
-        composition=args.composition,
-        results_table=results_table,
-        training_summary="\n".join(f"| {key} | {value} |" for key, value in training_summary.items()),
-    )
-    card.save(folder / "README.md")
-
-
-def push_to_hub(args, folder: Path) -> str:
-    """Create the repository and upload the saved model folder (checkpoints and logs left out)."""
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message="Upload MQIRTN model trained with train.py",
-        ignore_patterns=["checkpoints/**", "runs/**", "best_model/**", "results_grids/**"],
-    )
-    return repo_id
+    return [name for name in base_models if name]
 
 
 # ================================================================================================ 2. main
@@ -987,17 +865,19 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             print(format_table(f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %", metrics))
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_results_grids(
-                args, eval_data, query_embeds, gallery_embeds, output_dir / "results_grids", accelerator.unwrap_model(model), processor
+            save_evaluation_grids(
+                output_dir / "results_grids", eval_data, query_embeds, gallery_embeds, args.num_results_grids,
+                accelerator.unwrap_model(model), processor,
             )
         accelerator.log({f"{args.eval_split}/{k}": v for k, v in metrics.items()}, step=progress.completed_steps)
     if predict_data is not None:
         query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, predict_data, args, "Predicting")
         if accelerator.is_main_process:
-            queries = predict_data.queries
+            # Whole columns as lists: indexing `datasets` columns item by item is 50x slower.
+            queries = predict_data.queries.select_columns(["pair_id", "reference_id", "subset_ids"]).to_dict()
             paths = cirr_submission(
                 queries["pair_id"], query_embeds, gallery_embeds, queries["reference_id"], queries["subset_ids"],
-                predict_data.gallery["image_id"], output_dir,
+                list(predict_data.gallery["image_id"]), output_dir,
             )
             logger.info(f"CIRR submission files: {[str(p) for p in paths]}")
 
@@ -1010,9 +890,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.eval_only:
         save_model(accelerator, model, processor, output_dir)
     if accelerator.is_main_process and not args.eval_only:
-        write_model_card(args, output_dir, results, training_summary)
+        write_model_card(
+            output_dir, results, training_summary, args.source, args.composition, hub_dataset_name=args.dataset_name,
+            base_models=card_base_models(args), hub_model_id=args.hub_model_id,
+        )
         if args.push_to_hub:
-            repo_id = push_to_hub(args, output_dir)
+            repo_id = push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine_info import machine  # noqa: E402
-from modeling_mqirtn.index_mqirtn import GalleryIndex  # noqa: E402
+from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 
 def parse_args(argv=None):

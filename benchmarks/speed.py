@@ -468,7 +468,7 @@ GALLERY_QUERIES, GALLERY_TOP_K = 1000, 10
 
 def build_gallery_index(gallery_size: int, dim: int):
     """The package's own index (`GalleryIndex`, exact backend) over random L2-normalised embeddings, one id each."""
-    from modeling_mqirtn.index_mqirtn import GalleryIndex
+    from mqirtn_app.index import GalleryIndex
 
     embeddings = F.normalize(torch.randn(gallery_size, dim), dim=-1)
     return GalleryIndex(embeddings, [f"image-{i}" for i in range(gallery_size)], backend="exact")

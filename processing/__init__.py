@@ -1,51 +1,63 @@
-"""MQIRTN processing: the processor (Hub code) and the data code (datasets, transforms, protocols)."""
+"""MQIRTN processing: the processor (Hub code, `processing_mqirtn.py`) and, in `processing.data`, the data code.
+
+Importing this package registers `MQIRTNProcessor` with `AutoProcessor` and imports nothing of the data code: the
+data names below (dataset registry, loaders, metrics) are re-exported lazily, so `from processing import
+MQIRTNProcessor` never imports `datasets`.
+"""
+
+import importlib
 
 from transformers import AutoProcessor
 
 from modeling_mqirtn import MQIRTNConfig
 
-from .processing_mqirtn import MQIRTNProcessor, to_rgb_image
+from .processing_mqirtn import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    MQIRTNProcessor,
+    to_rgb_image,
+    to_rgb_image_or_none,
+)
 
 
 AutoProcessor.register(MQIRTNConfig, MQIRTNProcessor, exist_ok=True)
 # `save_pretrained` then writes `auto_map` into processor_config.json and copies processing_mqirtn.py.
 MQIRTNProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MQIRTNProcessor", "to_rgb_image"]
-# Data-code exports are appended below.
-from .cir_datasets import (  # noqa: E402
-    CIREvaluationData,
-    SafeImageCollator,
-    drop_undecodable_rows,
-    from_hf_dataset,
-    load_cir_dataset,
-    load_cirr,
-    load_fashion200k,
-    load_fashioniq,
-    load_files,
-    load_hub_dataset,
-    load_mitstates,
-)
-from .retrieval_metrics import cirr_submission, evaluate_protocol, recall_at_k  # noqa: E402
-from .shapes import load_shapes, load_shapes_gallery, load_shapes_splits  # noqa: E402
+# Data-code names, imported from `processing.data.<module>` on first access.
+_LAZY = {
+    "CIREvaluationData": "loaders",
+    "from_hf_dataset": "loaders",
+    "load_evaluation_data": "loaders",
+    "load_training_queries": "loaders",
+    "DatasetSpec": "registry",
+    "dataset_names": "registry",
+    "get_dataset_spec": "registry",
+    "cirr_submission": "metrics",
+    "evaluate_protocol": "metrics",
+    "recall_at_k": "metrics",
+    "load_shapes": "shapes",
+    "load_shapes_gallery": "shapes",
+}
 
 
-__all__ += [
-    "CIREvaluationData",
-    "SafeImageCollator",
-    "cirr_submission",
-    "drop_undecodable_rows",
-    "evaluate_protocol",
-    "from_hf_dataset",
-    "load_cir_dataset",
-    "load_cirr",
-    "load_fashion200k",
-    "load_fashioniq",
-    "load_files",
-    "load_hub_dataset",
-    "load_mitstates",
-    "load_shapes",
-    "load_shapes_gallery",
-    "load_shapes_splits",
-    "recall_at_k",
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "MQIRTNProcessor",
+    "to_rgb_image",
+    "to_rgb_image_or_none",
+    *sorted(_LAZY),
 ]

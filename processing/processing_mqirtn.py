@@ -3,6 +3,7 @@
 Hub code: imports only transformers, torch, numpy and PIL (which transformers' image processors need anyway).
 """
 
+import io
 import os
 from pathlib import Path
 
@@ -12,19 +13,55 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import load_image
 
 
-def to_rgb_image(image, argument: str = "images", index: int | None = None) -> Image.Image:
-    """Converts one image (PIL image, numpy array, path or URL) to an RGB PIL image.
+# File suffixes read as images wherever a folder is scanned (the index, MIT-States), lower case.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What PIL raises for files that are missing, truncated or not images.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels are laid on white. Anything else
-    raises `ValueError` naming `argument` (and the position in a list) and the type that came.
+
+class ImageDecodeError(ValueError):
+    """An image file or buffer could not be read (missing, truncated, not an image)."""
+
+
+def _open(image, where: str) -> Image.Image:
+    """Reads a path, URL or `datasets` image cell (`{"bytes": ..., "path": ...}`); raises `ImageDecodeError`."""
+    if isinstance(image, dict):
+        data, path = image.get("bytes"), image.get("path")
+        if data is None and not path:
+            raise ImageDecodeError(f"{where}: the image entry has neither `bytes` nor `path`")
+        source = io.BytesIO(data) if data is not None else Path(path)
+        described = path or "<bytes>"
+    else:
+        source, described = image, str(image)
+    try:
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            opened = load_image(source)
+        else:
+            opened = Image.open(source if isinstance(source, io.BytesIO) else Path(source))
+        opened.load()
+    except _UNREADABLE as error:
+        raise ImageDecodeError(f"{where}: could not read the image {described!r}: {error}") from error
+    return opened
+
+
+def to_rgb_image(image, argument: str = "images", index: int | None = None) -> Image.Image:
+    """Converts one image to an RGB PIL image: the one image decoder of this package (training, evaluation, the
+    pipeline, the index and the pictures all call it, so a picture looks the same to all of them).
+
+    `image` is a PIL image, a numpy array (`(H, W)`, `(H, W, 3|4)` or `(3|4, H, W)`), a path, a URL or a `datasets`
+    image cell (`{"bytes": ..., "path": ...}`). Grayscale, palette, CMYK and 16-bit images are converted; transparent
+    pixels are laid on white. An unreadable file raises `ImageDecodeError` (a `ValueError`), any other type
+    `ValueError`, both naming `argument` (and the position in a list) and what came.
+
+    >>> from PIL import Image
+    >>> to_rgb_image(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0))
+    (255, 255, 255)
+    >>> to_rgb_image(Image.new("L", (2, 2), 128)).mode
+    'RGB'
     """
     where = f"`{argument}`" if index is None else f"`{argument}[{index}]`"
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            image = load_image(str(image)) if str(image).startswith(("http://", "https://")) else Image.open(Path(image))
-            image.load()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{where}: could not read the image {str(image)!r}: {error}") from error
+    if isinstance(image, (str, os.PathLike)) or (isinstance(image, dict) and ("bytes" in image or "path" in image)):
+        image = _open(image, where)
     elif isinstance(image, np.ndarray):
         array = image
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
@@ -37,7 +74,10 @@ def to_rgb_image(image, argument: str = "images", index: int | None = None) -> I
             array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
     elif not isinstance(image, Image.Image):
-        raise ValueError(f"{where} must be a PIL image, a numpy array, a path or a URL, got {type(image).__name__}")
+        raise ValueError(
+            f"{where} must be a PIL image, a numpy array, a path, a URL or a {{'bytes', 'path'}} dict, "
+            f"got {type(image).__name__}"
+        )
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -49,6 +89,21 @@ def to_rgb_image(image, argument: str = "images", index: int | None = None) -> I
         peak = array.max() if array.max() > 0 else 1.0
         return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def to_rgb_image_or_none(image, argument: str = "images", index: int | None = None) -> Image.Image | None:
+    """`to_rgb_image` for the skip-and-count paths: `None` (instead of `ImageDecodeError`) when `image` is `None` or
+    cannot be decoded; the caller counts and reports what it skipped. Other mistakes (a wrong type) still raise.
+
+    >>> to_rgb_image_or_none({"bytes": b"not an image", "path": None}) is None
+    True
+    """
+    if image is None:
+        return None
+    try:
+        return to_rgb_image(image, argument, index)
+    except ImageDecodeError:
+        return None
 
 
 def _as_list(value, argument: str) -> list:
@@ -149,4 +204,4 @@ class MQIRTNProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "target_pixel_values"]
 
 
-__all__ = ["MQIRTNProcessor", "to_rgb_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageDecodeError", "MQIRTNProcessor", "to_rgb_image", "to_rgb_image_or_none"]

@@ -1,9 +1,13 @@
-"""Shared tiny-config helpers for the MQIRTN tests: tiny ViT/BERT configs, a tiny processor and random batches.
+"""Shared helpers for the MQIRTN tests (test modules never import each other): tiny ViT/BERT configs, a tiny model
+and processor, random batches, generated images for the retrieval tests, and the tiny `train.py` runs.
 
 Everything runs on CPU in a few milliseconds per forward pass: 32 px images, patch 8, width 32, two layers.
 """
 
+import json
 import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +36,7 @@ BLOCK_OUR_PACKAGES = """
 import importlib.abc, sys
 class _BlockOurPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("modeling_mqirtn", "processing"):
+        if name.split(".")[0] in ("modeling_mqirtn", "processing", "mqirtn_app"):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, _BlockOurPackages())
@@ -150,3 +154,79 @@ def tiny_processor(folder):
 @pytest.fixture
 def processor(tmp_path):
     return tiny_processor(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- images
+SHAPE_COLORS = [(230, 30, 30), (40, 70, 240), (30, 170, 50), (245, 225, 0), (150, 50, 200), (0, 210, 220)]
+
+
+def shape_image(index: int, size: int = 48):
+    """A deterministic, visibly distinct image per index: a coloured shape on a grey background."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(index)
+    image = Image.new("RGB", (size, size), (200, 200, 200))
+    draw = ImageDraw.Draw(image)
+    x, y = rng.randint(2, size // 2), rng.randint(2, size // 2)
+    box = (x, y, x + size // 3 + rng.randint(0, 8), y + size // 3 + rng.randint(0, 8))
+    color = SHAPE_COLORS[index % len(SHAPE_COLORS)]
+    (draw.ellipse if index % 2 else draw.rectangle)(box, fill=color)
+    return image
+
+
+def write_image_folder(folder, count: int, nested: bool = True) -> list[Path]:
+    """Writes `count` PNG/JPEG images (half in a sub-folder when `nested`); returns their paths in sorted order."""
+    folder = Path(folder)
+    paths = []
+    for i in range(count):
+        sub = folder / "sub" if nested and i % 2 else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / (f"img_{i:03d}.png" if i % 3 else f"img_{i:03d}.jpg")
+        shape_image(i).save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+# ---------------------------------------------------------------------------------------------------- train.py runs
+# Tiny shapes data (32 px) and one tiny model: patch 8, hidden 32, 2 layers, text tower from scratch.
+TRAIN_DATA_ARGS = [
+    "--image_size", "32",
+    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "16", "--shapes_num_test_queries", "40",
+    "--per_device_eval_batch_size", "16", "--num_results_grids", "0",
+]  # fmt: skip
+TINY_TRAIN_ARGS = [
+    *TRAIN_DATA_ARGS, "--patch_size", "8",
+    "--vision_hidden_size", "32", "--vision_num_hidden_layers", "2", "--vision_num_attention_heads", "2",
+    "--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "2", "--text_num_attention_heads", "2",
+    "--projection_dim", "32", "--fusion_num_heads", "4",
+    "--per_device_train_batch_size", "8", "--num_warmup_steps", "0", "--logging_steps", "1",
+]  # fmt: skip
+
+
+def train_env(cache_dir: Path) -> dict:
+    """The environment of a `train.py` subprocess: this repository importable, data cached in `cache_dir`."""
+    env = dict(os.environ)
+    # One thread: several of these processes share two cores, and OpenMP spinning makes 2 threads far slower then.
+    env.update(PYTHONPATH=str(REPO_ROOT), MQIRTN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_train(
+    args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_TRAIN_ARGS, **kwargs
+) -> subprocess.CompletedProcess:
+    """`python train.py *base *args` in a subprocess; raises with its stderr when `check` and it fails."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *base, *args],
+        env=train_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

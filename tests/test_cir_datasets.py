@@ -12,22 +12,24 @@ import torch
 from datasets import Dataset, Image
 from PIL import Image as PILImage
 
-from processing.cir_datasets import (
+from processing.data import registry
+from processing.data.loaders import (
     CIREvaluationData,
     MITSTATES_TEST_NOUNS,
-    SafeImageCollator,
-    drop_undecodable_rows,
+    evaluation_data_from_hf,
     fashioniq_caption,
     from_hf_dataset,
-    load_cir_dataset,
+    load_evaluation_data,
+    load_training_queries,
     replacement_text,
 )
-from processing.retrieval_metrics import evaluate_protocol
+from processing.data.metrics import PROTOCOL_KS, evaluate_protocol
+from processing.data.registry import DatasetSpec, dataset_names, get_dataset_spec, register_dataset
 
 
 FIXTURES = Path(os.environ.get("MQIRTN_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"annotation fixtures folder {FIXTURES} is absent")
-LOGGER = "processing.cir_datasets"
+LOGGER = "processing.data.loaders"
 
 
 def write_image(path: Path, color=(200, 30, 30), fmt=None) -> None:
@@ -84,7 +86,7 @@ def test_fashioniq_caption_join():
 
 
 def test_fashioniq_training(fashioniq_dir, caplog):
-    train = load_cir_dataset("fashioniq", fashioniq_dir, "train", categories=["dress"])
+    train = load_training_queries("fashioniq", fashioniq_dir, "train", categories=["dress"])
     assert train.column_names[:3] == ["reference_image", "modification_text", "target_image"]
     assert list(train["reference_id"]) == ["D1", "D2"]
     assert list(train["modification_text"]) == ["is red and has long sleeves", "is blue and shorter"]
@@ -92,14 +94,14 @@ def test_fashioniq_training(fashioniq_dir, caplog):
     row = train[1]
     assert isinstance(row["reference_image"], PILImage.Image) and row["target_image"].format == "JPEG"
 
-    both = load_cir_dataset("fashioniq", fashioniq_dir, "train", categories=["dress", "shirt"], both_caption_orders=True)
+    both = load_training_queries("fashioniq", fashioniq_dir, "train", categories=["dress", "shirt"], both_caption_orders=True)
     texts = list(both["modification_text"])
     assert texts[:2] == ["is red and has long sleeves", "has long sleeves and is red"]
     assert Counter(both["category"]) == {"dress": 4, "shirt": 2}
 
 
 def test_fashioniq_evaluation(fashioniq_dir, caplog):
-    data = load_cir_dataset("fashioniq", fashioniq_dir, "val", categories=("dress", "shirt"))
+    data = load_evaluation_data("fashioniq", fashioniq_dir, "val", categories=("dress", "shirt"))
     assert isinstance(data, CIREvaluationData) and data.protocol == "fashioniq" and data["protocol"] == "fashioniq"
     assert list(data.queries["query_id"]) == ["dress-0", "dress-1", "shirt-0"]
     assert list(data.queries["category"]) == ["dress", "dress", "shirt"]
@@ -113,32 +115,32 @@ def test_fashioniq_evaluation(fashioniq_dir, caplog):
     result = evaluate_protocol("fashioniq", embeds[:3], embeds, data.queries, data.gallery, ks=(1, 2))
     assert set(result) >= {"dress_recall@1", "shirt_recall@2", "average"}
 
-    test = load_cir_dataset("fashioniq", fashioniq_dir, "test", categories=["dress"])
+    test = load_evaluation_data("fashioniq", fashioniq_dir, "test", categories=["dress"])
     assert list(test.queries["target_id"]) == [None] and not test.has_targets
 
 
 def test_fashioniq_layout_errors(fashioniq_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)cap\.toptee\.val\.json.*captions/cap\."):
-        load_cir_dataset("fashioniq", fashioniq_dir, "val", categories=["toptee"])
+        load_evaluation_data("fashioniq", fashioniq_dir, "val", categories=["toptee"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_cir_dataset("fashioniq", tmp_path / "nowhere", "val")
+        load_evaluation_data("fashioniq", tmp_path / "nowhere", "val")
     with pytest.raises(ValueError, match="split"):
-        load_cir_dataset("fashioniq", fashioniq_dir, "training")
+        load_evaluation_data("fashioniq", fashioniq_dir, "training")
     with pytest.raises(ValueError, match="categories"):
-        load_cir_dataset("fashioniq", fashioniq_dir, "val", categories=["hat"])
+        load_evaluation_data("fashioniq", fashioniq_dir, "val", categories=["hat"])
     with pytest.raises(ValueError, match="no targets"):
-        load_cir_dataset("fashioniq", fashioniq_dir, "test", evaluation=False, categories=["dress"])
+        load_training_queries("fashioniq", fashioniq_dir, "test", categories=["dress"])
 
 
 @needs_fixtures
 def test_fashioniq_real_annotations_counts():
-    data = load_cir_dataset("fashioniq", FIXTURES / "fashioniq", "val", check_images="none")
+    data = load_evaluation_data("fashioniq", FIXTURES / "fashioniq", "val", check_images="none")
     assert Counter(data.queries["category"]) == {"dress": 2017, "shirt": 2038, "toptee": 1961}
     for category in ("dress", "shirt", "toptee"):
         names = json.loads((FIXTURES / "fashioniq" / "image_splits" / f"split.{category}.val.json").read_text())
         assert Counter(data.gallery["category"])[category] == len(names)
     assert data.has_targets
-    test = load_cir_dataset("fashioniq", FIXTURES / "fashioniq", "test", check_images="none")
+    test = load_evaluation_data("fashioniq", FIXTURES / "fashioniq", "test", check_images="none")
     assert not test.has_targets
 
 
@@ -188,7 +190,7 @@ def make_cirr(root: Path, image_root: Path) -> None:
 def test_cirr_documented_layout(tmp_path, caplog):
     root = tmp_path / "data" / "cirr"
     make_cirr(root, root / "img_raw")
-    data = load_cir_dataset("cirr", root, "val")
+    data = load_evaluation_data("cirr", root, "val")
     assert data.protocol == "cirr"
     # pair 2 (target corrupt) and pair 3 (reference missing) are dropped; the gallery loses both images
     assert list(data.queries["query_id"]) == ["1"] and list(data.queries["pair_id"]) == [1]
@@ -197,11 +199,11 @@ def test_cirr_documented_layout(tmp_path, caplog):
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
     assert data.gallery[0]["image"].size == (8, 8)
 
-    train = load_cir_dataset("cirr", root, "train")
+    train = load_training_queries("cirr", root, "train")
     assert list(train["modification_text"]) == ["a red car", "zoom in"]
     assert train[1]["target_image"].size == (8, 8)  # train/<n>/ sub-folders resolve
 
-    test = load_cir_dataset("cirr", root, "test")
+    test = load_evaluation_data("cirr", root, "test")
     assert list(test.queries["target_id"]) == [None] and len(test.gallery) == 3
 
 
@@ -209,22 +211,22 @@ def test_cirr_alternative_layouts_and_errors(tmp_path):
     # images next to `cirr/` (the layout several public code bases use), data_dir = the folder above `cirr/`
     root = tmp_path / "cirr_dataset"
     make_cirr(root / "cirr", root)
-    data = load_cir_dataset("cirr", root, "validation", check_images="exists")
+    data = load_evaluation_data("cirr", root, "validation", check_images="exists")
     assert len(data.gallery) == 4  # exists-mode keeps the corrupt file, only the missing one goes
     with pytest.raises(FileNotFoundError, match=r"img_raw"):
         empty = tmp_path / "annotations_only" / "cirr"
         make_cirr(empty, tmp_path / "elsewhere")
-        load_cir_dataset("cirr", empty, "val")
+        load_evaluation_data("cirr", empty, "val")
     with pytest.raises(FileNotFoundError, match="captions"):
-        load_cir_dataset("cirr", tmp_path, "val")
+        load_evaluation_data("cirr", tmp_path, "val")
 
 
 @needs_fixtures
 def test_cirr_real_annotations_counts():
-    val = load_cir_dataset("cirr", FIXTURES / "cirr", "val", check_images="none")
+    val = load_evaluation_data("cirr", FIXTURES / "cirr", "val", check_images="none")
     assert len(val.queries) == 4181 and len(val.gallery) == 2297
     assert all(len(members) == 6 for members in val.queries["subset_ids"])
-    test = load_cir_dataset("cirr", FIXTURES / "cirr", "test1", check_images="none")
+    test = load_evaluation_data("cirr", FIXTURES / "cirr", "test1", check_images="none")
     assert len(test.queries) == 4148 and not test.has_targets
     # with check_images="none" the documented image folder is assumed
     undecoded = val.queries.cast_column("reference_image", Image(decode=False))
@@ -273,7 +275,7 @@ def test_replacement_text():
 
 
 def test_fashion200k_evaluation(fashion200k_dir, caplog):
-    data = load_cir_dataset("fashion200k", fashion200k_dir, "test")
+    data = load_evaluation_data("fashion200k", fashion200k_dir, "test")
     assert data.protocol == "fashion200k"
     assert list(data.queries["modification_text"]) == ["replace black with white", "replace silk with lace"]
     assert list(data.queries["target_caption"]) == ["white lace top", "black lace top"]
@@ -289,8 +291,8 @@ def test_fashion200k_evaluation(fashion200k_dir, caplog):
 
 
 def test_fashion200k_training_pairs_differ_by_one_word(fashion200k_dir):
-    train = load_cir_dataset("fashion200k", fashion200k_dir, "train", pairs_per_image=2, seed=3)
-    again = load_cir_dataset("fashion200k", fashion200k_dir, "train", pairs_per_image=2, seed=3)
+    train = load_training_queries("fashion200k", fashion200k_dir, "train", pairs_per_image=2, seed=3)
+    again = load_training_queries("fashion200k", fashion200k_dir, "train", pairs_per_image=2, seed=3)
     assert list(train["target_id"]) == list(again["target_id"])
     # the coat has no caption one word away: no pairs for it
     assert "women/dresses/4/4_0.jpeg" not in set(train["reference_id"])
@@ -304,11 +306,11 @@ def test_fashion200k_training_pairs_differ_by_one_word(fashion200k_dir):
 
 def test_fashion200k_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"labels/\*_test_detect_all\.txt"):
-        load_cir_dataset("fashion200k", tmp_path, "test")
+        load_evaluation_data("fashion200k", tmp_path, "test")
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "x_test_detect_all.txt").write_text("a.jpg\t1\tred top\n")
     with pytest.raises(FileNotFoundError, match="test_queries.txt"):
-        load_cir_dataset("fashion200k", tmp_path, "test", check_images="none")
+        load_evaluation_data("fashion200k", tmp_path, "test", check_images="none")
 
 
 # ---------------------------------------------------------------------------------------------------- MIT-States
@@ -331,7 +333,7 @@ def mitstates_dir(tmp_path):
 
 
 def test_mitstates_evaluation(mitstates_dir, caplog):
-    data = load_cir_dataset("mitstates", mitstates_dir, "test")
+    data = load_evaluation_data("mitstates", mitstates_dir, "test")
     assert data.protocol == "mitstates"
     # castle: ancient ×2, ruined, huge (the corrupt one dropped); fan: broken. "adj castle" is ignored.
     assert Counter(data.gallery["caption"]) == {"ancient castle": 2, "ruined castle": 1, "huge castle": 1, "broken fan": 1}
@@ -348,7 +350,7 @@ def test_mitstates_evaluation(mitstates_dir, caplog):
 
 
 def test_mitstates_training(mitstates_dir):
-    train = load_cir_dataset("mitstates", mitstates_dir, "train", pairs_per_image=3, seed=1)
+    train = load_training_queries("mitstates", mitstates_dir, "train", pairs_per_image=3, seed=1)
     assert set(train["reference_caption"]) == {"sliced apple", "ripe apple"}
     for text, source, target in zip(train["modification_text"], train["reference_caption"], train["target_caption"]):
         assert target == f"{text} apple" and source != target
@@ -383,20 +385,20 @@ def files_dir(tmp_path):
 
 
 def test_files_training_and_skips(files_dir, caplog):
-    train = load_cir_dataset("files", files_dir / "train.jsonl", "train")
+    train = load_training_queries("files", files_dir / "train.jsonl", "train")
     assert list(train["modification_text"]) == ["make it blue", "add a dog"]
     assert list(train["target_id"]) == ["img/b.png", "img/c.png"]
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
     assert train[0]["target_image"].size == (8, 8)
-    same = load_cir_dataset("files", files_dir, "train")  # folder mode finds train.jsonl
+    same = load_training_queries("files", files_dir, "train")  # folder mode finds train.jsonl
     assert list(same["reference_id"]) == list(train["reference_id"])
 
 
 def test_files_evaluation_with_and_without_gallery(files_dir):
-    data = load_cir_dataset("files", files_dir / "test.csv", "test", remove_reference=True)
+    data = load_evaluation_data("files", files_dir / "test.csv", "test", remove_reference=True)
     assert data.protocol == "exact" and data.remove_reference
     assert list(data.gallery["image_id"]) == ["img/a.png", "img/b.png", "img/c.png", "img/d.png"]
-    with_gallery = load_cir_dataset(
+    with_gallery = load_evaluation_data(
         "files", files_dir / "test.csv", "test", gallery_file=files_dir / "galleries" / "gallery.jsonl"
     )
     assert list(with_gallery.gallery["image_id"]) == ["id-a", "id-b", "id-c", "id-d"]
@@ -406,12 +408,12 @@ def test_files_evaluation_with_and_without_gallery(files_dir):
 
 def test_files_errors(files_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="reference"):
-        load_cir_dataset("files", tmp_path / "nope.jsonl", "train")
+        load_training_queries("files", tmp_path / "nope.jsonl", "train")
     bad = tmp_path / "bad.csv"
     bad.write_text("ref,text,target\na.png,x,b.png\n")
     with pytest.raises(ValueError, match=r"missing \['reference'\]"):
-        load_cir_dataset("files", bad, "train")
-    renamed = load_cir_dataset("files", bad, "train", reference_column="ref", check_images="none")
+        load_training_queries("files", bad, "train")
+    renamed = load_training_queries("files", bad, "train", reference_column="ref", check_images="none")
     assert list(renamed["reference_id"]) == ["a.png"]
 
 
@@ -428,39 +430,63 @@ def test_from_hf_dataset(files_dir):
     train = from_hf_dataset(raw, "src", "caption", "dst")
     assert train.column_names == ["reference_image", "modification_text", "target_image"]
     assert train[0]["reference_image"].size == (8, 8)
-    data = from_hf_dataset(raw, "src", "caption", "dst", "src_id", "dst_id", evaluation=True)
+    data = evaluation_data_from_hf(raw, "src", "caption", "dst", "src_id", "dst_id")
     assert sorted(data.gallery["image_id"]) == ["a", "b", "c"]
     assert list(data.queries["query_id"]) == ["0", "1"]
     with pytest.raises(ValueError, match="not in the dataset"):
         from_hf_dataset(raw, "image", "caption", "dst")
+    with pytest.raises(ValueError, match="reference_id_column"):
+        evaluation_data_from_hf(raw, "src", "caption", "dst")
 
 
 def test_dispatch_errors():
     with pytest.raises(ValueError, match="must be one of"):
-        load_cir_dataset("coco", "x", "train")
+        load_training_queries("coco", "x", "train")
     with pytest.raises(ValueError, match="data_dir"):
-        load_cir_dataset("cirr", None, "val")
+        load_evaluation_data("cirr", None, "val")
     with pytest.raises(TypeError):
-        load_cir_dataset("cirr", "x", "val", not_an_option=True)
+        load_evaluation_data("cirr", "x", "val", not_an_option=True)
 
 
-# ---------------------------------------------------------------------------------------------------- decoding
+# ---------------------------------------------------------------------------------------------------- registry
 
 
-def test_safe_image_collator_drops_rows_that_fail_to_decode(files_dir, caplog):
-    train = load_cir_dataset("files", files_dir / "train.jsonl", "train", check_images="none", decode_images=False)
-    assert len(train) == 4
-    collator = SafeImageCollator(lambda examples: [e["modification_text"] for e in examples])
-    assert collator([train[i] for i in range(4)]) == ["make it blue", "add a dog"]
-    assert collator.num_skipped == 2
-    assert collator([train[0]]) == ["make it blue"] and collator.num_skipped == 2
-    assert len([m for m in skip_warnings(caplog) if "fail to decode" in m]) == 1
-    kept = SafeImageCollator()([train[0]])
-    assert isinstance(kept[0]["reference_image"], PILImage.Image) and kept[0]["reference_image"].mode == "RGB"
+def test_one_return_type_per_entry_point(files_dir):
+    # The split name no longer decides the type: a "test" file read for training is a training table.
+    train = load_training_queries("files", files_dir / "test.csv", "test", check_images="none")
+    assert isinstance(train, Dataset) and "target_image" in train.column_names
+    data = load_evaluation_data("files", files_dir / "train.jsonl", "train", check_images="none")
+    assert isinstance(data, CIREvaluationData) and "target_image" not in data.queries.column_names
 
 
-def test_drop_undecodable_rows(files_dir, caplog):
-    train = load_cir_dataset("files", files_dir / "train.jsonl", "train", check_images="none")
-    cleaned = drop_undecodable_rows(train)
-    assert list(cleaned["modification_text"]) == ["make it blue", "add a dog"]
-    assert any("Dropped 2 of 4 rows" in m for m in skip_warnings(caplog))
+def test_registry_holds_every_fact_of_a_dataset():
+    assert dataset_names()[:6] == ("shapes", "fashioniq", "cirr", "fashion200k", "mitstates", "files")
+    cirr, fashioniq, shapes = get_dataset_spec("cirr"), get_dataset_spec("fashioniq"), get_dataset_spec("shapes")
+    assert cirr.default_splits == ("val", None, "test1") and cirr.headline_metric == "average"
+    assert cirr.recall_ks == PROTOCOL_KS["cirr"] == (1, 5, 10, 50)
+    assert fashioniq.display_name == "FashionIQ" and fashioniq.recall_ks == (10, 50)
+    assert "both_caption_orders" in fashioniq.options
+    assert shapes.data_dir == "none" and shapes.validation_split == "validation"
+    with pytest.raises(ValueError, match="must be one of"):
+        get_dataset_spec("coco")
+    with pytest.raises(ValueError, match="protocol"):
+        DatasetSpec("x", "X", "no-such-protocol", "test", load_training_queries, load_evaluation_data)
+
+
+def test_adding_a_dataset_is_one_registration(files_dir, monkeypatch):
+    """A new dataset is one `register_dataset` call next to its loader: the entry points then serve it."""
+    monkeypatch.setitem(registry.DATASETS, "pairs", None)  # removed again after the test
+    del registry.DATASETS["pairs"]
+
+    def load_training(data_dir, split="train", **options):
+        return load_training_queries("files", data_dir, split, **options)
+
+    def load_evaluation(data_dir, split, **options):
+        return load_evaluation_data("files", data_dir, split, **options)
+
+    register_dataset(DatasetSpec("pairs", "My pairs", "exact", "test", load_training, load_evaluation))
+    assert "pairs" in dataset_names()
+    assert len(load_training_queries("pairs", files_dir / "train.jsonl", check_images="none")) == 4
+    assert load_evaluation_data("pairs", files_dir / "test.csv", check_images="none").protocol == "exact"
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(DatasetSpec("pairs", "Other", "exact", "test", load_training, load_evaluation))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_processor
 from PIL import Image
-from retrieval_utils import write_image_folder
+from conftest import write_image_folder
 
 from modeling_mqirtn import save_for_hub
-from modeling_mqirtn.cli_mqirtn import main
-from modeling_mqirtn.index_mqirtn import GalleryIndex
+from mqirtn_app.cli import main
+from mqirtn_app.index import GalleryIndex
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,11 +137,12 @@ def test_unknown_backend_is_a_usage_error(workspace, capsys):
     assert "invalid choice: 'annoy'" in line and "faiss-hnsw" in line
 
 
+@pytest.mark.slow
 def test_console_script_subprocess_exit_status(workspace, built_index):
     """As a separate process (what the `mqirtn` console script runs): exit status and stderr, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     root = workspace["root"]
-    command = [sys.executable, "-m", "modeling_mqirtn.cli_mqirtn", "search", "--index", str(built_index),
+    command = [sys.executable, "-m", "mqirtn_app.cli", "search", "--index", str(built_index),
                "--model", str(root / "other_model"), "--image", str(workspace["paths"][0]), "--text", "make it red"]  # fmt: skip
     completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
@@ -150,12 +151,12 @@ def test_console_script_subprocess_exit_status(workspace, built_index):
 
 def test_faiss_index_is_built_by_index_and_read_by_each_search(workspace, monkeypatch, capsys):
     """`index --backend faiss-ivf` saves the trained FAISS index; `search` (one process per query) reads it."""
-    from modeling_mqirtn import index_mqirtn
+    from mqirtn_app import index as gallery_index
 
     root = workspace["root"]
     builds = []
-    original = index_mqirtn._build_faiss
-    monkeypatch.setattr(index_mqirtn, "_build_faiss", lambda backend, *a: builds.append(backend) or original(backend, *a))
+    original = gallery_index._build_faiss
+    monkeypatch.setattr(gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original(backend, *a))
     capsys.readouterr()
     code = main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "ivf"),
                  "--backend", "faiss-ivf", "--no-progress"])  # fmt: skip

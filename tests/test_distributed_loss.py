@@ -116,6 +116,7 @@ def two_process_results(tmp_path_factory):
     return [torch.load(path, weights_only=True) for path in result_files]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_results, loss_type):
     losses = load_losses_module()
@@ -136,6 +137,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_r
     assert distributed["grads"][2].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_a_gather_without_gradient_would_differ(two_process_results):
     """Sanity check of the test itself: dropping the cross-rank negatives (a local-only loss) changes the gradients."""
     losses = load_losses_module()

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 from conftest import tiny_model, tiny_processor
-from retrieval_utils import shape_image, write_image_folder
+from conftest import shape_image, write_image_folder
 from transformers.testing_utils import CaptureLogger
 
 from modeling_mqirtn import save_for_hub
-from modeling_mqirtn import index_mqirtn
-from modeling_mqirtn.index_mqirtn import GalleryIndex, ModelMismatchError, model_fingerprint
+from mqirtn_app import index as gallery_index
+from mqirtn_app.index import GalleryIndex, ModelMismatchError, model_fingerprint
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def test_from_images_skips_unreadable_and_matches_direct_embeddings(model, proce
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     missing = tmp_path / "images" / "missing.png"
     items = [paths[0], corrupt, *paths[1:4], missing, *paths[4:]]
-    with CaptureLogger(index_mqirtn.logger) as captured:
+    with CaptureLogger(gallery_index.logger) as captured:
         index = GalleryIndex.from_images(model, processor, items, batch_size=3, progress=False)
     assert "Skipped 2 unreadable image(s) of 9" in captured.out
     assert "corrupt.jpg" in captured.out and "missing.png" in captured.out
@@ -193,6 +193,7 @@ def test_missing_faiss_is_a_clear_error(monkeypatch):
         GalleryIndex(random_gallery(5), range(5), backend="annoy")
 
 
+@pytest.mark.slow
 def test_two_rank_sharded_embedding_equals_single_process(model, processor, tmp_path):
     """`mqirtn index` under torchrun with 2 gloo CPU ranks: each rank embeds a shard, rank 0 writes the merged index
     (and builds + saves its FAISS index)."""
@@ -204,7 +205,7 @@ def test_two_rank_sharded_embedding_equals_single_process(model, processor, tmp_
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "modeling_mqirtn.cli_mqirtn", "index", "--model", str(folder), "--images", str(images),
+        "-m", "mqirtn_app.cli", "index", "--model", str(folder), "--images", str(images),
         "--out", str(tmp_path / "sharded"), "--batch-size", "2", "--no-progress", "--backend", "faiss-flat",
     ]  # fmt: skip
     completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -224,8 +225,8 @@ def record_builds(monkeypatch):
     """Records the backend of every FAISS build (`_build_faiss` call) and the size of every IVF k-means training."""
     faiss = pytest.importorskip("faiss")
     builds, trainings = [], []
-    original_build, original_train = index_mqirtn._build_faiss, faiss.IndexIVFFlat.train
-    monkeypatch.setattr(index_mqirtn, "_build_faiss", lambda backend, *a: builds.append(backend) or original_build(backend, *a))
+    original_build, original_train = gallery_index._build_faiss, faiss.IndexIVFFlat.train
+    monkeypatch.setattr(gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original_build(backend, *a))
     monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trainings.append(len(x)) or original_train(self, x))
     return builds, trainings
 
@@ -248,7 +249,7 @@ def test_faiss_index_is_saved_and_loaded_without_rebuilding(backend, options, kn
     expected = index.search(queries, 10)
     assert builds == [backend]  # the save's build serves the search
 
-    with CaptureLogger(index_mqirtn.logger) as captured:
+    with CaptureLogger(gallery_index.logger) as captured:
         loaded = GalleryIndex.load(tmp_path / "index")
     assert captured.out == "" and loaded._faiss_index is not None and knob(loaded._faiss_index)
     assert loaded._faiss_index.ntotal == 2000
@@ -286,7 +287,7 @@ def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypat
     meta_path.write_text(json.dumps(meta))
     builds.clear()
 
-    with CaptureLogger(index_mqirtn.logger) as captured:
+    with CaptureLogger(gallery_index.logger) as captured:
         loaded = GalleryIndex.load(tmp_path / "index")  # never fatal
     assert "it will be rebuilt at the first search" in captured.out or "it will be built at the first search" in captured.out
     assert {"count": "ntotal=1999, expected 2000", "options": "backend_options", "no_record": "holds no saved faiss-ivf index",
@@ -300,7 +301,7 @@ def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypat
         assert torch.equal(indices, expected[1])
         torch.testing.assert_close(scores, expected[0])
     loaded.save(tmp_path / "index")  # saving again repairs the folder
-    with CaptureLogger(index_mqirtn.logger) as captured:
+    with CaptureLogger(gallery_index.logger) as captured:
         assert GalleryIndex.load(tmp_path / "index")._faiss_index is not None and captured.out == ""
 
 
@@ -311,7 +312,7 @@ def test_exact_save_writes_no_faiss_file_and_drops_a_stale_one(tmp_path):
     GalleryIndex(gallery, range(300)).save(tmp_path / "index")  # exact, into the same folder
     assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json"]
     assert json.loads((tmp_path / "index" / "index.json").read_text())["faiss"] is None
-    with CaptureLogger(index_mqirtn.logger) as captured:
+    with CaptureLogger(gallery_index.logger) as captured:
         loaded = GalleryIndex.load(tmp_path / "index")
     assert captured.out == "" and loaded._faiss_index is None and loaded.backend == "exact"
 

@@ -12,10 +12,10 @@ from conftest import BLOCK_OUR_PACKAGES
 from transformers import pipeline
 
 from modeling_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
-from modeling_mqirtn.index_mqirtn import GalleryIndex, ModelMismatchError
+from mqirtn_app.index import GalleryIndex, ModelMismatchError
 from modeling_mqirtn.pipeline_mqirtn import exact_search
 from conftest import tiny_model, tiny_processor
-from retrieval_utils import shape_image
+from conftest import shape_image
 
 
 TEXTS = ["make it red", "add a small blue circle", "remove the large square", "it", "make the circle green"]
@@ -152,6 +152,7 @@ FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     model, processor, gallery = setup["model"], setup["processor"], setup["gallery"]
     folder = save_for_hub(model, processor, tmp_path / "saved")

@@ -129,7 +129,7 @@ def test_nothing_given(processor):
 
 @pytest.mark.parametrize("argument", ["images", "target_images"])
 def test_non_image_object_names_argument_position_and_type(processor, argument):
-    with pytest.raises(ValueError, match=rf"`{argument}\[1\]` must be a PIL image, a numpy array, a path or a URL, got int"):
+    with pytest.raises(ValueError, match=rf"`{argument}\[1\]` must be a PIL image, a numpy array, a path, a URL or a {{'bytes', 'path'}} dict, got int"):
         processor(**{argument: [solid("RGB"), 42]})
     with pytest.raises(ValueError, match=rf"`{argument}\[0\]` must be .* got dict"):
         processor(**{argument: [{"image": 1}]})
@@ -184,3 +184,92 @@ def test_processor_output_feeds_the_model(processor):
         out = model(**batch, return_loss=True)
     assert out.query_embeds.shape == (3, 32) and torch.isfinite(out.loss)
 
+
+
+# ---------------------------------------------------------------------------------------------------- one decoder
+def awkward_images() -> dict[str, Image.Image]:
+    """Images that decoders disagree on: transparency (RGBA, palette with a transparent index) and 16-bit."""
+    rgba = Image.new("RGBA", (40, 30), (200, 10, 30, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 20, 30))  # left half fully transparent black
+    palette = Image.new("P", (40, 30), 1)
+    palette.putpalette([0, 0, 0, 30, 200, 10] + [0, 0, 0] * 254)
+    palette.paste(0, (0, 0, 20, 30))
+    palette.info["transparency"] = 0  # index 0 (black) is transparent
+    sixteen = Image.fromarray(np.tile(np.linspace(0, 60000, 40).astype(np.uint16), (30, 1)))
+    return {"RGBA": rgba, "P": palette, "I;16": sixteen}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16"])
+def test_training_evaluation_and_pipeline_see_the_same_pixels(processor, tmp_path, mode):
+    """The one-decoder rule: an image file gives identical `pixel_values` through the training transform and collator,
+    the evaluation transforms train.py uses, and the pipeline's preprocessing."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from modeling_mqirtn import ComposedImageRetrievalPipeline
+    from processing.data.transforms import (
+        CIRQueryCollator,
+        CIRTrainingCollator,
+        collate_gallery,
+        set_gallery_transform,
+        set_query_transform,
+        set_training_transform,
+    )
+
+    path = tmp_path / f"image_{mode.replace(';', '')}.png"
+    awkward_images()[mode].save(path)
+    assert Image.open(path).mode == mode
+    rows = {"reference_image": [str(path)], "modification_text": ["make it blue"], "target_image": [str(path)]}
+    features = Features(
+        {"reference_image": ImageFeature(), "modification_text": Value("string"), "target_image": ImageFeature()}
+    )
+    dataset = Dataset.from_dict(rows, features=features)
+
+    training = set_training_transform(dataset, processor, reference_id_column=None, target_id_column=None)
+    train_batch = CIRTrainingCollator(processor.tokenizer)([training[0]])
+    query_batch = CIRQueryCollator(processor.tokenizer)([set_query_transform(dataset, processor)[0]])
+    gallery = Dataset.from_dict({"image": [str(path)]}, features=Features({"image": ImageFeature()}))
+    gallery_batch = collate_gallery([set_gallery_transform(gallery, processor)[0]])
+    pipe = ComposedImageRetrievalPipeline(model=tiny_model(), processor=processor)
+    served = pipe.preprocess({"image": str(path), "text": "make it blue"})["pixel_values"]
+
+    assert served.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for name, pixels in (
+        ("training reference", train_batch["pixel_values"]),
+        ("training target", train_batch["target_pixel_values"]),
+        ("evaluation query", query_batch["pixel_values"]),
+        ("evaluation gallery", gallery_batch["pixel_values"]),
+    ):
+        assert torch.equal(pixels, served), f"{name} pixels differ from the pipeline's for a {mode} image"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparent_pixels_are_white_in_training(processor, tmp_path, mode):
+    """A fully transparent pixel is laid on white everywhere (training used to make it black)."""
+    from processing.data.transforms import decode_image
+
+    path = tmp_path / "transparent.png"
+    awkward_images()[mode].save(path)
+    decoded = decode_image({"bytes": None, "path": str(path)})
+    assert decoded.mode == "RGB" and decoded.getpixel((5, 5)) == (255, 255, 255)
+    assert decoded.getpixel((35, 5)) == ((200, 10, 30) if mode == "RGBA" else (30, 200, 10))
+
+
+def test_undecodable_images_become_none_only_in_the_or_none_variant(tmp_path):
+    from processing import ImageDecodeError, to_rgb_image_or_none
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert to_rgb_image_or_none(str(broken)) is None
+    assert to_rgb_image_or_none({"bytes": b"nope", "path": None}) is None
+    assert to_rgb_image_or_none(None) is None
+    with pytest.raises(ImageDecodeError, match="could not read the image"):
+        to_rgb_image(str(broken))
+    with pytest.raises(ValueError, match="got int"):
+        to_rgb_image_or_none(3)  # a wrong type is a mistake, not a file to skip
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    from io import BytesIO
+
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    assert to_rgb_image({"bytes": buffer.getvalue(), "path": None}).getpixel((0, 0)) == (1, 2, 3)

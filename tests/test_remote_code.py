@@ -137,6 +137,7 @@ def test_saved_folder_holds_code_and_auto_map(saved_folders):
         assert not re.search(r"^\s*(from|import)\s+(modeling_mqirtn|processing)\b", source, re.MULTILINE), name
 
 
+@pytest.mark.slow
 def test_fresh_process_cannot_import_our_packages(child_results):
     # The child is a Hub user without this repository: PYTHONPATH unset, another working directory, and a finder that
     # refuses our packages even where they are pip-installed into the environment (as `scripts/install.sh` does).
@@ -145,6 +146,7 @@ def test_fresh_process_cannot_import_our_packages(child_results):
     assert child_results["still_blocked"] == {"modeling_mqirtn": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("composition", ALL_COMPOSITIONS)
 def test_fresh_process_round_trip_gives_the_same_outputs(saved_folders, child_results, composition):
     folders, processor = saved_folders

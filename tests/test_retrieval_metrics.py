@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from processing.retrieval_metrics import (
+from processing.data.metrics import (
     cirr_submission,
     evaluate_caption_match,
     evaluate_cirr,
@@ -169,9 +169,9 @@ def test_evaluate_protocol_reads_metadata_columns():
 
 @needs_fixtures
 def test_cirr_submission_matches_official_examples(tmp_path):
-    from processing.cir_datasets import load_cir_dataset
+    from processing.data.loaders import load_evaluation_data
 
-    data = load_cir_dataset("cirr", FIXTURES / "cirr", "test1", check_images="none")
+    data = load_evaluation_data("cirr", FIXTURES / "cirr", "test1", check_images="none")
     pair_ids = data.queries["pair_id"]
     reference_ids = data.queries["reference_id"]
     subset_ids = data.queries["subset_ids"]
@@ -231,3 +231,57 @@ def test_evaluate_module_loads_offline_and_agrees_with_protocol_functions(monkey
     for key, value in expected.items():
         assert from_scores[key] == pytest.approx(value)
         assert from_rankings[key] == pytest.approx(value)
+
+
+def test_one_search_engine_exclusions_across_blocks_match_a_plain_ranking():
+    """`rank_gallery` is `exact_search` (the pipeline's and the index's search) with the reference removed; small
+    blocks and query batches give the same ranking as one block."""
+    from modeling_mqirtn.pipeline_mqirtn import exact_search
+
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(7, 6, generator=generator), dim=-1)
+    gallery = torch.nn.functional.normalize(torch.randn(11, 6, generator=generator), dim=-1)
+    exclude = torch.tensor([0, 3, -1, 10, 5, 5, 1])
+    codes = torch.arange(11)
+    full = rank_gallery(queries, gallery, 11, exclude, codes)
+    _, blocked = exact_search(queries, gallery, 11, block_size=3, query_batch_size=2, query_exclude=exclude, gallery_exclude=codes)
+    assert torch.equal(full, blocked)
+    scores = queries @ gallery.T
+    for row, code in enumerate(exclude.tolist()):
+        expected = [i for i in scores[row].argsort(descending=True).tolist() if i != code]
+        assert full[row].tolist() == expected + [-1] * (11 - len(expected))
+    with pytest.raises(ValueError, match="given together"):
+        exact_search(queries, gallery, 3, query_exclude=exclude)
+
+
+class ColumnWithoutIndexing:
+    """A column that can be read whole but not item by item (indexing `datasets` columns one by one is 50x slower)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __len__(self):
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __getitem__(self, index):
+        raise AssertionError("indexed item by item")
+
+
+def test_cirr_submission_reads_each_column_once(tmp_path):
+    queries = torch.nn.functional.normalize(torch.randn(4, 5), dim=-1)
+    gallery = torch.nn.functional.normalize(torch.randn(6, 5), dim=-1)
+    names = [f"img{i}" for i in range(6)]
+    paths = cirr_submission(
+        ColumnWithoutIndexing([10, 11, 12, 13]),
+        queries,
+        gallery,
+        ColumnWithoutIndexing(names[:4]),
+        ColumnWithoutIndexing([names[:3]] * 4),
+        ColumnWithoutIndexing(names),
+        tmp_path,
+    )
+    recall = json.loads(paths[0].read_text())
+    assert recall["version"] == "rc2" and len(recall["10"]) == 5 and "img0" not in recall["10"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from processing.cir_datasets import CIREvaluationData, load_cir_dataset
-from processing.retrieval_metrics import evaluate_protocol
-from processing.shapes import (
+from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
+from processing.data.metrics import evaluate_protocol
+from processing.data.shapes import (
     BACKGROUND,
     CELL_NAMES,
     CELL_PHRASES,
@@ -172,7 +172,7 @@ def test_load_shapes_schema_cache_and_gallery(tmp_path, monkeypatch):
 
 
 def test_shapes_through_the_entry_point_and_protocol(tmp_path):
-    data = load_cir_dataset("shapes", split="test", num_queries=150, image_size=32, cache_dir=tmp_path)
+    data = load_evaluation_data("shapes", split="test", num_queries=150, image_size=32, cache_dir=tmp_path)
     assert isinstance(data, CIREvaluationData) and data.protocol == "shapes"
     assert "target_image" not in data.queries.column_names
     gallery_ids = list(data.gallery["image_id"])
@@ -187,7 +187,7 @@ def test_shapes_through_the_entry_point_and_protocol(tmp_path):
     assert evaluate_protocol("shapes", reference_only, gallery_embeds, data.queries, data.gallery, ks=(1,)) == {
         "recall@1": 0.0
     }
-    train = load_cir_dataset("shapes", split="train", num_queries=50, image_size=32, cache_dir=tmp_path)
+    train = load_training_queries("shapes", split="train", num_queries=50, image_size=32, cache_dir=tmp_path)
     assert train.column_names[1:4] == ["reference_image", "modification_text", "target_image"]
 
 
@@ -203,12 +203,25 @@ def test_invalid_arguments():
 
 
 def test_sample_grid_png(tmp_path):
-    """Writes /tmp/mqirtn_shapes_grid.png (reference | target per query) for a visual check."""
+    """A reference | target grid of 12 queries, written under tmp_path (open it for a visual check): every tile is a
+    rendered scene on the background with at least one object, and each target differs from its reference."""
     queries = generate_shapes_queries("test", 12, seed=0)
-    grid = PILImage.new("RGB", (6 * 68, 4 * 68), (128, 128, 128))
+    separator = (128, 128, 128)
+    grid = PILImage.new("RGB", (6 * 68, 4 * 68), separator)
     for i, query in enumerate(queries):
         row, column = divmod(i, 3)
         grid.paste(render_scene(query.reference, 64), (column * 136, row * 68))
         grid.paste(render_scene(query.target, 64), (column * 136 + 66, row * 68))
-    grid.save("/tmp/mqirtn_shapes_grid.png")
-    assert grid.getpixel((0, 0)) == BACKGROUND
+    path = tmp_path / "shapes_grid.png"
+    grid.save(path)
+    pixels = np.asarray(PILImage.open(path).convert("RGB"))
+    assert (pixels == np.asarray(grid)).all(), "the PNG round trip is lossless"
+    assert tuple(pixels[0, 64]) == separator and tuple(pixels[66, 0]) == separator
+    for i in range(len(queries)):
+        row, column = divmod(i, 3)
+        reference = pixels[row * 68 : row * 68 + 64, column * 136 : column * 136 + 64]
+        target = pixels[row * 68 : row * 68 + 64, column * 136 + 66 : column * 136 + 130]
+        for tile in (reference, target):
+            assert tuple(tile[0, 0]) == BACKGROUND
+            assert (tile != BACKGROUND).any(axis=-1).mean() > 0.01, "at least one object is drawn"
+        assert (reference != target).any(), f"query {i}: the modification changed nothing"

@@ -17,26 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO_ROOT as REPO
+from conftest import TINY_TRAIN_ARGS as TINY_ARGS
+from conftest import TRAIN_DATA_ARGS as DATA_ARGS
+from conftest import read_json, run_train
+from conftest import train_env as run_env
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402
-
-
-# Tiny shapes data (32 px) and one tiny model: patch 8, hidden 32, 2 layers, text tower from scratch.
-DATA_ARGS = [
-    "--image_size", "32",
-    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "16", "--shapes_num_test_queries", "40",
-    "--per_device_eval_batch_size", "16", "--num_results_grids", "0",
-]  # fmt: skip
-TINY_ARGS = [
-    *DATA_ARGS, "--patch_size", "8",
-    "--vision_hidden_size", "32", "--vision_num_hidden_layers", "2", "--vision_num_attention_heads", "2",
-    "--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "2", "--text_num_attention_heads", "2",
-    "--projection_dim", "32", "--fusion_num_heads", "4",
-    "--per_device_train_batch_size", "8", "--num_warmup_steps", "0", "--logging_steps", "1",
-]  # fmt: skip
+import train
 
 
 @pytest.fixture(scope="session")
@@ -44,32 +31,8 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mqirtn-cache")
 
 
-def run_env(cache_dir: Path) -> dict:
-    env = dict(os.environ)
-    # One thread: several of these processes share two cores, and OpenMP spinning makes 2 threads far slower then.
-    env.update(PYTHONPATH=str(REPO), MQIRTN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run_train(args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_ARGS, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *base, *args],
-        env=run_env(cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 # ------------------------------------------------------------------------------------------------ smoke + reload
+@pytest.mark.slow
 def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     output = tmp_path / "model"
     result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--num_results_grids", "1"], cache_dir)
@@ -96,9 +59,19 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     assert recall_at_1 and recall_at_1[0].metric_value == pytest.approx(results["test"]["recall@1"], abs=0.01)
     assert "| recall@1 |" in card.text
 
-    # The logit scale trains on its own learning rate: after 4 steps it has moved away from its init (4.0).
+    # What the composition does, at the start and after training, is recorded with the results.
+    composition = results["composition"]
+    assert composition["start"]["angle_rms"] > 0.3 and 0 < composition["end"]["composition_norm_share"] < 1
+    for moment in ("start", "end"):
+        shares = [v for k, v in composition[moment].items() if k.startswith("grad_share_")]
+        assert len(shares) == 4 and sum(shares) == pytest.approx(1.0, abs=1e-4)
+        assert composition[moment]["back_query_cosine_conjugate_vs_same"] < 1.0
+    assert results["training"]["completed_steps"] == 4 and results["training"]["time_limit_reached"] is False
+    assert "angle_rms=" in result.stderr  # logged during training too
+
+    # The logit scale trains on its own learning rate: after 4 steps it has moved away from its init (20).
     scale = load_file(output / "model.safetensors")["logit_scale"].item()
-    assert abs(scale - 4.0) > 0.01
+    assert abs(scale - 20.0) > 0.01
 
     # A fresh process, another cwd, no PYTHONPATH: only the saved folder and trust_remote_code.
     script = textwrap.dedent(
@@ -142,6 +115,7 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
 
 
 # ------------------------------------------------------------------------------------------------ kill and resume
+@pytest.mark.slow
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
     # 64 queries / batch 8 = 8 steps per epoch; 12 steps cross an epoch boundary. Dropout off: a resumed run
     # replays the same data, but its dropout masks differ (the data loader draws from the global RNG).
@@ -186,6 +160,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
 
 
 # ------------------------------------------------------------------------------------------------ non-finite losses
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(tmp_path, cache_dir):
     output = tmp_path / "once"
     result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--no-do_eval", "--debug_nonfinite_steps", "1"], cache_dir)
@@ -234,8 +209,11 @@ class RecordingHfApi:
         RecordingHfApi.calls.append(("upload_folder", repo_id, files))
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(train, "HfApi", RecordingHfApi)
+    from mqirtn_app import model_card
+
+    monkeypatch.setattr(model_card, "HfApi", RecordingHfApi)
     monkeypatch.setenv("MQIRTN_CACHE", str(cache_dir))
     RecordingHfApi.calls = []
     torch.set_num_threads(1)
@@ -294,7 +272,9 @@ def test_defaults_are_the_embedded_shapes_run():
     assert (args.source, args.eval_split, args.do_eval) == ("shapes", "test", True)
     assert args.output_dir == "outputs/mqirtn-shapes"
     assert args.text_model_name_or_path == train.default_text_model()
-    assert args.freeze_text and args.logit_scale_init_value == 20.0 and args.max_train_minutes == 12.0
+    # A step budget decides what is trained (3 epochs); the clock is only a safety net far above the expected time.
+    assert args.freeze_text and args.logit_scale_init_value is None and args.max_train_minutes == 45.0
+    assert args.learning_rate == 5e-4 and args.max_train_steps is None and args.num_train_epochs == 3
     assert not train.parse_args(["--text_from_scratch"]).freeze_text
     assert train.parse_args(["--dataset", "cirr", "--data_dir", "x"]).max_train_minutes == 0.0
     assert train.parse_args(["--checkpointing_steps", "7"]).checkpointing_steps == 7
@@ -343,7 +323,7 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
     from transformers import ViTImageProcessor
 
     from processing import MQIRTNProcessor
-    from processing.training_data import CIRTrainingCollator, set_training_transform, stable_id
+    from processing.data.transforms import CIRTrainingCollator, set_training_transform, stable_id
 
     def png(color) -> bytes:
         buffer = io.BytesIO()
@@ -377,16 +357,23 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
     assert torch.equal(batch["pixel_values"][2], batch["pixel_values"][0])
 
 
+@pytest.mark.slow
 def test_max_train_minutes_stops_every_process_at_the_same_step(tmp_path, cache_dir):
     output = tmp_path / "timed"
-    result = run_train(["--output_dir", str(output), "--max_train_steps", "40", "--no-do_eval", "--max_train_minutes", "1e-6"], cache_dir)
+    result = run_train(["--output_dir", str(output), "--max_train_steps", "40", "--max_train_minutes", "1e-6"], cache_dir)
     assert "--max_train_minutes 1e-06 reached: stopping at step 10 of 40" in result.stderr
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 10 and state["time_limit_reached"] is True
     assert (output / "model.safetensors").is_file()  # the model is still saved
+    # The guard that fired says so wherever the results go: the printed table, eval_results.json and the model card.
+    assert "CUT SHORT by --max_train_minutes 1e-06: trained 10 of 40 steps" in result.stdout
+    record = read_json(output / "eval_results.json")
+    assert record["training"]["time_limit_reached"] is True and record["training"]["completed_steps"] == 10
+    assert "YES: cut short at step 10 of 40" in (output / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ CIRR: eval + predict
+@pytest.mark.slow
 def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
     from test_cir_datasets import make_cirr  # the data helper's in-test CIRR tree (one corrupt, one missing image)
 
@@ -413,6 +400,7 @@ def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
     assert sorted(subset["7"]) == ["test1-1-0-img0", "test1-2-0-img0"]
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_on_cpu(tmp_path, cache_dir):
     output = tmp_path / "bf16"
     result = run_train(["--output_dir", str(output), "--max_train_steps", "3", "--no-do_eval", "--mixed_precision", "bf16"], cache_dir)
@@ -422,8 +410,56 @@ def test_bf16_mixed_precision_on_cpu(tmp_path, cache_dir):
     assert weights["logit_scale"].dtype == torch.float32  # master weights stay fp32
 
 
+@pytest.mark.slow
 def test_eval_steps_select_the_best_model_on_validation(tmp_path, cache_dir):
     output = tmp_path / "selected"
     result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--eval_steps", "2"], cache_dir)
     assert "validation @ step 2" in result.stderr  # model selection uses the validation split, not test
     assert (output / "best_model" / "model.safetensors").is_file() and (output / "best_model" / "config.json").is_file()
+
+
+def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
+    from conftest import random_batch, tiny_model
+
+    model = tiny_model("mqirtn").eval()
+    model.text_model.requires_grad_(False)
+    batch = random_batch(6)
+    # Rows 4 and 5 repeat rows 0 and 1 with more padding: the cache must key texts by their real tokens only.
+    batch["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(6, 3, dtype=torch.long)], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(6, 3, dtype=torch.long)], dim=1)
+    batch["input_ids"][4:], batch["attention_mask"][4:] = batch["input_ids"][:2], batch["attention_mask"][:2]
+    with torch.no_grad():
+        expected = model(**batch, return_loss=True)
+    cache = train.FrozenTowerCache(model.text_model)
+    with torch.no_grad():
+        first = model(**batch, return_loss=True)
+        second = model(**batch, return_loss=True)
+    for got in (first, second):
+        torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-4)
+    assert cache.misses == 4 and cache.hits == 2 + 6  # 4 distinct texts computed once
+    copied = __import__("copy").deepcopy(model)
+    assert copied.text_model.forward.__self__.entries is cache.entries  # a model copy shares the entries
+    torch.testing.assert_close(copied(**batch).query_embeds, expected.query_embeds, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="frozen tower"):
+        train.FrozenTowerCache(tiny_model("mqirtn").text_model)
+
+
+def test_dataset_facts_come_from_the_registry():
+    from processing.data.registry import dataset_names, get_dataset_spec
+
+    for name in dataset_names():
+        spec = get_dataset_spec(name)
+        assert train.DEFAULT_SPLITS[name] == spec.default_splits
+        assert train.HEADLINE_METRIC[name] == spec.headline_metric
+    assert "hub" not in train.DATASETS and set(train.DATASETS) == set(dataset_names()) - {"hub"}
+    args = train.parse_args(["--dataset", "fashioniq", "--data_dir", "x", "--both_caption_orders"])
+    assert train.loader_options(args, "train") == {"check_images": "exists", "both_caption_orders": True}
+    shapes = train.parse_args(["--shapes_num_test_queries", "7"])
+    assert train.loader_options(shapes, "test")["num_queries"] == 7
+
+
+def test_recall_is_computed_once_at_run_time():
+    # The `evaluate` module is cross-checked against the package's Recall in test_retrieval_metrics, not in train.py.
+    assert not hasattr(train, "recall_with_evaluate_module")
+    assert "evaluate" not in train.evaluate_split.__code__.co_names

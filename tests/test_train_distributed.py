@@ -16,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import REPO, TINY_ARGS, read_json, run_env, run_train
+from conftest import REPO_ROOT as REPO
+from conftest import TINY_TRAIN_ARGS as TINY_ARGS
+from conftest import read_json, run_train
+from conftest import train_env as run_env
 
 
 def free_port() -> int:
@@ -34,6 +37,7 @@ def cache_dir(tmp_path_factory) -> Path:
 EXACT = ["--text_dropout", "0", "--max_grad_norm", "0", "--no-do_eval"]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_a_single_process_on_the_concatenated_batch(tmp_path, cache_dir):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate is not None, "the accelerate CLI is not installed next to this Python"

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_processor
 from PIL import Image
-from retrieval_utils import shape_image
+from conftest import shape_image
 
-from modeling_mqirtn.visualization_mqirtn import (
+from mqirtn_app.visualization import (
     TARGET,
     attention_maps,
     save_attention_map,

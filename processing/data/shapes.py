@@ -18,7 +18,7 @@ no scene whatever their sizes. The evaluation gallery of a split is every distin
 queries (references and targets); a retrieved image is a hit when it shows the same scene, so ids
 are canonical scene keys (:func:`scene_key`).
 
->>> from processing.shapes import load_shapes, load_shapes_gallery
+>>> from processing.data.shapes import load_shapes, load_shapes_gallery
 >>> queries = load_shapes("test", num_queries=100)          # doctest: +SKIP
 >>> queries[0]["modification_text"], queries[0]["target_id"]  # doctest: +SKIP
 ('make the object at the top red', '1:large:red:square|4:small:blue:circle')

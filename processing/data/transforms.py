@@ -1,12 +1,13 @@
 """Training-side data plumbing for `train.py`: lazy transforms, collators and stable image ids.
 
-Datasets come from the loaders (`processing.shapes`, `processing.cir_datasets`) with image columns
-(`datasets.Image`). Here they are turned into model batches:
+Datasets come from the loaders (`processing.data.loaders`) with image columns (`datasets.Image`). Here they are
+turned into model batches, every image through the `MQIRTNProcessor` itself (its decoder `to_rgb_image`, then its
+image processor), so training and evaluation see exactly the pixels the pipeline and the index see:
 
 - :func:`set_training_transform` / :func:`set_query_transform` / :func:`set_gallery_transform` return a copy of
   the dataset with a lazy transform (`with_transform`, i.e. `set_transform` on a copy) that decodes images
   **without raising on a corrupt or missing file** (the row is marked unreadable instead) and runs the
-  `MQIRTNProcessor`'s image processor;
+  `MQIRTNProcessor` on them;
 - :class:`CIRTrainingCollator` tokenises the modification texts of a batch (padding to the batch's longest), stacks
   the pixels and replaces unreadable rows by copies of readable ones, so every process keeps the same batch size
   (the differentiable all-gather of the loss needs it) and the copies are masked out of each other's negatives
@@ -21,7 +22,6 @@ Datasets come from the loaders (`processing.shapes`, `processing.cir_datasets`) 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Sequence
 
@@ -29,6 +29,8 @@ import torch
 from datasets import Dataset, Image
 from PIL import Image as PILImage
 from transformers.utils import logging
+
+from ..processing_mqirtn import to_rgb_image_or_none
 
 
 logger = logging.get_logger(__name__)
@@ -41,27 +43,19 @@ def stable_id(value: str | bytes) -> int:
 
 
 def decode_image(value) -> PILImage.Image | None:
-    """Decode an image cell (``{"bytes", "path"}`` dict of an undecoded `datasets.Image` column, a path or a PIL
-    image) to RGB; returns ``None`` (and logs a warning naming the file) when it is missing or corrupt."""
-    if value is None:
-        return None
-    if isinstance(value, PILImage.Image):
-        image = value
-    else:
-        path = value.get("path") if isinstance(value, dict) else value
-        data = value.get("bytes") if isinstance(value, dict) else None
-        try:
-            if data is not None:
-                image = PILImage.open(io.BytesIO(data))
-            elif path is not None:
-                image = PILImage.open(os.fspath(path))
-            else:
-                return None
-            image.load()
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three on damaged files
-            logger.warning(f"Skipping unreadable image {path!r}: {error}")
-            return None
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """The processor's decoder (:func:`processing.processing_mqirtn.to_rgb_image`) on an image cell (``{"bytes",
+    "path"}`` dict of an undecoded `datasets.Image` column, a path or a PIL image); ``None`` (and a warning naming the
+    file) when it is missing or corrupt."""
+    image = to_rgb_image_or_none(value)
+    if image is None and value is not None:
+        logger.warning(f"Skipping unreadable image {_describe(value)!r}")
+    return image
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return str(value.get("path") or "<bytes>")
+    return str(value)
 
 
 def _undecoded(dataset: Dataset, columns: Sequence[str]) -> Dataset:
@@ -86,12 +80,13 @@ def _image_key(value, fallback: str) -> str:
     return fallback
 
 
-def _pixels(image_processor, images: list) -> list[torch.Tensor | None]:
-    """Process the readable images of a list in one call; unreadable ones stay ``None``."""
+def _pixels(processor, images: list) -> list[torch.Tensor | None]:
+    """The processor's ``pixel_values`` (3, H, W) of the readable images of a list, in one call; unreadable ones stay
+    ``None``."""
     readable = [i for i, image in enumerate(images) if image is not None]
     result: list[torch.Tensor | None] = [None] * len(images)
     if readable:
-        pixel_values = image_processor(images=[images[i] for i in readable], return_tensors="pt")["pixel_values"]
+        pixel_values = processor(images=[images[i] for i in readable], return_tensors="pt")["pixel_values"]
         for row, i in enumerate(readable):
             result[i] = pixel_values[row]
     return result
@@ -117,7 +112,6 @@ def set_training_transform(
     dataset = _undecoded(dataset, (reference_column, target_column))
     has_reference_id = reference_id_column is not None and reference_id_column in dataset.column_names
     has_target_id = target_id_column is not None and target_id_column in dataset.column_names
-    image_processor = processor.image_processor
 
     def transform(batch: dict) -> dict:
         references = [decode_image(value) for value in batch[reference_column]]
@@ -131,8 +125,8 @@ def set_training_transform(
             batch[target_id_column] if has_target_id else [_image_key(v, f"tgt{i}") for i, v in enumerate(batch[target_column])]
         )
         return {
-            "pixel_values": _pixels(image_processor, references),
-            "target_pixel_values": _pixels(image_processor, targets),
+            "pixel_values": _pixels(processor, references),
+            "target_pixel_values": _pixels(processor, targets),
             "modification_text": [str(text) for text in batch[text_column]],
             "reference_ids": [stable_id(key) for key in reference_keys],
             "target_ids": [stable_id(key) for key in target_keys],
@@ -150,12 +144,11 @@ def set_query_transform(
     An unreadable reference becomes a black image (the query keeps its place, so metadata rows stay aligned).
     """
     dataset = _undecoded(dataset, (reference_column,))
-    image_processor = processor.image_processor
 
     def transform(batch: dict) -> dict:
         images = [decode_image(value) for value in batch[reference_column]]
         return {
-            "pixel_values": _blank_filled(image_processor, images),
+            "pixel_values": _blank_filled(processor, images),
             "modification_text": [str(text) for text in batch[text_column]],
         }
 
@@ -165,20 +158,19 @@ def set_query_transform(
 def set_gallery_transform(dataset: Dataset, processor, image_column: str = "image") -> Dataset:
     """A copy of ``dataset`` with the lazy gallery transform: ``pixel_values`` (3, H, W); unreadable images become black."""
     dataset = _undecoded(dataset, (image_column,))
-    image_processor = processor.image_processor
 
     def transform(batch: dict) -> dict:
-        return {"pixel_values": _blank_filled(image_processor, [decode_image(value) for value in batch[image_column]])}
+        return {"pixel_values": _blank_filled(processor, [decode_image(value) for value in batch[image_column]])}
 
     return dataset.with_transform(transform)
 
 
-def _blank_filled(image_processor, images: list) -> list[torch.Tensor]:
-    pixels = _pixels(image_processor, images)
+def _blank_filled(processor, images: list) -> list[torch.Tensor]:
+    pixels = _pixels(processor, images)
     if any(p is None for p in pixels):
         template = next((p for p in pixels if p is not None), None)
         if template is None:
-            template = _pixels(image_processor, [PILImage.new("RGB", (32, 32))])[0]
+            template = _pixels(processor, [PILImage.new("RGB", (32, 32))])[0]
         pixels = [p if p is not None else torch.full_like(template, template.min().item()) for p in pixels]
     return pixels
 

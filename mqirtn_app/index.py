@@ -13,7 +13,6 @@ Not Hub code (the model never imports it): it may use tqdm, safetensors and, laz
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -23,26 +22,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .pipeline_mqirtn import exact_search
+from modeling_mqirtn.pipeline_mqirtn import exact_search
+from processing.processing_mqirtn import IMAGE_EXTENSIONS, to_rgb_image
+
+from . import BACKENDS
 
 
 logger = logging.get_logger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 INDEX_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 # FAISS's own serialisation (`faiss.write_index`), written by `save` for the faiss-* backends; `index.json` records
 # what it was built from (its "faiss" entry) so `load` can tell a stale file.
 FAISS_FILE = "faiss.index"
 FORMAT_VERSION = 1
-# Errors PIL raises for files that are not (complete, sane) images.
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class ModelMismatchError(ValueError):
@@ -76,30 +73,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def _open_image(item) -> Image.Image:
-    """Decodes one gallery item (PIL image, path, `datasets` {"bytes", "path"} dict or numpy array) to a PIL image.
-
-    Raises one of `_UNREADABLE` for files that are missing, truncated or not images.
-    """
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, np.ndarray):
-        return Image.fromarray(item)
-    if isinstance(item, dict):
-        if item.get("bytes") is not None:
-            image = Image.open(io.BytesIO(item["bytes"]))
-        elif item.get("path"):
-            image = Image.open(item["path"])
-        else:
-            raise ValueError("the image entry has neither bytes nor a path")
-    elif isinstance(item, (str, os.PathLike)):
-        image = Image.open(Path(item))
-    else:
-        raise ValueError(f"an image must be a PIL image, a path or a numpy array, got {type(item).__name__}")
-    image.load()
-    return image
-
-
 def _describe(item, position: int) -> str:
     if isinstance(item, (str, os.PathLike)):
         return str(item)
@@ -148,9 +121,10 @@ def embed_images(
             for position in range(start, min(start + batch_size, len(images))):
                 item = images[position]
                 try:
-                    decoded.append(_open_image(item))
+                    # The processor's decoder: the index sees the pixels training and the pipeline see.
+                    decoded.append(to_rgb_image(item, "images", position))
                     positions.append(position)
-                except _UNREADABLE as error:
+                except ValueError as error:  # ImageDecodeError for unreadable files, ValueError for other things
                     skipped.append(f"{_describe(item, position)} ({type(error).__name__}: {error})")
             if decoded:
                 pixel_values = processor(images=decoded, return_tensors="pt")["pixel_values"]

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from processing.processing_mqirtn import to_rgb_image_or_none
+
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -38,21 +40,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _rgb(image) -> Image.Image | None:
-    """PIL image or path -> RGB PIL image (transparency on white); `None` or an unreadable path -> `None`."""
-    if image is None:
-        return None
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError):
-            return None
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
-    return image.convert("RGB")
+    """Any image the processor reads (PIL image, array, path, `datasets` cell) -> RGB through its decoder
+    (`to_rgb_image`, transparency on white); `None` or an unreadable file -> `None` (a 'missing' tile)."""
+    return to_rgb_image_or_none(image)
 
 
 def _thumbnail(image, size: int) -> Image.Image:
@@ -425,4 +415,68 @@ def save_attention_map(
     return figure
 
 
-__all__ = ["attention_figure", "attention_maps", "results_grid", "save_attention_map", "save_results_grid"]
+
+def save_evaluation_grids(
+    folder: str | os.PathLike,
+    data,
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    count: int = 4,
+    model=None,
+    processor=None,
+    top_k: int = 10,
+) -> list[Path]:
+    r"""
+    Qualitative figures of an evaluation: for the first `count` queries of `data` (a `CIREvaluationData`) the
+    reference, its text and the top-`top_k` gallery images with the target outlined (`query_{i}.png`); for a fusion
+    model (with `model` and `processor` given), the first query's text->image attention map (`attention_0.png`).
+
+    query_embeds (`torch.FloatTensor` of shape `(num_queries, projection_dim)`), gallery_embeds (`torch.FloatTensor` of
+    shape `(gallery_size, projection_dim)`): L2-normalised, rows in the order of `data.queries` / `data.gallery`.
+
+    Returns the paths written.
+    """
+    from datasets import Image as ImageFeature
+
+    from modeling_mqirtn.pipeline_mqirtn import exact_search
+
+    count = min(count, len(data.queries))
+    if count == 0:
+        return []
+    folder = Path(folder)
+    _, ranking = exact_search(query_embeds[:count].float(), gallery_embeds.float(), top_k)
+    gallery = data.gallery.cast_column("image", ImageFeature(decode=False))
+    queries = data.queries.cast_column("reference_image", ImageFeature(decode=False))
+    gallery_ids = list(data.gallery["image_id"])
+    written = []
+    for row in range(count):
+        indices = [j for j in ranking[row].tolist() if j >= 0]
+        ids = [gallery_ids[j] for j in indices]
+        target = queries[row]["target_id"]
+        path = folder / f"query_{row}.png"
+        save_results_grid(
+            path,
+            queries[row]["reference_image"],
+            queries[row]["modification_text"],
+            [gallery[j]["image"] for j in indices],
+            (query_embeds[row] @ gallery_embeds[indices].T).tolist(),
+            target_index=ids.index(target) if target in ids else None,
+            ids=ids,
+        )
+        written.append(path)
+    if model is not None and processor is not None and model.config.uses_fusion:
+        first = to_rgb_image_or_none(queries[0]["reference_image"])
+        if first is not None:
+            save_attention_map(folder / "attention_0.png", model, processor, first, queries[0]["modification_text"])
+            written.append(folder / "attention_0.png")
+    return written
+
+
+__all__ = [
+    "attention_figure",
+    "attention_maps",
+    "results_grid",
+    "save_attention_map",
+    "save_evaluation_grids",
+    "save_results_grid",
+]

@@ -21,6 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+# Only the standard library and this constant at import time: `mqirtn --help` must not wait for torch.
+from . import BACKENDS
+
 
 class _CLIError(Exception):
     """An error reported as one line, without a traceback."""
@@ -33,8 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .index_mqirtn import BACKENDS
-
     parser = _Parser(prog="mqirtn", description="Composed image retrieval with an MQIRTN model.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -65,8 +66,7 @@ def _load_model(name_or_path: str):
         os.path.expanduser(name_or_path)
     ):
         raise _CLIError(f"the model folder {name_or_path!r} does not exist")
-    import modeling_mqirtn  # noqa: F401  (registers the MQIRTN Auto classes and the pipeline task)
-    import processing  # noqa: F401  (registers the MQIRTN AutoProcessor)
+    import processing  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
     from transformers import AutoModel, AutoProcessor
 
     try:
@@ -85,7 +85,7 @@ def _distributed() -> bool:
 
 
 def _index(args) -> int:
-    from .index_mqirtn import IMAGE_EXTENSIONS, GalleryIndex, image_files
+    from .index import IMAGE_EXTENSIONS, GalleryIndex, image_files
 
     if args.batch_size < 1:
         raise _CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -128,8 +128,8 @@ def _index(args) -> int:
 
 
 def _search(args) -> int:
-    from .index_mqirtn import GalleryIndex
-    from .pipeline_mqirtn import ComposedImageRetrievalPipeline
+    from .index import GalleryIndex
+    from modeling_mqirtn import ComposedImageRetrievalPipeline
 
     if args.top_k < 1:
         raise _CLIError(f"--top-k must be a positive integer, got {args.top_k}")
@@ -156,7 +156,7 @@ def _search(args) -> int:
             print(f"{rank:>4}  {result['score']:7.4f}  {result['id']}")
 
     if args.grid:
-        from .visualization_mqirtn import save_results_grid
+        from .visualization import save_results_grid
 
         ids = [result["id"] for result in results]
         save_results_grid(
@@ -170,7 +170,7 @@ def _search(args) -> int:
         )
         print(f"Wrote the results grid to {args.grid}", file=sys.stderr)
     if args.attention:
-        from .visualization_mqirtn import save_attention_map
+        from .visualization import save_attention_map
 
         save_attention_map(args.attention, model, processor, args.image, args.text)
         print(f"Wrote the attention map to {args.attention}", file=sys.stderr)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mqirtn` console script; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from .index_mqirtn import ModelMismatchError
+    from .index import ModelMismatchError
 
     try:
         return _index(args) if args.command == "index" else _search(args)

@@ -1,0 +1,12 @@
+"""The MQIRTN application (never shipped to the Hub; no Hub file imports it): what is built on the model.
+
+- `cli`: the `mqirtn` console script (`mqirtn index`, `mqirtn search`);
+- `index`: `GalleryIndex`, embeddings of an image collection saved to disk and searched (exact or FAISS);
+- `visualization`: results grids and cross-attention maps drawn with PIL;
+- `model_card`: the Hub model card `train.py` writes, and the upload of a trained model.
+
+Modules are imported on their own; this package imports nothing, so `mqirtn --help` starts without torch.
+"""
+
+# The search backends of `GalleryIndex`, here so that the command-line parser can list them without importing torch.
+BACKENDS: tuple[str, ...] = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")

@@ -1,0 +1,115 @@
+"""The Hub model card of a trained MQIRTN model (filled from `model_card.md`) and the upload of its folder.
+
+The dataset's display name comes from the dataset registry (`processing.data.registry`); the results become
+`model-index` entries of the card's YAML metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from processing.data.registry import get_dataset_spec
+
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+# What a model folder written by train.py holds that does not belong on the Hub.
+UPLOAD_IGNORE_PATTERNS: tuple[str, ...] = ("checkpoints/**", "runs/**", "best_model/**", "results_grids/**")
+
+
+def _results_table(results: dict[str, dict[str, float]]) -> str:
+    rows = [
+        f"| split | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n| {split} | "
+        + " | ".join(f"{value:.2f}" for value in metrics.values())
+        + " |"
+        for split, metrics in results.items()
+    ]
+    return "\n".join(rows) or "Not evaluated."
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    results: dict[str, dict[str, float]],
+    training_summary: dict,
+    dataset: str,
+    composition: str,
+    hub_dataset_name: str | None = None,
+    base_models: Sequence[str] = (),
+    hub_model_id: str | None = None,
+    template_path: str | os.PathLike = TEMPLATE,
+) -> Path:
+    """Writes `folder/README.md`: YAML metadata (model-index from `results`) + the filled template; returns its path.
+
+    Args:
+        folder: the saved model folder.
+        results: `{split: {metric: percent}}`.
+        training_summary: `{what: value}` rows of the training table.
+        dataset: the registry name of the training dataset (`"hub"` with `hub_dataset_name` for a `datasets` one).
+        composition: the model's `config.composition`.
+        base_models: Hub ids of the pretrained towers.
+        hub_model_id: `ORG/NAME` the model is pushed to, if any.
+    """
+    folder = Path(folder)
+    spec = get_dataset_spec(dataset)
+    if spec.data_dir == "dataset" and not hub_dataset_name:
+        raise ValueError(f"`hub_dataset_name` must name the `datasets` dataset for dataset={dataset!r}")
+    dataset_name = hub_dataset_name if spec.data_dir == "dataset" else spec.display_name
+    eval_results = [
+        EvalResult(
+            task_type="image-retrieval",
+            task_name="Composed image retrieval",
+            dataset_type=hub_dataset_name if spec.data_dir == "dataset" else dataset,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric.split("@")[0].replace("_", "-"),
+            metric_name=metric,
+            metric_value=round(value, 2),
+        )
+        for split, metrics in results.items()
+        for metric, value in metrics.items()
+    ]
+    model_name = hub_model_id.split("/")[-1] if hub_model_id else folder.name
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=["composed-image-retrieval", "image-retrieval", "mqirtn", composition, "custom_code"],
+        base_model=list(base_models) or None,
+        datasets=[hub_dataset_name] if spec.data_dir == "dataset" else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=hub_model_id or str(folder),
+        dataset_name=dataset_name,
+        composition=composition,
+        results_table=_results_table(results),
+        training_summary="\n".join(f"| {key} | {value} |" for key, value in training_summary.items()),
+    )
+    path = folder / "README.md"
+    card.save(path)
+    return path
+
+
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False
+) -> str:
+    """Creates the model repository `repo_id` (if needed) and uploads `folder` without its checkpoints, logs and
+    figures (`UPLOAD_IGNORE_PATTERNS`); returns the repository id."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message="Upload MQIRTN model trained with train.py",
+        ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+    )
+    return repo_id
+
+
+__all__ = ["push_to_hub", "write_model_card"]
