@@ -17,6 +17,7 @@ MODULES = [
     "processing.processing_mqirtn",
     "processing.data.registry",
     "processing.data.loaders",
+    "processing.data.folder_datasets",
     "processing.data.metrics",
     "processing.data.shapes",
     "processing.data.transforms",

@@ -3,7 +3,7 @@
 `train.py` (choices, default splits, the model-selection metric, which options a loader takes), the loaders'
 entry points (`load_training_queries`, `load_evaluation_data`), the metrics (a spec's Recall Ks are its protocol's)
 and the model card (display name) all read it. A dataset registers itself with `register_dataset` next to its loader
-(`processing.data.loaders` holds the built-in ones), so adding a dataset touches one file.
+(`processing.data.folder_datasets` and `processing.data.loaders` hold the built-in ones), so adding a dataset touches one file.
 
 >>> from processing.data.registry import get_dataset_spec
 >>> spec = get_dataset_spec("cirr")
@@ -78,7 +78,7 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {}
 # Modules that register datasets when imported; `get_dataset_spec` / `dataset_names` import them first.
-_PROVIDERS: tuple[str, ...] = ("processing.data.loaders",)
+_PROVIDERS: tuple[str, ...] = ("processing.data.loaders", "processing.data.folder_datasets")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:

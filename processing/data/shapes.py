@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from datasets import Dataset, DatasetDict, Features, Image, Value, load_from_disk
+from datasets import Dataset, Features, Image, Value, load_from_disk
 from PIL import Image as PILImage
 from PIL import ImageDraw
 from tqdm.auto import tqdm
@@ -455,18 +455,3 @@ def load_shapes_gallery(
     scene key, unique) and ``image`` (Image).
     """
     return _load_or_build(split, num_queries, image_size, seed, cache_dir)[1]
-
-
-def load_shapes_splits(
-    num_train_queries: int = DEFAULT_NUM_QUERIES["train"],
-    num_validation_queries: int = DEFAULT_NUM_QUERIES["validation"],
-    num_test_queries: int = DEFAULT_NUM_QUERIES["test"],
-    image_size: int = 64,
-    seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-) -> DatasetDict:
-    """All three query splits as a `datasets.DatasetDict` (``train``, ``validation``, ``test``)."""
-    sizes = {"train": num_train_queries, "validation": num_validation_queries, "test": num_test_queries}
-    return DatasetDict(
-        {split: load_shapes(split, size, image_size=image_size, seed=seed, cache_dir=cache_dir) for split, size in sizes.items()}
-    )
