@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--no_image_residual", action="store_true", help="Ablation: no gated residual of the reference in the query.")
     model.add_argument("--loss_type", choices=LOSS_TYPES, default="batch_based_classification")
     model.add_argument(
-        "--logit_scale_init_value", type=_positive_float, default=20.0,
-        help="Initial logit scale (measured on shapes validation: 20 >> 10 >> 4 in the same budget; it keeps training).",
+        "--logit_scale_init_value", type=_positive_float, default=None,
+        help="Initial logit scale s of the logits s*cos (default: MQIRTNConfig's, 20; ComposeAE/TIRG's s^2 = 16).",
     )
     model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     model.add_argument(
@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output_dir", default="outputs/mqirtn-shapes")
     train.add_argument("--per_device_train_batch_size", type=_positive_int, default=64)
     train.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128)
-    train.add_argument("--learning_rate", type=_positive_float, default=1e-3, help="Learning rate of the new layers (and from-scratch towers).")
+    train.add_argument(
+        "--learning_rate", type=_positive_float, default=5e-4,
+        help="Learning rate of the new layers (and from-scratch towers); 5e-4 was chosen on shapes validation.",
+    )
     train.add_argument("--tower_lr_multiplier", type=_non_negative_float, default=0.1, help="Pretrained towers train at learning_rate x this.")
     train.add_argument("--logit_scale_lr", type=_non_negative_float, default=0.05, help="Own learning rate of the logit scale (DESIGN 1, Measured).")
     train.add_argument("--weight_decay", type=_non_negative_float, default=0.01)
@@ -188,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_train_minutes",
         type=_non_negative_float,
         default=None,
-        help="Stop training after this many minutes, whatever the step count (0 = no limit). "
-        "Default: 12 for --dataset shapes (keeps the embedded default run within 15 minutes on a busy machine), else no limit.",
+        help="Safety net: stop training after this many minutes (0 = no limit); the step budget decides what is trained, "
+        "and a run this guard cuts short says so in its results. Default: 45 for --dataset shapes, else no limit.",
     )
     train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     train.add_argument(
@@ -204,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze_text", action=argparse.BooleanOptionalAction, default=None,
         help="Freeze the text tower (kept in eval mode). Default: on for shapes with a pretrained text tower (measured best "
         "there: frozen all-MiniLM-L6-v2 R@1 30%% vs 5%% for a small tower from scratch), off otherwise.",
+    )
+    train.add_argument(
+        "--frozen_text_cache", action=argparse.BooleanOptionalAction, default=True,
+        help="With --freeze_text, compute the frozen tower once per distinct text and reuse its token states (same results, "
+        "faster steps; see benchmarks/speed.py).",
     )
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: what `accelerate launch`/config says.")
     train.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
@@ -310,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.validation_split = args.validation_split or validation_split
     args.predict_split = args.predict_split or predict_split
     if args.max_train_minutes is None:
-        args.max_train_minutes = 12.0 if args.source == "shapes" else 0.0
+        args.max_train_minutes = 45.0 if args.source == "shapes" else 0.0
     if args.freeze_text is None:
         args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
     if args.do_eval is None:
@@ -467,8 +475,9 @@ def build_model_and_processor(args):
         composition=args.composition,
         image_residual=not args.no_image_residual,
         loss_type=args.loss_type,
-        logit_scale_init_value=args.logit_scale_init_value,
     )
+    if args.logit_scale_init_value is not None:
+        fields["logit_scale_init_value"] = args.logit_scale_init_value
     fields.update(args.config_overrides)  # --config_overrides has the last word, also over the dedicated flags
     config = MQIRTNConfig.from_vision_text_configs(vision_model.config, text_model.config, **fields)
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)
@@ -505,6 +514,67 @@ def parameter_groups(model, args, pretrained_prefixes: tuple[str, ...]) -> list[
     return result
 
 
+class FrozenTowerCache:
+    """Token states of a frozen text tower, computed once per distinct text (its unpadded token ids) and reused.
+
+    Installed over the tower's `forward` (the state dict and `save_pretrained` are untouched). Rows already seen are
+    read from the cache; the others run through the tower as one sub-batch. Padding positions come back as zeros: every
+    consumer (masked mean, the fusion's key-padding mask) ignores them, so queries equal the uncached ones up to float
+    rounding. Only for a tower whose parameters are all frozen; at most `max_entries` texts are kept (oldest dropped).
+    """
+
+    def __init__(self, tower, max_entries: int = 500_000):
+        if any(p.requires_grad for p in tower.parameters()):
+            raise ValueError("FrozenTowerCache needs a frozen tower (its parameters must not require gradients)")
+        self.tower, self.max_entries = tower, max_entries
+        self.uncached_forward = tower.forward
+        self.entries: dict[tuple[int, ...], torch.Tensor] = {}
+        self.hits = self.misses = 0
+        tower.forward = self.forward
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        # A copy of the model (composition_diagnostics) shares the entries: its frozen tower gives the same states.
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.tower = copy.deepcopy(self.tower, memo)
+        clone.uncached_forward = copy.deepcopy(self.uncached_forward, memo)
+        clone.entries, clone.max_entries, clone.hits, clone.misses = self.entries, self.max_entries, 0, 0
+        return clone
+
+    @torch.no_grad()
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if input_ids is None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return self.uncached_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(dim=1).tolist()
+        keys = [tuple(row[:length]) for row, length in zip(input_ids.tolist(), lengths)]
+        missing = sorted({key for key in keys if key not in self.entries}, key=keys.index)
+        if missing:
+            width = max(len(key) for key in missing)
+            ids = input_ids.new_zeros(len(missing), width)
+            mask = attention_mask.new_zeros(len(missing), width)
+            for row, key in enumerate(missing):
+                ids[row, : len(key)] = torch.tensor(key, dtype=ids.dtype)
+                mask[row, : len(key)] = 1
+            states = self.uncached_forward(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+            for row, key in enumerate(missing):
+                self.entries[key] = states[row, : len(key)]
+            while len(self.entries) > self.max_entries:
+                self.entries.pop(next(iter(self.entries)))
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        first = self.entries[keys[0]]
+        out = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
+        for row, key in enumerate(keys):
+            out[row, : len(key)] = self.entries[key]
+        return BaseModelOutput(last_hidden_state=out)
+
+
 def set_train_mode(model, args) -> None:
     """Training mode, except frozen towers, which stay in eval mode (no dropout noise in features that do not learn)."""
     model.train()
@@ -535,6 +605,78 @@ def save_checkpoint(accelerator, args, progress: TrainingProgress) -> None:
             shutil.rmtree(old, ignore_errors=True)
         logger.info(f"Saved checkpoint {path}")
     accelerator.wait_for_everyone()
+
+
+LOSS_WEIGHT_FIELDS = {
+    "base": "base_loss_weight",
+    "symmetric": "symmetric_loss_weight",
+    "reconstruction_image": "reconstruction_image_loss_weight",
+    "reconstruction_text": "reconstruction_text_loss_weight",
+}
+
+
+def composition_step_stats(outputs) -> dict[str, torch.Tensor]:
+    """What the composition does in one batch (on the device, no host sync): the angles' rms and share of |delta| >
+    pi/4, and the composition term's share of the two query terms' norms (composition vs image residual)."""
+    stats = {}
+    if outputs.composition_angles is not None:
+        angles = outputs.composition_angles.detach().float()
+        stats["angle_rms"] = angles.pow(2).mean().sqrt()
+        stats["angle_share_over_quarter_pi"] = (angles.abs() > math.pi / 4).float().mean()
+    if outputs.image_residual_norms is not None:
+        composed, residual = outputs.composition_norms.detach(), outputs.image_residual_norms.detach()
+        stats["composition_norm_share"] = (composed / (composed + residual).clamp(min=1e-12)).mean()
+    return stats
+
+
+def composition_diagnostics(model, batches: list[dict], args) -> dict[str, float]:
+    """The paper's mechanisms measured on fixed training batches, for the logs and eval_results.json.
+
+    On a copy of the model in training mode (the run's model, its BatchNorm statistics and the random state are left
+    untouched): angle statistics and norm shares (`composition_step_stats`), the symmetric loss with the conjugate
+    and with the same rotation and the cosine between those back-queries, and each weighted loss term's share of the
+    gradient norm on the parameters the terms share (the decoders, trained by reconstruction alone, left out).
+    """
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.train()
+    if args.freeze_vision:
+        probe.vision_model.eval()
+    if args.freeze_text:
+        probe.text_model.eval()
+    shared = [p for n, p in probe.named_parameters() if p.requires_grad and not n.startswith(("image_decoder.", "text_decoder."))]
+    sums: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        for batch in batches:
+            outputs = probe(**batch, return_loss=True, output_composition=True)
+            values = {k: v.item() for k, v in composition_step_stats(outputs).items()}
+            values.update({f"loss_{k}": v.item() for k, v in outputs.loss_terms.items()})
+            if outputs.symmetric_diagnostics is not None:
+                values["loss_symmetric_same_rotation"] = outputs.symmetric_diagnostics["loss_same_rotation"].item()
+                values["back_query_cosine_conjugate_vs_same"] = outputs.symmetric_diagnostics["back_query_cosine"].mean().item()
+            norms = {}
+            for name, term in outputs.loss_terms.items():
+                weight = float(getattr(probe.config, LOSS_WEIGHT_FIELDS[name]))
+                grads = torch.autograd.grad(weight * term, shared, retain_graph=True, allow_unused=True)
+                norms[name] = math.sqrt(sum(g.float().pow(2).sum().item() for g in grads if g is not None))
+            total = sum(norms.values()) or 1.0
+            values.update({f"grad_share_{name}": norm / total for name, norm in norms.items()})
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+    return {key: round(value / len(batches), 6) for key, value in sums.items()}
+
+
+def diagnostic_batches(train_dataset, collator, args, device, count: int = 4) -> list[dict]:
+    """`count` fixed training batches (the first of a seeded shuffle), on `device`."""
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, generator=generator, collate_fn=collator)
+    batches = []
+    for batch in loader:
+        if len(batches) == count:
+            break
+        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return batches
 
 
 @torch.no_grad()
@@ -656,6 +798,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.activation_checkpointing:
         model.activation_checkpointing_enable()
     model.to(accelerator.device)
+    if args.freeze_text and args.frozen_text_cache:
+        FrozenTowerCache(model.text_model)
 
     # ---------------------------------------------------------------------------- 2.3 data
     # Rank 0 generates/caches the data first, the others then read the cache.
@@ -666,15 +810,18 @@ def main(argv: list[str] | None = None) -> dict:
         predict_data = load_split(args, args.predict_split, True) if args.do_predict else None
 
     results: dict[str, dict[str, float]] = {}
+    training_state: dict = {}
+    diagnostics: dict[str, dict[str, float]] = {}
     progress = TrainingProgress()
     training_summary: dict = {}
     if not args.eval_only:
         train_dataset = set_training_transform(train_dataset, processor)
+        collator = CIRTrainingCollator(processor.tokenizer, args.max_text_length)
         train_dataloader = DataLoader(
             train_dataset,
             shuffle=True,
             batch_size=args.per_device_train_batch_size,
-            collate_fn=CIRTrainingCollator(processor.tokenizer, args.max_text_length),
+            collate_fn=collator,
             num_workers=args.dataloader_num_workers,
             # The in-batch loss needs full batches of equal size on every process.
             drop_last=True,
@@ -723,6 +870,10 @@ def main(argv: list[str] | None = None) -> dict:
         progress_bar = tqdm(
             range(max_train_steps), initial=progress.completed_steps, disable=not accelerator.is_local_main_process, desc="Training"
         )
+        probe_batches = diagnostic_batches(train_dataset, collator, args, accelerator.device)
+        if progress.completed_steps == 0:
+            diagnostics["start"] = composition_diagnostics(accelerator.unwrap_model(model), probe_batches, args)
+            logger.info("composition at step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in diagnostics["start"].items()))
         best_metric, best_step = None, None
         consecutive_nonfinite, cycle_nonfinite = 0, False
         time_limit_reached, train_start = False, time.time()
@@ -738,8 +889,10 @@ def main(argv: list[str] | None = None) -> dict:
             if epoch == starting_epoch and skip_batches:
                 active_dataloader = accelerator.skip_first_batches(train_dataloader, skip_batches)
             for batch in active_dataloader:
+                # What the composition does is measured on the batches that end a logging window (cheap, no extra pass).
+                log_step = (progress.completed_steps + 1) % args.logging_steps == 0 or progress.completed_steps + 1 == max_train_steps
                 with accelerator.accumulate(model):
-                    outputs = model(**batch, return_loss=True)
+                    outputs = model(**batch, return_loss=True, output_composition=log_step)
                     loss = outputs.loss
                     if args.debug_nonfinite_steps and micro_step in args.debug_nonfinite_steps:
                         loss = loss * float("nan")
@@ -773,6 +926,8 @@ def main(argv: list[str] | None = None) -> dict:
                             if args.max_grad_norm > 0:
                                 accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
                             optimizer.step()
+                            # CLIP-style: the bounds act on the parameter, never inside forward (no frozen gradient).
+                            accelerator.unwrap_model(model).clamp_logit_scale_()
                         optimizer.zero_grad(set_to_none=True)
                         cycle_nonfinite = False
                 micro_step += 1
@@ -780,9 +935,12 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.samples_seen += batch_size
                 window["samples"] += batch_size
                 if finite:
+                    # Summed on the device; read once per logging window.
                     window["count"] += 1
                     for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in outputs.loss_terms.items()}}.items():
-                        window["terms"][name] = window["terms"].get(name, 0.0) + value.detach().item()
+                        window["terms"][name] = window["terms"].get(name, 0.0) + value.detach().float()
+                    if log_step:
+                        window["composition"] = composition_step_stats(outputs)
                 if args.debug_sleep_per_step:
                     time.sleep(args.debug_sleep_per_step)
                 if not accelerator.sync_gradients:
@@ -791,10 +949,11 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.completed_steps += 1
                 lr_scheduler.step()
                 progress_bar.update(1)
-                scale = accelerator.unwrap_model(model).logit_scale.detach().item()
                 if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
+                    scale = accelerator.unwrap_model(model).logit_scale.detach().item()
                     elapsed = max(time.time() - window["time"], 1e-9)
-                    logs = {name: total / max(window["count"], 1) for name, total in window["terms"].items()}
+                    logs = {name: float(total) / max(window["count"], 1) for name, total in window["terms"].items()}
+                    logs.update({name: float(value) for name, value in window.get("composition", {}).items()})
                     logs.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
                     logs.update(logit_scale=scale, samples_per_second=window["samples"] / elapsed, epoch=epoch)
                     accelerator.log(logs, step=progress.completed_steps)
@@ -829,6 +988,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, args, progress)
         progress_bar.close()
+        diagnostics["end"] = composition_diagnostics(accelerator.unwrap_model(model), probe_batches, args)
+        logger.info("composition after training: " + ", ".join(f"{k}={v:.4g}" for k, v in diagnostics["end"].items()))
         train_seconds = time.time() - start_time
         training_summary = {
             "optimization steps": progress.completed_steps,
@@ -837,18 +998,25 @@ def main(argv: list[str] | None = None) -> dict:
             "learning rate (new layers / towers / logit scale)": f"{args.learning_rate} / {args.learning_rate * args.tower_lr_multiplier} / {args.logit_scale_lr}",
             "final logit scale": f"{accelerator.unwrap_model(model).logit_scale.item():.2f}",
             "processes": accelerator.num_processes,
-            "stopped by --max_train_minutes": time_limit_reached,
+            "stopped by --max_train_minutes": (
+                f"YES: cut short at step {progress.completed_steps} of {max_train_steps}" if time_limit_reached else "no"
+            ),
             "training wall time (s)": round(train_seconds, 1),
+            "training samples/s": round(progress.samples_seen / max(train_seconds, 1e-9), 1),
         }
+        for key in ("angle_rms", "angle_share_over_quarter_pi", "composition_norm_share", "loss_symmetric", "loss_symmetric_same_rotation"):
+            if key in diagnostics["end"]:
+                training_summary[f"after training: {key}"] = diagnostics["end"][key]
         if accelerator.is_main_process:
-            state = {
+            training_state = {
                 **progress.state_dict(),
                 "max_train_steps": max_train_steps,
                 "num_processes": accelerator.num_processes,
                 "time_limit_reached": time_limit_reached,
                 "train_seconds": round(train_seconds, 1),
+                "samples_per_second": round(progress.samples_seen / max(train_seconds, 1e-9), 1),
             }
-            (output_dir / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+            (output_dir / TRAINING_STATE_FILE).write_text(json.dumps(training_state, indent=2))
         if args.debug_dump_params:
             from safetensors.torch import save_file
 
@@ -863,7 +1031,13 @@ def main(argv: list[str] | None = None) -> dict:
         metrics, query_embeds, gallery_embeds = evaluate_split(accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}")
         results[args.eval_split] = metrics
         if accelerator.is_main_process:
-            print(format_table(f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %", metrics))
+            title = f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %"
+            if not args.eval_only and training_state.get("time_limit_reached"):
+                title += (
+                    f"  [CUT SHORT by --max_train_minutes {args.max_train_minutes}: trained {progress.completed_steps} of "
+                    f"{training_state['max_train_steps']} steps]"
+                )
+            print(format_table(title, metrics))
             output_dir.mkdir(parents=True, exist_ok=True)
             save_evaluation_grids(
                 output_dir / "results_grids", eval_data, query_embeds, gallery_embeds, args.num_results_grids,
@@ -886,7 +1060,12 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if results:
-            (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+            record = {**results}
+            if training_state:
+                record["training"] = training_state
+            if diagnostics:
+                record["composition"] = diagnostics
+            (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
     if not args.eval_only:
         save_model(accelerator, model, processor, output_dir)
     if accelerator.is_main_process and not args.eval_only:
