@@ -5,10 +5,19 @@ Each row is trained and evaluated by `train.py` itself, run as a subprocess (no 
 **identical** towers, data, step budget, seeds and learning rate (5e-4, chosen on the validation split at this
 budget; see DEFAULT_LEARNING_RATE); only the row's own flags differ:
 
-    baselines   mqirtn, composeae, tirg, realspace_concat, image_only, text_only   (--composition)
-    ablations   MQIRTN without the symmetric constraint (symmetric_loss_weight=0), without the reconstruction
-                terms, without the image residual, with the soft-triplet loss, with 0 / 1 / 2 fusion layers
-                (2 is train.py's default, i.e. the `mqirtn` row itself: it is reported, not trained twice)
+    baselines   mqirtn, composeae, tirg, realspace_concat, image_only, text_only   (--composition; the
+                baselines follow their published code: BatchNorm, Dropout, ReLU, PyTorch default init)
+    ablations   MQIRTN without the rotation (rotation=false: delta = 0, same parameters), without the symmetric
+                constraint (symmetric_loss_weight=0), without the reconstruction terms, without the image residual,
+                with the soft-triplet loss, with 0 / 1 / 2 fusion layers
+
+Two budgets. The rows that test the paper's ingredients (mqirtn, no_rotation, no_symmetric, no_reconstruction,
+no_image_residual and TIRG, the best faithful baseline at the short budget) train for the main job's budget
+(`--main_steps`, default 936 = train.py's 3 epochs of 20,000 queries at batch 64): a mechanism that needs training
+to act cannot be judged after 200 steps. The other rows train for `--steps` (default 200), next to MQIRTN at the
+same budget (`mqirtn_short`; the 2-fusion-layer row is that run). Every row records what its composition does after
+training (angle rms, share of |delta| > pi/4, the composition term's norm share, the symmetric loss with the
+conjugate and with the same rotation) from train.py's eval_results.json.
 
 Every run reads its `eval_results.json` (and `training_state.json`) into
 `benchmarks/results/quality_shapes_runs/<split>/<row>-seed<S>-steps<N>-<settings hash>.json`; a run whose JSON
@@ -53,6 +62,7 @@ TRAIN_SCRIPT = REPO_ROOT / "train.py"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@50")
 DEFAULT_STEPS, DEFAULT_SEEDS = 200, 3
+MAIN_JOB_STEPS = 936  # train.py's default run: 3 epochs of 20,000 shapes queries at batch 64
 # The benchmark's learning rate for every row, chosen on the validation split at its 200-step budget (3 seeds each,
 # results/quality_shapes_validation_200*.md): MQIRTN R@1 43.2 +- 2.9 at 5e-4 vs 31-32 at 2.5e-4, 14.3 +- 11.0 at 1e-3
 # (train.py's default, tuned for its 936-step run) and 5.0 at 2e-3; TIRG 22.5 +- 1.2 at 5e-4 vs 21.6 +- 2.8 at 1e-3,
@@ -64,7 +74,8 @@ QUICK_SHAPES_SIZES = ("--shapes_num_train_queries", "3000", "--shapes_num_valida
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a name, what it is, its group, and its train.py flags (on top of the shared ones)."""
+    """One line of the table: a name, what it is, its group, its budget and its train.py flags (on top of the shared
+    ones). `budget` is "main" (the main job's step budget, `--main_steps`) or "short" (`--steps`)."""
 
     name: str
     label: str  # short, for the chart
@@ -72,28 +83,41 @@ class Row:
     group: str  # "variant" or "ablation"
     train_args: tuple[str, ...] = ()
     same_as: str | None = None  # identical to another row's configuration: reuse its runs
+    budget: str = "short"
 
 
 ROWS: tuple[Row, ...] = (
-    Row("mqirtn", "MQIRTN (default)", "MQIRTN: fusion + complex composition + all losses", "variant"),
-    Row("composeae", "ComposeAE", "ComposeAE: complex composition, no fusion", "variant", ("--composition", "composeae")),
-    Row("tirg", "TIRG", "TIRG: gated residual", "variant", ("--composition", "tirg")),
-    Row("realspace_concat", "real-space concat", "ComposeAE's real-space ablation", "variant", ("--composition", "realspace_concat")),
-    Row("image_only", "image only", "query = reference image", "variant", ("--composition", "image_only")),
-    Row("text_only", "text only", "query = modification text", "variant", ("--composition", "text_only")),
-    Row("no_symmetric", "− symmetric constraint", "MQIRTN, symmetric_loss_weight=0", "ablation", ("--config_overrides", "symmetric_loss_weight=0")),
+    # The paper's ingredients, at the main job's budget.
+    Row("mqirtn", "MQIRTN (default)", "MQIRTN: fusion + complex composition + all losses", "variant", budget="main"),
+    Row("tirg_main", "TIRG", "TIRG: gated residual (best faithful baseline at the short budget)", "variant", ("--composition", "tirg"), budget="main"),
+    Row("no_rotation", "− rotation (δ ≡ 0)", "MQIRTN, rotation=false: angles forced to 0, same parameters", "ablation", ("--config_overrides", "rotation=false"), budget="main"),
+    Row("no_symmetric", "− symmetric constraint", "MQIRTN, symmetric_loss_weight=0", "ablation", ("--config_overrides", "symmetric_loss_weight=0"), budget="main"),
     Row(
         "no_reconstruction",
         "− reconstruction terms",
         "MQIRTN, both reconstruction weights 0",
         "ablation",
         ("--config_overrides", "reconstruction_image_loss_weight=0,reconstruction_text_loss_weight=0"),
+        budget="main",
     ),
-    Row("no_image_residual", "− image residual", "MQIRTN, --no_image_residual", "ablation", ("--no_image_residual",)),
+    Row("no_image_residual", "− image residual", "MQIRTN, --no_image_residual", "ablation", ("--no_image_residual",), budget="main"),
+    # Every variant and the architecture ablations, at the short budget.
+    Row("mqirtn_short", "MQIRTN (default)", "MQIRTN: fusion + complex composition + all losses", "variant"),
+    Row("composeae", "ComposeAE", "ComposeAE (published modules): complex composition, no fusion", "variant", ("--composition", "composeae")),
+    Row("tirg", "TIRG", "TIRG (published modules): gated residual", "variant", ("--composition", "tirg")),
+    Row("realspace_concat", "real-space concat", "ComposeAE's real-space ablation (published modules)", "variant", ("--composition", "realspace_concat")),
+    Row("image_only", "image only", "query = reference image", "variant", ("--composition", "image_only")),
+    Row("text_only", "text only", "query = modification text", "variant", ("--composition", "text_only")),
     Row("soft_triplet", "soft-triplet loss", "MQIRTN, --loss_type soft_triplet", "ablation", ("--loss_type", "soft_triplet")),
     Row("fusion_0", "0 fusion layers", "MQIRTN, --num_fusion_layers 0", "ablation", ("--num_fusion_layers", "0")),
     Row("fusion_1", "1 fusion layer", "MQIRTN, --num_fusion_layers 1", "ablation", ("--num_fusion_layers", "1")),
-    Row("fusion_2", "2 fusion layers", "MQIRTN, --num_fusion_layers 2 (the default: same runs as mqirtn)", "ablation", ("--num_fusion_layers", "2"), same_as="mqirtn"),
+    Row("fusion_2", "2 fusion layers", "MQIRTN, --num_fusion_layers 2 (the default: same runs as mqirtn_short)", "ablation", ("--num_fusion_layers", "2"), same_as="mqirtn_short"),
+)
+# What train.py's eval_results.json records about the composition after training, kept per run.
+COMPOSITION_KEYS = (
+    "angle_rms", "angle_share_over_quarter_pi", "composition_norm_share", "loss_symmetric", "loss_symmetric_same_rotation",
+    "back_query_cosine_conjugate_vs_same", "grad_share_base", "grad_share_symmetric", "grad_share_reconstruction_image",
+    "grad_share_reconstruction_text",
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -112,7 +136,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "Arguments after `--` (or any this script does not know) are passed to every train.py run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=_positive_int, default=None, help=f"Optimisation steps per run (default {DEFAULT_STEPS}, --quick {QUICK_STEPS}).")
+    parser.add_argument("--steps", type=_positive_int, default=None, help=f"Steps of the short-budget rows (default {DEFAULT_STEPS}, --quick {QUICK_STEPS}).")
+    parser.add_argument(
+        "--main_steps", type=_positive_int, default=None,
+        help=f"Steps of the rows that test the paper's ingredients (default {MAIN_JOB_STEPS}, the main job's budget; --quick {QUICK_STEPS}).",
+    )
     parser.add_argument("--seeds", type=_positive_int, default=None, help=f"Training seeds per row: 0..N-1 (default {DEFAULT_SEEDS}, --quick {QUICK_SEEDS}).")
     parser.add_argument("--variants", default=None, help=f"Comma-separated subset of rows (default: all): {', '.join(ROW_BY_NAME)}.")
     parser.add_argument("--split", choices=("validation", "test"), default="test", help="validation to choose settings, test to report.")
@@ -128,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     train_extra = [item for item in train_extra if item != "--"]
 
     args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    args.main_steps = args.main_steps or (QUICK_STEPS if args.quick else MAIN_JOB_STEPS)
     args.seeds = args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
     if args.variants is None:
         args.rows = list(ROWS)
@@ -159,20 +188,24 @@ def settings_hash(args) -> str:
     return hashlib.sha256(json.dumps(args.shared_train_args).encode()).hexdigest()[:8]
 
 
+def row_steps(args, row: Row) -> int:
+    return args.main_steps if row.budget == "main" else args.steps
+
+
 def run_json_path(args, row: Row, seed: int) -> Path:
-    return Path(args.results_dir) / "quality_shapes_runs" / args.split / f"{row.name}-seed{seed}-steps{args.steps}-{settings_hash(args)}.json"
+    return Path(args.results_dir) / "quality_shapes_runs" / args.split / f"{row.name}-seed{seed}-steps{row_steps(args, row)}-{settings_hash(args)}.json"
 
 
 def train_command(args, row: Row, seed: int, output_dir: Path) -> list[str]:
     command = [] if args.no_nice else ["nice", "-n", "10"]
     command += [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(output_dir), "--seed", str(seed)]
-    command += ["--max_train_steps", str(args.steps), "--eval_split", args.split]
+    command += ["--max_train_steps", str(row_steps(args, row)), "--eval_split", args.split]
     return command + args.shared_train_args + list(row.train_args)
 
 
 def run_one(args, row: Row, seed: int) -> dict:
     """Train + evaluate one (row, seed) with train.py; return (and save) its results."""
-    output_dir = Path(args.work_dir) / args.split / f"{row.name}-seed{seed}-steps{args.steps}-{settings_hash(args)}"
+    output_dir = Path(args.work_dir) / args.split / f"{row.name}-seed{seed}-steps{row_steps(args, row)}-{settings_hash(args)}"
     command = train_command(args, row, seed, output_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -192,11 +225,12 @@ def run_one(args, row: Row, seed: int) -> dict:
         "row": row.name,
         "seed": seed,
         "split": args.split,
-        "steps": args.steps,
+        "steps": row_steps(args, row),
         "completed_steps": state.get("completed_steps"),
         "train_seconds": state.get("train_seconds"),
         "wall_seconds": round(wall, 1),
         "metrics": eval_results[args.split],
+        "composition": {k: v for k, v in eval_results.get("composition", {}).get("end", {}).items() if k in COMPOSITION_KEYS},
         "command": " ".join(command[command.index(sys.executable) :]).replace(sys.executable, "python").replace(str(REPO_ROOT) + os.sep, ""),
     }
     path = run_json_path(args, row, seed)
@@ -214,7 +248,10 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
     rows = []
     for row in args.rows:
         results = runs.get(row.same_as or row.name, [])
-        entry = {"row": row.name, "label": row.label, "description": row.description, "group": row.group, "train_args": list(row.train_args), "seeds": len(results)}
+        entry = {
+            "row": row.name, "label": row.label, "description": row.description, "group": row.group, "budget": row.budget,
+            "steps": row_steps(args, row), "train_args": list(row.train_args), "seeds": len(results),
+        }
         if row.same_as:
             entry["same_runs_as"] = row.same_as
         for metric in METRICS:
@@ -224,6 +261,11 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
                 "values": values,
             }
+        entry["composition"] = {}
+        for key in COMPOSITION_KEYS:
+            values = [result["composition"][key] for result in results if key in result.get("composition", {})]
+            if values:
+                entry["composition"][key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         times = [result["train_seconds"] for result in results if result.get("train_seconds") is not None]
         entry["train_seconds_mean"] = round(statistics.fmean(times), 1) if times else None
         rows.append(entry)
@@ -231,6 +273,7 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
         "benchmark": "shapes",
         "split": args.split,
         "steps": args.steps,
+        "main_steps": args.main_steps,
         "seeds": list(range(args.seeds)),
         "quick": args.quick,
         "shared_train_args": args.shared_train_args,
@@ -247,28 +290,64 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}" if len(stat["values"]) > 1 else f"{stat['mean']:.2f}"
 
 
+def _composition_cell(entry: dict, key: str) -> str:
+    stat = entry.get("composition", {}).get(key)
+    return "–" if stat is None else f"{stat['mean']:.2f}"
+
+
+def _gap_line(ours: dict | None, contenders: list[dict], budget_words: str) -> list[str]:
+    contenders = [e for e in contenders if e["recall@1"]["mean"] is not None]
+    if not ours or ours["recall@1"]["mean"] is None or not contenders:
+        return []
+    best = max(contenders, key=lambda e: e["recall@1"]["mean"])
+    gaps = ", ".join(f"R@{m.split('@')[1]} {ours[m]['mean'] - best[m]['mean']:+.2f}" for m in METRICS)
+    return ["", f"MQIRTN minus the best baseline by R@1 {budget_words} ({best['row']}): {gaps} points."]
+
+
 def markdown_table(summary: dict) -> str:
     seeds = len(summary["seeds"])
+    by_name = {e["row"]: e for e in summary["rows"]}
     lines = [
-        f"Shapes **{summary['split']}** split, {summary['steps']} steps per run, "
+        f"Shapes **{summary['split']}** split, "
         + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed")
-        + f", R@K in %. {summary['date']}, {summary['machine']}.",
-        "",
-        "| row | what | R@1 | R@5 | R@10 | R@50 | train s |",
-        "|---|---|---|---|---|---|---|",
+        + f", R@K in %. {summary['date']}, {summary['machine']}. δ rms: the rotation angles' rms (rad) after training; "
+        "comp. share: the composition term's share of the norms of the two query terms (composition, image residual); "
+        "L_sym conj / same: the symmetric loss with the conjugate rotation and with the same rotation (train.py's "
+        "composition diagnostics on 4 fixed training batches after training).",
     ]
-    for group in ("variant", "ablation"):
-        for entry in (e for e in summary["rows"] if e["group"] == group):
-            name = f"**{entry['row']}**" if entry["row"] == "mqirtn" else entry["row"]
-            cells = " | ".join(_cell(entry[m]) for m in METRICS)
-            seconds = "–" if entry["train_seconds_mean"] is None else f"{entry['train_seconds_mean']:.0f}"
-            lines.append(f"| {name} | {entry['description']} | {cells} | {seconds} |")
-    contenders = [e for e in summary["rows"] if e["group"] == "variant" and e["row"] != "mqirtn" and e["recall@1"]["mean"] is not None]
-    ours = next((e for e in summary["rows"] if e["row"] == "mqirtn" and e["recall@1"]["mean"] is not None), None)
-    if ours and contenders:
-        best = max(contenders, key=lambda e: e["recall@1"]["mean"])
-        gaps = ", ".join(f"R@{m.split('@')[1]} {ours[m]['mean'] - best[m]['mean']:+.2f}" for m in METRICS)
-        lines += ["", f"MQIRTN minus the best baseline by R@1 ({best['row']}): {gaps} points."]
+    for budget, title in (("main", f"the main job's budget, {summary['main_steps']} steps"), ("short", f"{summary['steps']} steps")):
+        entries = [e for e in summary["rows"] if e.get("budget", "short") == budget]
+        if not entries:
+            continue
+        lines += [
+            "",
+            f"**At {title}**",
+            "",
+            "| row | what | R@1 | R@5 | R@10 | R@50 | δ rms | comp. share | L_sym conj / same | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for group in ("variant", "ablation"):
+            for entry in (e for e in entries if e["group"] == group):
+                name = f"**{entry['row']}**" if entry["row"] in ("mqirtn", "mqirtn_short") else entry["row"]
+                cells = " | ".join(_cell(entry[m]) for m in METRICS)
+                seconds = "–" if entry["train_seconds_mean"] is None else f"{entry['train_seconds_mean']:.0f}"
+                sym = f"{_composition_cell(entry, 'loss_symmetric')} / {_composition_cell(entry, 'loss_symmetric_same_rotation')}"
+                lines.append(
+                    f"| {name} | {entry['description']} | {cells} | {_composition_cell(entry, 'angle_rms')} | "
+                    f"{_composition_cell(entry, 'composition_norm_share')} | {sym} | {seconds} |"
+                )
+        ours = by_name.get("mqirtn" if budget == "main" else "mqirtn_short")
+        contenders = [e for e in entries if e["group"] == "variant" and e is not ours]
+        lines += _gap_line(ours, contenders, f"at {title}")
+        if budget == "main" and ours and ours["recall@1"]["mean"] is not None:
+            effects = []
+            for name, what in (("no_rotation", "the rotation"), ("no_symmetric", "the symmetric constraint"),
+                               ("no_reconstruction", "the reconstruction terms"), ("no_image_residual", "the image residual")):
+                other = by_name.get(name)
+                if other and other["recall@1"]["mean"] is not None:
+                    effects.append(f"{what} {ours['recall@1']['mean'] - other['recall@1']['mean']:+.2f}")
+            if effects:
+                lines += ["", "What each ingredient adds to MQIRTN's R@1 (full model minus the ablation): " + ", ".join(effects) + " points."]
     lines += ["", f"Command: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -284,7 +363,7 @@ def bar_chart(summary: dict, path: Path) -> None:
     if not entries:
         return
     entries = sorted(entries, key=lambda e: (e["group"] != "variant",))  # keep the table order within groups
-    labels = [e["label"] for e in entries]
+    labels = [f"{e['label']} · {e['steps']} steps" for e in entries]
     n = len(entries)
     fig, ax = plt.subplots(figsize=(10, 0.55 * n + 1.6))
     height = 0.38
@@ -300,7 +379,7 @@ def bar_chart(summary: dict, path: Path) -> None:
     ax.set_yticks(positions)
     ax.set_yticklabels(labels, fontsize=9)
     for tick, entry in zip(ax.get_yticklabels(), entries):
-        if entry["row"] == "mqirtn":
+        if entry["row"] in ("mqirtn", "mqirtn_short"):
             tick.set_fontweight("bold")
             tick.set_color("#c53030")
     ax.invert_yaxis()
@@ -311,7 +390,7 @@ def bar_chart(summary: dict, path: Path) -> None:
     ax.set_xlabel("Recall@K (%)")
     seeds = len(summary["seeds"])
     ax.set_title(
-        f"shapes {summary['split']}: {summary['steps']} steps, "
+        f"shapes {summary['split']}: {summary['main_steps']} steps (ingredients) / {summary['steps']} (others), "
         + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed")
         + (" (baselines above the line, MQIRTN ablations below)" if 0 < boundary < n else ""),
         fontsize=10,
