@@ -183,9 +183,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 # ================================================================================================ runs
+def code_fingerprint() -> str:
+    """Hash of the code a run depends on (the model package's Hub files and train.py): a run made with other code is
+    never reused as if it were this code's."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "modeling_mqirtn").glob("*_mqirtn.py")) + [TRAIN_SCRIPT]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def settings_hash(args) -> str:
-    """Short hash of everything shared by the runs (so results of other settings are never mixed in)."""
-    return hashlib.sha256(json.dumps(args.shared_train_args).encode()).hexdigest()[:8]
+    """Short hash of everything shared by the runs and of the code (so results of other settings or of other code are
+    never mixed in)."""
+    return hashlib.sha256(json.dumps([args.shared_train_args, code_fingerprint()]).encode()).hexdigest()[:8]
 
 
 def row_steps(args, row: Row) -> int:

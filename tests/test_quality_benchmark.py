@@ -94,3 +94,15 @@ def test_every_run_shares_the_benchmark_learning_rate_unless_overridden(quality)
     overridden, _ = quality.parse_args(["--", "--learning_rate", "1e-3"])
     assert overridden.shared_train_args.count("--learning_rate") == 1 and overridden.shared_train_args[-1] == "1e-3"
     assert quality.settings_hash(overridden) != quality.settings_hash(args)  # runs of the two settings never mix
+
+
+def test_runs_made_with_other_code_are_never_reused(quality, tmp_path, monkeypatch):
+    """The cache key of a run includes the model code and train.py: after a change, old runs are not taken as new."""
+    args, _ = quality.parse_args([])
+    script = tmp_path / "train.py"
+    script.write_text("print(1)\n")
+    monkeypatch.setattr(quality, "TRAIN_SCRIPT", script)
+    first = quality.settings_hash(args)
+    assert quality.settings_hash(args) == first  # deterministic
+    script.write_text("print(2)\n")
+    assert quality.settings_hash(args) != first
