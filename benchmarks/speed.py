@@ -398,15 +398,17 @@ def bench_train_step(size: str, batch_size: int, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ 4
 def soft_triplet_loop(query_embeds, target_embeds, scale):
-    """Straightforward reference: mean over (i, j != i) of softplus(||s q_i - s t_i||^2 - ||s q_i - s t_j||^2)."""
+    """Straightforward reference, TIRG's form: mean over (i, j != i) of softplus(||r q_i - r t_i||^2 - ||r q_i - r t_j||^2)
+    with TIRG's per-vector scale r = sqrt(s) (the package's one logit scale s plays the role of r^2)."""
+    root = scale.sqrt() if isinstance(scale, torch.Tensor) else scale**0.5
     total, count = 0.0, 0
     for i in range(len(query_embeds)):
-        anchor = scale * query_embeds[i]
-        positive = ((anchor - scale * target_embeds[i]) ** 2).sum()
+        anchor = root * query_embeds[i]
+        positive = ((anchor - root * target_embeds[i]) ** 2).sum()
         for j in range(len(target_embeds)):
             if j == i:
                 continue
-            negative = ((anchor - scale * target_embeds[j]) ** 2).sum()
+            negative = ((anchor - root * target_embeds[j]) ** 2).sum()
             total = total + F.softplus(positive - negative)
             count += 1
     return total / count
