@@ -241,6 +241,13 @@ def test_training_evaluation_and_pipeline_see_the_same_pixels(processor, tmp_pat
         ("evaluation gallery", gallery_batch["pixel_values"]),
     ):
         assert torch.equal(pixels, served), f"{name} pixels differ from the pipeline's for a {mode} image"
+    # The gallery index decodes with the same decoder: its embedding is the model's on the pipeline's pixels.
+    from mqirtn_app.index import embed_images
+
+    model = pipe.model
+    indexed, kept, skipped = embed_images(model, processor, [str(path)], progress=False)
+    assert kept == [0] and not skipped
+    torch.testing.assert_close(indexed, model.get_image_features(pixel_values=served).detach(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P"])
