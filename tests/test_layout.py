@@ -42,6 +42,15 @@ def imports_of(source: str) -> list[tuple[int, str]]:
     return found
 
 
+def test_save_pretrained_copies_all_but_the_pipeline(hub_files, tmp_path_factory):
+    """`save_pretrained` of model and processor (registered for the Auto classes on import) copies the defining files
+    and what they import; `save_for_hub` adds only the pipeline file."""
+    folder = tmp_path_factory.mktemp("saved")
+    tiny_model().save_pretrained(folder)
+    tiny_processor(tmp_path_factory.mktemp("vocab")).save_pretrained(folder)
+    assert {path.name for path in folder.glob("*.py")} == set(hub_files) - {"pipeline_mqirtn.py"}
+
+
 def test_saved_code_is_exactly_the_top_level_mqirtn_files(hub_files):
     top_level = {path.name for package in HUB_PACKAGES for path in (REPO_ROOT / package).glob("*_mqirtn.py")}
     assert set(hub_files) == top_level, "a top-level *_mqirtn.py file must ship, and only those ship"
