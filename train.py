@@ -33,6 +33,7 @@ from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
 from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
 from modeling_mqirtn.pipeline_mqirtn import save_for_hub
 from mqirtn_app.model_card import push_to_hub, write_model_card
+from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
 from mqirtn_app.visualization import save_evaluation_grids
 from processing import MQIRTNProcessor
 from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
@@ -56,7 +57,6 @@ logger = get_logger(__name__)
 # during training, split of --do_predict), and the metric that selects the best model.
 DATASETS = tuple(name for name in dataset_names() if get_dataset_spec(name).data_dir != "dataset")
 DEFAULT_SPLITS = {name: get_dataset_spec(name).default_splits for name in dataset_names()}
-HEADLINE_METRIC = {name: get_dataset_spec(name).headline_metric for name in dataset_names()}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TRAINING_STATE_FILE = "training_state.json"
 CHECKPOINT_COMPLETE_FILE = "progress.json"
@@ -98,13 +98,6 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,12 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--hub_model_id", default=None, help="ORG/NAME of the model repository.")
     hub.add_argument("--hub_token", default=None)
     hub.add_argument("--hub_private", action="store_true")
-
-    # Test hooks, not part of the interface.
-    parser.add_argument("--debug_dump_grads", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--debug_dump_params", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--debug_nonfinite_steps", type=_int_list, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--debug_sleep_per_step", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -514,67 +501,6 @@ def parameter_groups(model, args, pretrained_prefixes: tuple[str, ...]) -> list[
     return result
 
 
-class FrozenTowerCache:
-    """Token states of a frozen text tower, computed once per distinct text (its unpadded token ids) and reused.
-
-    Installed over the tower's `forward` (the state dict and `save_pretrained` are untouched). Rows already seen are
-    read from the cache; the others run through the tower as one sub-batch. Padding positions come back as zeros: every
-    consumer (masked mean, the fusion's key-padding mask) ignores them, so queries equal the uncached ones up to float
-    rounding. Only for a tower whose parameters are all frozen; at most `max_entries` texts are kept (oldest dropped).
-    """
-
-    def __init__(self, tower, max_entries: int = 500_000):
-        if any(p.requires_grad for p in tower.parameters()):
-            raise ValueError("FrozenTowerCache needs a frozen tower (its parameters must not require gradients)")
-        self.tower, self.max_entries = tower, max_entries
-        self.uncached_forward = tower.forward
-        self.entries: dict[tuple[int, ...], torch.Tensor] = {}
-        self.hits = self.misses = 0
-        tower.forward = self.forward
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        # A copy of the model (composition_diagnostics) shares the entries: its frozen tower gives the same states.
-        clone = object.__new__(type(self))
-        memo[id(self)] = clone
-        clone.tower = copy.deepcopy(self.tower, memo)
-        clone.uncached_forward = copy.deepcopy(self.uncached_forward, memo)
-        clone.entries, clone.max_entries, clone.hits, clone.misses = self.entries, self.max_entries, 0, 0
-        return clone
-
-    @torch.no_grad()
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        if input_ids is None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            return self.uncached_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        lengths = attention_mask.sum(dim=1).tolist()
-        keys = [tuple(row[:length]) for row, length in zip(input_ids.tolist(), lengths)]
-        missing = sorted({key for key in keys if key not in self.entries}, key=keys.index)
-        if missing:
-            width = max(len(key) for key in missing)
-            ids = input_ids.new_zeros(len(missing), width)
-            mask = attention_mask.new_zeros(len(missing), width)
-            for row, key in enumerate(missing):
-                ids[row, : len(key)] = torch.tensor(key, dtype=ids.dtype)
-                mask[row, : len(key)] = 1
-            states = self.uncached_forward(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
-            for row, key in enumerate(missing):
-                self.entries[key] = states[row, : len(key)]
-            while len(self.entries) > self.max_entries:
-                self.entries.pop(next(iter(self.entries)))
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        first = self.entries[keys[0]]
-        out = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
-        for row, key in enumerate(keys):
-            out[row, : len(key)] = self.entries[key]
-        return BaseModelOutput(last_hidden_state=out)
-
-
 def set_train_mode(model, args) -> None:
     """Training mode, except frozen towers, which stay in eval mode (no dropout noise in features that do not learn)."""
     model.train()
@@ -605,78 +531,6 @@ def save_checkpoint(accelerator, args, progress: TrainingProgress) -> None:
             shutil.rmtree(old, ignore_errors=True)
         logger.info(f"Saved checkpoint {path}")
     accelerator.wait_for_everyone()
-
-
-LOSS_WEIGHT_FIELDS = {
-    "base": "base_loss_weight",
-    "symmetric": "symmetric_loss_weight",
-    "reconstruction_image": "reconstruction_image_loss_weight",
-    "reconstruction_text": "reconstruction_text_loss_weight",
-}
-
-
-def composition_step_stats(outputs) -> dict[str, torch.Tensor]:
-    """What the composition does in one batch (on the device, no host sync): the angles' rms and share of |delta| >
-    pi/4, and the composition term's share of the two query terms' norms (composition vs image residual)."""
-    stats = {}
-    if outputs.composition_angles is not None:
-        angles = outputs.composition_angles.detach().float()
-        stats["angle_rms"] = angles.pow(2).mean().sqrt()
-        stats["angle_share_over_quarter_pi"] = (angles.abs() > math.pi / 4).float().mean()
-    if outputs.image_residual_norms is not None:
-        composed, residual = outputs.composition_norms.detach(), outputs.image_residual_norms.detach()
-        stats["composition_norm_share"] = (composed / (composed + residual).clamp(min=1e-12)).mean()
-    return stats
-
-
-def composition_diagnostics(model, batches: list[dict], args) -> dict[str, float]:
-    """The paper's mechanisms measured on fixed training batches, for the logs and eval_results.json.
-
-    On a copy of the model in training mode (the run's model, its BatchNorm statistics and the random state are left
-    untouched): angle statistics and norm shares (`composition_step_stats`), the symmetric loss with the conjugate
-    and with the same rotation and the cosine between those back-queries, and each weighted loss term's share of the
-    gradient norm on the parameters the terms share (the decoders, trained by reconstruction alone, left out).
-    """
-    import copy
-
-    probe = copy.deepcopy(model)
-    probe.train()
-    if args.freeze_vision:
-        probe.vision_model.eval()
-    if args.freeze_text:
-        probe.text_model.eval()
-    shared = [p for n, p in probe.named_parameters() if p.requires_grad and not n.startswith(("image_decoder.", "text_decoder."))]
-    sums: dict[str, float] = {}
-    with torch.random.fork_rng(devices=[]):
-        for batch in batches:
-            outputs = probe(**batch, return_loss=True, output_composition=True)
-            values = {k: v.item() for k, v in composition_step_stats(outputs).items()}
-            values.update({f"loss_{k}": v.item() for k, v in outputs.loss_terms.items()})
-            if outputs.symmetric_diagnostics is not None:
-                values["loss_symmetric_same_rotation"] = outputs.symmetric_diagnostics["loss_same_rotation"].item()
-                values["back_query_cosine_conjugate_vs_same"] = outputs.symmetric_diagnostics["back_query_cosine"].mean().item()
-            norms = {}
-            for name, term in outputs.loss_terms.items():
-                weight = float(getattr(probe.config, LOSS_WEIGHT_FIELDS[name]))
-                grads = torch.autograd.grad(weight * term, shared, retain_graph=True, allow_unused=True)
-                norms[name] = math.sqrt(sum(g.float().pow(2).sum().item() for g in grads if g is not None))
-            total = sum(norms.values()) or 1.0
-            values.update({f"grad_share_{name}": norm / total for name, norm in norms.items()})
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-    return {key: round(value / len(batches), 6) for key, value in sums.items()}
-
-
-def diagnostic_batches(train_dataset, collator, args, device, count: int = 4) -> list[dict]:
-    """`count` fixed training batches (the first of a seeded shuffle), on `device`."""
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, generator=generator, collate_fn=collator)
-    batches = []
-    for batch in loader:
-        if len(batches) == count:
-            break
-        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    return batches
 
 
 @torch.no_grad()
@@ -752,16 +606,14 @@ def card_base_models(args) -> list[str]:
 
 
 # ================================================================================================ 2. main
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-
-    # ---------------------------------------------------------------------------- 2.1 accelerator, logging, seed
+# ================================================================================================ main, step by step
+def setup_accelerator(args) -> Accelerator:
+    """2.1 The accelerator, logging verbosity per process, the seed and the output folder."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=str(output_dir),
+        project_dir=args.output_dir,
         # The epoch's shuffle depends only on (seed, epoch): a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # The baselines leave a tower (image_only) or the text projection unused; DDP must then be told.
@@ -769,27 +621,25 @@ def main(argv: list[str] | None = None) -> dict:
     )
     import logging
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    import datasets
     import transformers
 
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    if accelerator.is_local_main_process:
-        import datasets
-
-        datasets.utils.logging.set_verbosity_warning()
-    else:
-        import datasets
-
+    datasets.utils.logging.set_verbosity_warning()
+    if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    start_time = time.time()
+    return accelerator
 
-    # ---------------------------------------------------------------------------- 2.2 model and processor
+
+def prepare_model(args, accelerator):
+    """2.2 The model and processor, frozen towers (a frozen text tower computed once per distinct text)."""
     model, processor, pretrained_prefixes = build_model_and_processor(args)
     if args.freeze_vision:
         model.vision_model.requires_grad_(False)
@@ -800,250 +650,295 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(accelerator.device)
     if args.freeze_text and args.frozen_text_cache:
         FrozenTowerCache(model.text_model)
+    return model, processor, pretrained_prefixes
 
-    # ---------------------------------------------------------------------------- 2.3 data
-    # Rank 0 generates/caches the data first, the others then read the cache.
+
+def load_data(args, accelerator) -> dict:
+    """2.3 Every split the run needs; rank 0 generates/caches the data first, the others then read the cache."""
     with accelerator.main_process_first():
-        train_dataset = None if args.eval_only else select_first(load_split(args, args.train_split, False), args.max_train_samples)
-        eval_data = load_split(args, args.eval_split, True) if (args.do_eval or args.eval_only) else None
-        validation_data = load_split(args, args.validation_split, True) if args.eval_steps else None
-        predict_data = load_split(args, args.predict_split, True) if args.do_predict else None
+        return {
+            "train": None if args.eval_only else select_first(load_split(args, args.train_split, False), args.max_train_samples),
+            "eval": load_split(args, args.eval_split, True) if (args.do_eval or args.eval_only) else None,
+            "validation": load_split(args, args.validation_split, True) if args.eval_steps else None,
+            "predict": load_split(args, args.predict_split, True) if args.do_predict else None,
+        }
 
-    results: dict[str, dict[str, float]] = {}
-    training_state: dict = {}
-    diagnostics: dict[str, dict[str, float]] = {}
-    progress = TrainingProgress()
-    training_summary: dict = {}
-    if not args.eval_only:
-        train_dataset = set_training_transform(train_dataset, processor)
-        collator = CIRTrainingCollator(processor.tokenizer, args.max_text_length)
-        train_dataloader = DataLoader(
-            train_dataset,
+
+class TrainingRun:
+    """What the training loop works with: the prepared model, optimiser, data and schedule, the counters that are saved
+    with every checkpoint (`progress`), and the per-window logging state (summed on the device, read once a window)."""
+
+    def __init__(self, args, accelerator, model, processor, train_dataset, pretrained_prefixes):
+        """2.4 Dataloader, optimiser (three learning rates), schedule; everything registered for checkpointing."""
+        self.args, self.accelerator, self.processor = args, accelerator, processor
+        self.output_dir = Path(args.output_dir)
+        self.train_dataset = set_training_transform(train_dataset, processor)
+        self.collator = CIRTrainingCollator(processor.tokenizer, args.max_text_length)
+        dataloader = DataLoader(
+            self.train_dataset,
             shuffle=True,
             batch_size=args.per_device_train_batch_size,
-            collate_fn=collator,
+            collate_fn=self.collator,
             num_workers=args.dataloader_num_workers,
-            # The in-batch loss needs full batches of equal size on every process.
-            drop_last=True,
+            drop_last=True,  # the in-batch loss needs full batches of equal size on every process
         )
-        if len(train_dataloader) == 0:
+        if len(dataloader) == 0:
             raise ValueError(
-                f"The training set ({len(train_dataset)} queries) is smaller than one batch "
+                f"The training set ({len(self.train_dataset)} queries) is smaller than one batch "
                 f"(--per_device_train_batch_size {args.per_device_train_batch_size})"
             )
-
-        # ------------------------------------------------------------------------ 2.4 optimizer and schedule
         optimizer = torch.optim.AdamW(parameter_groups(model, args, pretrained_prefixes), lr=args.learning_rate)
-        model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+        self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
+        self.max_train_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         # Stepped once per optimizer step by this script (not prepared), and saved with the checkpoints.
-        lr_scheduler = get_scheduler(
-            args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=max_train_steps
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer=self.optimizer, num_warmup_steps=args.num_warmup_steps,
+            num_training_steps=self.max_train_steps,
         )
-        accelerator.register_for_checkpointing(lr_scheduler, progress)
+        self.progress = TrainingProgress()
+        accelerator.register_for_checkpointing(self.lr_scheduler, self.progress)
         if args.report_to != "none":
             accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        self.starting_epoch = self.skip_batches = 0
+        self.consecutive_nonfinite, self.cycle_nonfinite = 0, False
+        self.time_limit_reached, self.best_metric, self.best_step = False, None, None
+        self.diagnostics: dict[str, dict[str, float]] = {}
+        self.new_window()
 
-        # ------------------------------------------------------------------------ 2.5 resume
-        starting_epoch, skip_batches = 0, 0
-        if args.resume_from_checkpoint is not None:
-            if args.resume_from_checkpoint == "latest":
-                checkpoints = list_checkpoints(output_dir)
-                checkpoint = checkpoints[-1] if checkpoints else None
-                if checkpoint is None:
-                    logger.warning(f"No complete checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
-            else:
-                checkpoint = Path(args.resume_from_checkpoint)
-            if checkpoint is not None:
-                accelerator.load_state(str(checkpoint))
-                starting_epoch, within = divmod(progress.completed_steps, steps_per_epoch)
-                skip_batches = within * args.gradient_accumulation_steps
-                logger.info(f"Resumed from {checkpoint}: step {progress.completed_steps}, {progress.samples_seen} samples seen")
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
-        # ------------------------------------------------------------------------ 2.6 train
+    def new_window(self) -> None:
+        self.window = {"samples": 0, "time": time.time(), "terms": {}, "count": 0, "composition": {}}
+
+    def resume(self) -> None:
+        """2.5 Load a complete checkpoint (`--resume_from_checkpoint DIR|latest`) and skip the batches it had seen."""
+        if self.args.resume_from_checkpoint is None:
+            return
+        if self.args.resume_from_checkpoint == "latest":
+            checkpoints = list_checkpoints(self.output_dir)
+            if not checkpoints:
+                logger.warning(f"No complete checkpoint in {self.output_dir / 'checkpoints'}: starting from scratch")
+                return
+            checkpoint = checkpoints[-1]
+        else:
+            checkpoint = Path(self.args.resume_from_checkpoint)
+        self.accelerator.load_state(str(checkpoint))
+        self.starting_epoch, within = divmod(self.progress.completed_steps, self.steps_per_epoch)
+        self.skip_batches = within * self.args.gradient_accumulation_steps
+        logger.info(f"Resumed from {checkpoint}: step {self.progress.completed_steps}, {self.progress.samples_seen} samples seen")
+
+    def train(self, validation_data) -> None:
+        """2.6 The epochs: micro-steps, optimiser steps, logging, checkpoints, validation, the wall-clock guard."""
+        args, accelerator, progress = self.args, self.accelerator, self.progress
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         logger.info("***** Running training *****")
-        logger.info(f"  Num queries = {len(train_dataset)}, epochs = {num_epochs}, optimization steps = {max_train_steps}")
+        logger.info(f"  Num queries = {len(self.train_dataset)}, epochs = {self.num_epochs}, optimization steps = {self.max_train_steps}")
         logger.info(f"  Batch size per device = {args.per_device_train_batch_size}, total (parallel, accumulation) = {total_batch}")
-        progress_bar = tqdm(
-            range(max_train_steps), initial=progress.completed_steps, disable=not accelerator.is_local_main_process, desc="Training"
-        )
-        probe_batches = diagnostic_batches(train_dataset, collator, args, accelerator.device)
+        self.probe_batches = diagnostic_batches(self.train_dataset, self.collator, args.per_device_train_batch_size, args.seed, accelerator.device)
         if progress.completed_steps == 0:
-            diagnostics["start"] = composition_diagnostics(accelerator.unwrap_model(model), probe_batches, args)
-            logger.info("composition at step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in diagnostics["start"].items()))
-        best_metric, best_step = None, None
-        consecutive_nonfinite, cycle_nonfinite = 0, False
-        time_limit_reached, train_start = False, time.time()
-        window = {"samples": 0, "time": time.time(), "terms": {}, "count": 0}
-        micro_step = progress.completed_steps * args.gradient_accumulation_steps
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        for epoch in range(starting_epoch, num_epochs):
-            if progress.completed_steps >= max_train_steps:
+            self.measure_composition("start", "composition at step 0")
+        self.progress_bar = tqdm(
+            range(self.max_train_steps), initial=progress.completed_steps, disable=not accelerator.is_local_main_process, desc="Training"
+        )
+        self.train_start = time.time()
+        for epoch in range(self.starting_epoch, self.num_epochs):
+            if progress.completed_steps >= self.max_train_steps or self.time_limit_reached:
                 break
-            set_train_mode(model, args)
-            train_dataloader.set_epoch(epoch)
-            active_dataloader = train_dataloader
-            if epoch == starting_epoch and skip_batches:
-                active_dataloader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-            for batch in active_dataloader:
-                # What the composition does is measured on the batches that end a logging window (cheap, no extra pass).
-                log_step = (progress.completed_steps + 1) % args.logging_steps == 0 or progress.completed_steps + 1 == max_train_steps
-                with accelerator.accumulate(model):
-                    outputs = model(**batch, return_loss=True, output_composition=log_step)
-                    loss = outputs.loss
-                    if args.debug_nonfinite_steps and micro_step in args.debug_nonfinite_steps:
-                        loss = loss * float("nan")
-                    # Every process must take the same branch (the backward all-reduces).
-                    finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum").item() == accelerator.num_processes
-                    if finite:
-                        accelerator.backward(loss)
-                        consecutive_nonfinite = 0
-                    else:
-                        cycle_nonfinite = True
-                        consecutive_nonfinite += 1
-                        logger.warning(f"Non-finite loss at step {progress.completed_steps} (micro-batch {micro_step}): skipping the update")
-                        if consecutive_nonfinite >= args.max_nonfinite_steps:
-                            raise RuntimeError(
-                                f"The loss was non-finite for {consecutive_nonfinite} micro-batches in a row (--max_nonfinite_steps "
-                                f"{args.max_nonfinite_steps}); stopping at step {progress.completed_steps}. Lower --learning_rate, "
-                                "use --mixed_precision no, or check the data."
-                            )
-                    if accelerator.sync_gradients:
-                        if cycle_nonfinite:
-                            progress.skipped_nonfinite_steps += 1
-                        else:
-                            if args.debug_dump_grads and progress.completed_steps == 0 and accelerator.is_main_process:
-                                from safetensors.torch import save_file
-
-                                unwrapped = accelerator.unwrap_model(model)
-                                save_file(
-                                    {n: p.grad.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.grad is not None},
-                                    args.debug_dump_grads,
-                                )
-                            if args.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
-                            optimizer.step()
-                            # CLIP-style: the bounds act on the parameter, never inside forward (no frozen gradient).
-                            accelerator.unwrap_model(model).clamp_logit_scale_()
-                        optimizer.zero_grad(set_to_none=True)
-                        cycle_nonfinite = False
-                micro_step += 1
-                batch_size = batch["pixel_values"].shape[0] * accelerator.num_processes
-                progress.samples_seen += batch_size
-                window["samples"] += batch_size
-                if finite:
-                    # Summed on the device; read once per logging window.
-                    window["count"] += 1
-                    for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in outputs.loss_terms.items()}}.items():
-                        window["terms"][name] = window["terms"].get(name, 0.0) + value.detach().float()
-                    if log_step:
-                        window["composition"] = composition_step_stats(outputs)
-                if args.debug_sleep_per_step:
-                    time.sleep(args.debug_sleep_per_step)
-                if not accelerator.sync_gradients:
-                    continue
-
-                progress.completed_steps += 1
-                lr_scheduler.step()
-                progress_bar.update(1)
-                if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
-                    scale = accelerator.unwrap_model(model).logit_scale.detach().item()
-                    elapsed = max(time.time() - window["time"], 1e-9)
-                    logs = {name: float(total) / max(window["count"], 1) for name, total in window["terms"].items()}
-                    logs.update({name: float(value) for name, value in window.get("composition", {}).items()})
-                    logs.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
-                    logs.update(logit_scale=scale, samples_per_second=window["samples"] / elapsed, epoch=epoch)
-                    accelerator.log(logs, step=progress.completed_steps)
-                    logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-                    progress_bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", scale=f"{scale:.1f}")
-                    window = {"samples": 0, "time": time.time(), "terms": {}, "count": 0}
-                if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, progress)
-                if args.eval_steps and progress.completed_steps % args.eval_steps == 0 and progress.completed_steps < max_train_steps:
-                    metrics, _, _ = evaluate_split(accelerator, model, processor, validation_data, args, f"Validation @{progress.completed_steps}")
-                    headline = metrics[HEADLINE_METRIC.get(args.source, "recall@1")]
-                    logger.info(format_table(f"{args.validation_split} @ step {progress.completed_steps}", metrics))
-                    accelerator.log({f"{args.validation_split}/{k}": v for k, v in metrics.items()}, step=progress.completed_steps)
-                    if best_metric is None or headline > best_metric:
-                        best_metric, best_step = headline, progress.completed_steps
-                        save_model(accelerator, model, processor, output_dir / "best_model")
-                    set_train_mode(model, args)
-                if progress.completed_steps >= max_train_steps:
+            set_train_mode(self.model, args)
+            self.dataloader.set_epoch(epoch)
+            batches = self.dataloader
+            if epoch == self.starting_epoch and self.skip_batches:
+                batches = accelerator.skip_first_batches(self.dataloader, self.skip_batches)
+            for batch in batches:
+                self.micro_step(batch)
+                if accelerator.sync_gradients and self.after_optimizer_step(epoch, validation_data):
                     break
-                if args.max_train_minutes and progress.completed_steps % 10 == 0:
-                    # Every process must stop at the same step: the slowest one decides.
-                    over = float(time.time() - train_start > 60 * args.max_train_minutes)
-                    if accelerator.reduce(torch.tensor([over], device=accelerator.device), "sum").item() > 0:
-                        logger.warning(
-                            f"--max_train_minutes {args.max_train_minutes} reached: stopping at step {progress.completed_steps} "
-                            f"of {max_train_steps} (the learning rate had not finished its schedule)"
-                        )
-                        time_limit_reached = True
-                        break
-            if time_limit_reached:
-                break
-            if args.checkpointing_steps == "epoch":
+            if args.checkpointing_steps == "epoch" and not self.time_limit_reached:
                 save_checkpoint(accelerator, args, progress)
-        progress_bar.close()
-        diagnostics["end"] = composition_diagnostics(accelerator.unwrap_model(model), probe_batches, args)
-        logger.info("composition after training: " + ", ".join(f"{k}={v:.4g}" for k, v in diagnostics["end"].items()))
-        train_seconds = time.time() - start_time
-        training_summary = {
+        self.progress_bar.close()
+        self.measure_composition("end", "composition after training")
+        if self.best_step is not None:
+            logger.info(f"Best {args.validation_split} model (step {self.best_step}) saved in {self.output_dir / 'best_model'}")
+
+    def measure_composition(self, moment: str, label: str) -> None:
+        frozen = tuple(name for name, on in (("vision_model", self.args.freeze_vision), ("text_model", self.args.freeze_text)) if on)
+        self.diagnostics[moment] = composition_diagnostics(self.unwrapped, self.probe_batches, frozen)
+        logger.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.diagnostics[moment].items()))
+
+    def micro_step(self, batch) -> None:
+        """Forward and backward of one batch; a non-finite loss on any process skips the update on all of them."""
+        args, accelerator, progress = self.args, self.accelerator, self.progress
+        # What the composition does is measured on the batches that end a logging window (no extra pass).
+        next_step = progress.completed_steps + 1
+        log_step = next_step % args.logging_steps == 0 or next_step == self.max_train_steps
+        with accelerator.accumulate(self.model):
+            outputs = forward_loss(self.model, batch, log_step)
+            loss = outputs.loss
+            # Every process must take the same branch (the backward all-reduces).
+            finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum").item() == accelerator.num_processes
+            if finite:
+                accelerator.backward(loss)
+                self.consecutive_nonfinite = 0
+            else:
+                self.nonfinite_loss()
+            if accelerator.sync_gradients:
+                if self.cycle_nonfinite:
+                    progress.skipped_nonfinite_steps += 1
+                else:
+                    apply_update(self)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.cycle_nonfinite = False
+        batch_size = batch["pixel_values"].shape[0] * accelerator.num_processes
+        progress.samples_seen += batch_size
+        self.window["samples"] += batch_size
+        if finite:
+            self.window["count"] += 1
+            for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in outputs.loss_terms.items()}}.items():
+                self.window["terms"][name] = self.window["terms"].get(name, 0.0) + value.detach().float()
+            if log_step:
+                self.window["composition"] = composition_step_stats(outputs)
+
+    def nonfinite_loss(self) -> None:
+        self.cycle_nonfinite = True
+        self.consecutive_nonfinite += 1
+        step = self.progress.completed_steps
+        logger.warning(f"Non-finite loss at step {step}: skipping the update")
+        if self.consecutive_nonfinite >= self.args.max_nonfinite_steps:
+            raise RuntimeError(
+                f"The loss was non-finite for {self.consecutive_nonfinite} micro-batches in a row (--max_nonfinite_steps "
+                f"{self.args.max_nonfinite_steps}); stopping at step {step}. Lower --learning_rate, use --mixed_precision no, "
+                "or check the data."
+            )
+
+    def after_optimizer_step(self, epoch: int, validation_data) -> bool:
+        """Counters, schedule, logging, checkpoint, validation; True when training must stop (budget or clock)."""
+        args, progress = self.args, self.progress
+        progress.completed_steps += 1
+        self.lr_scheduler.step()
+        self.progress_bar.update(1)
+        if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == self.max_train_steps:
+            self.log_window(epoch)
+        if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
+            save_checkpoint(self.accelerator, args, progress)
+        if args.eval_steps and progress.completed_steps % args.eval_steps == 0 and progress.completed_steps < self.max_train_steps:
+            self.validate(validation_data)
+        if progress.completed_steps >= self.max_train_steps:
+            return True
+        return self.clock_says_stop()
+
+    def log_window(self, epoch: int) -> None:
+        scale = self.unwrapped.logit_scale.detach().item()
+        window = self.window
+        elapsed = max(time.time() - window["time"], 1e-9)
+        logs = {name: float(total) / max(window["count"], 1) for name, total in window["terms"].items()}
+        logs.update({name: float(value) for name, value in window["composition"].items()})
+        logs.update({f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups})
+        logs.update(logit_scale=scale, samples_per_second=window["samples"] / elapsed, epoch=epoch)
+        self.accelerator.log(logs, step=self.progress.completed_steps)
+        logger.info(f"step {self.progress.completed_steps}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        self.progress_bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", scale=f"{scale:.1f}")
+        self.new_window()
+
+    def validate(self, validation_data) -> None:
+        args, step = self.args, self.progress.completed_steps
+        metrics, _, _ = evaluate_split(self.accelerator, self.model, self.processor, validation_data, args, f"Validation @{step}")
+        headline = metrics[get_dataset_spec(args.source).headline_metric]
+        logger.info(format_table(f"{args.validation_split} @ step {step}", metrics))
+        self.accelerator.log({f"{args.validation_split}/{k}": v for k, v in metrics.items()}, step=step)
+        if self.best_metric is None or headline > self.best_metric:
+            self.best_metric, self.best_step = headline, step
+            save_model(self.accelerator, self.model, self.processor, self.output_dir / "best_model")
+        set_train_mode(self.model, args)
+
+    def clock_says_stop(self) -> bool:
+        """The wall-clock safety net, checked every 10 steps; every process stops at the same step (the slowest decides)."""
+        args, step = self.args, self.progress.completed_steps
+        if not args.max_train_minutes or step % 10:
+            return False
+        over = float(time.time() - self.train_start > 60 * args.max_train_minutes)
+        if self.accelerator.reduce(torch.tensor([over], device=self.accelerator.device), "sum").item() == 0:
+            return False
+        logger.warning(
+            f"--max_train_minutes {args.max_train_minutes} reached: stopping at step {step} of {self.max_train_steps} "
+            "(the learning rate had not finished its schedule)"
+        )
+        self.time_limit_reached = True
+        return True
+
+    def summary(self, start_time: float) -> tuple[dict, dict]:
+        """The model card's training table and training_state.json (written here, by the main process)."""
+        args, progress = self.args, self.progress
+        seconds = time.time() - start_time
+        samples_per_second = round(progress.samples_seen / max(seconds, 1e-9), 1)
+        card = {
             "optimization steps": progress.completed_steps,
             "samples seen": progress.samples_seen,
-            "total batch size": total_batch,
+            "total batch size": args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps,
             "learning rate (new layers / towers / logit scale)": f"{args.learning_rate} / {args.learning_rate * args.tower_lr_multiplier} / {args.logit_scale_lr}",
-            "final logit scale": f"{accelerator.unwrap_model(model).logit_scale.item():.2f}",
-            "processes": accelerator.num_processes,
+            "final logit scale": f"{self.unwrapped.logit_scale.item():.2f}",
+            "processes": self.accelerator.num_processes,
             "stopped by --max_train_minutes": (
-                f"YES: cut short at step {progress.completed_steps} of {max_train_steps}" if time_limit_reached else "no"
+                f"YES: cut short at step {progress.completed_steps} of {self.max_train_steps}" if self.time_limit_reached else "no"
             ),
-            "training wall time (s)": round(train_seconds, 1),
-            "training samples/s": round(progress.samples_seen / max(train_seconds, 1e-9), 1),
+            "training wall time (s)": round(seconds, 1),
+            "training samples/s": samples_per_second,
         }
         for key in ("angle_rms", "angle_share_over_quarter_pi", "composition_norm_share", "loss_symmetric", "loss_symmetric_same_rotation"):
-            if key in diagnostics["end"]:
-                training_summary[f"after training: {key}"] = diagnostics["end"][key]
-        if accelerator.is_main_process:
-            training_state = {
-                **progress.state_dict(),
-                "max_train_steps": max_train_steps,
-                "num_processes": accelerator.num_processes,
-                "time_limit_reached": time_limit_reached,
-                "train_seconds": round(train_seconds, 1),
-                "samples_per_second": round(progress.samples_seen / max(train_seconds, 1e-9), 1),
-            }
-            (output_dir / TRAINING_STATE_FILE).write_text(json.dumps(training_state, indent=2))
-        if args.debug_dump_params:
-            from safetensors.torch import save_file
+            if key in self.diagnostics.get("end", {}):
+                card[f"after training: {key}"] = self.diagnostics["end"][key]
+        state = {
+            **progress.state_dict(),
+            "max_train_steps": self.max_train_steps,
+            "num_processes": self.accelerator.num_processes,
+            "time_limit_reached": self.time_limit_reached,
+            "train_seconds": round(seconds, 1),
+            "samples_per_second": samples_per_second,
+        }
+        if self.accelerator.is_main_process:
+            (self.output_dir / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+        return card, state
 
-            Path(args.debug_dump_params).mkdir(parents=True, exist_ok=True)
-            state = {name: tensor.detach().cpu().contiguous() for name, tensor in accelerator.unwrap_model(model).named_parameters()}
-            save_file(state, str(Path(args.debug_dump_params) / f"params_rank{accelerator.process_index}.safetensors"))
-        if best_step is not None:
-            logger.info(f"Best {args.validation_split} model (step {best_step}) saved in {output_dir / 'best_model'}")
 
-    # ---------------------------------------------------------------------------- 2.7 evaluate
+def forward_loss(model, batch, output_composition: bool):
+    """The training forward pass of one batch (tests wrap this to inject faults)."""
+    return model(**batch, return_loss=True, output_composition=output_composition)
+
+
+def apply_update(run: TrainingRun) -> None:
+    """Clip, step, and keep the logit scale in its bounds (CLIP-style: on the parameter, never inside forward, so its
+    gradient is never frozen at a bound). Tests wrap this to read the gradients."""
+    if run.args.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.parameters, run.args.max_grad_norm)
+    run.optimizer.step()
+    run.unwrapped.clamp_logit_scale_()
+
+
+def evaluate_and_predict(args, accelerator, model, processor, data: dict, training_state: dict, step: int) -> dict:
+    """2.7 Recall@K on the evaluation split (table, figures) and the CIRR test-server files with --do_predict."""
+    results = {}
+    eval_data, output_dir = data["eval"], Path(args.output_dir)
     if eval_data is not None:
         metrics, query_embeds, gallery_embeds = evaluate_split(accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}")
         results[args.eval_split] = metrics
         if accelerator.is_main_process:
             title = f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %"
-            if not args.eval_only and training_state.get("time_limit_reached"):
+            if training_state.get("time_limit_reached"):
                 title += (
-                    f"  [CUT SHORT by --max_train_minutes {args.max_train_minutes}: trained {progress.completed_steps} of "
+                    f"  [CUT SHORT by --max_train_minutes {args.max_train_minutes}: trained {training_state['completed_steps']} of "
                     f"{training_state['max_train_steps']} steps]"
                 )
             print(format_table(title, metrics))
-            output_dir.mkdir(parents=True, exist_ok=True)
             save_evaluation_grids(
                 output_dir / "results_grids", eval_data, query_embeds, gallery_embeds, args.num_results_grids,
                 accelerator.unwrap_model(model), processor,
             )
-        accelerator.log({f"{args.eval_split}/{k}": v for k, v in metrics.items()}, step=progress.completed_steps)
+        accelerator.log({f"{args.eval_split}/{k}": v for k, v in metrics.items()}, step=step)
+    predict_data = data["predict"]
     if predict_data is not None:
         query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, predict_data, args, "Predicting")
         if accelerator.is_main_process:
@@ -1054,33 +949,52 @@ def main(argv: list[str] | None = None) -> dict:
                 list(predict_data.gallery["image_id"]), output_dir,
             )
             logger.info(f"CIRR submission files: {[str(p) for p in paths]}")
+    return results
 
-    # ---------------------------------------------------------------------------- 2.8 save, card, hub
+
+def save_and_publish(args, accelerator, model, processor, results: dict, training_state: dict, diagnostics: dict, card: dict) -> None:
+    """2.8 eval_results.json (with how training went and what the composition does), the model, its card, the Hub."""
+    output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and results:
+        record = {**results}
+        if training_state:
+            record["training"] = training_state
+        if diagnostics:
+            record["composition"] = diagnostics
+        (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
+    if args.eval_only:
+        return
+    save_model(accelerator, model, processor, output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if results:
-            record = {**results}
-            if training_state:
-                record["training"] = training_state
-            if diagnostics:
-                record["composition"] = diagnostics
-            (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
-    if not args.eval_only:
-        save_model(accelerator, model, processor, output_dir)
-    if accelerator.is_main_process and not args.eval_only:
         write_model_card(
-            output_dir, results, training_summary, args.source, args.composition, hub_dataset_name=args.dataset_name,
+            output_dir, results, card, args.source, args.composition, hub_dataset_name=args.dataset_name,
             base_models=card_base_models(args), hub_model_id=args.hub_model_id,
         )
         if args.push_to_hub:
             repo_id = push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start_time = time.time()
+    accelerator = setup_accelerator(args)  # 2.1
+    model, processor, pretrained_prefixes = prepare_model(args, accelerator)  # 2.2
+    data = load_data(args, accelerator)  # 2.3
+    run, card, training_state, progress = None, {}, {}, TrainingProgress()
+    if not args.eval_only:
+        run = TrainingRun(args, accelerator, model, processor, data["train"], pretrained_prefixes)  # 2.4
+        run.resume()  # 2.5
+        run.train(data["validation"])  # 2.6
+        model, progress = run.model, run.progress
+        card, training_state = run.summary(start_time)
+    results = evaluate_and_predict(args, accelerator, model, processor, data, training_state, progress.completed_steps)  # 2.7
+    save_and_publish(args, accelerator, model, processor, results, training_state, run.diagnostics if run else {}, card)  # 2.8
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        logger.info(f"Done in {time.time() - start_time:.0f} s; model in {output_dir}")
+    logger.info(f"Done in {time.time() - start_time:.0f} s; model in {args.output_dir}")
     accelerator.end_training()
-    return {"results": results, "progress": progress.state_dict()}
+    return {"results": results, "progress": progress.state_dict(), "model": accelerator.unwrap_model(model)}
 
 
 if __name__ == "__main__":

@@ -211,12 +211,21 @@ def train_env(cache_dir: Path) -> dict:
     return env
 
 
+def train_command(args: list[str], base: list[str] = TINY_TRAIN_ARGS, faults: list[str] | None = None) -> list[str]:
+    """`python train.py *base *args`, or with `faults` (options of tests/train_with_faults.py) that script around it."""
+    if faults is None:
+        return [sys.executable, str(REPO_ROOT / "train.py"), *base, *args]
+    return [sys.executable, str(REPO_ROOT / "tests" / "train_with_faults.py"), *faults, "--", *base, *args]
+
+
 def run_train(
-    args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_TRAIN_ARGS, **kwargs
+    args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_TRAIN_ARGS, faults: list[str] | None = None,
+    **kwargs,
 ) -> subprocess.CompletedProcess:
-    """`python train.py *base *args` in a subprocess; raises with its stderr when `check` and it fails."""
+    """`python train.py *base *args` in a subprocess (see `train_command`); raises with its stderr when `check` and it
+    fails."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *base, *args],
+        train_command(args, base, faults),
         env=train_env(cache_dir),
         capture_output=True,
         text=True,

@@ -47,9 +47,9 @@ def test_two_gloo_ranks_match_a_single_process_on_the_concatenated_batch(tmp_pat
     result = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(REPO / "train.py"), *TINY_ARGS, *EXACT, "--per_device_train_batch_size", "4", "--max_train_steps", "3",
-         "--output_dir", str(distributed), "--debug_dump_grads", str(tmp_path / "grads_two.safetensors"),
-         "--debug_dump_params", str(distributed / "params")],
+         str(REPO / "tests" / "train_with_faults.py"), "--dump_grads", str(tmp_path / "grads_two.safetensors"),
+         "--dump_params", str(distributed / "params"), "--",
+         *TINY_ARGS, *EXACT, "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--output_dir", str(distributed)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -68,9 +68,9 @@ def test_two_gloo_ranks_match_a_single_process_on_the_concatenated_batch(tmp_pat
     # differentiably, so rank 0's queries are scored against rank 1's targets too, with gradient).
     single = tmp_path / "one"
     run_train(
-        [*EXACT, "--per_device_train_batch_size", "8", "--max_train_steps", "1", "--output_dir", str(single),
-         "--debug_dump_grads", str(tmp_path / "grads_one.safetensors")],
+        [*EXACT, "--per_device_train_batch_size", "8", "--max_train_steps", "1", "--output_dir", str(single)],
         cache_dir,
+        faults=["--dump_grads", str(tmp_path / "grads_one.safetensors")],
     )  # fmt: skip
     two, one = load_file(tmp_path / "grads_two.safetensors"), load_file(tmp_path / "grads_one.safetensors")
     assert two.keys() == one.keys()
