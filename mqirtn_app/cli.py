@@ -10,6 +10,8 @@ checkpoint; a different checkpoint is refused). With a faiss-* backend, `index` 
 it in the index folder, so each `search` reads it instead of re-training/rebuilding it. Under `accelerate launch` /
 `torchrun` with several processes, `index` embeds one shard of the folder per process and the main process writes
 the merged index.
+No Python file of a model folder runs unless `--trust-remote-code` is given (the installed MQIRTN classes load its
+safetensors); a model path read from an index then runs only if its code files match the digest the index recorded.
 Errors are one line on stderr and exit status 1 (2 for bad command-line usage); no traceback.
 """
 
@@ -35,6 +37,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_TRUST_HELP = (
+    "run the Python files of the model folder (its own architecture) instead of this package's installed classes; "
+    "off by default. A model path read from an index runs code only if its code files match the index's digest"
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqirtn", description="Composed image retrieval with an MQIRTN model.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -46,6 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
 
     search = commands.add_parser("search", help="search an index with a reference image and a modification text")
     search.add_argument("--index", required=True, help="folder written by `mqirtn index`")
@@ -58,10 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--target", help="id of the known target image, outlined in the grid")
     search.add_argument("--model", help="model to search with (default: the one recorded in the index)")
     search.add_argument("--backend", choices=BACKENDS, help="override the index's search backend")
+    search.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     return parser
 
 
-def _load_model(name_or_path: str):
+def _load_model(name_or_path: str, trust_remote_code: bool = False):
+    """Model and processor of `name_or_path`: with this package's installed classes unless `trust_remote_code`.
+
+    Without consent no Python file of the folder runs: an MQIRTN folder loads with the installed classes (its weights
+    are safetensors), any other architecture is refused.
+    """
     if (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))) and not os.path.isdir(
         os.path.expanduser(name_or_path)
     ):
@@ -70,9 +85,14 @@ def _load_model(name_or_path: str):
     from transformers import AutoModel, AutoProcessor
 
     try:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-    except (OSError, ValueError, KeyError) as error:
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if not trust_remote_code and "custom code" in str(error):
+            raise _CLIError(
+                f"the model {name_or_path!r} is not an architecture this package installs and needs its own code to "
+                "load; pass --trust-remote-code to run it (only for a folder you trust)"
+            ) from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
     if not hasattr(model, "get_query_features"):
@@ -98,7 +118,7 @@ def _index(args) -> int:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args.model, args.trust_remote_code)
     if accelerator is not None:
         model.to(accelerator.device)
     index = GalleryIndex.from_folder(
@@ -127,6 +147,26 @@ def _index(args) -> int:
     return 0
 
 
+def _check_model_code(index, model_name: str) -> None:
+    """Raises unless the code files of the model folder named by the index are those it recorded when built."""
+    from .index import model_code_digest
+
+    if not index.model_code:
+        raise _CLIError(
+            "the index records no digest of its model's code files, so --trust-remote-code would run whatever "
+            f"{model_name!r} holds now; name the model with --model to run its code"
+        )
+    if not os.path.isdir(model_name):
+        raise _CLIError(f"the model folder {model_name!r} recorded in the index does not exist")
+    current = model_code_digest(model_name)
+    differing = sorted(name for name in set(current) | set(index.model_code) if current.get(name) != index.model_code.get(name))
+    if differing:
+        raise _CLIError(
+            f"the code files of {model_name!r} changed since the index was built ({', '.join(differing)}); refusing to "
+            "run them: name the model with --model to run its code"
+        )
+
+
 def _search(args) -> int:
     from .index import GalleryIndex
     from modeling_mqirtn import ComposedImageRetrievalPipeline
@@ -140,7 +180,10 @@ def _search(args) -> int:
     model_name = args.model or index.model_name_or_path
     if not model_name:
         raise _CLIError(f"the index {args.index!r} does not record its model; pass --model")
-    model, processor = _load_model(model_name)
+    if args.trust_remote_code and not args.model:
+        # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
+        _check_model_code(index, model_name)
+    model, processor = _load_model(model_name, args.trust_remote_code)
     index.check_model(model)
     index.model, index.processor = model, processor
     if args.target is not None and args.target not in index.ids:

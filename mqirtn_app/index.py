@@ -73,6 +73,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint
 
 
+# Files of a model folder that decide what code `trust_remote_code` runs: the Python files and the JSON files that
+# name them (`auto_map`, `custom_pipelines`).
+_CODE_SUFFIXES = (".py", ".json")
+
+
+def model_code_digest(folder: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 (hex) of each `*.py` / `*.json` file directly in the model folder `folder`, by file name."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(folder).iterdir())
+        if path.is_file() and path.suffix in _CODE_SUFFIXES
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- images
 def _describe(item, position: int) -> str:
     if isinstance(item, (str, os.PathLike)):
@@ -298,6 +312,7 @@ class GalleryIndex:
         *,
         model_name_or_path: str | None = None,
         fingerprint: str | None = None,
+        model_code: dict[str, str] | None = None,
         backend: str = "exact",
         backend_options: dict | None = None,
         root: str | os.PathLike | None = None,
@@ -317,6 +332,8 @@ class GalleryIndex:
         self.projection_dim = int(embeddings.shape[1])
         self.model_name_or_path = model_name_or_path
         self.fingerprint = fingerprint
+        # `model_code_digest` of the model folder at build time: what `mqirtn search --trust-remote-code` may run.
+        self.model_code = dict(model_code or {})
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.root = None if root is None else str(Path(root).resolve())
@@ -337,9 +354,11 @@ class GalleryIndex:
     @staticmethod
     def _model_identity(model) -> dict:
         name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
+        code = None
         if name and Path(name).is_dir():
             name = str(Path(name).resolve())
-        return {"model_name_or_path": name, "fingerprint": model_fingerprint(model)}
+            code = model_code_digest(name)
+        return {"model_name_or_path": name, "fingerprint": model_fingerprint(model), "model_code": code}
 
     @classmethod
     def from_images(
@@ -553,6 +572,7 @@ class GalleryIndex:
             "projection_dim": self.projection_dim,
             "model_name_or_path": self.model_name_or_path,
             "fingerprint": self.fingerprint,
+            "model_code": self.model_code,
             "backend": self.backend,
             "backend_options": self.backend_options,
             "root": self.root,
@@ -596,6 +616,7 @@ class GalleryIndex:
             meta["ids"],
             model_name_or_path=meta["model_name_or_path"],
             fingerprint=meta["fingerprint"],
+            model_code=meta.get("model_code"),
             backend=backend or meta["backend"],
             backend_options=meta["backend_options"],
             root=meta["root"],
@@ -651,5 +672,6 @@ __all__ = [
     "ModelMismatchError",
     "embed_images",
     "image_files",
+    "model_code_digest",
     "model_fingerprint",
 ]
