@@ -15,6 +15,8 @@ from .composition_mqirtn import MQIRTNImageResidual, build_composition, build_de
 from .configuration_mqirtn import MQIRTNConfig, tower_width
 from .fusion_mqirtn import MQIRTNFusion, masked_mean
 from .losses_mqirtn import build_metric_loss, image_fingerprints
+# Imported so that `save_pretrained` copies the pipeline file with the model's code (it copies what this file imports).
+from .pipeline_mqirtn import CUSTOM_PIPELINES
 
 
 logger = logging.get_logger(__name__)
@@ -132,6 +134,16 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
             init.copy_(module.mapping_weights, torch.tensor(module.weights_init, dtype=module.mapping_weights.dtype))
         if isinstance(module, MQIRTNImageResidual):
             init.constant_(module.weight, 1.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        r"""
+        `PreTrainedModel.save_pretrained`, plus `custom_pipelines` in `config.json`: with the pipeline file, which is
+        copied with the model's code, the folder (or a repository made by `push_to_hub`, which calls this) then serves
+        `pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)` where this package is not
+        installed (save the processor into the same folder).
+        """
+        self.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MQIRTNModel(MQIRTNPreTrainedModel):

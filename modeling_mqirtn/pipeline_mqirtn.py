@@ -12,7 +12,6 @@ pipeline in a process where this package is not installed:
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from transformers import Pipeline
 
 
 TASK = "composed-image-retrieval"
-PIPELINE_FILE = "pipeline_mqirtn.py"
 # What `config.json` needs so that `pipeline(TASK, model=folder, trust_remote_code=True)` finds this class.
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"}
@@ -262,20 +260,18 @@ class ComposedImageRetrievalPipeline(Pipeline):
 
 def save_for_hub(model, processor, folder: str | os.PathLike) -> Path:
     r"""
-    Saves `model`, `processor` and this pipeline's code into `folder`, so that in a fresh process (our packages not
-    installed) `pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)`,
-    `AutoModel.from_pretrained(folder, trust_remote_code=True)` and `AutoProcessor.from_pretrained(folder,
-    trust_remote_code=True)` all work. Writes `custom_pipelines` into `config.json` (transformers' own
-    `Pipeline.save_pretrained` does that too, but forgets the processor).
+    Saves `model` and `processor` into `folder`: the same as `model.save_pretrained(folder)` followed by
+    `processor.save_pretrained(folder)` (the model's `save_pretrained` writes `custom_pipelines` into `config.json` and
+    copies this file with the model's code). In a fresh process where this package is not installed,
+    `pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)`, `AutoModel.from_pretrained(folder,
+    trust_remote_code=True)` and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` then all work.
 
     Returns the folder as a `Path`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    shutil.copyfile(Path(__file__), folder / PIPELINE_FILE)
     return folder
 
 

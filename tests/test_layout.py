@@ -24,8 +24,8 @@ PROCESSOR_AND_PIPELINE = {"processing_mqirtn.py", "pipeline_mqirtn.py"}
 
 @pytest.fixture(scope="module")
 def hub_files(tmp_path_factory):
-    """The code files of a folder saved for the Hub (model + processor after `register_for_auto_class`, plus the
-    pipeline: `save_for_hub`), by name."""
+    """The code files of a folder saved for the Hub (`save_for_hub`: model + processor after
+    `register_for_auto_class`), by name."""
     folder = tmp_path_factory.mktemp("hub")
     save_for_hub(tiny_model(), tiny_processor(tmp_path_factory.mktemp("vocab")), folder)
     return {path.name: path.read_text() for path in folder.glob("*.py")}
@@ -42,13 +42,13 @@ def imports_of(source: str) -> list[tuple[int, str]]:
     return found
 
 
-def test_save_pretrained_copies_all_but_the_pipeline(hub_files, tmp_path_factory):
+def test_save_pretrained_copies_every_hub_file(hub_files, tmp_path_factory):
     """`save_pretrained` of model and processor (registered for the Auto classes on import) copies the defining files
-    and what they import; `save_for_hub` adds only the pipeline file."""
+    and what they import, the pipeline's included: the plain way of saving is as complete as `save_for_hub`."""
     folder = tmp_path_factory.mktemp("saved")
     tiny_model().save_pretrained(folder)
     tiny_processor(tmp_path_factory.mktemp("vocab")).save_pretrained(folder)
-    assert {path.name for path in folder.glob("*.py")} == set(hub_files) - {"pipeline_mqirtn.py"}
+    assert {path.name for path in folder.glob("*.py")} == set(hub_files)
 
 
 def test_saved_code_is_exactly_the_top_level_mqirtn_files(hub_files):

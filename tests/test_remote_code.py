@@ -1,5 +1,7 @@
-"""The Hub round trip: a folder saved by model and processor loads with `trust_remote_code=True` in a fresh Python
-process where neither `modeling_mqirtn` nor `processing` is importable, and gives the same outputs (<= 1e-5).
+"""The Hub round trip: a folder saved by model and processor (`save_pretrained`, or `push_to_hub` into a stand-in that
+records the upload) loads with `trust_remote_code=True` in a fresh Python process where neither `modeling_mqirtn` nor
+`processing` is importable, through AutoModel, AutoProcessor and `pipeline("composed-image-retrieval")`, and gives the
+same outputs (<= 1e-5).
 
 One subprocess loads the folders of every composition variant (starting Python + transformers dominates the cost).
 """
@@ -34,7 +36,7 @@ CHILD_SCRIPT = textwrap.dedent(
     import numpy as np
     import torch
     from PIL import Image
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel, AutoProcessor, pipeline
 
     def make_inputs():
         rng = np.random.default_rng(0)
@@ -53,9 +55,13 @@ CHILD_SCRIPT = textwrap.dedent(
         tensors = {name: value for name, value in batch.items()}
         tensors.update({name: getattr(out, name) for name in ("query_embeds", "target_embeds", "logits_per_query", "loss")})
         torch.save(tensors, os.path.join(folder, "child_outputs.pt"))
+        pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
+        hits = pipe(image=make_inputs()["images"][0], text="make it blue", gallery=out.target_embeds, top_k=2)
         results[folder] = {
             "model_class": f"{type(model).__module__}.{type(model).__name__}",
             "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
+            "pipeline_class": f"{type(pipe).__module__}.{type(pipe).__name__}",
+            "pipeline_hits": [hit["index"] for hit in hits],
         }
     try:
         import modeling_mqirtn  # noqa: F401
@@ -79,6 +85,42 @@ def parent_inputs():
     return dict(images=images, text=["make it blue", "", "add a red circle to the left"], target_images=targets)
 
 
+class RecordingHubApi:
+    """Stands in for transformers' shared `HfApi`: `create_repo` answers, `create_commit` copies the uploaded files
+    into `folder` (what the repository would hold) and records the calls."""
+
+    def __init__(self, folder):
+        self.folder, self.calls = folder, []
+
+    def create_repo(self, repo_id, private=None, token=None, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations)))
+        for operation in operations:
+            destination = self.folder / operation.path_in_repo
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(open(operation.path_or_fileobj, "rb").read())
+
+
+def push_with_stand_in(model, processor, folder, monkeypatch_context):
+    """`model.push_to_hub` + `processor.push_to_hub` (as a Hub user publishes) into a `RecordingHubApi` that writes
+    the uploaded files to `folder`; returns the stand-in."""
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import ModelCard, ModelCardData
+
+    api = RecordingHubApi(folder)
+    monkeypatch_context.setattr(transformers_hub, "_hf_api", api)
+    # The card lookup would ask the Hub whether a card exists: answer "no card yet" offline.
+    monkeypatch_context.setattr(
+        transformers_hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None: ModelCard.from_template(ModelCardData())
+    )
+    model.push_to_hub("someone/mqirtn-pushed")
+    processor.push_to_hub("someone/mqirtn-pushed")
+    return api
+
+
 @pytest.fixture(scope="module")
 def saved_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
@@ -90,6 +132,9 @@ def saved_folders(tmp_path_factory):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         folders[composition] = folder
+    with pytest.MonkeyPatch.context() as patch:
+        push_with_stand_in(tiny_model(seed=99), processor, root / "pushed", patch)
+    folders["pushed"] = root / "pushed"
     return folders, processor
 
 
@@ -119,20 +164,27 @@ def child_results(saved_folders, tmp_path_factory):
     return json.loads(line[len("RESULTS") :])
 
 
-def test_saved_folder_holds_code_and_auto_map(saved_folders):
-    folder = saved_folders[0]["mqirtn"]
+@pytest.mark.parametrize("how", ["save_pretrained", "push_to_hub"])
+def test_saved_folder_holds_code_and_auto_map(saved_folders, how):
+    folder = saved_folders[0]["mqirtn" if how == "save_pretrained" else "pushed"]
     files = set(os.listdir(folder))
-    assert CODE_FILES <= files, CODE_FILES - files
+    assert CODE_FILES | {"pipeline_mqirtn.py"} <= files, CODE_FILES - files
     assert "processing_mqirtn.py" in files and "model.safetensors" in files
     assert not any(name.endswith(".bin") for name in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "mqirtn"
     assert config["auto_map"]["AutoConfig"] == "configuration_mqirtn.MQIRTNConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_mqirtn.MQIRTNModel"
+    # What `pipeline(task, model=folder, trust_remote_code=True)` reads to find the task's class.
+    assert config["custom_pipelines"] == {
+        "composed-image-retrieval": {
+            "impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"
+        }
+    }
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_mqirtn.MQIRTNProcessor"
     # Hub code imports siblings only as `from .x import Y`, never our packages.
-    for name in CODE_FILES | {"processing_mqirtn.py"}:
+    for name in CODE_FILES | {"processing_mqirtn.py", "pipeline_mqirtn.py"}:
         source = (folder / name).read_text()
         assert not re.search(r"^\s*(from|import)\s+(modeling_mqirtn|processing)\b", source, re.MULTILINE), name
 
@@ -155,6 +207,9 @@ def test_fresh_process_round_trip_gives_the_same_outputs(saved_folders, child_re
     assert info["model_class"].startswith("transformers_modules.") and info["model_class"].endswith(".MQIRTNModel")
     assert info["processor_class"].startswith("transformers_modules.") and info["processor_class"].endswith(".MQIRTNProcessor")
     child = torch.load(folder / "child_outputs.pt", weights_only=True)
+    assert info["pipeline_class"].startswith("transformers_modules.")
+    assert info["pipeline_class"].endswith(".ComposedImageRetrievalPipeline")
+    assert info["pipeline_hits"] == (child["query_embeds"][:1] @ child["target_embeds"].T).topk(2).indices[0].tolist()
     batch = processor(**parent_inputs(), return_tensors="pt")
     for name, value in batch.items():  # the remote processor prepares the same tensors
         assert (child[name] - value).abs().max().item() <= 1e-5, name
@@ -163,3 +218,28 @@ def test_fresh_process_round_trip_gives_the_same_outputs(saved_folders, child_re
         out = model(**batch, return_loss=True)
     for name in ("query_embeds", "target_embeds", "logits_per_query", "loss"):
         assert (child[name] - getattr(out, name)).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.slow
+def test_pushed_folder_serves_the_pipeline_in_a_fresh_process(saved_folders, child_results):
+    folders, processor = saved_folders
+    folder = folders["pushed"]
+    info = child_results[str(folder)]
+    assert info["pipeline_class"].startswith("transformers_modules.")
+    assert info["pipeline_class"].endswith(".ComposedImageRetrievalPipeline")
+    child = torch.load(folder / "child_outputs.pt", weights_only=True)
+    assert info["pipeline_hits"] == (child["query_embeds"][:1] @ child["target_embeds"].T).topk(2).indices[0].tolist()
+    model = MQIRTNModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(**processor(**parent_inputs(), return_tensors="pt"))
+    assert (child["query_embeds"] - out.query_embeds).abs().max().item() <= 1e-5
+
+
+def test_push_to_hub_uploads_model_processor_and_pipeline_code(tmp_path, processor, monkeypatch):
+    api = push_with_stand_in(tiny_model(), processor, tmp_path / "repo", monkeypatch)
+    commits = [call for call in api.calls if call[0] == "create_commit"]
+    assert len(commits) == 2  # the model's and the processor's
+    model_files, processor_files = commits[0][2], commits[1][2]
+    assert {"config.json", "model.safetensors", "pipeline_mqirtn.py", "modeling_mqirtn.py"} <= set(model_files)
+    assert "processor_config.json" in processor_files and "processing_mqirtn.py" in processor_files
+    assert "custom_pipelines" in json.loads((tmp_path / "repo" / "config.json").read_text())
