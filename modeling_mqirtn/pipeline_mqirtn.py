@@ -126,7 +126,8 @@ class ComposedImageRetrievalPipeline(Pipeline):
     - `pipe(image=ref, text="make it red", gallery=index, top_k=5)` -> `[{"score": float, "index": int, "id": str}, ...]`
       best first;
     - `pipe([{"image": ..., "text": ...}, ...], gallery=index, batch_size=16)` -> one such list per query;
-    - without `gallery` -> the L2-normalised query embedding, a `torch.FloatTensor` of shape `(projection_dim,)`.
+    - without `gallery` -> the L2-normalised query embedding, a `torch.FloatTensor` of shape `(projection_dim,)`;
+    - `pipe.embed_gallery(images)` -> the gallery embeddings of a list of images, to pass as `gallery=`.
 
     Images may be PIL images, numpy arrays, local paths or URLs. `gallery` is either an index object with
     `search(query_embeds, top_k) -> (scores, indices)` and `ids` (such as `GalleryIndex`; if it has
@@ -186,6 +187,39 @@ class ComposedImageRetrievalPipeline(Pipeline):
         if isinstance(inputs, list) and not inputs:
             raise ValueError("`inputs` is an empty list; give at least one query")
         return super().__call__(inputs, **kwargs)
+
+    def embed_gallery(self, images, batch_size: int = 32) -> torch.Tensor:
+        r"""
+        Gallery embeddings of `images`, to pass as `gallery=` (the way to build a gallery without this package
+        installed): the model's `get_image_features` on the processor's pixels, `batch_size` images per forward pass.
+
+        images (`list` of images): PIL images, numpy arrays, local paths or URLs, read by the same decoder as queries.
+
+        Returns `torch.FloatTensor` of shape `(len(images), projection_dim)` on the CPU, L2-normalised; row `i` is
+        `images[i]`, so a result's `index` is the position of the image in `images`.
+
+        Example (a pipeline loaded from a saved folder or a Hub repository with `trust_remote_code=True`):
+
+        ```python
+        >>> gallery = pipe.embed_gallery(["a.jpg", "b.jpg", "c.jpg"])  # doctest: +SKIP
+        >>> pipe(image="query.jpg", text="make it red", gallery=gallery, top_k=2)  # doctest: +SKIP
+        [{'score': 0.87, 'index': 2, 'id': '2'}, {'score': 0.55, 'index': 0, 'id': '0'}]
+        ```
+        """
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
+            raise TypeError(f"`images` must be a list of images (PIL, numpy, paths or URLs), got {type(images).__name__}")
+        if not images:
+            raise ValueError("`images` is empty: a gallery needs at least one image")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        embeds = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = self.processor(images=list(images[start : start + batch_size]), return_tensors="pt")
+                pixel_values = batch["pixel_values"].to(self.device, self.model.dtype)
+                features = self.model.get_image_features(pixel_values=pixel_values)
+                embeds.append(features.float().cpu())
+        return torch.cat(embeds)
 
     def _sanitize_parameters(self, gallery=None, top_k=None, **unknown):
         if unknown:

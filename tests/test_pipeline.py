@@ -126,9 +126,36 @@ def test_exact_search_in_blocks_equals_full_topk():
     torch.testing.assert_close(scores, expected_scores)
 
 
+def test_embed_gallery_equals_image_features_in_any_batch_size(setup):
+    model, processor, gallery, pipe = setup["model"], setup["processor"], setup["gallery"], setup["pipe"]
+    images = [shape_image(i) for i in range(20)]
+    for batch_size in (1, 7, 32):
+        embeds = pipe.embed_gallery(images, batch_size=batch_size)
+        assert embeds.shape == (20, model.config.projection_dim) and embeds.dtype == torch.float32
+        torch.testing.assert_close(embeds, gallery, atol=1e-5, rtol=0)
+    image = shape_image(100)
+    hits = pipe(image=image, text="make it red", gallery=pipe.embed_gallery(images), top_k=4)
+    assert [r["index"] for r in hits] == direct_topk(model, processor, [image], ["make it red"], gallery, 4)[1][0].tolist()
+
+
+@pytest.mark.parametrize(
+    "images, batch_size, error, match",
+    [
+        ("a.png", 8, TypeError, "must be a list of images"),
+        ([], 8, ValueError, "is empty"),
+        ([None], 8, ValueError, "images"),
+        (["missing.png"], 0, ValueError, "`batch_size` must be a positive integer"),
+    ],
+)
+def test_embed_gallery_refuses_bad_input(setup, images, batch_size, error, match):
+    with pytest.raises(error, match=match):
+        setup["pipe"].embed_gallery(images, batch_size=batch_size)
+
+
 FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
     import importlib, json, sys
+    from pathlib import Path
     import torch
     from PIL import Image
     from transformers import pipeline
@@ -143,10 +170,15 @@ FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
     pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
     images = [Image.open(f"{images_folder}/query_{i}.png") for i in range(len(texts))]
     gallery = torch.load(f"{images_folder}/gallery.pt", weights_only=True)
+    # The gallery built the Hub user's way: file paths through the pipeline's own embedding path.
+    gallery_files = sorted(Path(images_folder).glob("gallery_*.png"))
+    own_gallery = pipe.embed_gallery([str(path) for path in gallery_files], batch_size=3)
+    own_hits = pipe(image=images[0], text=texts[0], gallery=own_gallery, top_k=3)
     single = pipe(image=images[0], text=texts[0], gallery=gallery, top_k=3)
     batched = pipe([{"image": i, "text": t} for i, t in zip(images, texts)], gallery=gallery, top_k=3, batch_size=2)
     embedding = pipe(image=images[0], text=texts[0])
     json.dump({"single": single, "batched": batched, "embedding": embedding.tolist(),
+               "own_gallery": own_gallery.tolist(), "own_hits": own_hits,
                "class": type(pipe).__module__, "model_class": type(pipe.model).__module__}, open(out, "w"))
     """
 )
@@ -162,6 +194,8 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     for i, image in enumerate(images):
         image.save(tmp_path / f"query_{i}.png")
     torch.save(gallery, tmp_path / "gallery.pt")
+    for i in range(8):
+        shape_image(i).save(tmp_path / f"gallery_{i}.png")
     script, out, elsewhere = tmp_path / "run.py", tmp_path / "out.json", tmp_path / "cwd"
     script.write_text(FRESH_PROCESS_SCRIPT)
     elsewhere.mkdir()
@@ -193,3 +227,11 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     torch.testing.assert_close(
         torch.tensor(result["embedding"]), direct_queries(model, processor, reloaded[:1], texts[:1])[0], atol=1e-5, rtol=0
     )
+    # The gallery the child embedded from files equals the direct gallery embeddings of the same files, and searching
+    # it gives the direct ranking.
+    gallery_images = [Image.open(tmp_path / f"gallery_{i}.png") for i in range(8)]
+    with torch.no_grad():
+        own_gallery = model.get_image_features(pixel_values=processor(images=gallery_images)["pixel_values"])
+    torch.testing.assert_close(torch.tensor(result["own_gallery"]), own_gallery, atol=1e-5, rtol=0)
+    _, own_indices = direct_topk(model, processor, reloaded[:1], texts[:1], own_gallery, 3)
+    assert [r["index"] for r in result["own_hits"]] == own_indices[0].tolist()
