@@ -82,13 +82,16 @@ LOSS_WEIGHT_FIELDS = {
 
 
 def composition_step_stats(outputs) -> dict[str, torch.Tensor]:
-    """What the composition does in one batch (on the device, no host sync): the angles' rms and share of |delta| >
-    pi/4, and the composition term's share of the two query terms' norms (composition vs image residual)."""
+    """What the composition does in one batch (on the device, no host sync): the angles' rms, share of |delta| > pi/4
+    and spread across the batch's texts, and the composition term's share of the two query terms' norms (composition
+    vs image residual)."""
     stats = {}
     if outputs.composition_angles is not None:
         angles = outputs.composition_angles.detach().float()
         stats["angle_rms"] = angles.pow(2).mean().sqrt()
         stats["angle_share_over_quarter_pi"] = (angles.abs() > math.pi / 4).float().mean()
+        # How much a dimension's angle changes from text to text: the text's information carried by the rotation.
+        stats["angle_spread_across_texts"] = angles.std(dim=0).mean()
     if outputs.image_residual_norms is not None:
         composed, residual = outputs.composition_norms.detach(), outputs.image_residual_norms.detach()
         stats["composition_norm_share"] = (composed / (composed + residual).clamp(min=1e-12)).mean()

@@ -61,6 +61,7 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     # What the composition does, at the start and after training, is recorded with the results.
     composition = results["composition"]
     assert composition["start"]["angle_rms"] > 0.3 and 0 < composition["end"]["composition_norm_share"] < 1
+    assert composition["start"]["angle_spread_across_texts"] > 0  # different texts, different rotations
     for moment in ("start", "end"):
         shares = [v for k, v in composition[moment].items() if k.startswith("grad_share_")]
         assert len(shares) == 4 and sum(shares) == pytest.approx(1.0, abs=1e-4)
