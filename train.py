@@ -32,6 +32,15 @@ from transformers import AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessor
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
 from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
 from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+from mqirtn_app.atomic import (
+    differing_files,
+    file_hashes,
+    fsync_dir,
+    fsync_file,
+    move_files_into,
+    staging_folder,
+    write_bytes_atomic,
+)
 from mqirtn_app.model_card import push_to_hub, write_model_card
 from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
 from mqirtn_app.visualization import save_evaluation_grids
@@ -585,17 +594,49 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [path for path in folder.glob("checkpoint-*") if (path / CHECKPOINT_COMPLETE_FILE).is_file()]
+    found = [
+        path for path in folder.glob("checkpoint-*")
+        if path.name.split("-")[1].isdigit() and (path / CHECKPOINT_COMPLETE_FILE).is_file()
+    ]
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from (no marker, unreadable marker, files whose content
+    hash differs from the marker's manifest), or None when it is complete."""
+    marker = path / CHECKPOINT_COMPLETE_FILE
+    if not marker.is_file():
+        return f"it has no {CHECKPOINT_COMPLETE_FILE} (its save was interrupted)"
+    try:
+        record = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its {CHECKPOINT_COMPLETE_FILE} is not valid JSON ({error})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return None  # written before checkpoints listed their files: complete by its marker alone
+    differing = differing_files(path, files)
+    return f"its files differ from those its {CHECKPOINT_COMPLETE_FILE} lists ({', '.join(differing)})" if differing else None
+
+
 def save_checkpoint(accelerator, args, progress: TrainingProgress) -> None:
+    """`accelerator.save_state` into checkpoints/checkpoint-STEP, then the completion marker (with the content hashes
+    of every file) written last and atomically. A folder being re-saved is invalidated first (its marker removed), so a
+    crash mid-save never leaves new weights beside the old optimizer/scheduler/RNG state under a valid marker."""
     output_dir = Path(args.output_dir)
     path = output_dir / "checkpoints" / f"checkpoint-{progress.completed_steps}"
+    marker = path / CHECKPOINT_COMPLETE_FILE
+    if accelerator.is_main_process and marker.exists():
+        marker.unlink()
+        fsync_dir(path)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every process's random states are written before the marker lists them
     if accelerator.is_main_process:
-        # Written last: a checkpoint without it was interrupted and is never resumed from.
-        (path / CHECKPOINT_COMPLETE_FILE).write_text(json.dumps(progress.state_dict()))
+        for file in path.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        files = {name: digest for name, digest in file_hashes(path).items() if name != CHECKPOINT_COMPLETE_FILE}
+        write_bytes_atomic(marker, json.dumps({**progress.state_dict(), "files": files}).encode())
         for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info(f"Saved checkpoint {path}")
@@ -657,10 +698,17 @@ def format_table(title: str, metrics: dict[str, float]) -> str:
 
 
 def save_model(accelerator, model, processor, folder: Path) -> None:
-    """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline."""
+    """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline.
+
+    Written complete into `folder/.model.partial` and flushed to disk first, then renamed file by file into `folder`:
+    a crash while writing leaves the previous model in `folder` intact (and `.model.partial` is discarded next time).
+    """
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_for_hub(unwrapped, processor, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = staging_folder(folder / "model")
+        save_for_hub(unwrapped, processor, staged)
+        move_files_into(staged, folder)
 
 
 def card_base_models(args) -> list[str]:
@@ -789,13 +837,24 @@ class TrainingRun:
         if self.args.resume_from_checkpoint is None:
             return
         if self.args.resume_from_checkpoint == "latest":
-            checkpoints = list_checkpoints(self.output_dir)
+            checkpoints = []
+            for candidate in list_checkpoints(self.output_dir):
+                damage = checkpoint_damage(candidate)
+                if damage is None:
+                    checkpoints.append(candidate)
+                else:
+                    logger.warning(f"Not resuming from {candidate}: {damage}")
             if not checkpoints:
                 logger.warning(f"No complete checkpoint in {self.output_dir / 'checkpoints'}: starting from scratch")
                 return
             checkpoint = checkpoints[-1]
+            for unmarked in sorted(set((self.output_dir / "checkpoints").glob("checkpoint-*")) - set(list_checkpoints(self.output_dir))):
+                logger.warning(f"Not resuming from {unmarked}: it has no {CHECKPOINT_COMPLETE_FILE} (its save was interrupted)")
         else:
             checkpoint = Path(self.args.resume_from_checkpoint)
+            damage = checkpoint_damage(checkpoint)
+            if damage is not None:
+                raise ValueError(f"cannot resume from {checkpoint}: {damage}")
         self.accelerator.load_state(str(checkpoint))
         self.starting_epoch, within = divmod(self.progress.completed_steps, self.steps_per_epoch)
         self.skip_batches = within * self.args.gradient_accumulation_steps

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -31,6 +32,7 @@ from modeling_mqirtn.pipeline_mqirtn import exact_search
 from processing.processing_mqirtn import IMAGE_EXTENSIONS, to_rgb_image
 
 from . import BACKENDS
+from .atomic import recover_folder, sha256_file, staging_folder, swap_in_folder
 
 
 logger = logging.get_logger(__name__)
@@ -41,6 +43,8 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 # what it was built from (its "faiss" entry) so `load` can tell a stale file.
 FAISS_FILE = "faiss.index"
 FORMAT_VERSION = 1
+# What an index folder may hold; `save` replaces such a folder as a whole and refuses one holding anything else.
+_INDEX_FILES = (INDEX_FILE, EMBEDDINGS_FILE, FAISS_FILE, f"{FAISS_FILE}.partial")
 
 
 class ModelMismatchError(ValueError):
@@ -223,12 +227,16 @@ def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
     return index
 
 
-def _faiss_record(backend: str, options: dict, count: int, dim: int) -> dict:
-    """What a saved FAISS file was built from; `load` reads the file only when this matches the index it loads."""
-    return {"file": FAISS_FILE, "backend": backend, "backend_options": options, "ntotal": count, "dim": dim}
+def _faiss_record(backend: str, options: dict, count: int, dim: int, embeddings_sha256: str | None) -> dict:
+    """What a saved FAISS file was built from (down to the embeddings file's hash); `load` reads the file only when
+    this matches the index it loads."""
+    return {
+        "file": FAISS_FILE, "backend": backend, "backend_options": options, "ntotal": count, "dim": dim,
+        "embeddings_sha256": embeddings_sha256,
+    }
 
 
-def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count: int, dim: int):
+def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count: int, dim: int, embeddings_sha256: str):
     """The FAISS index saved in `directory`, or None (with a warning) when it is missing, unreadable or stale.
 
     Returns None silently when FAISS is not installed: `search` then raises the usual "needs FAISS" ImportError.
@@ -240,7 +248,7 @@ def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count:
             "be built at the first search: save the index again to keep it"
         )
         return None
-    expected = _faiss_record(backend, options, count, dim)
+    expected = _faiss_record(backend, options, count, dim, embeddings_sha256)
     differing = sorted(key for key in expected if record.get(key) != expected[key])
     if differing:
         logger.warning(
@@ -252,6 +260,12 @@ def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count:
     path = directory / FAISS_FILE
     if not path.is_file():
         logger.warning(f"The saved FAISS index {str(path)!r} is missing; it will be rebuilt at the first search")
+        return None
+    if sha256_file(path) != (meta.get("files") or {}).get(FAISS_FILE):
+        logger.warning(
+            f"The saved FAISS index {str(path)!r} is not the file index.json lists (other bytes); it will be rebuilt "
+            "at the first search"
+        )
         return None
     try:
         import faiss
@@ -280,6 +294,62 @@ def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count:
         return None
     _apply_search_options(index, backend, options)
     return index
+
+
+# ---------------------------------------------------------------------------------------------------- index.json
+# The fields of index.json and the types `load` accepts (anything else is a one-line ValueError, not a KeyError).
+_META_FIELDS = {
+    "format_version": (int,),
+    "size": (int,),
+    "projection_dim": (int,),
+    "ids": (list,),
+    "model_name_or_path": (str, type(None)),
+    "fingerprint": (str, type(None)),
+    "backend": (str,),
+    "backend_options": (dict,),
+    "root": (str, type(None)),
+}
+_OPTIONAL_META_FIELDS = {
+    "model_code": (dict, type(None)), "skipped": (list,), "faiss": (dict, type(None)), "files": (dict, type(None))
+}
+
+
+def _read_meta(path: Path) -> dict:
+    """index.json, checked field by field: `ValueError` naming the field, what was expected and what came."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); rebuild the index") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path.parent)!r} has index format version {meta.get('format_version')!r}; this code reads "
+            f"version {FORMAT_VERSION}"
+        )
+    for fields, required in ((_META_FIELDS, True), (_OPTIONAL_META_FIELDS, False)):
+        for name, types in fields.items():
+            if name not in meta:
+                if required:
+                    raise ValueError(f"{str(path)!r} lacks the field {name!r}; rebuild the index")
+                continue
+            value = meta[name]
+            if not isinstance(value, types) or isinstance(value, bool):
+                expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"{str(path)!r}: {name!r} must be {expected}, got {json.dumps(value)[:80]}")
+    if not all(isinstance(item, str) for item in meta["ids"]):
+        raise ValueError(f"{str(path)!r}: 'ids' must be a list of strings")
+    if meta["size"] != len(meta["ids"]) or meta["projection_dim"] < 1:
+        raise ValueError(
+            f"{str(path)!r}: 'size' {meta['size']} and 'projection_dim' {meta['projection_dim']} do not describe "
+            f"its {len(meta['ids'])} ids"
+        )
+    if meta["backend"] not in BACKENDS:
+        raise ValueError(f"{str(path)!r}: 'backend' must be one of {list(BACKENDS)}, got {meta['backend']!r}")
+    for name, value in meta["backend_options"].items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{str(path)!r}: backend option {name!r} must be a positive integer, got {value!r}")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------- index
@@ -552,20 +622,34 @@ class GalleryIndex:
 
         With a faiss-* backend, also `faiss.index` (`faiss.write_index`), building the FAISS index first if no search
         built it yet (raises `ImportError` without FAISS); `index.json` records what it was built from.
+
+        Atomic: the files are written into a temporary sibling folder, flushed to disk and swapped in for `directory`,
+        so a crash at any point leaves the previous index or the new one, never a mix. `index.json` lists the SHA-256
+        of the other files (`files`), which `load` verifies; the FAISS record names the embeddings' hash it was built
+        from. `directory` must be new, empty or an index folder (it is replaced as a whole).
         """
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{str(directory)!r} is a file, not a folder to save a gallery index into")
+        if directory.is_dir():
+            foreign = sorted(p.name for p in directory.iterdir() if p.name not in _INDEX_FILES)
+            if foreign:
+                raise ValueError(
+                    f"{str(directory)!r} holds files that are not part of a gallery index ({', '.join(foreign[:5])}); "
+                    "save the index into a new or empty folder (the folder is replaced as a whole)"
+                )
         faiss_index = self._get_faiss_index() if self.backend != "exact" and len(self) else None
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings}, str(directory / EMBEDDINGS_FILE))
-        faiss_path = directory / FAISS_FILE
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staged = staging_folder(directory)
+        save_file({"embeddings": self.embeddings}, str(staged / EMBEDDINGS_FILE))
+        files = {EMBEDDINGS_FILE: sha256_file(staged / EMBEDDINGS_FILE)}
+        faiss_record = None
         if faiss_index is not None:
-            faiss = _import_faiss(self.backend)
-            # Written aside and renamed, so an interrupted save never leaves a half-written file under the real name.
-            partial = directory / f"{FAISS_FILE}.partial"
-            faiss.write_index(faiss_index, str(partial))
-            os.replace(partial, faiss_path)
-        elif faiss_path.is_file():
-            faiss_path.unlink()  # left by an earlier save with a FAISS backend: it no longer matches this index
+            _import_faiss(self.backend).write_index(faiss_index, str(staged / FAISS_FILE))
+            files[FAISS_FILE] = sha256_file(staged / FAISS_FILE)
+            faiss_record = _faiss_record(
+                self.backend, self.backend_options, int(faiss_index.ntotal), int(faiss_index.d), files[EMBEDDINGS_FILE]
+            )
         meta = {
             "format_version": FORMAT_VERSION,
             "size": len(self),
@@ -577,13 +661,12 @@ class GalleryIndex:
             "backend_options": self.backend_options,
             "root": self.root,
             "skipped": self.skipped,
-            "faiss": (
-                None if faiss_index is None
-                else _faiss_record(self.backend, self.backend_options, int(faiss_index.ntotal), int(faiss_index.d))
-            ),
+            "faiss": faiss_record,
+            "files": files,
             "ids": self.ids,
         }
-        (directory / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+        (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+        swap_in_folder(staged, directory)
         return directory
 
     @classmethod
@@ -599,18 +682,43 @@ class GalleryIndex:
         be rebuilt at the first search. FAISS is imported only then: without it, exact search still works.
         """
         directory = Path(directory)
+        found = recover_folder(directory)
+        if found is not None and found != directory:
+            logger.warning(
+                f"A save of {str(directory)!r} was interrupted after it moved the previous index aside: loading the "
+                f"previous index from {str(found)!r} (save again to finish)"
+            )
+            directory = found
         meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
         if not meta_path.is_file() or not embeddings_path.is_file():
             raise FileNotFoundError(
                 f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        meta = _read_meta(meta_path)
+        data = embeddings_path.read_bytes()
+        embeddings_sha256 = hashlib.sha256(data).hexdigest()
+        recorded = meta.get("files")
+        if recorded is None:
+            logger.warning(f"{str(meta_path)!r} lists no content hashes (saved by an older version): not verified")
+        elif recorded.get(EMBEDDINGS_FILE) != embeddings_sha256:
             raise ValueError(
-                f"{str(directory)!r} has index format version {meta.get('format_version')!r}; this code reads "
-                f"version {FORMAT_VERSION}"
+                f"{str(embeddings_path)!r} is not the embeddings file {INDEX_FILE} was saved with (other content "
+                "hash): the index folder mixes two saves or was modified; rebuild the index"
             )
-        embeddings = load_file(str(embeddings_path))["embeddings"]
+        try:
+            embeddings = safetensors_load(data)["embeddings"]
+        except Exception as error:  # safetensors raises its own SafetensorError (and KeyError) for damaged files
+            raise ValueError(
+                f"{str(embeddings_path)!r} is not a readable embeddings file ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); rebuild the index"
+            ) from error
+        if embeddings.dim() != 2 or embeddings.shape != (meta["size"], meta["projection_dim"]):
+            raise ValueError(
+                f"{str(embeddings_path)!r} holds embeddings of shape {tuple(embeddings.shape)}, but {INDEX_FILE} "
+                f"records ({meta['size']}, {meta['projection_dim']}); rebuild the index"
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError(f"{str(embeddings_path)!r} holds non-finite (NaN/inf) embeddings; rebuild the index")
         index = cls(
             embeddings,
             meta["ids"],
@@ -626,7 +734,8 @@ class GalleryIndex:
         if index.backend != "exact" and len(index):
             if index.backend == meta["backend"]:
                 index._faiss_index = _read_faiss(
-                    directory, meta, index.backend, index.backend_options, len(index), index.projection_dim
+                    directory, meta, index.backend, index.backend_options, len(index), index.projection_dim,
+                    embeddings_sha256,
                 )
             else:
                 logger.info(

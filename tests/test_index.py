@@ -245,7 +245,8 @@ def test_faiss_index_is_saved_and_loaded_without_rebuilding(backend, options, kn
     assert builds == [backend] and len(trainings) == (backend == "faiss-ivf")
     assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "faiss.index", "index.json"]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
-    assert meta["faiss"] == {"file": "faiss.index", "backend": backend, "backend_options": options, "ntotal": 2000, "dim": 32}
+    assert meta["faiss"] == {"file": "faiss.index", "backend": backend, "backend_options": options, "ntotal": 2000, "dim": 32,
+                             "embeddings_sha256": meta["files"]["embeddings.safetensors"]}  # fmt: skip
     expected = index.search(queries, 10)
     assert builds == [backend]  # the save's build serves the search
 
@@ -291,7 +292,8 @@ def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypat
         loaded = GalleryIndex.load(tmp_path / "index")  # never fatal
     assert "it will be rebuilt at the first search" in captured.out or "it will be built at the first search" in captured.out
     assert {"count": "ntotal=1999, expected 2000", "options": "backend_options", "no_record": "holds no saved faiss-ivf index",
-            "missing": "is missing", "garbage": "Could not read", "other_vectors": "IndexIVFFlat of 500 x 32"}[damage] in captured.out  # fmt: skip
+            "missing": "is missing", "garbage": "is not the file index.json lists",
+            "other_vectors": "is not the file index.json lists"}[damage] in captured.out  # fmt: skip
     assert loaded._faiss_index is None and builds == []
     scores, indices = loaded.search(queries, 10)
     assert builds == ["faiss-ivf"]  # rebuilt lazily, as for an index that was never saved
