@@ -9,14 +9,16 @@ from .composition_mqirtn import MQIRTNMLP
 
 
 class MQIRTNCrossAttention(nn.Module):
-    """Multi-head attention of `queries` over `context`, with SDPA when no weights are asked for.
+    """Multi-head attention of `queries` over `context`: SDPA, or the explicit softmax when weights are asked for or
+    `config._attn_implementation` is `"eager"` (read at every call, so `model.set_attn_implementation` applies).
 
     Inputs: `queries` (B, Nq, d), `context` (B, Nk, d), `context_mask` (B, Nk) with 1 for real tokens.
     Returns the attended values (B, Nq, d) and, with `output_attentions`, weights (B, heads, Nq, Nk).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0, config=None):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
@@ -34,12 +36,13 @@ class MQIRTNCrossAttention(nn.Module):
         # Boolean mask broadcast over heads and query positions: True = may attend.
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
         dropout = self.dropout if self.training else 0.0
-        if output_attentions:
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
             scores = (q @ k.transpose(-1, -2)) / self.head_dim**0.5
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             weights = scores.softmax(dim=-1)
             attended = F.dropout(weights, p=dropout, training=self.training) @ v
+            weights = weights if output_attentions else None
         else:
             weights = None
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -53,16 +56,16 @@ class MQIRTNFusionLayer(GradientCheckpointingLayer):
     Every sub-block is pre-norm with a residual connection, so a layer starts close to the identity.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float = 0.0, config=None):
         super().__init__()
         self.image_norm = nn.LayerNorm(hidden_size)
         self.image_context_norm = nn.LayerNorm(hidden_size)
-        self.image_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout)
+        self.image_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout, config)
         self.image_ffn_norm = nn.LayerNorm(hidden_size)
         self.image_ffn = MQIRTNMLP(hidden_size, intermediate_size, hidden_size, dropout)
         self.text_norm = nn.LayerNorm(hidden_size)
         self.text_context_norm = nn.LayerNorm(hidden_size)
-        self.text_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout)
+        self.text_attention = MQIRTNCrossAttention(hidden_size, num_heads, dropout, config)
         self.text_ffn_norm = nn.LayerNorm(hidden_size)
         self.text_ffn = MQIRTNMLP(hidden_size, intermediate_size, hidden_size, dropout)
 
@@ -93,16 +96,19 @@ class MQIRTNFusion(nn.Module):
 
     Returns the pooled fused image embedding (image CLS slot, or the mean of all image tokens with `pooling="mean"`;
     (B, d)), the pooled fused text embedding (masked mean, (B, d)) and, when asked, per layer the image-queries-text attention weights (B, heads, 1+P, L) and the
-    text-queries-image weights (B, heads, L, 1+P).
+    text-queries-image weights (B, heads, L, 1+P). `config` (the model's) chooses the attention implementation.
     """
 
-    def __init__(self, vision_width, text_width, hidden_size, num_layers, num_heads, intermediate_size, dropout=0.0, pooling="cls"):
+    def __init__(
+        self, vision_width, text_width, hidden_size, num_layers, num_heads, intermediate_size, dropout=0.0, pooling="cls",
+        config=None,
+    ):
         super().__init__()
         self.pooling = pooling
         self.image_input = nn.Linear(vision_width, hidden_size)
         self.text_input = nn.Linear(text_width, hidden_size)
         self.layers = nn.ModuleList(
-            MQIRTNFusionLayer(hidden_size, num_heads, intermediate_size, dropout) for _ in range(num_layers)
+            MQIRTNFusionLayer(hidden_size, num_heads, intermediate_size, dropout, config) for _ in range(num_layers)
         )
         self.image_output_norm = nn.LayerNorm(hidden_size)
         self.text_output_norm = nn.LayerNorm(hidden_size)

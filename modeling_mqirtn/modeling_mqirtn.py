@@ -1,6 +1,7 @@
 """MQIRTN: composed image retrieval with a vision tower, a text tower, cross-modal attention fusion, ComposeAE's
 complex-space composition, deep metric learning and the rotational symmetric constraint."""
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -54,6 +55,12 @@ class MQIRTNOutput(ModelOutput):
     image_residual_norms (`torch.FloatTensor` of shape `(batch_size,)`, *optional*, returned when
     `output_composition=True` and the model has the image residual):
         L2 norm of the gated image-residual term of the (unnormalised) query.
+    vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The vision tower's hidden states for the reference images (embeddings + one per layer), as the tower returns
+        them, e.g. `(batch_size, 1 + num_patches, vision_hidden_size)` for ViT.
+    text_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The text tower's hidden states (embeddings + one per layer), each `(batch_size, sequence_length,
+        text_hidden_size)`.
     symmetric_diagnostics (`dict[str, torch.FloatTensor]`, *optional*, returned when `output_composition=True`,
     `return_loss=True` and the composition rotates):
         What the conjugate does in the symmetric constraint: `loss_same_rotation` (the symmetric loss when the target
@@ -75,6 +82,8 @@ class MQIRTNOutput(ModelOutput):
     composition_norms: torch.FloatTensor | None = None
     image_residual_norms: torch.FloatTensor | None = None
     symmetric_diagnostics: dict[str, torch.FloatTensor] | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +113,20 @@ def tower_from_config(config) -> PreTrainedModel:
     return _build_tower(config, lambda **kw: AutoModel.from_config(config, **kw), {})
 
 
+@functools.cache
+def _ignoring_pooler_weights(model_class: type) -> type:
+    """`model_class` that loads a checkpoint holding pooler weights without the pooler quietly: the weights are ignored
+    as transformers' heads ignore them (`_keys_to_ignore_on_load_unexpected`), instead of a report table of them."""
+    patterns = {*(model_class._keys_to_ignore_on_load_unexpected or ()), r"(^|\.)pooler\."}
+    attributes = {"__module__": model_class.__module__, "__qualname__": model_class.__qualname__}
+    return type(model_class.__name__, (model_class,), {**attributes, "_keys_to_ignore_on_load_unexpected": patterns})
+
+
 def tower_from_pretrained(name_or_path: str, **kwargs) -> PreTrainedModel:
     """A pretrained tower (any AutoModel checkpoint; see `_build_tower` for its pooler)."""
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
-    return _build_tower(config, lambda **kw: AutoModel.from_pretrained(name_or_path, config=config, **kw), kwargs)
+    model_class = _ignoring_pooler_weights(AutoModel._model_mapping[type(config)])
+    return _build_tower(config, lambda **kw: model_class.from_pretrained(name_or_path, config=config, **kw), kwargs)
 
 
 class MQIRTNPreTrainedModel(PreTrainedModel):
@@ -117,8 +136,9 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # SDPA and eager (the fusion follows `config._attn_implementation` like the towers); flash-attention is not claimed:
+    # no test runs it.
     _supports_sdpa = True
-    _supports_flash_attn = True
     _no_split_modules = ["MQIRTNFusionLayer"]
 
     @torch.no_grad()
@@ -135,6 +155,33 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
         if isinstance(module, MQIRTNImageResidual):
             init.constant_(module.weight, 1.0)
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # Weights whose shape does not fit are described in one sentence by `from_pretrained` (naming the config field
+        # that differs) instead of a report table with a row per tensor.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        if loading_info.mismatched_keys:
+            self._size_mismatches = sorted(loading_info.mismatched_keys)
+            loading_info.mismatched_keys = set()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        `PreTrainedModel.from_pretrained`; a checkpoint whose weights do not fit the configuration (e.g. loaded with
+        another `projection_dim`) raises one `ValueError` that names the configuration fields that differ, or with
+        `ignore_mismatched_sizes=True` logs that sentence and keeps the re-initialised layers.
+        """
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        mismatches = model.__dict__.pop("_size_mismatches", None)
+        if not mismatches:
+            return model
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
+        message = _size_mismatch_message(cls, pretrained_model_name_or_path, model.config, mismatches, hub_kwargs)
+        if not kwargs.get("ignore_mismatched_sizes", False):
+            raise ValueError(f"{message} Load it with the configuration it was saved with, or pass "
+                             "`ignore_mismatched_sizes=True` to re-initialise the layers that do not fit.")
+        logger.warning(f"{message} Re-initialised the {len(mismatches)} weights that do not fit (`ignore_mismatched_sizes=True`).")
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         r"""
         `PreTrainedModel.save_pretrained`, plus `custom_pipelines` in `config.json`: with the pipeline file, which is
@@ -144,6 +191,33 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
         """
         self.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _differing_sizes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`field (checkpoint: a, this model: b)` for every integer field (sizes; nested configs as `text_config.x`) that
+    differs between two config dicts."""
+    found = []
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            found += _differing_sizes(old, value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and isinstance(old, int) and old != value:
+            found.append(f"`{prefix}{key}` (checkpoint: {old}, this model: {value})")
+    return found
+
+
+def _size_mismatch_message(cls, name_or_path, config, mismatches, hub_kwargs) -> str:
+    """One sentence on weights whose checkpoint shape does not fit the model, naming the config fields that differ."""
+    key, checkpoint_shape, model_shape = mismatches[0]
+    where = f"{len(mismatches)} weights, e.g. `{key}`: checkpoint {tuple(checkpoint_shape)}, model {tuple(model_shape)}"
+    try:
+        saved, _ = cls.config_class.get_config_dict(name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        saved = {}
+    fields = _differing_sizes(saved, config.to_dict())
+    if not fields:
+        return f"The checkpoint {str(name_or_path)!r} does not fit this model ({where})."
+    return f"The checkpoint {str(name_or_path)!r} was saved with another {', '.join(fields)}, so its weights do not fit ({where})."
 
 
 class MQIRTNModel(MQIRTNPreTrainedModel):
@@ -203,6 +277,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
                 config.fusion_intermediate_size or 4 * dim,
                 config.fusion_dropout,
                 config.fusion_pooling,
+                config=self.config,  # its `_attn_implementation` chooses SDPA or eager at every call
             )
         self.composition = build_composition(config)
         self.image_residual = (
@@ -219,11 +294,23 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             self.text_projection.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------------- towers
-    def _image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower token states (B, 1+P, dv): token 0 is the CLS token, or the pooled output for towers without one."""
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings (so `resize_token_embeddings` resizes the text tower's vocabulary)."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def _image_tokens(self, pixel_values: torch.Tensor, hidden_states: list | None = None) -> torch.Tensor:
+        """Vision tower token states (B, 1+P, dv): token 0 is the CLS token, or the pooled output for towers without one.
+        With a `hidden_states` list, the tower's hidden states are appended to it."""
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        outputs = self.vision_model(pixel_values=pixel_values)
+        if hidden_states is None:
+            outputs = self.vision_model(pixel_values=pixel_values)
+        else:
+            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+            hidden_states.append(outputs.hidden_states)
         tokens = outputs.last_hidden_state
         if tokens.dim() == 4:  # convolutional towers: (B, C, H, W) feature maps
             tokens = tokens.flatten(2).transpose(1, 2)
@@ -237,15 +324,21 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             )
         return torch.cat([pooled.reshape(pooled.shape[0], 1, -1).to(tokens.dtype), tokens], dim=1)
 
-    def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Text tower token states (B, L, dt)."""
+    def _text_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden_states: list | None = None
+    ) -> torch.Tensor:
+        """Text tower token states (B, L, dt); with a `hidden_states` list, the tower's hidden states are appended."""
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
-        return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if hidden_states is None:
+            return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden_states.append(outputs.hidden_states)
+        return outputs.last_hidden_state
 
     def _compose(self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False):
         """Composed query theta (B, d), unnormalised, and a dict with the angles (or None), the composition term, the
@@ -297,7 +390,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
 
         Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
         """
-        return self(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).query_embeds
+        return self(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_dict=True).query_embeds
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(
@@ -311,7 +404,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         target_ids: torch.Tensor | None = None,
         reference_ids: torch.Tensor | None = None,
         output_composition: bool = False,
-    ) -> MQIRTNOutput:
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MQIRTNOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Reference images.
@@ -329,6 +424,11 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         output_composition (`bool`, *optional*, defaults to `False`):
             Return what the composition does: the angles, the norms of the composition and image-residual terms and,
             with `return_loss=True`, what the conjugate changes in the symmetric constraint (see `MQIRTNOutput`).
+        output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
+            Return the towers' hidden states for the reference images and the texts (`vision_hidden_states`,
+            `text_hidden_states`).
+        return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+            Return an `MQIRTNOutput`; with `False`, its `to_tuple()` (the fields that are not `None`, in order).
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("MQIRTNModel needs both `pixel_values` (reference images) and `input_ids` (modification texts)")
@@ -345,9 +445,14 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             raise ValueError("`return_loss=True` needs `target_pixel_values` (the target images)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
 
-        image_tokens = self._image_tokens(pixel_values)
-        text_tokens = self._text_tokens(input_ids, attention_mask)
+        vision_hidden_states, text_hidden_states = ([], []) if output_hidden_states else (None, None)
+        image_tokens = self._image_tokens(pixel_values, vision_hidden_states)
+        text_tokens = self._text_tokens(input_ids, attention_mask, text_hidden_states)
         image_embeds = self.image_projection(image_tokens[:, 0])
         text_embeds = self.text_projection(masked_mean(text_tokens, attention_mask))
         query, parts, image_attentions, text_attentions = self._compose(
@@ -377,7 +482,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
                 image_residual_norms=None if parts["residual"] is None else parts["residual"].float().norm(dim=-1),
                 symmetric_diagnostics=symmetric_diagnostics,
             )
-        return MQIRTNOutput(
+        output = MQIRTNOutput(
             loss=loss,
             loss_terms=loss_terms,
             query_embeds=query_embeds,
@@ -388,8 +493,11 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             logit_scale=scale,
             image_attentions=image_attentions,
             text_attentions=text_attentions,
+            vision_hidden_states=vision_hidden_states[0] if output_hidden_states else None,
+            text_hidden_states=text_hidden_states[0] if output_hidden_states else None,
             **composition_outputs,
         )
+        return output if return_dict else output.to_tuple()
 
     def _loss(
         self, query, query_embeds, target_embeds, scale, image_embeds, text_embeds, target_tokens, target_raw,
