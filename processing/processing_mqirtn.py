@@ -4,19 +4,70 @@ Hub code: imports only transformers, torch, numpy and PIL (which transformers' i
 """
 
 import io
+import math
 import os
+import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_utils import load_image
 
 
 # File suffixes read as images wherever a folder is scanned (the index, MIT-States), lower case.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # What PIL raises for files that are missing, truncated or not images.
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _pixel_cap_from_environment() -> int | None:
+    text = os.environ.get("MQIRTN_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return 64_000_000
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"MQIRTN_MAX_IMAGE_PIXELS must be a positive integer or 'none', got {text!r}")
+    return int(text)
+
+
+# The most pixels (width x height) an image may have. Checked from the file header before any pixel is decoded, so a
+# decompression bomb (a few KB that decode to gigabytes) is an unreadable image like any other: skipped and counted
+# where images are skipped, `ImageDecodeError` elsewhere. A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL's
+# `draft`) when that brings it under the cap. Default 64 million (8000 x 8000); set the environment variable
+# MQIRTN_MAX_IMAGE_PIXELS (a number or "none") or assign this attribute. PIL's own limit (twice
+# `PIL.Image.MAX_IMAGE_PIXELS`) still applies above it.
+MAX_IMAGE_PIXELS: int | None = _pixel_cap_from_environment()
+# The most bytes read from an image URL.
+MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+
+
+def _fetch(url: str, timeout: float = 30.0) -> io.BytesIO:
+    """The bytes at `url` (at most `MAX_DOWNLOAD_BYTES`); `OSError` when it cannot be fetched or is larger."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise OSError(f"the download is larger than {MAX_DOWNLOAD_BYTES} bytes")
+    return io.BytesIO(data)
+
+
+def _check_pixels(image: Image.Image, where: str, described: str) -> None:
+    """Raises `ImageDecodeError` when `image` (opened, not yet decoded) is over `MAX_IMAGE_PIXELS`; a JPEG is first
+    set to decode at the smallest reduction (`draft`) that fits, when one does."""
+    cap = MAX_IMAGE_PIXELS
+    width, height = image.size
+    if cap is None or width * height <= cap:
+        return
+    if image.format == "JPEG":  # `draft` acts only before the pixels are decoded (a no-op after)
+        scale = math.sqrt(cap / (width * height))
+        image.draft(image.mode, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+        if image.size[0] * image.size[1] <= cap:
+            return
+    raise ImageDecodeError(
+        f"{where}: the image {described!r} is {width} x {height} = {width * height} pixels, more than the cap of {cap} "
+        "(a decompression bomb?); raise MQIRTN_MAX_IMAGE_PIXELS to read it"
+    )
 
 
 class ImageDecodeError(ValueError):
@@ -35,12 +86,17 @@ def _open(image, where: str) -> Image.Image:
         source, described = image, str(image)
     try:
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            opened = load_image(source)
-        else:
+            source = _fetch(source)
+        with warnings.catch_warnings():  # the header's size is checked against our own cap just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(source if isinstance(source, io.BytesIO) else Path(source))
+        _check_pixels(opened, where, described)
         opened.load()
+    except ImageDecodeError:
+        raise
     except _UNREADABLE as error:
-        raise ImageDecodeError(f"{where}: could not read the image {described!r}: {error}") from error
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ImageDecodeError(f"{where}: could not read the image {described!r}: {message}") from error
     return opened
 
 
@@ -78,6 +134,15 @@ def to_rgb_image(image, argument: str = "images", index: int | None = None) -> I
             f"{where} must be a PIL image, a numpy array, a path, a URL or a {{'bytes', 'path'}} dict, "
             f"got {type(image).__name__}"
         )
+    else:
+        # A PIL image may still be lazy (`Image.open`, a decoded `datasets` cell): the cap applies before it decodes.
+        described = getattr(image, "filename", "") or f"<{type(image).__name__} {image.mode} {image.size}>"
+        _check_pixels(image, where, described)
+        try:
+            image.load()
+        except _UNREADABLE as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            raise ImageDecodeError(f"{where}: could not read the image {described!r}: {message}") from error
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
