@@ -41,7 +41,7 @@ from mqirtn_app.atomic import (
     staging_folder,
     write_bytes_atomic,
 )
-from mqirtn_app.model_card import push_to_hub, write_model_card
+from mqirtn_app.model_card import HubError, create_hub_repository, upload_model_folder, write_model_card
 from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
 from mqirtn_app.visualization import save_evaluation_grids
 from processing import MQIRTNProcessor
@@ -680,12 +680,16 @@ def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData
 def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args, desc: str):
     """Protocol metrics (percent) of one split, identical on every process; plus the embeddings."""
     if args.max_eval_samples is not None:
+        queries = select_first(data.queries, args.max_eval_samples)
+        kept = set(queries["query_id"]) if data.unusable_query_ids else set()
         data = CIREvaluationData(
-            select_first(data.queries, args.max_eval_samples), data.gallery, data.protocol, data.remove_reference
+            queries, data.gallery, data.protocol, data.remove_reference, data.unusable_query_ids & kept
         )
     query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, data, args, desc)
+    # Queries whose reference image is unusable were embedded from a blank image; they count as misses.
     metrics = evaluate_protocol(
-        data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference
+        data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference,
+        unusable_query_ids=data.unusable_query_ids,
     )
     return metrics, query_embeds, gallery_embeds
 
@@ -725,7 +729,8 @@ def card_base_models(args) -> list[str]:
 # ================================================================================================ 2. main
 # ================================================================================================ main, step by step
 def setup_accelerator(args) -> Accelerator:
-    """2.1 The accelerator, logging verbosity per process, the seed and the output folder."""
+    """2.1 The accelerator, logging verbosity per process, the seed, the output folder and, with --push_to_hub, the Hub
+    repository (token checked and repository created before any work, so a Hub problem never waits for training)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -751,6 +756,15 @@ def setup_accelerator(args) -> Accelerator:
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if args.push_to_hub:
+            try:
+                args.hub_model_id = create_hub_repository(args.hub_model_id, token=args.hub_token, private=args.hub_private)
+            except HubError as error:
+                raise SystemExit(
+                    f"train.py: --push_to_hub: {error}. Nothing was trained: check --hub_token (or `hf auth login`), the "
+                    "network and HF_HUB_OFFLINE, or run without --push_to_hub."
+                ) from None
+            logger.info(f"Hub repository ready: https://huggingface.co/{args.hub_model_id}")
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -1100,8 +1114,17 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
             base_models=card_base_models(args), hub_model_id=args.hub_model_id,
         )
         if args.push_to_hub:
-            repo_id = push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
-            logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
+            for tracker in accelerator.trackers:  # the TensorBoard logs go up with the model: write them out first
+                if callable(getattr(tracker.tracker, "flush", None)):
+                    tracker.tracker.flush()
+            try:
+                upload_model_folder(output_dir, args.hub_model_id, token=args.hub_token)
+            except HubError as error:
+                raise SystemExit(
+                    f"train.py: --push_to_hub: {error}. The model is safe in {output_dir}; upload it later with "
+                    f"`hf upload {args.hub_model_id} {output_dir} --exclude 'checkpoints/*'`."
+                ) from None
+            logger.info(f"Pushed {output_dir} to https://huggingface.co/{args.hub_model_id}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,8 +16,9 @@ from processing.data.registry import get_dataset_spec
 
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
-# What a model folder written by train.py holds that does not belong on the Hub.
-UPLOAD_IGNORE_PATTERNS: tuple[str, ...] = ("checkpoints/**", "runs/**", "best_model/**", "results_grids/**")
+# What a model folder written by train.py holds that does not belong on the Hub (TensorBoard logs in `runs/` do: the
+# Hub shows them as the model's training metrics).
+UPLOAD_IGNORE_PATTERNS: tuple[str, ...] = ("checkpoints/**", "best_model/**", "results_grids/**", ".*/**")
 
 
 def _results_table(results: dict[str, dict[str, float]]) -> str:
@@ -96,20 +97,43 @@ def write_model_card(
     return path
 
 
-def push_to_hub(
-    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False
-) -> str:
-    """Creates the model repository `repo_id` (if needed) and uploads `folder` without its checkpoints, logs and
-    figures (`UPLOAD_IGNORE_PATTERNS`); returns the repository id."""
+class HubError(RuntimeError):
+    """A Hub call failed (token, network, offline mode, permissions): the message is one line naming the cause."""
+
+
+def _hub_call(what: str, call):
+    """`call()`, with any failure turned into a one-line `HubError` saying `what` failed and why."""
+    try:
+        return call()
+    except Exception as error:  # huggingface_hub raises HTTP, token and offline errors, httpx its own network errors
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+        raise HubError(f"{what} failed ({reason})") from error
+
+
+def create_hub_repository(repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Checks the token (`whoami`) and creates the model repository `repo_id` if it does not exist: train.py calls
+    this before training, so a bad token, no network or offline mode stop the run before any work. Returns the full
+    repository id (`ORG/NAME`); raises `HubError`."""
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message="Upload MQIRTN model trained with train.py",
-        ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+    _hub_call("checking the Hub token", api.whoami)
+    repo = _hub_call(f"creating the Hub repository {repo_id!r}", lambda: api.create_repo(repo_id, exist_ok=True, private=private))
+    return repo.repo_id
+
+
+def upload_model_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None) -> None:
+    """Uploads `folder` (model, processor, code, card, results, TensorBoard logs under `runs/`) to the existing
+    repository `repo_id`, without checkpoints and figures (`UPLOAD_IGNORE_PATTERNS`); raises `HubError`."""
+    api = HfApi(token=token)
+    _hub_call(
+        f"uploading {folder} to {repo_id!r}",
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message="Upload MQIRTN model trained with train.py",
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+        ),
     )
-    return repo_id
 
 
-__all__ = ["push_to_hub", "write_model_card"]
+__all__ = ["HubError", "create_hub_repository", "upload_model_folder", "write_model_card"]

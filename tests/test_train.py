@@ -181,15 +181,25 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(tmp_path, 
 
 # ------------------------------------------------------------------------------------------------ push to hub
 class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi`: records what would be created and uploaded."""
+    """Stands in for `huggingface_hub.HfApi`: records what would be checked, created and uploaded, and whether the
+    run had trained anything yet (a model or checkpoint in `watch`) at each call."""
 
     calls: list = []
+    watch: Path | None = None
+    fail_upload: Exception | None = None
 
     def __init__(self, token=None):
         self.token = token
 
+    def _trained_yet(self) -> bool:
+        return RecordingHfApi.watch is not None and any(RecordingHfApi.watch.rglob("*.safetensors"))
+
+    def whoami(self):
+        RecordingHfApi.calls.append(("whoami", self.token, self._trained_yet()))
+        return {"name": "someone"}
+
     def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
-        RecordingHfApi.calls.append(("create_repo", repo_id, {"exist_ok": exist_ok, "private": private}))
+        RecordingHfApi.calls.append(("create_repo", repo_id, {"exist_ok": exist_ok, "private": private}, self._trained_yet()))
 
         class RepoUrl(str):
             pass
@@ -201,6 +211,8 @@ class RecordingHfApi:
     def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kwargs):
         import fnmatch
 
+        if RecordingHfApi.fail_upload is not None:
+            raise RecordingHfApi.fail_upload
         files = sorted(
             str(p.relative_to(folder_path))
             for p in Path(folder_path).rglob("*")
@@ -209,29 +221,71 @@ class RecordingHfApi:
         RecordingHfApi.calls.append(("upload_folder", repo_id, files))
 
 
-@pytest.mark.slow
-def test_push_to_hub_uploads_the_saved_folder(tmp_path, cache_dir, monkeypatch):
+def run_with_recording_hub(monkeypatch, cache_dir, output, *extra, fail_upload=None):
     from mqirtn_app import model_card
 
     monkeypatch.setattr(model_card, "HfApi", RecordingHfApi)
     monkeypatch.setenv("MQIRTN_CACHE", str(cache_dir))
-    RecordingHfApi.calls = []
+    RecordingHfApi.calls, RecordingHfApi.watch, RecordingHfApi.fail_upload = [], output, fail_upload
     torch.set_num_threads(1)
-    output = tmp_path / "pushed"
-    train.main(
-        [*TINY_ARGS, "--output_dir", str(output), "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
-         "--hub_model_id", "someone/mqirtn-tiny", "--hub_private"]
-    )  # fmt: skip
-    from accelerate.state import AcceleratorState
+    try:
+        train.main(
+            [*TINY_ARGS, "--output_dir", str(output), "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
+             "--hub_model_id", "someone/mqirtn-tiny", "--hub_private", *extra]
+        )  # fmt: skip
+    finally:
+        from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert RecordingHfApi.calls[0] == ("create_repo", "someone/mqirtn-tiny", {"exist_ok": True, "private": True})
-    kind, repo_id, files = RecordingHfApi.calls[1]
-    assert (kind, repo_id) == ("upload_folder", "someone/mqirtn-tiny")
-    for name in ("model.safetensors", "config.json", "README.md", "eval_results.json", "modeling_mqirtn.py", "processing_mqirtn.py"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.slow
+def test_push_to_hub_checks_first_and_uploads_the_saved_folder_with_tensorboard_logs(tmp_path, cache_dir, monkeypatch):
+    output = tmp_path / "pushed"
+    run_with_recording_hub(monkeypatch, cache_dir, output, "--report_to", "tensorboard", "--hub_token", "hf_secret")
+    # Token checked and repository created before anything was trained; the upload comes last.
+    assert RecordingHfApi.calls[0] == ("whoami", "hf_secret", False)
+    assert RecordingHfApi.calls[1] == ("create_repo", "someone/mqirtn-tiny", {"exist_ok": True, "private": True}, False)
+    kind, repo_id, files = RecordingHfApi.calls[2]
+    assert (kind, repo_id) == ("upload_folder", "someone/mqirtn-tiny") and len(RecordingHfApi.calls) == 3
+    for name in ("model.safetensors", "config.json", "README.md", "eval_results.json", "modeling_mqirtn.py",
+                 "processing_mqirtn.py", "pipeline_mqirtn.py"):  # fmt: skip
         assert name in files
     assert not [f for f in files if f.startswith("checkpoints/")]  # training state stays local
+    logs = [f for f in files if f.startswith("runs/") and "tfevents" in f]
+    assert logs, files  # the TensorBoard logs go up with the model
+    assert (output / logs[0]).stat().st_size > 100  # flushed before the upload: more than the file header
     assert "someone/mqirtn-tiny" in (output / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_push_to_hub_upload_failure_is_one_line_and_the_model_stays(tmp_path, cache_dir, monkeypatch):
+    output = tmp_path / "kept"
+    with pytest.raises(SystemExit) as stopped:
+        run_with_recording_hub(monkeypatch, cache_dir, output, fail_upload=ConnectionError("Name or service not known\nmore"))
+    message = str(stopped.value.code)
+    assert "\n" not in message and "uploading" in message and "ConnectionError: Name or service not known" in message
+    assert f"The model is safe in {output}" in message and "hf upload someone/mqirtn-tiny" in message
+    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_push_to_hub_offline_fails_before_training_in_one_line(tmp_path, cache_dir):
+    output = tmp_path / "never"
+    env = {**run_env(cache_dir), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"}
+    started = time.perf_counter()
+    completed = subprocess.run(
+        train_command(["--output_dir", str(output), "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "someone/x"]),
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    assert completed.returncode == 1
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: --push_to_hub: checking the Hub token failed (OfflineModeIsEnabled:"), last
+    assert "Nothing was trained" in last and "HF_HUB_OFFLINE" in last
+    assert "Traceback" not in completed.stderr
+    assert not any(output.rglob("*.safetensors")) and not (output / "checkpoints").exists()
+    assert elapsed < 120, f"the Hub check came after {elapsed:.0f} s"
 
 
 # ------------------------------------------------------------------------------------------------ argument errors
