@@ -152,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--no_nice", action="store_true", help="Run train.py without `nice -n 10`.")
     parser.add_argument("--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (1 is fastest on a shared 2-core machine).")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    parser.add_argument(
+        "--summarize_only", action="store_true",
+        help="Train nothing: write the table from the runs already made (rows report how many seeds they have).",
+    )
     args, train_extra = parser.parse_known_args(argv)
     train_extra = [item for item in train_extra if item != "--"]
 
@@ -446,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
         if path.is_file():
             result = json.loads(path.read_text())
             status = "cached"
+        elif args.summarize_only:
+            continue
         else:
             result = run_one(args, row, seed)
             trained += 1

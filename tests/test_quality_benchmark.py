@@ -106,3 +106,13 @@ def test_runs_made_with_other_code_are_never_reused(quality, tmp_path, monkeypat
     assert quality.settings_hash(args) == first  # deterministic
     script.write_text("print(2)\n")
     assert quality.settings_hash(args) != first
+
+
+def test_summarize_only_trains_nothing(quality, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("--summarize_only started a training run")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    summary = quality.main(["--summarize_only", "--variants", "mqirtn,tirg", "--results_dir", str(tmp_path), "--name", "empty"])
+    assert [(entry["row"], entry["seeds"]) for entry in summary["rows"]] == [("mqirtn", 0), ("tirg", 0)]
+    assert (tmp_path / "empty.md").is_file()
