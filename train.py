@@ -41,7 +41,7 @@ from mqirtn_app.atomic import (
     staging_folder,
     write_bytes_atomic,
 )
-from mqirtn_app.model_card import HubError, create_hub_repository, upload_model_folder, write_model_card
+from mqirtn_app.model_card import HubError, create_hub_repository, rounded, upload_model_folder, write_model_card
 from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
 from mqirtn_app.visualization import save_evaluation_grids
 from processing import MQIRTNProcessor
@@ -716,7 +716,9 @@ def save_model(accelerator, model, processor, folder: Path) -> None:
 
 
 def card_base_models(args) -> list[str]:
-    """Hub ids of the pretrained towers this run started from (local folders have none)."""
+    """Hub ids of the model this run fine-tunes or of the pretrained towers it started from (local folders have none)."""
+    if args.model_name_or_path is not None:
+        return [] if Path(args.model_name_or_path).exists() else [args.model_name_or_path]
     base_models = []
     text_path = args.text_model_name_or_path
     if args.model_name_or_path is None and not args.text_from_scratch and text_path:
@@ -1068,7 +1070,8 @@ def evaluate_and_predict(args, accelerator, model, processor, data: dict, traini
         metrics, query_embeds, gallery_embeds = evaluate_split(accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}")
         results[args.eval_split] = metrics
         if accelerator.is_main_process:
-            title = f"\n{args.source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %"
+            source = Path(args.dataset_name).name if args.source == "hub" else get_dataset_spec(args.source).display_name
+            title = f"\n{source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %"
             if training_state.get("time_limit_reached"):
                 title += (
                     f"  [CUT SHORT by --max_train_minutes {args.max_train_minutes}: trained {training_state['completed_steps']} of "
@@ -1104,7 +1107,7 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
             record["training"] = training_state
         if diagnostics:
             record["composition"] = diagnostics
-        (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
+        (output_dir / "eval_results.json").write_text(json.dumps(rounded(record), indent=2))
     if args.eval_only:
         return
     save_model(accelerator, model, processor, output_dir)

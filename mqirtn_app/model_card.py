@@ -7,6 +7,7 @@ The dataset's display name comes from the dataset registry (`processing.data.reg
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,35 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 # What a model folder written by train.py holds that does not belong on the Hub (TensorBoard logs in `runs/` do: the
 # Hub shows them as the model's training metrics).
 UPLOAD_IGNORE_PATTERNS: tuple[str, ...] = ("checkpoints/**", "best_model/**", "results_grids/**", ".*/**")
+# setup.cfg's `license = Apache-2.0` as a Hub license id (a test keeps the two equal).
+LICENSE = "apache-2.0"
+# The Hub task of the model-index: the pipeline tag (the model embeds queries and gallery images; the Hub has no
+# composed-retrieval task), so card and results name the same task.
+TASK_TYPE = "image-feature-extraction"
+METRIC_DIGITS = 4
+
+
+def rounded(value, digits: int = METRIC_DIGITS):
+    """`value` with every float in it (nested dicts and lists too) rounded to `digits` decimals: metrics are percents,
+    and float32 noise such as 5.000000074505806 means nothing."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a Hub repository id (`NAME` or `ORG/NAME`), not a local path: only those go into a card."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name)) and ".." not in name and not Path(name).exists()
+
+
+def metric_type(metric: str) -> str:
+    """The model-index metric type of a metric name, one per metric: `recall@1` -> `recall_at_1`,
+    `recall_subset@2` -> `recall_subset_at_2`, `dress_recall@10` -> `dress_recall_at_10`."""
+    return re.sub(r"[^a-z0-9]+", "_", metric.lower().replace("@", "_at_")).strip("_")
 
 
 def _results_table(results: dict[str, dict[str, float]]) -> str:
@@ -50,24 +80,31 @@ def write_model_card(
         training_summary: `{what: value}` rows of the training table.
         dataset: the registry name of the training dataset (`"hub"` with `hub_dataset_name` for a `datasets` one).
         composition: the model's `config.composition`.
-        base_models: Hub ids of the pretrained towers.
+        hub_dataset_name: the `datasets` dataset (Hub id or local path; a local path never appears in the card, only
+            its folder name).
+        base_models: Hub ids of the pretrained towers (or of the fine-tuned model).
         hub_model_id: `ORG/NAME` the model is pushed to, if any.
     """
     folder = Path(folder)
     spec = get_dataset_spec(dataset)
     if spec.data_dir == "dataset" and not hub_dataset_name:
         raise ValueError(f"`hub_dataset_name` must name the `datasets` dataset for dataset={dataset!r}")
-    dataset_name = hub_dataset_name if spec.data_dir == "dataset" else spec.display_name
+    hub_dataset = hub_dataset_name if spec.data_dir == "dataset" and is_hub_id(hub_dataset_name) else None
+    if spec.data_dir != "dataset":
+        dataset_type, dataset_name = dataset, spec.display_name
+    else:
+        dataset_type = hub_dataset or Path(hub_dataset_name).name
+        dataset_name = dataset_type
     eval_results = [
         EvalResult(
-            task_type="image-retrieval",
+            task_type=TASK_TYPE,
             task_name="Composed image retrieval",
-            dataset_type=hub_dataset_name if spec.data_dir == "dataset" else dataset,
+            dataset_type=dataset_type,
             dataset_name=dataset_name,
             dataset_split=split,
-            metric_type=metric.split("@")[0].replace("_", "-"),
+            metric_type=metric_type(metric),
             metric_name=metric,
-            metric_value=round(value, 2),
+            metric_value=rounded(float(value)),
         )
         for split, metrics in results.items()
         for metric, value in metrics.items()
@@ -75,10 +112,11 @@ def write_model_card(
     model_name = hub_model_id.split("/")[-1] if hub_model_id else folder.name
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-feature-extraction",
+        license=LICENSE,
+        pipeline_tag=TASK_TYPE,
         tags=["composed-image-retrieval", "image-retrieval", "mqirtn", composition, "custom_code"],
-        base_model=list(base_models) or None,
-        datasets=[hub_dataset_name] if spec.data_dir == "dataset" else None,
+        base_model=[name for name in base_models if is_hub_id(name)] or None,
+        datasets=[hub_dataset] if hub_dataset else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
