@@ -101,8 +101,10 @@ def test_fashioniq_training(fashioniq_dir, caplog):
 def test_fashioniq_evaluation(fashioniq_dir, caplog):
     data = load_evaluation_data("fashioniq", fashioniq_dir, "val", categories=("dress", "shirt"))
     assert isinstance(data, CIREvaluationData) and data.protocol == "fashioniq" and data["protocol"] == "fashioniq"
-    assert list(data.queries["query_id"]) == ["dress-0", "dress-1", "shirt-0"]
-    assert list(data.queries["category"]) == ["dress", "dress", "shirt"]
+    # no query is dropped: dress-2's reference is missing (a miss), dress-3's target is corrupt (not in the gallery)
+    assert list(data.queries["query_id"]) == ["dress-0", "dress-1", "dress-2", "dress-3", "shirt-0"]
+    assert list(data.queries["category"]) == ["dress"] * 4 + ["shirt"]
+    assert data.unusable_query_ids == {"dress-2"}
     # per-category galleries; the corrupt image is dropped, D1 appears once per category it is listed in
     assert list(zip(data.gallery["image_id"], data.gallery["category"])) == [
         ("D1", "dress"), ("D2", "dress"), ("D3", "dress"), ("S1", "shirt"), ("S2", "shirt"), ("D1", "shirt"),
@@ -110,8 +112,12 @@ def test_fashioniq_evaluation(fashioniq_dir, caplog):
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
     # metrics run on the result
     embeds = torch.nn.functional.normalize(torch.randn(len(data.gallery), 4), dim=-1)
-    result = evaluate_protocol("fashioniq", embeds[:3], embeds, data.queries, data.gallery, ks=(1, 2))
+    oracle = embeds[[1, 2, 0, 2, 4]]  # each query's target (dress-2 and dress-3 point at other images)
+    result = evaluate_protocol(
+        "fashioniq", oracle, embeds, data.queries, data.gallery, ks=(1, 2), unusable_query_ids=data.unusable_query_ids
+    )
     assert set(result) >= {"dress_recall@1", "shirt_recall@2", "average"}
+    assert result["dress_recall@1"] == 50.0 and result["shirt_recall@1"] == 100.0 and result["unusable_queries"] == 1
 
     test = load_evaluation_data("fashioniq", fashioniq_dir, "test", categories=["dress"])
     assert list(test.queries["target_id"]) == [None] and not test.has_targets
@@ -190,9 +196,10 @@ def test_cirr_documented_layout(tmp_path, caplog):
     make_cirr(root, root / "img_raw")
     data = load_evaluation_data("cirr", root, "val")
     assert data.protocol == "cirr"
-    # pair 2 (target corrupt) and pair 3 (reference missing) are dropped; the gallery loses both images
-    assert list(data.queries["query_id"]) == ["1"] and list(data.queries["pair_id"]) == [1]
-    assert list(data.queries["subset_ids"]) == [["dev-0-0-img0", "dev-1-0-img0", "dev-2-0-img0"]]
+    # pair 2 (target corrupt) and pair 3 (reference missing) stay as misses; the gallery loses both images
+    assert list(data.queries["query_id"]) == ["1", "2", "3"] and list(data.queries["pair_id"]) == [1, 2, 3]
+    assert data.unusable_query_ids == {"3"}
+    assert list(data.queries["subset_ids"])[0] == ["dev-0-0-img0", "dev-1-0-img0", "dev-2-0-img0"]
     assert list(data.gallery["image_id"]) == ["dev-0-0-img0", "dev-1-0-img0", "dev-3-0-img0"]
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
     assert data.gallery[0]["image"].size == (8, 8)
@@ -275,17 +282,24 @@ def test_replacement_text():
 def test_fashion200k_evaluation(fashion200k_dir, caplog):
     data = load_evaluation_data("fashion200k", fashion200k_dir, "test")
     assert data.protocol == "fashion200k"
-    assert list(data.queries["modification_text"]) == ["replace black with white", "replace silk with lace"]
-    assert list(data.queries["target_caption"]) == ["white lace top", "black lace top"]
-    assert list(data.queries["reference_id"]) == ["women/tops/1/1_0.jpeg", "women/tops/4/4_0.jpeg"]
+    # the third query's reference is missing: kept, and counted as a miss
+    assert list(data.queries["modification_text"]) == ["replace black with white", "replace silk with lace", "replace lace with silk"]
+    assert list(data.queries["target_caption"]) == ["white lace top", "black lace top", "black silk top"]
+    assert list(data.queries["reference_id"]) == ["women/tops/1/1_0.jpeg", "women/tops/4/4_0.jpeg", "women/tops/5/5_0.jpeg"]
+    assert data.unusable_query_ids == {"2"}
     assert list(data.gallery["caption"]) == ["black lace top", "white lace top", "white lace top", "black silk top"]
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
     # query 0 retrieving image 3 (another "white lace top") is a hit; its own image is removed
     gallery = torch.eye(4)
     # query 1's own image (index 3) is removed, leaving a "white lace top": a miss
-    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 0.2, 1.0]]), dim=-1)
-    result = evaluate_protocol("fashion200k", queries, gallery, data.queries, data.gallery, ks=(1, 2))
-    assert result == {"recall@1": 50.0, "recall@2": 50.0}
+    # the third (unusable) query would retrieve the "black silk top" from its blank embedding: it must not count
+    queries = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 0.2, 1.0], [0.0, 0.0, 0.0, 1.0]]), dim=-1
+    )
+    result = evaluate_protocol(
+        "fashion200k", queries, gallery, data.queries, data.gallery, ks=(1, 2), unusable_query_ids=data.unusable_query_ids
+    )
+    assert result == {"recall@1": pytest.approx(100 / 3), "recall@2": pytest.approx(100 / 3), "unusable_queries": 1}
 
 
 def test_fashion200k_training_pairs_differ_by_one_word(fashion200k_dir):

@@ -32,6 +32,8 @@ multi-process in-batch loss needs.
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .. import processing_mqirtn
 from .registry import DatasetSpec, get_dataset_spec, register_dataset
 from .shapes import load_shapes, load_shapes_gallery
 
@@ -61,12 +64,28 @@ class CIREvaluationData:
         protocol: one of `processing.data.metrics.PROTOCOLS`.
         remove_reference: for the ``exact`` protocol, whether a query's reference is removed from its ranking
             (the other protocols fix this themselves).
+        unusable_query_ids: ``query_id`` of the queries whose reference image is missing or unreadable. They stay in
+            ``queries`` and count as misses (`evaluate_protocol`), so the protocol's denominator never shrinks.
+
+    Gallery ids (per category where the gallery has a ``category`` column) and query ids must be unique: a duplicate
+    raises ``ValueError`` (eight images sharing one id would all be "the target").
     """
 
     queries: Dataset
     gallery: Dataset
     protocol: str
     remove_reference: bool = False
+    unusable_query_ids: frozenset = frozenset()
+
+    def __post_init__(self):
+        self.unusable_query_ids = frozenset(self.unusable_query_ids)
+        grouped = "category" in self.gallery.column_names
+        gallery_keys = (
+            list(zip(self.gallery["category"], self.gallery["image_id"])) if grouped else list(self.gallery["image_id"])
+        )
+        _refuse_duplicates(gallery_keys, "gallery image id" + (" (within a category)" if grouped else ""))
+        if "query_id" in self.queries.column_names:
+            _refuse_duplicates(list(self.queries["query_id"]), "query id")
 
     def __getitem__(self, key: str) -> Any:
         # Dict-style access (`data["queries"]`) for code that treats the result as a mapping.
@@ -84,6 +103,17 @@ class CIREvaluationData:
 # Shared helpers
 
 
+def _refuse_duplicates(keys: list, what: str) -> None:
+    counts = Counter(keys)
+    repeated = [(key, count) for key, count in counts.items() if count > 1]
+    if repeated:
+        shown = ", ".join(f"{key!r} x{count}" for key, count in repeated[:5])
+        raise ValueError(
+            f"{len(repeated)} duplicate {what}(s) in the evaluation data ({shown}{', ...' if len(repeated) > 5 else ''}); "
+            "ids must be unique"
+        )
+
+
 def _check_mode(check_images: bool | str) -> str:
     if check_images is True:
         return "verify"
@@ -99,9 +129,14 @@ def _image_problem(path: str, mode: str) -> str | None:
     if not os.path.isfile(path):
         return "missing"
     if mode == "verify":
+        cap = processing_mqirtn.MAX_IMAGE_PIXELS
         try:
-            with PILImage.open(path) as image:
-                image.verify()
+            with warnings.catch_warnings():  # the decoder's own cap is checked below
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+                with PILImage.open(path) as image:
+                    if cap is not None and image.size[0] * image.size[1] > cap:
+                        return "corrupt"  # over the decoder's pixel cap: it would never be read
+                    image.verify()
         # PIL raises many exception types for bad files (OSError, SyntaxError, ValueError, struct.error, ...).
         except Exception:
             return "corrupt"
@@ -181,16 +216,26 @@ def _filter_rows(rows: list[dict], path_keys: Sequence[str], bad: dict[str, str]
     return kept, len(rows) - len(kept)
 
 
-def _drop_unusable(rows: SplitRows, mode: str) -> tuple[list[dict], list[dict]]:
-    """(queries, gallery) without the rows holding a missing or corrupt image; one warning says what was dropped."""
+def _drop_unusable(rows: SplitRows, mode: str, evaluation: bool = False) -> tuple[list[dict], list[dict], set[str]]:
+    """(queries, gallery, unusable query ids) without the rows holding a missing or corrupt image; one warning says
+    what was dropped. For evaluation, queries are never dropped: one whose reference image is unusable is kept and
+    its id returned (it counts as a miss), one whose target image is unusable loses its target from the gallery."""
     bad = rows.bad
     if bad is None:
         paths = [row[key] for row in rows.queries for key in QUERY_IMAGE_COLUMNS if row.get(key)]
         bad = find_bad_images(paths + [row["image"] for row in rows.gallery], mode, desc=f"Checking images of {rows.source}")
-    queries, dropped_queries = _filter_rows(rows.queries, QUERY_IMAGE_COLUMNS, bad)
+    unusable: set[str] = set()
+    if evaluation:
+        queries, dropped_queries = rows.queries, 0
+        unusable = {row["query_id"] for row in queries if row.get("reference_image") in bad}
+    else:
+        queries, dropped_queries = _filter_rows(rows.queries, QUERY_IMAGE_COLUMNS, bad)
     gallery, dropped_gallery = _filter_rows(rows.gallery, ("image",), bad)
-    _warn_skipped(rows.source, bad, {"queries": dropped_queries, "gallery images": dropped_gallery, **rows.dropped})
-    return queries, gallery
+    counts = {"queries": dropped_queries, "gallery images": dropped_gallery, **rows.dropped}
+    if unusable:
+        counts["queries kept as misses (unusable reference image)"] = len(unusable)
+    _warn_skipped(rows.source, bad, counts)
+    return queries, gallery, unusable
 
 
 def _table(rows: list[dict], features: dict[str, Any]) -> Dataset:
@@ -202,7 +247,7 @@ def _training_dataset(rows: SplitRows, mode: str, decode_images: bool) -> Datase
     ``reference_id``, ``target_id`` and the extra columns."""
     if any(row.get("target_id") is None for row in rows.queries):
         raise ValueError(f"{rows.source} has no targets and cannot be used for training")
-    queries, _ = _drop_unusable(rows, mode)
+    queries, _, _ = _drop_unusable(rows, mode)
     features = {
         "reference_image": Image(decode=decode_images),
         "modification_text": Value("string"),
@@ -216,7 +261,7 @@ def _training_dataset(rows: SplitRows, mode: str, decode_images: bool) -> Datase
 
 def _evaluation_data(rows: SplitRows, mode: str, decode_images: bool) -> CIREvaluationData:
     """Queries (without target images) and gallery of ``rows`` as a :class:`CIREvaluationData`."""
-    queries, gallery = _drop_unusable(rows, mode)
+    queries, gallery, unusable = _drop_unusable(rows, mode, evaluation=True)
     if rows.protocol == "exact":
         gallery_ids = {row["image_id"] for row in gallery}
         outside = sum(row["target_id"] is not None and row["target_id"] not in gallery_ids for row in queries)
@@ -236,6 +281,7 @@ def _evaluation_data(rows: SplitRows, mode: str, decode_images: bool) -> CIREval
         gallery=_table(gallery, gallery_features),
         protocol=rows.protocol,
         remove_reference=rows.remove_reference,
+        unusable_query_ids=unusable,
     )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -385,6 +385,35 @@ def _column(table, name: str) -> list:
         raise ValueError(f"Expected a `{name}` column, got columns {list(getattr(table, 'column_names', table))}") from error
 
 
+_QUERY_METADATA = ("query_id", "reference_id", "target_id", "target_caption", "category", "subset_ids")
+
+
+class _NeverRetrieved:
+    """A target label equal to no gallery label (so the query is counted and never hits), unlike ``None`` (left out)."""
+
+    def __repr__(self) -> str:
+        return "<unusable query>"
+
+
+def _with_forced_misses(protocol: str, queries, unusable_ids: set[str]) -> dict[str, list]:
+    """The query columns with the target label (``target_id``, or ``target_caption`` for the caption-match protocols)
+    of each unusable query replaced by a label no gallery item has."""
+    query_ids = _column(queries, "query_id")
+    unknown = unusable_ids - set(query_ids)
+    if unknown:
+        raise ValueError(f"`unusable_query_ids` names {len(unknown)} ids that are not queries, e.g. {sorted(unknown)[:3]}")
+    label_column = "target_caption" if protocol in ("fashion200k", "mitstates") else "target_id"
+    present = getattr(queries, "column_names", None) or list(queries)
+    # Only the metadata the protocols read: never an image column (reading it would decode every image).
+    columns = {name: _column(queries, name) for name in _QUERY_METADATA if name in present}
+    columns[label_column] = [
+        _NeverRetrieved() if query_id in unusable_ids and label is not None else label
+        for query_id, label in zip(query_ids, columns[label_column])
+    ]
+    logger.warning(f"{len(unusable_ids)} of {len(query_ids)} queries have an unusable reference image: counted as misses")
+    return columns
+
+
 def evaluate_protocol(
     protocol: str,
     query_embeds: torch.Tensor,
@@ -394,6 +423,7 @@ def evaluate_protocol(
     ks: Sequence[int] | None = None,
     remove_reference: bool = False,
     max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+    unusable_query_ids: Collection[str] = (),
 ) -> dict[str, float]:
     """Run the protocol named ``protocol`` with metadata read from the query and gallery tables.
 
@@ -406,13 +436,22 @@ def evaluate_protocol(
         gallery: same for the gallery: ``image_id``, plus ``category`` (fashioniq) or ``caption`` (caption match).
         ks: override the protocol's default ranks.
         remove_reference: only for ``exact``: remove each query's reference from its ranking.
+        unusable_query_ids: ``query_id`` of queries whose reference image could not be read
+            (`CIREvaluationData.unusable_query_ids`): each counts as a miss at every rank, so the denominator stays
+            the number of queries with a target.
 
     Returns:
-        the protocol's ``{name: percent}`` dictionary.
+        the protocol's ``{name: percent}`` dictionary, plus ``"unusable_queries"`` (a count) when some were.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {protocol!r}")
     ks = PROTOCOL_KS[protocol] if ks is None else ks
+    if unusable_query_ids:
+        queries = _with_forced_misses(protocol, queries, set(unusable_query_ids))
+        result = evaluate_protocol(
+            protocol, query_embeds, gallery_embeds, queries, gallery, ks, remove_reference, max_block_elements
+        )
+        return {**result, "unusable_queries": len(set(unusable_query_ids))}
     gallery_ids = _column(gallery, "image_id")
     if protocol == "fashioniq":
         return evaluate_fashioniq(
