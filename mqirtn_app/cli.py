@@ -1,9 +1,12 @@
 """`mqirtn`: index a folder of images with an MQIRTN model, and search it with (reference image, modification text).
 
     mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N]
-                 [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw]
+                 [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw] [--device auto|cpu|cuda|cuda:N|mps]
+                 [--dtype float32|bfloat16|float16]
     mqirtn search --index INDEX_DIR --image query.jpg --text "make it red" [--top-k 10] [--json]
                   [--grid results.png] [--attention attention.png] [--target ID] [--model DIR_OR_ID]
+                  [--device ...] [--dtype ...]
+    mqirtn --version
 
 The index remembers its model, so `search` needs no `--model` (give one to search with another copy of the same
 checkpoint; a different checkpoint is refused). With a faiss-* backend, `index` builds the FAISS index and saves
@@ -37,6 +40,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE_HELP = (
+    "where the model runs: auto (default: the first GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps; under "
+    "accelerate launch / torchrun each process uses its own device (auto) or the CPU (cpu)"
+)
+_DTYPE_HELP = (
+    "dtype of the model's weights and computations (default float32); bfloat16/float16 halve the memory. An index "
+    "remembers its model's weights in this dtype: search it with the dtype it was built with"
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mqirtn")
+    except PackageNotFoundError:
+        return "(not installed; running from a checkout)"
+
+
 _TRUST_HELP = (
     "run the Python files of the model folder (its own architecture) instead of this package's installed classes; "
     "off by default. A model path read from an index runs code only if its code files match the index's digest"
@@ -45,6 +68,7 @@ _TRUST_HELP = (
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqirtn", description="Composed image retrieval with an MQIRTN model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     index = commands.add_parser("index", help="embed a folder of images into a gallery index")
@@ -55,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
+    index.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    index.add_argument("--dtype", default="float32", choices=_DTYPES, help=_DTYPE_HELP)
 
     search = commands.add_parser("search", help="search an index with a reference image and a modification text")
     search.add_argument("--index", required=True, help="folder written by `mqirtn index`")
@@ -68,11 +94,50 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="model to search with (default: the one recorded in the index)")
     search.add_argument("--backend", choices=BACKENDS, help="override the index's search backend")
     search.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
+    search.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    search.add_argument("--dtype", default="float32", choices=_DTYPES, help=_DTYPE_HELP)
     return parser
 
 
-def _load_model(name_or_path: str, trust_remote_code: bool = False):
-    """Model and processor of `name_or_path`: with this package's installed classes unless `trust_remote_code`.
+def _device(name: str):
+    """The `torch.device` that `--device NAME` means in a single process; one-line errors for what is not there."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _CLIError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise _CLIError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise _CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return device
+
+
+def _accelerator(device_name: str):
+    """Under accelerate launch / torchrun (several processes): the Accelerator, on the CPU with `--device cpu`."""
+    if device_name not in ("auto", "cpu"):
+        raise _CLIError(
+            f"--device {device_name}: under accelerate launch / torchrun each process uses its own device; "
+            "give --device auto (or cpu)"
+        )
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device_name == "cpu")
+
+
+def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None, dtype: str = "float32"):
+    """Model and processor of `name_or_path`: with this package's installed classes unless `trust_remote_code`; the
+    model in `dtype` (a `--dtype` name) on `device` (a `torch.device`, default the CPU), in eval mode.
 
     Without consent no Python file of the folder runs: an MQIRTN folder loads with the installed classes (its weights
     are safetensors), any other architecture is refused.
@@ -82,10 +147,11 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False):
     ):
         raise _CLIError(f"the model folder {name_or_path!r} does not exist")
     import processing  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
+    import torch
     from transformers import AutoModel, AutoProcessor
 
     try:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         if not trust_remote_code and "custom code" in str(error):
@@ -97,7 +163,7 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False):
         raise _CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
     if not hasattr(model, "get_query_features"):
         raise _CLIError(f"{name_or_path!r} is a {model.config.model_type!r} model, not an MQIRTN model")
-    return model.eval(), processor
+    return model.to(device or "cpu").eval(), processor
 
 
 def _distributed() -> bool:
@@ -113,14 +179,9 @@ def _index(args) -> int:
         raise _CLIError(f"--images {args.images!r} does not exist or is not a folder")
     if not image_files(args.images):
         raise _CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
-    accelerator = None
-    if _distributed():
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
-    model, processor = _load_model(args.model, args.trust_remote_code)
-    if accelerator is not None:
-        model.to(accelerator.device)
+    accelerator = _accelerator(args.device) if _distributed() else None
+    device = accelerator.device if accelerator is not None else _device(args.device)
+    model, processor = _load_model(args.model, args.trust_remote_code, device, args.dtype)
     index = GalleryIndex.from_folder(
         model,
         processor,
@@ -173,6 +234,7 @@ def _search(args) -> int:
 
     if args.top_k < 1:
         raise _CLIError(f"--top-k must be a positive integer, got {args.top_k}")
+    device = _device(args.device)
     is_url = args.image.startswith(("http://", "https://"))
     if not is_url and not Path(args.image).is_file():
         raise _CLIError(f"--image {args.image!r} does not exist")
@@ -183,13 +245,13 @@ def _search(args) -> int:
     if args.trust_remote_code and not args.model:
         # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
         _check_model_code(index, model_name)
-    model, processor = _load_model(model_name, args.trust_remote_code)
+    model, processor = _load_model(model_name, args.trust_remote_code, device, args.dtype)
     index.check_model(model)
     index.model, index.processor = model, processor
     if args.target is not None and args.target not in index.ids:
         raise _CLIError(f"--target {args.target!r} is not an id of the index")
 
-    pipe = ComposedImageRetrievalPipeline(model=model, processor=processor)
+    pipe = ComposedImageRetrievalPipeline(model=model, processor=processor, device=device)
     results = pipe(image=args.image, text=args.text, gallery=index, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=1))

@@ -177,3 +177,57 @@ def test_faiss_index_is_built_by_index_and_read_by_each_search(workspace, monkey
     pipe = pipeline("composed-image-retrieval", model=workspace["model"], processor=workspace["processor"])
     expected = pipe(image=query, text="make it red", gallery=index, top_k=3)
     assert [r["id"] for r in results] == [r["id"] for r in expected]  # 8 vectors in 1 list: IVF is exact here
+
+
+def test_device_cpu_dtype_bfloat16_index_and_search(workspace, monkeypatch, capsys):
+    from mqirtn_app import cli
+
+    loaded = []
+    original = cli._load_model
+
+    def recording(*args, **kwargs):
+        model, processor = original(*args, **kwargs)
+        loaded.append((model.dtype, model.device.type))
+        return model, processor
+
+    monkeypatch.setattr(cli, "_load_model", recording)
+    root = workspace["root"]
+    out = root / "index_bf16"
+    assert main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(out),
+                 "--no-progress", "--device", "cpu", "--dtype", "bfloat16"]) == 0  # fmt: skip
+    query = str(workspace["paths"][1])
+    capsys.readouterr()
+    assert main(["search", "--index", str(out), "--image", query, "--text", "make it red", "--top-k", "8", "--json",
+                 "--device", "cpu", "--dtype", "bfloat16"]) == 0  # fmt: skip
+    results = json.loads(capsys.readouterr().out)
+    assert loaded == [(torch.bfloat16, "cpu"), (torch.bfloat16, "cpu")]
+    # bfloat16 keeps ~3 significant digits: the scores are those of the float32 model within that.
+    with torch.no_grad():
+        processor, model = workspace["processor"], workspace["model"]
+        query_embeds = model.get_query_features(**processor(images=[Image.open(query)], text=["make it red"]))
+        gallery = model.get_image_features(pixel_values=processor(images=[Image.open(p) for p in workspace["paths"]])["pixel_values"])
+    expected = dict(zip([p.name if p.parent.name == "images" else f"sub/{p.name}" for p in workspace["paths"]], (query_embeds @ gallery.T)[0].tolist()))
+    assert len(results) == 8
+    for result in results:
+        assert abs(result["score"] - expected[result["id"]]) < 0.05, result
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [("tpu", "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"), ("nonsense:0:1", "--device must be")]
+    + ([] if torch.cuda.is_available() else [("cuda", "--device cuda: no CUDA device is available here")]),
+)
+def test_unavailable_device_is_one_line(workspace, built_index, capsys, device, expected):
+    capsys.readouterr()
+    argv = ["search", "--index", str(built_index), "--image", str(workspace["paths"][0]), "--text", "it", "--device", device]
+    assert main(argv) == 1
+    assert expected in error_line(capsys)
+
+
+def test_version_and_dtype_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mqirtn ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--index", "x", "--image", "y", "--text", "z", "--dtype", "float64"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
