@@ -170,17 +170,18 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
         another `projection_dim`) raises one `ValueError` that names the configuration fields that differ, or with
         `ignore_mismatched_sizes=True` logs that sentence and keeps the re-initialised layers.
         """
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         mismatches = model.__dict__.pop("_size_mismatches", None)
         if not mismatches:
-            return model
+            return loaded
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
         message = _size_mismatch_message(cls, pretrained_model_name_or_path, model.config, mismatches, hub_kwargs)
         if not kwargs.get("ignore_mismatched_sizes", False):
             raise ValueError(f"{message} Load it with the configuration it was saved with, or pass "
                              "`ignore_mismatched_sizes=True` to re-initialise the layers that do not fit.")
         logger.warning(f"{message} Re-initialised the {len(mismatches)} weights that do not fit (`ignore_mismatched_sizes=True`).")
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         r"""

@@ -148,12 +148,15 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None,
         raise _CLIError(f"the model folder {name_or_path!r} does not exist")
     import processing  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoProcessor
 
     try:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+        model, loading = AutoModel.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), output_loading_info=True
+        )
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         if not trust_remote_code and "custom code" in str(error):
             raise _CLIError(
                 f"the model {name_or_path!r} is not an architecture this package installs and needs its own code to "
@@ -163,6 +166,11 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None,
         raise _CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
     if not hasattr(model, "get_query_features"):
         raise _CLIError(f"{name_or_path!r} is a {model.config.model_type!r} model, not an MQIRTN model")
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        # transformers would initialise them at random: an index or a search with random layers is silently wrong.
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise _CLIError(f"the weights of {name_or_path!r} lack {len(missing)} tensor(s) of the model ({shown})")
     return model.to(device or "cpu").eval(), processor
 
 
@@ -242,6 +250,8 @@ def _search(args) -> int:
     model_name = args.model or index.model_name_or_path
     if not model_name:
         raise _CLIError(f"the index {args.index!r} does not record its model; pass --model")
+    if index.fingerprint is None:
+        raise _CLIError(f"the index {args.index!r} records no model fingerprint, so no model can be checked against it; rebuild it")
     if args.trust_remote_code and not args.model:
         # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
         _check_model_code(index, model_name)
