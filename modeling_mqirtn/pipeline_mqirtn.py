@@ -126,7 +126,9 @@ class ComposedImageRetrievalPipeline(Pipeline):
     - `pipe(image=ref, text="make it red", gallery=index, top_k=5)` -> `[{"score": float, "index": int, "id": str}, ...]`
       best first;
     - `pipe([{"image": ..., "text": ...}, ...], gallery=index, batch_size=16)` -> one such list per query;
-    - without `gallery` -> the L2-normalised query embedding, a `torch.FloatTensor` of shape `(projection_dim,)`;
+    - without `gallery` -> the L2-normalised query embedding: a list of `projection_dim` floats (as transformers'
+      feature-extraction pipelines return), or with `return_tensors=True` a `torch.FloatTensor` of shape
+      `(projection_dim,)`;
     - `pipe.embed_gallery(images)` -> the gallery embeddings of a list of images, to pass as `gallery=`.
 
     Images may be PIL images, numpy arrays, local paths or URLs. `gallery` is either an index object with
@@ -166,6 +168,8 @@ class ComposedImageRetrievalPipeline(Pipeline):
         image (image or list of images, *optional*): reference image(s).
         text (`str` or `list[str]`, *optional*): modification text(s).
         gallery (index object, tensor or array, *optional*): what to search; without it the query embedding is returned.
+        return_tensors (`bool`, *optional*, defaults to `False`): without `gallery`, return the embedding as a tensor
+            instead of a list of floats.
         top_k (`int`, *optional*, defaults to 10): number of results per query.
         batch_size (`int`, *optional*): queries per forward pass for list inputs.
         """
@@ -221,10 +225,16 @@ class ComposedImageRetrievalPipeline(Pipeline):
                 embeds.append(features.float().cpu())
         return torch.cat(embeds)
 
-    def _sanitize_parameters(self, gallery=None, top_k=None, **unknown):
+    def _sanitize_parameters(self, gallery=None, top_k=None, return_tensors=None, **unknown):
         if unknown:
             raise TypeError(f"ComposedImageRetrievalPipeline got unexpected arguments {sorted(unknown)}")
         forward_params, postprocess_params = {}, {}
+        if return_tensors is not None:
+            if not isinstance(return_tensors, bool):
+                raise TypeError(f"`return_tensors` must be True or False, got {return_tensors!r}")
+            if gallery is not None:
+                raise ValueError("`return_tensors` applies to query embeddings (no `gallery`); search results are dicts")
+            postprocess_params["return_tensors"] = return_tensors
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
@@ -279,9 +289,10 @@ class ComposedImageRetrievalPipeline(Pipeline):
             scores, indices = gallery.search(query_embeds, top_k)
         return {"scores": torch.as_tensor(scores), "indices": torch.as_tensor(indices)}
 
-    def postprocess(self, model_outputs, gallery=None):
+    def postprocess(self, model_outputs, gallery=None, return_tensors=False):
         if gallery is None:
-            return model_outputs["query_embeds"][0].float().cpu()
+            embedding = model_outputs["query_embeds"][0].float().cpu()
+            return embedding if return_tensors else embedding.tolist()
         ids = None if isinstance(gallery, torch.Tensor) else gallery.ids
         scores = model_outputs["scores"][0].tolist()
         indices = model_outputs["indices"][0].tolist()

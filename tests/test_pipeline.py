@@ -60,8 +60,10 @@ def test_single_call_equals_direct_model_calls(setup):
 def test_without_gallery_returns_normalised_query_embedding(setup):
     model, processor, pipe = setup["model"], setup["processor"], setup["pipe"]
     image = shape_image(7)
-    embedding = pipe(image=image, text="add a small blue circle")
-    assert embedding.shape == (model.config.projection_dim,)
+    as_list = pipe(image=image, text="add a small blue circle")
+    assert isinstance(as_list, list) and len(as_list) == model.config.projection_dim and isinstance(as_list[0], float)
+    embedding = pipe(image=image, text="add a small blue circle", return_tensors=True)
+    assert embedding.shape == (model.config.projection_dim,) and embedding.tolist() == as_list
     torch.testing.assert_close(embedding.norm(), torch.tensor(1.0))
     torch.testing.assert_close(embedding, direct_queries(model, processor, [image], ["add a small blue circle"])[0])
 
@@ -79,7 +81,8 @@ def test_batched_list_input_equals_direct_batch(setup, batch_size):
         torch.testing.assert_close(torch.tensor([r["score"] for r in result]), scores[row], atol=1e-5, rtol=0)
     # The keyword list form gives the same answers; without a gallery, one embedding per query.
     assert pipe(image=images, text=TEXTS, gallery=gallery, top_k=3, batch_size=batch_size) == results
-    embeddings = torch.stack(pipe(image=images, text=TEXTS, batch_size=batch_size))
+    embeddings = torch.stack(pipe(image=images, text=TEXTS, batch_size=batch_size, return_tensors=True))
+    assert torch.tensor(pipe(image=images, text=TEXTS, batch_size=batch_size)).tolist() == embeddings.tolist()
     torch.testing.assert_close(embeddings, direct_queries(model, processor, images, TEXTS), atol=1e-5, rtol=0)
 
 
@@ -152,6 +155,13 @@ def test_embed_gallery_refuses_bad_input(setup, images, batch_size, error, match
         setup["pipe"].embed_gallery(images, batch_size=batch_size)
 
 
+def test_return_tensors_is_checked(setup):
+    with pytest.raises(TypeError, match="`return_tensors` must be True or False"):
+        setup["pipe"](image=shape_image(1), text="it", return_tensors="pt")
+    with pytest.raises(ValueError, match="applies to query embeddings"):
+        setup["pipe"](image=shape_image(1), text="it", gallery=setup["gallery"], return_tensors=True)
+
+
 FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
     import importlib, json, sys
@@ -177,7 +187,7 @@ FRESH_PROCESS_SCRIPT = BLOCK_OUR_PACKAGES + textwrap.dedent(
     single = pipe(image=images[0], text=texts[0], gallery=gallery, top_k=3)
     batched = pipe([{"image": i, "text": t} for i, t in zip(images, texts)], gallery=gallery, top_k=3, batch_size=2)
     embedding = pipe(image=images[0], text=texts[0])
-    json.dump({"single": single, "batched": batched, "embedding": embedding.tolist(),
+    json.dump({"single": single, "batched": batched, "embedding": embedding,
                "own_gallery": own_gallery.tolist(), "own_hits": own_hits,
                "class": type(pipe).__module__, "model_class": type(pipe.model).__module__}, open(out, "w"))
     """
