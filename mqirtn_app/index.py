@@ -561,8 +561,16 @@ class GalleryIndex:
         )
 
     def image_path(self, position: int) -> Path | None:
-        """Where the image of row `position` lives, when known (folder indices and path-built indices)."""
-        item = Path(self.root) / self.ids[position] if self.root else Path(self.ids[position])
+        """Where the image of row `position` lives, when known (folder indices and path-built indices); None for an id
+        of a folder index that leads outside its root (`../x`, an absolute path: an edited index.json)."""
+        if self.root:
+            # Lexically (`..` collapsed, links not followed): a gallery folder may hold links to images kept elsewhere.
+            root = Path(os.path.normpath(self.root))
+            item = Path(os.path.normpath(root / self.ids[position]))
+            if not item.is_relative_to(root):
+                return None
+        else:
+            item = Path(self.ids[position])
         return item if item.is_file() else None
 
     # ------------------------------------------------------------------------------------------- searching

@@ -127,7 +127,12 @@ def to_rgb_image(image, argument: str = "images", index: int | None = None) -> I
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
             raise ValueError(f"{where}: a numpy image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {image.shape}")
         if array.dtype != np.uint8:
-            array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
+            peak = float(array.max()) if array.size else 0.0
+            if np.issubdtype(array.dtype, np.integer) and peak > 255:
+                # 16-bit (or wider) data: scaled by its peak, as the decoder does for 16-bit image files (not clipped).
+                array = (array.astype(np.float64) / peak * 255).astype(np.uint8)
+            else:
+                array = np.clip(array * 255.0 if peak <= 1.0 else array, 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
     elif not isinstance(image, Image.Image):
         raise ValueError(

@@ -14,6 +14,7 @@ readers share one file of ~600 lines):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -473,12 +474,35 @@ def _read_mitstates(
 # ----------------------------------------------------------------------------------------------------------------
 # A user's own files
 
+def _read_utf8(path: Path) -> str:
+    """The text of `path` as UTF-8 (a byte-order mark is dropped); `ValueError` naming the first bad byte otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start} is {data[error.start:error.start + 1]!r}); save it as UTF-8"
+        ) from error
+
+
 def _read_table(path: Path) -> list[dict]:
+    """The rows of a JSONL/JSON/CSV/TSV file, each a dict; `ValueError` with the row number for anything else, and for
+    a file without rows."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise ValueError(f"Expected a .jsonl, .json, .csv or .tsv file, got {path}")
+    text = _read_utf8(path)
+    if suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        for row_number, row in enumerate(rows, start=1):
+            if None in row:
+                raise ValueError(f"{path} row {row_number}: more fields than the header has columns")
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+    else:
         rows = []
         for line_number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -486,11 +510,20 @@ def _read_table(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{line_number}: not a JSON object ({error})") from error
-        return rows
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(f"Expected a .jsonl, .json, .csv or .tsv file, got {path}")
+    for row_number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} row {row_number}: expected an object of columns, got {json.dumps(row)[:60]}")
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def _text_cell(path: Path, row_number: int, row: dict, column: str, kind: str = "a string") -> str:
+    """`row[column]` when it is a non-empty string (an id may also be an integer); `ValueError` naming the row."""
+    value = row[column]
+    if isinstance(value, bool) or not isinstance(value, (str, int) if kind == "an id" else str):
+        raise ValueError(f"{path} row {row_number}: `{column}` must be {kind}, got {json.dumps(value)[:60]}")
+    return str(value)
 
 
 def _find_table(folder: Path, stem: str) -> Path | None:
@@ -540,7 +573,11 @@ def _read_files(
 
     def resolve(folder: Path, value: str) -> Path:
         path = Path(value)
-        return (path if path.is_absolute() else folder / path).resolve()
+        path = path if path.is_absolute() else folder / path
+        try:
+            return path.resolve()
+        except (RuntimeError, OSError):  # a symlink loop: kept as written, then reported as a missing image
+            return Path(os.path.abspath(path))
 
     def image_id(path: Path) -> str:
         try:
@@ -554,6 +591,11 @@ def _read_files(
         missing = [name for name in required if row.get(name) in (None, "")]
         if missing:
             raise ValueError(f"{data_file} row {row_number}: expected columns {required}, missing {missing}; got {sorted(row)}")
+        for name in (reference_column, text_column, target_column):
+            if row.get(name) not in (None, ""):
+                _text_cell(data_file, row_number, row, name)
+        if row.get("id") not in (None, ""):
+            _text_cell(data_file, row_number, row, "id", "an id")
 
     gallery: list[dict] = []
     if gallery_file is not None:
@@ -563,6 +605,9 @@ def _read_files(
         for row_number, row in enumerate(_read_table(gallery_file), start=1):
             if row.get("image") in (None, ""):
                 raise ValueError(f"{gallery_file} row {row_number}: expected an `image` column, got {sorted(row)}")
+            _text_cell(gallery_file, row_number, row, "image")
+            if row.get("id") not in (None, ""):
+                _text_cell(gallery_file, row_number, row, "id", "an id")
             path = resolve(gallery_file.parent.resolve(), row["image"])
             identifier = str(row["id"]) if row.get("id") not in (None, "") else image_id(path)
             gallery.append({"image_id": identifier, "image": str(path)})
