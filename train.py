@@ -1229,12 +1229,12 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and results:
-        record = {**results}
+        record = rounded(results)  # percents to 4 decimals, not float32 noise; the diagnostics keep their digits
         if training_state:
             record["training"] = training_state
         if diagnostics:
             record["composition"] = diagnostics
-        (output_dir / "eval_results.json").write_text(json.dumps(rounded(record), indent=2))
+        (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
     if args.eval_only:
         return
     save_model(accelerator, model, processor, output_dir)

@@ -29,8 +29,8 @@ METRIC_DIGITS = 4
 
 
 def rounded(value, digits: int = METRIC_DIGITS):
-    """`value` with every float in it (nested dicts and lists too) rounded to `digits` decimals: metrics are percents,
-    and float32 noise such as 5.000000074505806 means nothing."""
+    """`value` with every float in it (nested dicts and lists too) rounded to `digits` decimals: for metrics in
+    percent, where float32 noise such as 5.000000074505806 means nothing (not for small diagnostics)."""
     if isinstance(value, float):
         return round(value, digits)
     if isinstance(value, dict):
