@@ -53,7 +53,13 @@ def main() -> None:
         apply_update(run)
 
     train.forward_loss, train.apply_update = faulty_forward_loss, recording_apply_update
-    result = train.main(argv[split + 1 :])
+    # Through train.py's command-line entry (its one-line errors and exit status), keeping main()'s result.
+    results, train_main = [], train.main
+    train.main = lambda arguments: results.append(train_main(arguments)) or results[-1]
+    status = train.run_from_command_line(argv[split + 1 :])
+    if status:
+        sys.exit(status)
+    result = results[-1]
     if options.dump_params:
         from accelerate import PartialState
 
