@@ -137,14 +137,31 @@ class ComposedImageRetrievalPipeline(Pipeline):
     `torch.Tensor`/`numpy.ndarray` of L2-normalised gallery embeddings of shape `(gallery_size, projection_dim)`
     (ids are then the row numbers as strings).
 
-    Example:
+    Example (a tiny random model; a trained one is loaded with `pipeline("composed-image-retrieval",
+    model="org/mqirtn", trust_remote_code=True)`):
 
     ```python
-    >>> import modeling_mqirtn  # registers the task  # doctest: +SKIP
-    >>> from transformers import pipeline
-    >>> pipe = pipeline("composed-image-retrieval", model=model, processor=processor)  # doctest: +SKIP
-    >>> pipe(image="shirt.png", text="with long sleeves", gallery=gallery_embeds, top_k=3)  # doctest: +SKIP
-    [{'score': 0.83, 'index': 4, 'id': '4'}, {'score': 0.79, 'index': 12, 'id': '12'}, ...]
+    >>> import os, tempfile
+    >>> from PIL import Image
+    >>> from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessorPil, pipeline
+    >>> from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # importing it registers the task
+    >>> from processing import MQIRTNProcessor
+
+    >>> vocab = os.path.join(tempfile.mkdtemp(), "vocab.txt")
+    >>> _ = open(vocab, "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", "red"]))
+    >>> processor = MQIRTNProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), BertTokenizer(vocab))
+    >>> vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    >>> text = BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    >>> model = MQIRTNModel(MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32, fusion_num_heads=4))
+    >>> pipe = pipeline("composed-image-retrieval", model=model, processor=processor)
+
+    >>> gallery_images = [Image.new("RGB", (40, 40), color) for color in ("red", "green", "blue")]
+    >>> gallery = pipe.embed_gallery(gallery_images)  # (3, projection_dim), L2-normalised
+    >>> gallery.shape
+    torch.Size([3, 32])
+    >>> hits = pipe(image=gallery_images[1], text="make it red", gallery=gallery, top_k=2)
+    >>> len(hits), sorted(hits[0])
+    (2, ['id', 'index', 'score'])
     ```
     """
 

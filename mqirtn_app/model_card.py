@@ -30,7 +30,11 @@ METRIC_DIGITS = 4
 
 def rounded(value, digits: int = METRIC_DIGITS):
     """`value` with every float in it (nested dicts and lists too) rounded to `digits` decimals: for metrics in
-    percent, where float32 noise such as 5.000000074505806 means nothing (not for small diagnostics)."""
+    percent, where float32 noise such as 5.000000074505806 means nothing (not for small diagnostics).
+
+    >>> rounded({"test": {"recall@1": 5.000000074505806, "recall@5": 33.33333333}})
+    {'test': {'recall@1': 5.0, 'recall@5': 33.3333}}
+    """
     if isinstance(value, float):
         return round(value, digits)
     if isinstance(value, dict):
@@ -41,13 +45,21 @@ def rounded(value, digits: int = METRIC_DIGITS):
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether `name` is a Hub repository id (`NAME` or `ORG/NAME`), not a local path: only those go into a card."""
+    """Whether `name` is a Hub repository id (`NAME` or `ORG/NAME`), not a local path: only those go into a card.
+
+    >>> is_hub_id("google/vit-base-patch16-224-in21k"), is_hub_id("/data/my_cir"), is_hub_id("./data")
+    (True, False, False)
+    """
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name)) and ".." not in name and not Path(name).exists()
 
 
 def metric_type(metric: str) -> str:
     """The model-index metric type of a metric name, one per metric: `recall@1` -> `recall_at_1`,
-    `recall_subset@2` -> `recall_subset_at_2`, `dress_recall@10` -> `dress_recall_at_10`."""
+    `recall_subset@2` -> `recall_subset_at_2`, `dress_recall@10` -> `dress_recall_at_10`.
+
+    >>> [metric_type(name) for name in ("recall@1", "recall@5", "recall_subset@2")]
+    ['recall_at_1', 'recall_at_5', 'recall_subset_at_2']
+    """
     return re.sub(r"[^a-z0-9]+", "_", metric.lower().replace("@", "_at_")).strip("_")
 
 
