@@ -636,9 +636,11 @@ class GalleryIndex:
         of the other files (`files`), which `load` verifies; the FAISS record names the embeddings' hash it was built
         from. `directory` must be new, empty or an index folder (it is replaced as a whole).
         """
-        directory = Path(directory)
+        given, directory = Path(directory), Path(os.path.abspath(directory))  # "." has no name to stage beside
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is a file, not a folder to save a gallery index into")
+        if directory == Path(os.getcwd()) or directory in Path(os.getcwd()).parents:
+            raise ValueError(f"{str(given)!r} is the working folder (or holds it); the index folder is replaced as a whole")
         if directory.is_dir():
             foreign = sorted(p.name for p in directory.iterdir() if p.name not in _INDEX_FILES)
             if foreign:
@@ -675,7 +677,7 @@ class GalleryIndex:
         }
         (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
         swap_in_folder(staged, directory)
-        return directory
+        return given
 
     @classmethod
     def load(

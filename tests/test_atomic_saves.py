@@ -291,3 +291,11 @@ def test_final_model_save_crashing_while_writing_leaves_the_previous_model(monke
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
     assert (output / "eval_results.json").read_text() == "{}"
+
+
+def test_index_save_refuses_the_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(ValueError, match="working folder"):
+        gallery(10, 1).save(".")
+    assert gallery(10, 1).save("sub") == Path("sub") and GalleryIndex.load("sub").ids == gallery(10, 1).ids
