@@ -711,21 +711,27 @@ def save_checkpoint(accelerator, args, progress: TrainingProgress) -> None:
 
 
 @torch.no_grad()
-def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str) -> torch.Tensor:
-    """Embeddings (N, d) of a prepared evaluation dataloader, gathered across processes (padding removed)."""
+def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str, usable: list | None = None) -> torch.Tensor:
+    """Embeddings (N, d) of a prepared evaluation dataloader, gathered across processes (padding removed).
+
+    usable: a list that receives, per query batch, the gathered ``reference_usable`` flags (False: the reference image
+    could not be decoded and a blank image was embedded instead).
+    """
     model.eval()
     chunks = []
     for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         if kind == "query":
             embeds = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            if usable is not None and "reference_usable" in batch:
+                usable.append(accelerator.gather_for_metrics(batch["reference_usable"].to(torch.uint8)).cpu().bool())
         else:
             embeds = model.get_image_features(batch["pixel_values"])
         chunks.append(accelerator.gather_for_metrics(embeds.float().contiguous()).cpu())
     return torch.cat(chunks)
 
 
-def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData, args, desc: str):
-    """(query_embeds, gallery_embeds) of an evaluation split."""
+def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData, args, desc: str, usable: list | None = None):
+    """(query_embeds, gallery_embeds) of an evaluation split; `usable` as in `compute_embeddings`."""
     queries = set_query_transform(data.queries, processor)
     gallery = set_gallery_transform(data.gallery, processor)
     query_loader = DataLoader(
@@ -739,7 +745,7 @@ def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData
     )
     query_loader, gallery_loader = accelerator.prepare(query_loader, gallery_loader)
     unwrapped = accelerator.unwrap_model(model)
-    query_embeds = compute_embeddings(accelerator, unwrapped, query_loader, "query", f"{desc}: queries")
+    query_embeds = compute_embeddings(accelerator, unwrapped, query_loader, "query", f"{desc}: queries", usable)
     gallery_embeds = compute_embeddings(accelerator, unwrapped, gallery_loader, "gallery", f"{desc}: gallery")
     return query_embeds, gallery_embeds
 
@@ -752,11 +758,17 @@ def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args,
         data = CIREvaluationData(
             queries, data.gallery, data.protocol, data.remove_reference, data.unusable_query_ids & kept
         )
-    query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, data, args, desc)
-    # Queries whose reference image is unusable were embedded from a blank image; they count as misses.
+    usable: list[torch.Tensor] = []
+    query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, data, args, desc, usable)
+    # Queries whose reference image is unusable (found by the loader's check, or only now, when it failed to decode)
+    # were embedded from a blank image; they count as misses.
+    unusable = set(data.unusable_query_ids)
+    if usable and not torch.cat(usable).all():
+        query_ids = list(data.queries["query_id"])
+        unusable |= {query_ids[i] for i in (~torch.cat(usable)).nonzero().flatten().tolist()}
     metrics = evaluate_protocol(
         data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference,
-        unusable_query_ids=data.unusable_query_ids,
+        unusable_query_ids=unusable,
     )
     return metrics, query_embeds, gallery_embeds
 

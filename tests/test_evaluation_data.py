@@ -83,3 +83,27 @@ def test_image_check_marks_an_image_over_the_pixel_cap(tmp_path, monkeypatch):
     Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
     monkeypatch.setattr(processing_mqirtn, "MAX_IMAGE_PIXELS", 1000)
     assert find_bad_images([str(tmp_path / "big.png"), str(tmp_path / "small.png")]) == {str(tmp_path / "big.png"): "corrupt"}
+
+
+def test_a_reference_that_fails_only_at_embedding_time_is_a_miss(tmp_path):
+    """With `check_images="none"` the loader cannot know; train.py's evaluation finds it when decoding (blank image)."""
+    import argparse
+
+    from accelerate import Accelerator
+    from conftest import tiny_model, tiny_processor
+
+    import train
+
+    root = write_files_dataset(tmp_path / "data", ["a", "b"], query_ids=["q0"])
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "test.jsonl").write_text(
+        json.dumps({"reference": "g0.png", "text": "make it red", "target": "g1.png", "id": "q0"}) + "\n"
+        + json.dumps({"reference": "broken.png", "text": "make it red", "target": "g1.png", "id": "q1"})
+    )
+    data = load_evaluation_data("files", root, "test", check_images="none")
+    assert not data.unusable_query_ids
+    args = argparse.Namespace(max_eval_samples=None, per_device_eval_batch_size=4, dataloader_num_workers=0, max_text_length=16)
+    model, processor = tiny_model().eval(), tiny_processor(tmp_path)
+    metrics, query_embeds, _ = train.evaluate_split(Accelerator(cpu=True), model, processor, data, args, "test")
+    assert metrics["unusable_queries"] == 1 and query_embeds.shape[0] == 2
+    assert metrics["recall@1"] <= 50.0

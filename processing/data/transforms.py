@@ -141,7 +141,8 @@ def set_query_transform(
 ) -> Dataset:
     """A copy of ``dataset`` with the lazy evaluation-query transform: ``pixel_values`` (3, H, W) and ``modification_text``.
 
-    An unreadable reference becomes a black image (the query keeps its place, so metadata rows stay aligned).
+    An unreadable reference becomes a black image (the query keeps its place, so metadata rows stay aligned) and its
+    row says so (``reference_usable`` False): the evaluation counts such a query as a miss.
     """
     dataset = _undecoded(dataset, (reference_column,))
 
@@ -150,6 +151,7 @@ def set_query_transform(
         return {
             "pixel_values": _blank_filled(processor, images),
             "modification_text": [str(text) for text in batch[text_column]],
+            "reference_usable": [image is not None for image in images],
         }
 
     return dataset.with_transform(transform)
@@ -215,7 +217,10 @@ class CIRQueryCollator:
         self.max_length = max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_queries(self.tokenizer, rows, self.max_length)
+        batch = collate_queries(self.tokenizer, rows, self.max_length)
+        # (B,) bool: False where the reference could not be decoded (a blank image stands in for it).
+        batch["reference_usable"] = torch.tensor([bool(row.get("reference_usable", True)) for row in rows])
+        return batch
 
 
 def collate_queries(tokenizer, rows: list[dict], max_length: int | None) -> dict[str, torch.Tensor]:
