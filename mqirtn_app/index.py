@@ -729,6 +729,12 @@ class GalleryIndex:
             )
         if not torch.isfinite(embeddings).all():
             raise ValueError(f"{str(embeddings_path)!r} holds non-finite (NaN/inf) embeddings; rebuild the index")
+        norms = embeddings.float().norm(dim=-1)
+        off = int(((norms - 1).abs() > 1e-3).sum())
+        if off:
+            # Scores are cosine similarities only for unit rows: a longer row would outrank better matches.
+            logger.warning(f"{str(embeddings_path)!r}: {off} row(s) are not unit length (edited?); normalised them")
+            embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         index = cls(
             embeddings,
             meta["ids"],

@@ -299,3 +299,19 @@ def test_index_save_refuses_the_working_folder(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="working folder"):
         gallery(10, 1).save(".")
     assert gallery(10, 1).save("sub") == Path("sub") and GalleryIndex.load("sub").ids == gallery(10, 1).ids
+
+
+def test_load_refuses_nan_rows_and_normalises_long_ones(tmp_path):
+    """index.json's hashes catch an edited file; an index saved with such rows (older versions) is caught here."""
+    embeddings = torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    long_rows, nan_rows = embeddings.clone(), embeddings.clone()
+    long_rows[1] *= 5
+    nan_rows[2, 3] = float("nan")
+    for name, rows in (("long", long_rows), ("nan", nan_rows)):
+        GalleryIndex(rows, list("abcd"), fingerprint="0" * 64).save(tmp_path / name)
+    with CaptureLogger(gallery_index.logger) as captured:
+        loaded = GalleryIndex.load(tmp_path / "long")
+    assert "1 row(s) are not unit length" in captured.out
+    torch.testing.assert_close(loaded.embeddings, embeddings)
+    with pytest.raises(ValueError, match="non-finite"):
+        GalleryIndex.load(tmp_path / "nan")
