@@ -209,6 +209,13 @@ class ComposedImageRetrievalPipeline(Pipeline):
             raise ValueError("`inputs` is an empty list; give at least one query")
         return super().__call__(inputs, **kwargs)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' `Pipeline.save_pretrained` (model, code files, `custom_pipelines`) plus the processor, which
+        it leaves out: the folder then loads with `pipeline("composed-image-retrieval", model=folder,
+        trust_remote_code=True)` like one written by `save_for_hub`."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory, **kwargs)
+
     def embed_gallery(self, images, batch_size: int = 32) -> torch.Tensor:
         r"""
         Gallery embeddings of `images`, to pass as `gallery=` (the way to build a gallery without this package

@@ -155,6 +155,18 @@ def test_embed_gallery_refuses_bad_input(setup, images, batch_size, error, match
         setup["pipe"].embed_gallery(images, batch_size=batch_size)
 
 
+def test_pipeline_save_pretrained_writes_the_processor_too(setup, tmp_path):
+    setup["pipe"].save_pretrained(tmp_path / "saved")
+    files = {path.name for path in (tmp_path / "saved").iterdir()}
+    assert {"config.json", "model.safetensors", "pipeline_mqirtn.py", "processor_config.json", "processing_mqirtn.py"} <= files
+    reloaded = pipeline("composed-image-retrieval", model=str(tmp_path / "saved"), trust_remote_code=True)
+    image = shape_image(3)
+    torch.testing.assert_close(
+        reloaded(image=image, text="make it red", return_tensors=True),
+        setup["pipe"](image=image, text="make it red", return_tensors=True),
+    )
+
+
 def test_return_tensors_is_checked(setup):
     with pytest.raises(TypeError, match="`return_tensors` must be True or False"):
         setup["pipe"](image=shape_image(1), text="it", return_tensors="pt")
