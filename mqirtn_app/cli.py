@@ -256,7 +256,19 @@ def _search(args) -> int:
         # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
         _check_model_code(index, model_name)
     model, processor = _load_model(model_name, args.trust_remote_code, device, args.dtype)
-    index.check_model(model)
+    from .index import ModelMismatchError
+
+    try:
+        index.check_model(model)
+    except ModelMismatchError as error:
+        if model.config.projection_dim != index.projection_dim:
+            raise
+        # The fingerprint covers the weights in the dtype the index was built with: the same checkpoint in another
+        # dtype differs too.
+        raise _CLIError(
+            f"{error}; if the index was built from this model with another --dtype, search it with that --dtype "
+            f"(this search loaded it in {args.dtype})"
+        ) from error
     index.model, index.processor = model, processor
     if args.target is not None and args.target not in index.ids:
         raise _CLIError(f"--target {args.target!r} is not an id of the index")

@@ -231,3 +231,15 @@ def test_version_and_dtype_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["search", "--index", "x", "--image", "y", "--text", "z", "--dtype", "float64"])
     assert exit_info.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_searching_a_bfloat16_index_in_float32_names_the_dtype(workspace, capsys):
+    root = workspace["root"]
+    out = root / "index_bf16_only"
+    assert main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(out),
+                 "--no-progress", "--dtype", "bfloat16", "--device", "cpu"]) == 0  # fmt: skip
+    capsys.readouterr()
+    argv = ["search", "--index", str(out), "--image", str(workspace["paths"][0]), "--text", "it", "--device", "cpu"]
+    assert main(argv) == 1
+    line = error_line(capsys)
+    assert "another checkpoint" in line and "search it with that --dtype (this search loaded it in float32)" in line
