@@ -10,6 +10,12 @@ model to `outputs/mqirtn-shapes`:
 Everything else (FashionIQ, CIRR, Fashion200k, MIT-States, your own files or any `datasets` dataset; several
 processes or machines; checkpoints, resuming, evaluation only, CIRR submissions, the Hub) is a flag away; see
 `--help` and notes/train.md. The model code lives in `modeling_mqirtn/`, the data code in `processing/`.
+
+Why one ~1,300-line file: it is the script people copy and read top to bottom, as Accelerate's `*_no_trainer.py`
+examples are, in two numbered parts. 1 (arguments, ~450 lines) imports only the standard library so that `--help`
+answers at once; 2 is `main()` as its steps (setup, model, data, `TrainingRun`, evaluation, saving), every function
+under ~60 lines. The library pieces it uses (the frozen-tower cache, the composition diagnostics, the model card, the
+pictures) live in `mqirtn_app/`.
 """
 
 from __future__ import annotations
@@ -853,8 +859,7 @@ def card_base_models(args) -> list[str]:
     return [name for name in base_models if name]
 
 
-# ================================================================================================ 2. main
-# ================================================================================================ main, step by step
+# ================================================================================================ 2. main, step by step
 def setup_accelerator(args) -> Accelerator:
     """2.1 The accelerator, logging verbosity per process, the seed, the output folder and, with --push_to_hub, the Hub
     repository (token checked and repository created before any work, so a Hub problem never waits for training)."""
@@ -965,6 +970,7 @@ class TrainingRun:
         if args.report_to != "none":
             accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         self.starting_epoch = self.skip_batches = 0
+        self.resumed_rng_state = None
         self.consecutive_nonfinite, self.cycle_nonfinite = 0, False
         self.time_limit_reached, self.best_metric, self.best_step = False, None, None
         self.diagnostics: dict[str, dict[str, float]] = {}
@@ -1003,6 +1009,13 @@ class TrainingRun:
         self.accelerator.load_state(str(checkpoint))
         self.starting_epoch, within = divmod(self.progress.completed_steps, self.steps_per_epoch)
         self.skip_batches = within * self.args.gradient_accumulation_steps
+        if self.skip_batches:
+            # Starting the resumed epoch's data iterator draws from the global RNG, which the uninterrupted run did at
+            # the epoch's start, before this checkpoint: the checkpoint's RNG state is put back once that has happened
+            # (`train`), so dropout masks continue exactly where the interrupted run left them.
+            self.resumed_rng_state = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                self.resumed_rng_state["cuda"] = torch.cuda.get_rng_state_all()
         logger.info(f"Resumed from {checkpoint}: step {self.progress.completed_steps}, {self.progress.samples_seen} samples seen")
 
     def train(self, validation_data) -> None:
@@ -1028,6 +1041,11 @@ class TrainingRun:
             if epoch == self.starting_epoch and self.skip_batches:
                 batches = accelerator.skip_first_batches(self.dataloader, self.skip_batches)
             for batch in batches:
+                if self.resumed_rng_state is not None:
+                    torch.set_rng_state(self.resumed_rng_state["cpu"])
+                    if "cuda" in self.resumed_rng_state:
+                        torch.cuda.set_rng_state_all(self.resumed_rng_state["cuda"])
+                    self.resumed_rng_state = None
                 self.micro_step(batch)
                 if accelerator.sync_gradients and self.after_optimizer_step(epoch, validation_data):
                     break

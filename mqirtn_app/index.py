@@ -3,7 +3,8 @@
 Not Hub code (the model never imports it): it may use tqdm, safetensors and, lazily, `datasets`, `accelerate` and
 `faiss`. The pipeline only duck-types it (`search`, `ids`, `check_model`). `save` writes the embeddings and ids
 (safetensors + JSON) and, for the faiss-* backends, the built FAISS index (`faiss.index`), which `load` reads back.
-The index, its FAISS backends and their persistence stay in one module (~650 lines): they share the index record.
+The index, its FAISS backends and their persistence (atomic, hash-verified saves) stay in one module (~800 lines):
+they share the index record and its validation.
 
 >>> index = GalleryIndex.from_folder(model, processor, "catalogue/")              # doctest: +SKIP
 >>> index.save("catalogue.index")                                                 # doctest: +SKIP
