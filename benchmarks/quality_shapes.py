@@ -323,7 +323,7 @@ def markdown_table(summary: dict) -> str:
     by_name = {e["row"]: e for e in summary["rows"]}
     lines = [
         f"Shapes **{summary['split']}** split, "
-        + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed")
+        + (f"mean ± std over up to {seeds} seeds (the seeds column says how many each row has)" if seeds > 1 else "1 seed")
         + f", R@K in %. {summary['date']}, {summary['machine']}. δ rms: the rotation angles' rms (rad) after training; "
         "comp. share: the composition term's share of the norms of the two query terms (composition, image residual); "
         "L_sym conj / same: the symmetric loss with the conjugate rotation and with the same rotation (train.py's "
@@ -337,8 +337,8 @@ def markdown_table(summary: dict) -> str:
             "",
             f"**At {title}**",
             "",
-            "| row | what | R@1 | R@5 | R@10 | R@50 | δ rms | comp. share | L_sym conj / same | train s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| row | what | seeds | R@1 | R@5 | R@10 | R@50 | δ rms | comp. share | L_sym conj / same | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for group in ("variant", "ablation"):
             for entry in (e for e in entries if e["group"] == group):
@@ -347,7 +347,7 @@ def markdown_table(summary: dict) -> str:
                 seconds = "–" if entry["train_seconds_mean"] is None else f"{entry['train_seconds_mean']:.0f}"
                 sym = f"{_composition_cell(entry, 'loss_symmetric')} / {_composition_cell(entry, 'loss_symmetric_same_rotation')}"
                 lines.append(
-                    f"| {name} | {entry['description']} | {cells} | {_composition_cell(entry, 'angle_rms')} | "
+                    f"| {name} | {entry['description']} | {entry['seeds']} | {cells} | {_composition_cell(entry, 'angle_rms')} | "
                     f"{_composition_cell(entry, 'composition_norm_share')} | {sym} | {seconds} |"
                 )
         ours = by_name.get("mqirtn" if budget == "main" else "mqirtn_short")
@@ -405,8 +405,8 @@ def bar_chart(summary: dict, path: Path) -> None:
     seeds = len(summary["seeds"])
     ax.set_title(
         f"shapes {summary['split']}: {summary['main_steps']} steps (ingredients) / {summary['steps']} (others), "
-        + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed")
-        + (" (baselines above the line, MQIRTN ablations below)" if 0 < boundary < n else ""),
+        + (f"mean ± std over up to {seeds} seeds" if seeds > 1 else "1 seed")
+        + ("\nbaselines above the line, MQIRTN ablations below" if 0 < boundary < n else ""),
         fontsize=10,
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
