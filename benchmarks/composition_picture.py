@@ -5,8 +5,9 @@ model of the same configuration, and each loss term's share of the gradient at s
     python benchmarks/composition_picture.py outputs/mqirtn-shapes          # writes docs/composition.png
 
 The angles are read with `output_composition=True` on shapes training queries (the first `--queries` of the split,
-through the saved processor); the gradient shares come from the run's `eval_results.json` (train.py's composition
-diagnostics).
+through the saved processor). The new model has the trained model's text tower (the main job's is pretrained and
+frozen, so that is its starting point) and newly initialised everything else. The gradient shares come from the run's
+`eval_results.json` (train.py's composition diagnostics).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def main(argv=None) -> Path:
     processor = MQIRTNProcessor.from_pretrained(folder)
     torch.manual_seed(42)
     fresh = MQIRTNModel(trained.config)
+    # The main job starts from the pretrained text tower and keeps it frozen: the trained model's text tower is that
+    # starting point, so the new model gets it too (everything else newly initialised, as at step 0).
+    fresh.text_model.load_state_dict(trained.text_model.state_dict())
     record = json.loads((folder / "eval_results.json").read_text())
     composition = record.get("composition", {})
     image_size = trained.config.vision_config.image_size
