@@ -175,8 +175,9 @@ def add_model_arguments(parser) -> None:
     model.add_argument("--fusion_num_heads", type=_positive_int, default=4, help="Attention heads of the fusion layers (must divide --projection_dim).")
     model.add_argument("--no_image_residual", action="store_true", help="Ablation: no gated residual of the reference in the query.")
     model.add_argument(
-        "--loss_type", choices=_LazyChoices(lambda: LOSS_TYPES), metavar="NAME", default="batch_based_classification",
-        help="Metric-learning loss: batch_based_classification (in-batch softmax) or soft_triplet (TIRG's).",
+        "--loss_type", choices=_LazyChoices(lambda: LOSS_TYPES), metavar="NAME", default=None,
+        help="Metric-learning loss: batch_based_classification (in-batch softmax, the config's default) or soft_triplet "
+        "(TIRG's). With --model_name_or_path it replaces the saved model's loss.",
     )
     model.add_argument(
         "--logit_scale_init_value", type=_positive_float, default=None,
@@ -555,7 +556,7 @@ def build_model_and_processor(args):
     """
     if args.model_name_or_path is not None:
         # The saved config decides the architecture; the training objective may change (parse_args refuses the rest).
-        objective = {**({"loss_type": args.loss_type} if args.loss_type != "batch_based_classification" else {}), **args.config_overrides}
+        objective = {**({"loss_type": args.loss_type} if args.loss_type is not None else {}), **args.config_overrides}
         model = MQIRTNModel.from_pretrained(args.model_name_or_path, **objective)
         processor = MQIRTNProcessor.from_pretrained(args.model_name_or_path)
         return model, processor, ("vision_model.", "text_model.")
@@ -570,10 +571,11 @@ def build_model_and_processor(args):
         fusion_num_heads=args.fusion_num_heads,
         composition=args.composition,
         image_residual=not args.no_image_residual,
-        loss_type=args.loss_type,
     )
-    if args.logit_scale_init_value is not None:
-        fields["logit_scale_init_value"] = args.logit_scale_init_value
+    # Unset flags defer to MQIRTNConfig's defaults (one default for the config and train.py).
+    for name in ("loss_type", "logit_scale_init_value"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     fields.update(args.config_overrides)  # --config_overrides has the last word, also over the dedicated flags
     config = MQIRTNConfig.from_vision_text_configs(vision_model.config, text_model.config, **fields)
     model = MQIRTNModel(config, vision_model=vision_model, text_model=text_model)

@@ -526,6 +526,16 @@ def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
     assert model.config.loss_type == "soft_triplet" and model.config.symmetric_loss_weight == 0.5
     assert type(model.metric_loss).__name__ == "MQIRTNSoftTripletLoss"
     assert model.config.projection_dim == 32  # the architecture is the saved one
+    # Explicitly asking for the config's default loss is applied too (it used to be mistaken for "not given").
+    soft = tmp_path / "soft"
+    tiny_model("mqirtn", loss_type="soft_triplet").save_pretrained(soft)
+    tiny_processor(tmp_path).save_pretrained(soft)
+    back, _, _ = train.build_model_and_processor(
+        train.parse_args(["--model_name_or_path", str(soft), "--loss_type", "batch_based_classification"])
+    )
+    assert back.config.loss_type == "batch_based_classification"
+    kept, _, _ = train.build_model_and_processor(train.parse_args(["--model_name_or_path", str(soft)]))
+    assert kept.config.loss_type == "soft_triplet"
 
 
 def test_dataset_facts_come_from_the_registry():
