@@ -1,6 +1,6 @@
 """`mqirtn`: index a folder of images with an MQIRTN model, and search it with (reference image, modification text).
 
-    mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N]
+    mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N] [--num-workers N]
                  [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw] [--device auto|cpu|cuda|cuda:N|mps]
                  [--dtype float32|bfloat16|float16]
     mqirtn search --index INDEX_DIR --image query.jpg --text "make it red" [--top-k 10] [--json]
@@ -12,7 +12,9 @@ The index remembers its model, so `search` needs no `--model` (give one to searc
 checkpoint; a different checkpoint is refused). With a faiss-* backend, `index` builds the FAISS index and saves
 it in the index folder, so each `search` reads it instead of re-training/rebuilding it. Under `accelerate launch` /
 `torchrun` with several processes, `index` embeds one shard of the folder per process and the main process writes
-the merged index.
+the merged index. `index` decodes and preprocesses the images in `--num-workers` DataLoader worker processes (per
+process) while the model embeds, so the model sets the pace; `--num-workers 0` decodes in the main process. The index
+is the same either way.
 No Python file of a model folder runs unless `--trust-remote-code` is given (the installed MQIRTN classes load its
 safetensors); a model path read from an index then runs only if its code files match the digest the index recorded.
 Errors are one line on stderr and exit status 1 (2 for bad command-line usage); no traceback.
@@ -51,6 +53,12 @@ _DTYPE_HELP = (
 )
 
 
+_WORKERS_HELP = (
+    "DataLoader worker processes decoding and preprocessing images while the model embeds (default: min(4, CPUs per "
+    "process); 0 for a folder of one batch or one CPU). 0 decodes in the main process; the index is the same"
+)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -76,6 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--images", required=True, help="folder of images, searched recursively")
     index.add_argument("--out", required=True, help="folder to write the index into")
     index.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    index.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
     index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
@@ -183,6 +192,8 @@ def _index(args) -> int:
 
     if args.batch_size < 1:
         raise _CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise _CLIError(f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}")
     if not Path(args.images).is_dir():
         raise _CLIError(f"--images {args.images!r} does not exist or is not a folder")
     if not image_files(args.images):
@@ -198,6 +209,7 @@ def _index(args) -> int:
         backend=args.backend,
         accelerator=accelerator,
         progress=not args.no_progress,
+        num_workers=args.num_workers,
     )
     is_main_process, processes = True, ""
     if accelerator is not None:
@@ -308,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mqirtn` console script; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from .index import ModelMismatchError
+    from .index import DecodeWorkerError, ModelMismatchError
 
     try:
         return _index(args) if args.command == "index" else _search(args)
-    except (_CLIError, ModelMismatchError, ValueError, FileNotFoundError, ImportError, OSError) as error:
+    except (_CLIError, ModelMismatchError, DecodeWorkerError, ValueError, FileNotFoundError, ImportError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
         return 1

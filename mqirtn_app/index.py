@@ -3,8 +3,9 @@
 Not Hub code (the model never imports it): it may use tqdm, safetensors and, lazily, `datasets`, `accelerate` and
 `faiss`. The pipeline only duck-types it (`search`, `ids`, `check_model`). `save` writes the embeddings and ids
 (safetensors + JSON) and, for the faiss-* backends, the built FAISS index (`faiss.index`), which `load` reads back.
-The index, its FAISS backends and their persistence (atomic, hash-verified saves) stay in one module (~800 lines):
-they share the index record and its validation.
+The index, its FAISS backends and their persistence (atomic, hash-verified saves) stay in one module (~950 lines):
+they share the index record and its validation. Images are decoded and preprocessed batch by batch, in this process or
+in DataLoader workers that prefetch while the model embeds (`num_workers`), with the same result.
 
 >>> index = GalleryIndex.from_folder(model, processor, "catalogue/")              # doctest: +SKIP
 >>> index.save("catalogue.index")                                                 # doctest: +SKIP
@@ -14,6 +15,7 @@ they share the index record and its validation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from modeling_mqirtn.pipeline_mqirtn import exact_search
+from processing import processing_mqirtn
 from processing.processing_mqirtn import IMAGE_EXTENSIONS, to_rgb_image
 
 from . import BACKENDS
@@ -116,6 +119,124 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+class DecodeWorkerError(RuntimeError):
+    """A DataLoader worker decoding gallery images failed (for another reason than an unreadable image, which is
+    skipped): one line naming the images and the error; `num_workers=0` decodes in this process with a traceback."""
+
+
+def check_num_workers(num_workers) -> int:
+    """`num_workers` as an int, or `ValueError` unless it is a non-negative integer."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be a non-negative integer (0: decode in this process), got {num_workers!r}")
+    return num_workers
+
+
+def default_num_workers(count: int, batch_size: int, processes: int = 1) -> int:
+    """Decoding workers for `count` images by one of `processes` processes on this machine: min(4, this process's
+    share of the usable CPUs), or 0 (decode in this process) when the images fit in one batch (nothing to overlap)
+    or there is at most one CPU per process (a worker would only take turns with the model on the same core)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    share = cpus // max(1, processes)
+    return 0 if count <= batch_size or share < 2 else min(4, share)
+
+
+def _decode_batch(images: Sequence, processor, start: int, stop: int) -> dict:
+    """Decodes `images[start:stop]` with the processor's decoder and preprocesses the readable ones: the one batch of
+    `embed_images`, in this process or in a DataLoader worker (it touches no model).
+
+    Returns {"pixel_values": tensor or None, "positions": readable positions, "skipped": descriptions, "size"}.
+    """
+    decoded, positions, skipped = [], [], []
+    for position in range(start, stop):
+        item = images[position]
+        try:
+            # The processor's decoder: the index sees the pixels training and the pipeline see.
+            decoded.append(to_rgb_image(item, "images", position))
+            positions.append(position)
+        except ValueError as error:  # ImageDecodeError for unreadable files, ValueError for other things
+            skipped.append(f"{_describe(item, position)} ({type(error).__name__}: {error})")
+    pixel_values = processor(images=decoded, return_tensors="pt")["pixel_values"] if decoded else None
+    return {"pixel_values": pixel_values, "positions": positions, "skipped": skipped, "size": stop - start}
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Batch `b` (of `batch_size` images) of `images`, decoded and preprocessed: `_decode_batch`. Holds the images and
+    the processor only, never the model, so a DataLoader worker (fork or spawn) gets nothing else. In a worker an
+    unexpected error comes back as a one-line record (raised as `DecodeWorkerError`), not a worker traceback."""
+
+    def __init__(self, images: Sequence, processor, batch_size: int):
+        self.images, self.processor, self.batch_size = images, processor, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __getitem__(self, batch: int) -> dict:
+        start = batch * self.batch_size
+        stop = min(start + self.batch_size, len(self.images))
+        if torch.utils.data.get_worker_info() is None:
+            return _decode_batch(self.images, self.processor, start, stop)
+        try:
+            return _decode_batch(self.images, self.processor, start, stop)
+        except Exception as error:  # noqa: BLE001 (reported in the main process, one line)
+            message = " ".join(str(error).split())[:500] or "(no message)"
+            return {
+                "error": f"a DataLoader worker failed on images {start}-{stop - 1} of {len(self.images)} "
+                f"({type(error).__name__}: {message}); num_workers=0 decodes in this process and shows the traceback"
+            }
+
+
+def _keep_batch(batch: dict) -> dict:
+    """The DataLoader's collate function: a `_BatchDecoder` item is already a batch."""
+    return batch
+
+
+def _init_decode_worker(max_image_pixels: int | None, worker_id: int) -> None:
+    """A worker decodes under the pixel cap of the process that started it (set at run time, or from the environment
+    in a spawned worker)."""
+    processing_mqirtn.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
+    """`decoder`'s batches in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
+    caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`."""
+    num_workers = min(num_workers, len(decoder))
+    if num_workers == 0:
+        for batch in range(len(decoder)):
+            yield decoder[batch]
+        return
+    loader = torch.utils.data.DataLoader(
+        decoder,
+        batch_size=None,  # each item is a batch
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_keep_batch,
+        pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_init_decode_worker, processing_mqirtn.MAX_IMAGE_PIXELS),
+        prefetch_factor=2,
+    )
+    iterator = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as error:  # a worker died (killed, out of memory): DataLoader's own error
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise DecodeWorkerError(
+                    f"decoding the gallery images in {num_workers} DataLoader worker(s) failed: {first_line}; "
+                    "num_workers=0 decodes in this process"
+                ) from None
+            if "error" in batch:
+                raise DecodeWorkerError(batch["error"])
+            yield batch
+    finally:
+        del iterator  # shuts the workers down now, also when the caller stops early
+
+
 @torch.inference_mode()
 def embed_images(
     model,
@@ -124,40 +245,45 @@ def embed_images(
     batch_size: int = 32,
     progress: bool = True,
     description: str = "Embedding gallery",
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     r"""
     Gallery embeddings `get_image_features` of `images`, decoded lazily batch by batch; unreadable items are skipped.
+
+    num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes that decode and preprocess the next
+        batches (the processor's decoder `to_rgb_image`, then `processor`) while the model embeds this one; 0 decodes
+        in this process. The embeddings, `kept` and `skipped` are the same either way. On CUDA the batches come in
+        pinned memory and are copied without blocking.
 
     Returns `(embeddings, kept, skipped)`: `embeddings` (`torch.FloatTensor` of shape `(len(kept), projection_dim)`,
     L2-normalised, on CPU), `kept` the positions in `images` that were embedded, `skipped` descriptions of the others.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
+    num_workers = check_num_workers(num_workers)
     parameter = next(model.parameters())
+    decoder = _BatchDecoder(images, processor, batch_size)
     chunks, kept, skipped = [], [], []
+    pending = None  # the last batch's embeddings, left on the device until the next batch is queued
     with tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            decoded, positions = [], []
-            for position in range(start, min(start + batch_size, len(images))):
-                item = images[position]
-                try:
-                    # The processor's decoder: the index sees the pixels training and the pipeline see.
-                    decoded.append(to_rgb_image(item, "images", position))
-                    positions.append(position)
-                except ValueError as error:  # ImageDecodeError for unreadable files, ValueError for other things
-                    skipped.append(f"{_describe(item, position)} ({type(error).__name__}: {error})")
-            if decoded:
-                pixel_values = processor(images=decoded, return_tensors="pt")["pixel_values"]
-                embeds = model.get_image_features(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
-                chunks.append(embeds.float().cpu())
-                kept.extend(positions)
-            bar.update(min(batch_size, len(images) - start))
+        for batch in _decoded_batches(decoder, num_workers, pin_memory=parameter.device.type == "cuda"):
+            if batch["pixel_values"] is not None:
+                pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype, non_blocking=True)
+                embeds = model.get_image_features(pixel_values=pixel_values)
+                if pending is not None:
+                    chunks.append(pending.float().cpu())
+                pending = embeds
+                kept.extend(batch["positions"])
+            skipped.extend(batch["skipped"])
+            bar.update(batch["size"])
+    if pending is not None:
+        chunks.append(pending.float().cpu())
     dim = model.config.projection_dim
     embeddings = torch.cat(chunks) if chunks else torch.empty((0, dim))
     return embeddings, kept, skipped
 
 
-def _embed_sharded(model, processor, images, batch_size, progress, accelerator):
+def _embed_sharded(model, processor, images, batch_size, progress, accelerator, num_workers=0):
     """`embed_images` over this process's contiguous shard of `images`, then merged in order on every process."""
     from accelerate.utils import gather_object
 
@@ -166,7 +292,7 @@ def _embed_sharded(model, processor, images, batch_size, progress, accelerator):
         local_images = _SubsetView(images, shard)
         embeddings, kept, skipped = embed_images(
             model, processor, local_images, batch_size, progress and accelerator.is_local_main_process,
-            f"Embedding gallery (rank {accelerator.process_index}, {len(local_images)} images)",
+            f"Embedding gallery (rank {accelerator.process_index}, {len(local_images)} images)", num_workers,
         )
         kept = [shard[i] for i in kept] if shard else []
     # Shards are contiguous and in rank order, so concatenating in rank order restores the input order.
@@ -445,6 +571,7 @@ class GalleryIndex:
         accelerator=None,
         progress: bool = True,
         root: str | os.PathLike | None = None,
+        num_workers: int = 0,
     ) -> "GalleryIndex":
         r"""
         Embeds `images` (PIL images, paths, numpy arrays or `datasets` {"bytes", "path"} dicts) in batches.
@@ -453,33 +580,48 @@ class GalleryIndex:
         accelerator (`accelerate.Accelerator`, *optional*): with several processes each embeds a contiguous shard
             (`split_between_processes`) and the shards are gathered, so every process returns the full index, equal
             to the single-process one. Put the model on `accelerator.device` first.
+        num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes (per process) that decode and
+            preprocess the next batches while the model embeds one; 0 decodes in this process. Same index either way.
+            Workers pay off for files (paths, `datasets` bytes); images already in memory are decoded.
         """
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+        check_num_workers(num_workers)
         if not len(images):
             raise ValueError("`images` is empty: there is nothing to index")
         index = cls(
             torch.empty((0, model.config.projection_dim)), [], backend=backend, backend_options=backend_options,
             root=root, model=model, processor=processor, **cls._model_identity(model),
         )
-        index.add(images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress)
+        index.add(images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress, num_workers=num_workers)
         if not len(index):
             raise ValueError(f"none of the {len(images)} images could be read; see the warning above")
         return index
 
     @classmethod
-    def from_folder(cls, model, processor, folder: str | os.PathLike, **kwargs) -> "GalleryIndex":
+    def from_folder(
+        cls, model, processor, folder: str | os.PathLike, *, num_workers: int | None = None, **kwargs
+    ) -> "GalleryIndex":
         """Indexes every image file under `folder` (recursively, `IMAGE_EXTENSIONS`); ids are relative POSIX paths.
 
-        Keyword arguments are those of `from_images`.
+        num_workers (`int`, *optional*): DataLoader workers decoding the files while the model embeds (see
+            `from_images`); default `default_num_workers`: min(4, this process's share of the CPUs), 0 for a folder
+            that fits in one batch or with at most one CPU per process.
+
+        The other keyword arguments are those of `from_images`.
         """
         files = image_files(folder)
         if not files:
             raise ValueError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"
             )
+        if num_workers is None:
+            accelerator = kwargs.get("accelerator")
+            processes = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            shard = math.ceil(len(files) / (1 if accelerator is None else accelerator.num_processes))
+            num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes)
         ids = [path.relative_to(folder).as_posix() for path in files]
-        return cls.from_images(model, processor, files, ids, root=folder, **kwargs)
+        return cls.from_images(model, processor, files, ids, root=folder, num_workers=num_workers, **kwargs)
 
     @classmethod
     def from_dataset(
@@ -509,8 +651,13 @@ class GalleryIndex:
         batch_size: int = 32,
         accelerator=None,
         progress: bool = True,
+        num_workers: int = 0,
     ) -> int:
-        """Embeds `images` with the attached model and appends them; returns how many were added (readable)."""
+        """Embeds `images` with the attached model and appends them; returns how many were added (readable).
+
+        num_workers (`int`, *optional*, defaults to 0): DataLoader workers decoding while the model embeds (see
+        `from_images`)."""
+        check_num_workers(num_workers)
         if self.model is None or self.processor is None:
             raise ValueError(
                 "this index has no model attached: pass `model=` and `processor=` to `GalleryIndex.load` (or build it "
@@ -528,10 +675,12 @@ class GalleryIndex:
         self._check_unique(ids, self.ids)
         if accelerator is not None and accelerator.num_processes > 1:
             embeddings, kept, skipped = _embed_sharded(
-                self.model, self.processor, images, batch_size, progress, accelerator
+                self.model, self.processor, images, batch_size, progress, accelerator, num_workers
             )
         else:
-            embeddings, kept, skipped = embed_images(self.model, self.processor, images, batch_size, progress)
+            embeddings, kept, skipped = embed_images(
+                self.model, self.processor, images, batch_size, progress, num_workers=num_workers
+            )
         _warn_skipped(skipped, len(images))
         self.add_embeddings(embeddings, [ids[i] for i in kept])
         self.skipped.extend(skipped)
@@ -794,8 +943,11 @@ class _SubsetView(Sequence):
 __all__ = [
     "BACKENDS",
     "IMAGE_EXTENSIONS",
+    "DecodeWorkerError",
     "GalleryIndex",
     "ModelMismatchError",
+    "check_num_workers",
+    "default_num_workers",
     "embed_images",
     "image_files",
     "model_code_digest",
