@@ -18,6 +18,14 @@ Run from the repository root (only torch + transformers needed; no downloads):
 
     python benchmarks/gpu_step.py --batch-size 64          # GPU, ~1-2 minutes
     python benchmarks/gpu_step.py --tiny                   # CPU, tiny towers, seconds (smoke test)
+    python benchmarks/gpu_step.py --batch-size 64 --torch-compile             # MQIRTN's fusion + composition compiled
+    python benchmarks/gpu_step.py --batch-size 64 --torch-compile --compile-towers --compile-mode reduce-overhead
+
+`--torch-compile` compiles MQIRTN's own regions (`MQIRTNModel.compile_regions`: fusion layers, composition, image
+residual, decoders), the towers stay eager in all three models, so MQIRTN / towers-only still compares equal towers.
+`--compile-towers` also compiles the towers' layers, in all three models alike. After the eager warm-up and the FLOP
+count (FlopCounterMode cannot see inside fused kernels), `--warmup` more steps (at least 2) compile; `compile_warmup_s`
+in the JSON says how long that took.
 
 Writes `benchmarks/results/speed_gpu.json` (`speed_gpu_tiny.json` with `--tiny`) and prints a compact summary.
 """
@@ -82,6 +90,11 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute tower/fusion activations")
     parser.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
+    parser.add_argument("--torch-compile", action="store_true", help="compile MQIRTN's fusion/composition regions (towers eager)")
+    parser.add_argument("--compile-towers", action="store_true", help="with --torch-compile: also the towers' layers, in every model")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode (reduce-overhead: CUDA graphs; the shapes here are static)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU smoke test)")
     parser.add_argument("--profile", action="store_true", help="after timing, print torch.profiler tables of one step per model")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s for MFU (default: table)")
     parser.add_argument("--output", type=Path, default=None,
@@ -94,6 +107,10 @@ def parse_args(argv=None):
         minimum = 0 if name == "warmup" else 1
         if getattr(args, name) < minimum:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= {minimum}, got {getattr(args, name)}")
+    if (args.compile_towers or args.compile_mode or args.compile_backend != "inductor") and not args.torch_compile:
+        raise ValueError("`--compile-towers`, `--compile-mode` and `--compile-backend` need `--torch-compile`")
+    if args.torch_compile and args.warmup < 2:
+        args.warmup = 2  # compiled warm-up: the first step compiles, the second checks nothing compiles again
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"`--peak-tflops` must be positive, got {args.peak_tflops}")
     if args.device is None:
@@ -113,6 +130,19 @@ def build_models(size: str, attn_implementation: str, device) -> dict:
             "dual_encoder": VisionTextDualEncoderModel(dual_config),
             "towers_contrastive": speed.build_baseline(size, attn_implementation),
         }
+
+
+def compile_models(models: dict, towers: bool, mode: str | None, backend: str = "inductor") -> None:
+    """MQIRTN's own regions; with `towers`, every model's tower layers too (one graph per tower, reused by its layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"backend": backend, **({} if mode in (None, "default") else {"mode": mode})}
+    models["mqirtn"].compile_regions(**kwargs)
+    if towers:
+        for name, model in models.items():
+            for module in model.modules():
+                if isinstance(module, GradientCheckpointingLayer) and module._compiled_call_impl is None:
+                    module.compile(**kwargs)
 
 
 def inputs_for(name: str, batch: dict) -> dict:
@@ -148,6 +178,7 @@ def set_up(name, model, optimizers, batch, args, device, autocast) -> dict:
         "flops_per_step": counter.get_total_flops(),
         "loss": float(loss),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "compile_warmup_s": None,
         "attn_implementation": sorted({m.config._attn_implementation for m in model.modules()
                                        if isinstance(m, transformers.PreTrainedModel) and m is not model}),
         "step_s": [],
@@ -195,6 +226,7 @@ def main(argv=None):
     print(f"size: {speed.describe_size(size)}; batch {args.batch_size}; "
           f"{'bf16 autocast' if dtype else 'fp32'}; attention {args.attn_implementation}; "
           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"torch.compile {'off' if not args.torch_compile else ('regions + towers' if args.compile_towers else 'regions') + ' ' + (args.compile_mode or 'default')}; "
           f"warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps", flush=True)
 
     def autocast():
@@ -215,6 +247,16 @@ def main(argv=None):
             optimizers.pop(name, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    if args.torch_compile:  # after the eager warm-up and FLOP count (FlopCounterMode does not see inside fused kernels)
+        compile_models(models, args.compile_towers, args.compile_mode, args.compile_backend)
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                speed.training_step(model, optimizers[name], inputs_for(name, batch), autocast)
+            synchronize(device)
+            results[name]["compile_warmup_s"] = time.perf_counter() - start
+            print(f"{name}: {args.warmup} compiled warm-up steps in {results[name]['compile_warmup_s']:.1f} s", flush=True)
 
     names = list(models)
     for round_index in range(args.rounds):
@@ -250,6 +292,8 @@ def main(argv=None):
         "transformers": transformers.__version__, "size": size, "sizes": speed.describe_size(size),
         "batch_size": args.batch_size, "autocast": "bf16" if dtype else None,
         "attn_implementation": args.attn_implementation, "activation_checkpointing": args.activation_checkpointing,
+        "torch_compile": args.torch_compile, "compile_towers": args.compile_towers, "compile_mode": args.compile_mode,
+        "compile_backend": args.compile_backend if args.torch_compile else None,
         "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
         "ratio_vs_dual_encoder": ratio, "target": ">= 0.8", "met": None if ratio is None else ratio >= 0.8,
         "ratio_vs_towers_contrastive": ratio_of("mqirtn", "towers_contrastive"),

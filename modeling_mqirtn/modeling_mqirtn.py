@@ -542,6 +542,28 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             )
         return total, terms, diagnostics
 
+    def compile_regions(self, towers: bool = False, **compile_kwargs) -> "MQIRTNModel":
+        r"""
+        `torch.compile` what MQIRTN adds to the towers, in place: each fusion layer, the composition, the image residual
+        and the decoders (`nn.Module.compile`, so `state_dict` keys and `save_pretrained` are unchanged: no `_orig_mod.`).
+        With `towers=True` the towers' layers are compiled one by one too (transformers' regional compilation: one
+        graph serves every layer of a tower). Returns the model.
+
+        compile_kwargs: passed to `torch.compile` (`backend`, `mode`, `dynamic`, ...). The forward's own Python (tower
+        calls, loss terms, optional outputs) stays eager, so every option of `forward` keeps working. A new input shape,
+        train/eval mode or grad mode compiles a region again; in training, drop the last partial batch.
+        """
+        regions = [*(self.fusion.layers if self.fusion is not None else ()), self.composition]
+        regions += [m for m in (self.image_residual, self.image_decoder, self.text_decoder) if m is not None]
+        if towers:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for tower in (self.vision_model, self.text_model):
+                regions += [m for m in tower.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for module in regions:
+            module.compile(**compile_kwargs)
+        return self
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamps the logit scale into `config.logit_scale_bounds`; call it after each optimiser step (train.py does)."""

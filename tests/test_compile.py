@@ -1,0 +1,157 @@
+"""`MQIRTNModel.compile_regions` and `train.py --torch_compile`: compiled regions compute what eager does.
+
+The structural tests use torch.compile's `aot_eager` backend (the graphs dynamo captures and AOTAutograd splits into
+forward and backward, run with eager kernels: seconds). One test runs inductor, the backend users get: its C++
+compilation takes a minute or more on a cold cache here, so it is marked slow.
+
+Tolerances (benchmarks/README.md, "torch.compile", has the evidence): inductor fuses and reorders reductions, so in
+float32 the results differ from eager by rounding only: on these tiny models a few float32 ulps of the outputs (measured
+<= 3e-8 on unit-norm queries, gradients within 1e-6 of the largest gradient). In float64 the same reorderings leave
+differences of about 1e-16; a bug (another eps, BatchNorm statistics, a missed dropout, a lost in-place update) would
+show there as a difference of the size of the effect, far above 1e-10.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_json, run_train, random_batch, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch and leaves no compiled code behind."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def without_dropout(model):
+    """ComposeAE's image mapping has dropout 0.5 (the tiny towers and fusion have none): compiled code draws its own
+    random masks, so train-mode outputs are compared with dropout off."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def train_step(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, return_loss=True, output_composition=True)
+    out.loss.backward()
+    return out, grads(model)
+
+
+def assert_grads_close(got: dict, expected: dict, tolerance: float) -> None:
+    """Every gradient within `tolerance` x the largest gradient of the model (some are exactly zero in theory, e.g.
+    the attention key biases, so a per-tensor relative error would compare rounding noise with rounding noise)."""
+    assert got.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    worst = max((got[name] - expected[name]).abs().max().item() for name in expected)
+    assert worst <= tolerance * scale, f"gradient difference {worst:.3g} > {tolerance:g} x {scale:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("composition", ["mqirtn", "composeae"])
+def test_compiled_regions_match_eager_and_keep_the_state_dict(composition, tmp_path):
+    """aot_eager: the captured graphs (forward, backward, BatchNorm running statistics in train mode) equal eager;
+    `state_dict`, `save_pretrained` and a reload are those of the eager model."""
+    eager = without_dropout(tiny_model(composition))
+    compiled = copy.deepcopy(eager).compile_regions(backend="aot_eager")
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert not any("_orig_mod" in key for key in compiled.state_dict())
+    assert compiled.composition._compiled_call_impl is not None
+    assert compiled.fusion is None or compiled.fusion.layers[0]._compiled_call_impl is not None
+    assert compiled.vision_model.layers[0]._compiled_call_impl is None  # towers stay eager by default
+
+    batch = random_batch(4)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        for name in ("get_query_features", "get_image_features"):
+            args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[: 3 if "query" in name else 1]
+            torch.testing.assert_close(getattr(compiled, name)(*args), getattr(eager, name)(*args), atol=1e-6, rtol=0)
+
+    eager.train(), compiled.train()  # BatchNorm (composeae) uses batch statistics and updates its running ones
+    for _ in range(2):
+        expected, expected_grads = train_step(eager, batch)
+        got, got_grads = train_step(compiled, batch)
+        torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=1e-6, rtol=0)
+        assert_grads_close(got_grads, expected_grads, 1e-5)
+    for (name, got_buffer), expected_buffer in zip(compiled.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(got_buffer, expected_buffer, atol=1e-6, rtol=0, msg=name)  # BatchNorm statistics
+
+    compiled.save_pretrained(tmp_path / "saved")
+    eager.save_pretrained(tmp_path / "eager")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert saved.keys() == load_file(tmp_path / "eager" / "model.safetensors").keys()
+    assert not any("_orig_mod" in key for key in saved)
+    reloaded = type(eager).from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]),
+            compiled.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]),
+            atol=1e-6, rtol=0,
+        )
+
+
+def test_compiling_the_towers_too_keeps_the_outputs():
+    eager = tiny_model("mqirtn").eval()
+    compiled = copy.deepcopy(eager).compile_regions(towers=True, backend="aot_eager")
+    assert compiled.vision_model.layers[1]._compiled_call_impl is not None
+    assert compiled.text_model.encoder.layer[1]._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    batch = random_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch).query_embeds, eager(**batch).query_embeds, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- inductor
+@pytest.mark.slow
+def test_inductor_regions_match_eager_within_rounding():
+    """inductor (C++ kernels): a training step in float64 equals eager to 1e-10 (same function), in float32 within
+    a few ulps of the outputs; the eval-mode query too."""
+    batch32 = random_batch(4)
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        eager = tiny_model("mqirtn").to(dtype).train()
+        compiled = copy.deepcopy(eager).compile_regions()
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch32.items()}
+        expected, expected_grads = train_step(eager, batch)
+        got, got_grads = train_step(compiled, batch)
+        torch.testing.assert_close(got.loss, expected.loss, atol=tolerance, rtol=0)
+        torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=tolerance, rtol=0)
+        torch.testing.assert_close(got.composition_angles, expected.composition_angles, atol=tolerance * 10, rtol=0)
+        assert_grads_close(got_grads, expected_grads, tolerance * 10)
+    with torch.no_grad():  # the last model pair: float32, eval mode (another graph)
+        query = compiled.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        reference = eager.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(query, reference, atol=2e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- train.py
+@pytest.mark.slow
+def test_train_py_torch_compile_trains_like_eager(tmp_path, tmp_path_factory):
+    """`--torch_compile aot_eager` runs training, evaluation (eval mode, a last partial batch) and saving, and its
+    weights equal an eager run's; inductor is the flag's default backend (`--torch_compile` alone)."""
+    import train
+
+    assert train.parse_args(["--torch_compile"]).torch_compile == "inductor"
+    assert train.parse_args([]).torch_compile is None
+    cache = tmp_path_factory.mktemp("mqirtn-cache")
+    weights = {}
+    for name, extra in (("eager", []), ("compiled", ["--torch_compile", "aot_eager"])):
+        output = tmp_path / name
+        run_train(["--output_dir", str(output), "--max_train_steps", "2", "--num_train_epochs", "1", *extra], cache)
+        weights[name] = load_file(output / "model.safetensors")
+        assert set(read_json(output / "eval_results.json")["test"]) >= {"recall@1"}
+    assert weights["compiled"].keys() == weights["eager"].keys()
+    for key, value in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][key], value, atol=1e-5, rtol=0, msg=key)
