@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -104,10 +105,17 @@ def build_model(size: str, quick: bool):
     return model.eval(), processor, description
 
 
-def time_it(function) -> float:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_it(function) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its workers) of `function()`."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def measure(model, processor, folder: Path, files: list[Path], args, threads: int) -> dict:
@@ -137,18 +145,24 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
     candidates = {"tower": tower, "decode_only": decode_all}
     candidates.update({f"end_to_end_w{w}": end_to_end(w) for w in args.workers})
     times = {name: [] for name in candidates}
+    cpu = {name: [] for name in candidates}
     for function in candidates.values():  # warm-up
         function()
     names = list(candidates)
     for repeat in range(args.repeats):
         order = names if repeat % 2 == 0 else names[::-1]  # alternate, so drifts of the machine fall on both sides
         for name in order:
-            times[name].append(time_it(candidates[name]))
+            wall, used = time_it(candidates[name])
+            times[name].append(wall)
+            cpu[name].append(used)
     result = {}
     for name, seconds in times.items():
         median = statistics.median(seconds)
+        cpu_median = statistics.median(cpu[name])
+        # cores_busy: CPU seconds / wall seconds, this process and its workers (< 1 + workers: it waited for a core)
         result[name] = {"images_per_s": round(count / median, 1), "median_s": round(median, 4),
-                        "seconds": [round(s, 4) for s in seconds]}
+                        "seconds": [round(s, 4) for s in seconds], "cpu_ms_per_image": round(1000 * cpu_median / count, 3),
+                        "cores_busy": round(cpu_median / median, 2)}
     tower_rate = result["tower"]["images_per_s"]
     for name in result:
         if name.startswith("end_to_end") or name == "decode_only":
@@ -158,14 +172,14 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=512, help="images per gallery (default 512)")
+    parser.add_argument("--images", type=int, default=1024, help="images per gallery (default 1024)")
     parser.add_argument("--sources", nargs="+", default=["48-48", "256-512"],
                         help="galleries: MIN-MAX side of the source JPEGs in pixels (default 48-48 256-512)")
     parser.add_argument("--sizes", nargs="+", default=["main"], choices=["main", "paper"], help="models (default main)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (mqirtn index's default)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads of the main process")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny model and gallery; the figures mean nothing")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "index_speed.json"))
     args = parser.parse_args(argv)

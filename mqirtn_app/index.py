@@ -201,14 +201,15 @@ def _init_decode_worker(max_image_pixels: int | None, worker_id: int) -> None:
 
 def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
     """`decoder`'s batches in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
-    caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`."""
-    num_workers = min(num_workers, len(decoder))
-    if num_workers == 0:
+    caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`. With workers, the first
+    batch is still decoded here, while the workers start (a fork and an import take a tenth of a second or more)."""
+    num_workers = min(num_workers, len(decoder) - 1)
+    if num_workers <= 0:
         for batch in range(len(decoder)):
             yield decoder[batch]
         return
     loader = torch.utils.data.DataLoader(
-        decoder,
+        torch.utils.data.Subset(decoder, range(1, len(decoder))),
         batch_size=None,  # each item is a batch
         shuffle=False,
         num_workers=num_workers,
@@ -217,8 +218,9 @@ def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool)
         worker_init_fn=functools.partial(_init_decode_worker, processing_mqirtn.MAX_IMAGE_PIXELS),
         prefetch_factor=2,
     )
-    iterator = iter(loader)
+    iterator = iter(loader)  # starts the workers, which start on batches 1, 2, ...
     try:
+        yield decoder[0]
         while True:
             try:
                 batch = next(iterator)

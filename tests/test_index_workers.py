@@ -129,7 +129,7 @@ class FailingProcessor:
 
     def __call__(self, images, return_tensors="pt"):
         self.calls += 1
-        if self.calls == 2:  # the second batch this process prepares
+        if self.calls == 2:  # the second batch this process prepares (a forked worker: batch 2; batch 0 is decoded here)
             if self.exit_instead:
                 os._exit(3)  # a worker that dies (as when the system kills it)
             raise TypeError("the processor\nbroke")
@@ -141,7 +141,7 @@ def test_worker_errors_are_one_line(model, processor, gallery):
     with pytest.raises(DecodeWorkerError) as caught:
         embed_images(model, FailingProcessor(processor), paths, batch_size=2, num_workers=1, progress=False)
     message = str(caught.value)
-    assert "\n" not in message and "images 2-3 of 10" in message and "TypeError: the processor broke" in message
+    assert "\n" not in message and "images 4-5 of 10" in message and "TypeError: the processor broke" in message
     assert "num_workers=0" in message
     with pytest.raises(TypeError, match="the processor"):  # in this process: the error itself, as before
         embed_images(model, FailingProcessor(processor), paths, batch_size=2, num_workers=0, progress=False)
