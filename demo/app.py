@@ -281,12 +281,16 @@ class CompositionalSearch:
     `GalleryIndex` (`batch_size` = the number of valid queries), so the ranking is the pipeline's; the invalid ones
     get a one-line message and do not spoil the others. The attention picture is `mqirtn_app.visualization`'s
     text->image attention of each query (a second, per-query forward with attention weights, after the timing).
+
+    known_targets (`dict`, *optional*): `{(reference file name, modification text): target id}` of the example
+        queries; when a query is one of them, its status line says where the known target ranked.
     """
 
-    def __init__(self, model, processor, index, device=None):
+    def __init__(self, model, processor, index, device=None, known_targets: dict | None = None):
         from modeling_mqirtn import ComposedImageRetrievalPipeline
 
         self.model, self.processor, self.index = model, processor, index
+        self.known_targets = dict(known_targets or {})
         self.pipe = ComposedImageRetrievalPipeline(model=model, processor=processor, device=device or model.device)
         self.has_attention = model.config.composition == "mqirtn" and model.config.num_fusion_layers > 0
         self.last_batch_size = 0
@@ -296,22 +300,23 @@ class CompositionalSearch:
         return str(path) if path is not None else _placeholder()
 
     def _reference(self, reference):
-        """The decoded reference (the processor's decoder) or a one-line error message."""
+        """`(image, name, error)`: the decoded reference (the processor's decoder) and its file name, or a one-line
+        error message."""
         from processing.processing_mqirtn import to_rgb_image
 
         if reference is None:
-            return None, "Upload a reference image (or click an example) first."
+            return None, None, "Upload a reference image (or click an example) first."
         if isinstance(reference, (str, os.PathLike)):
             reference = {"path": str(reference), "name": Path(reference).name}
         name = reference.get("name") or "the upload"
         try:
             cell = {"bytes": reference.get("bytes"), "path": None if reference.get("bytes") is not None else reference["path"]}
-            return to_rgb_image(cell, "reference"), None
+            return to_rgb_image(cell, "reference"), name, None
         except ValueError as error:
             logger.info(f"unreadable reference {name!r}: {error}")
             too_large = "pixels" in str(error) and "exceed" in str(error)
             reason = "it is too large" if too_large else "it is not an image file this demo can read"
-            return None, f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."
+            return None, name, f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."
 
     def __call__(self, reference: list, text: list, top_k: list) -> tuple[list, list, list]:
         """One list entry per query (Gradio's batch form; the parameter names are the API's): `reference` the
@@ -322,7 +327,7 @@ class CompositionalSearch:
         galleries, attentions, statuses = [None] * count, [None] * count, [""] * count
         valid = []
         for i, (reference, text, top_k) in enumerate(zip(references, texts, top_ks)):
-            image, error = self._reference(reference)
+            image, name, error = self._reference(reference)
             text = (text or "").strip()
             if error is None and not text:
                 error = "Type a modification text, e.g. “make the circle red”."
@@ -332,7 +337,8 @@ class CompositionalSearch:
                 statuses[i] = f"**Error:** {error}"
                 continue
             k = int(top_k) if top_k is not None else DEFAULT_TOP_K
-            valid.append((i, image, text[:MAX_TEXT_LENGTH], max(1, min(k, MAX_TOP_K, len(self.index)))))
+            target = self.known_targets.get((name, text))
+            valid.append((i, image, text[:MAX_TEXT_LENGTH], max(1, min(k, MAX_TOP_K, len(self.index))), target))
         if not valid:
             return galleries, attentions, statuses
         self.last_batch_size = len(valid)
@@ -340,8 +346,8 @@ class CompositionalSearch:
         try:
             # One forward pass for every waiting query: the pipeline collates them into one batch.
             results = self.pipe(
-                [{"image": image, "text": text} for _, image, text, _ in valid],
-                gallery=self.index, top_k=max(k for *_, k in valid), batch_size=len(valid),
+                [{"image": image, "text": text} for _, image, text, _, _ in valid],
+                gallery=self.index, top_k=max(k for *_, k, _ in valid), batch_size=len(valid),
             )
         except Exception as error:  # a model/index mismatch, or anything else: a line on the page, the server serves on
             logger.exception("query batch failed")
@@ -351,7 +357,7 @@ class CompositionalSearch:
             return galleries, attentions, statuses
         elapsed = time.perf_counter() - start
         shared = f", one forward pass shared by {len(valid)} queries" if len(valid) > 1 else ""
-        for (i, image, text, k), hits in zip(valid, results):
+        for (i, image, text, k, target), hits in zip(valid, results):
             hits = hits[:k]
             galleries[i] = [
                 (self.gallery_image(hit["index"]), CAPTION.format(rank=rank, score=hit["score"], id=hit["id"]))
@@ -361,6 +367,10 @@ class CompositionalSearch:
                 f"Top {len(hits)} of {len(self.index):,} images in **{elapsed * 1000:.0f} ms** "
                 f"(query embedding + search{shared})."
             )
+            if target is not None:
+                ranks = [rank for rank, hit in enumerate(hits, start=1) if hit["id"] == target]
+                statuses[i] += (f" The example's known target {target} is **#{ranks[0]}**." if ranks else
+                                f" The example's known target {target} is not in the top {len(hits)}.")
             attentions[i] = self._attention(image, text)
         return galleries, attentions, statuses
 
@@ -377,6 +387,41 @@ class CompositionalSearch:
 
 
 # ---------------------------------------------------------------------------------------------------- page
+_REFERENCE_IMAGE = None
+
+
+def reference_image_class():
+    """`gr.Image` whose upload reaches the query function undecoded, as `{"path" | "bytes", "name"}`: the query
+    function reads it with the processor's decoder, and an unreadable file becomes a message for that query. (Gradio's
+    own decoding would raise in preprocessing, which fails every query of the batch.)"""
+    global _REFERENCE_IMAGE
+    if _REFERENCE_IMAGE is not None:
+        return _REFERENCE_IMAGE
+    import gradio as gr
+    from gradio import component_meta
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):  # pasted images may arrive as data URLs
+            try:
+                return {"bytes": base64.b64decode(payload.url.partition(",")[2]), "name": "the pasted image"}
+            except ValueError:
+                return {"bytes": b"", "name": "the pasted image"}
+        return {"path": payload.path, "name": payload.orig_name or Path(payload.path).name}
+
+    # Gradio writes a `.pyi` stub beside the file that defines a component class (for IDEs): not into demo/.
+    write_stub = component_meta.create_or_modify_pyi
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        # `is_template`: the front end draws it as the `image` component it derives from.
+        _REFERENCE_IMAGE = type("ReferenceImage", (gr.Image,), {"is_template": True, "preprocess": preprocess,
+                                                                "__module__": __name__})
+    finally:
+        component_meta.create_or_modify_pyi = write_stub
+    return _REFERENCE_IMAGE
+
+
 CSS = """
 #status { min-height: 2.5em; }
 """
@@ -386,23 +431,6 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
                max_batch_size: int = 8):
     """The Gradio page (a `gr.Blocks`, queue configured) around `search`."""
     import gradio as gr
-
-    class ReferenceImage(gr.Image):
-        """`gr.Image` whose upload reaches the query function undecoded (`{"path"|"bytes", "name"}`): the processor's
-        decoder reads it there, and an unreadable file becomes a message for that query instead of failing the whole
-        batch in Gradio's own decoding."""
-
-        is_template = True  # drawn by the front end as the `image` component
-
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            if payload.url and payload.url.startswith("data:"):  # pasted images may arrive as data URLs
-                try:
-                    return {"bytes": base64.b64decode(payload.url.partition(",")[2]), "name": "the pasted image"}
-                except ValueError:
-                    return {"bytes": b"", "name": "the pasted image"}
-            return {"path": payload.path, "name": payload.orig_name or Path(payload.path).name}
 
     size = len(search.index)
     top_k = min(DEFAULT_TOP_K, max(size, 1))
@@ -414,9 +442,9 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
             f"({size:,} images)." + ("\n\n**The gallery is empty: there is nothing to search.**" if not size else "")
         )
         with gr.Row():
-            with gr.Column(scale=2):
-                reference = ReferenceImage(label="Reference image", sources=["upload", "clipboard"], height=260,
-                                           elem_id="reference")
+            with gr.Column(scale=1, min_width=320):
+                reference = reference_image_class()(label="Reference image", sources=["upload", "clipboard"],
+                                                    height=260, elem_id="reference")
                 text = gr.Textbox(label="Modification text", placeholder="e.g. make the object in the middle red",
                                   max_length=MAX_TEXT_LENGTH, elem_id="query-text")
                 k = gr.Slider(1, max(1, min(MAX_TOP_K, size)), value=top_k, step=1, label="Top k", elem_id="top-k")
@@ -427,12 +455,12 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
                         label="Example queries from the shapes test split (click one, then Search)",
                         example_labels=[f"{text_} (target {target})" for _, text_, target in examples],
                     )
-            with gr.Column(scale=3):
+            with gr.Column(scale=2):
                 status = gr.Markdown(label="Status", elem_id="status")
-                results = gr.Gallery(label="Results (rank · score · id)", columns=5, height="auto",
+                results = gr.Gallery(label="Results (rank · score · id)", show_label=False, columns=5, height="auto",
                                      object_fit="contain", elem_id="results", allow_preview=True)
                 attention = gr.Image(label="Where the text looked: text→image attention of the query", type="pil",
-                                     interactive=False, elem_id="attention")
+                                     show_label=False, interactive=False, elem_id="attention")
         gr.on(
             [button.click, text.submit], search, inputs=[reference, text, k], outputs=[results, attention, status],
             batch=True, max_batch_size=max_batch_size, api_name="search", concurrency_limit=1,
@@ -456,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         model, processor = load_model(args.model, args.trust_remote_code, args.device)
         index, examples, description = open_gallery(args, model, processor)
-        search = CompositionalSearch(model, processor, index)
-        demo = build_demo(search, examples, args.model, description, args.max_batch_size)
+        known_targets = {(Path(path).name, text): target for path, text, target in examples}
+        search = CompositionalSearch(model, processor, index, known_targets=known_targets)
+        model_name = _shown(Path(args.model)) if os.path.isdir(args.model) else args.model
+        demo = build_demo(search, examples, model_name, description, args.max_batch_size)
         print(f"Serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr, flush=True)
         demo.launch(
             server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,

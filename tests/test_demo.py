@@ -127,6 +127,17 @@ def test_empty_gallery_and_model_mismatch_are_messages(setup, tmp_path):
                for s in statuses)
 
 
+def test_example_queries_say_where_their_known_target_ranked(setup):
+    model, processor, index, pipe, paths = setup
+    expected = pipeline_ids(pipe, index, paths[1], "make it red", 4)
+    known = {("g01.png", "make it red"): expected[2], ("g02.png", "make it red"): "g99.png"}
+    search = app.CompositionalSearch(model, processor, index, known_targets=known)
+    _, _, statuses = search([str(paths[1]), str(paths[2]), str(paths[3])], ["make it red"] * 3, [4] * 3)
+    assert statuses[0].endswith(f"The example's known target {expected[2]} is **#3**.")
+    assert statuses[1].endswith("The example's known target g99.png is not in the top 4.")
+    assert "known target" not in statuses[2]
+
+
 def test_top_k_is_clamped_to_the_gallery(setup):
     model, processor, index, pipe, paths = setup
     galleries, _, statuses = app.CompositionalSearch(model, processor, index)(
@@ -249,6 +260,7 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
     (search,) = [fn for fn in blocks.fns.values() if fn.api_name == "search"]
     assert search.batch and search.max_batch_size == 6 and search.concurrency_limit == 1
     assert blocks._queue is not None
+    assert not (REPO_ROOT / "demo" / "app.pyi").exists()  # Gradio writes stubs beside files defining components
 
 
 # ---------------------------------------------------------------------------------------------------- served (slow)
