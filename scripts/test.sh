@@ -3,5 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The demo's browser test drives the system Chromium through Playwright (Playwright's own browser downloads are not
+# used). A fresh machine gets Debian's chromium here when we are root; otherwise that test fails and says how to install it.
+if [ -z "${MQIRTN_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "Installing chromium (apt-get) for the demo's browser test..."
+        if ! (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq chromium) \
+            >/tmp/mqirtn-apt-chromium.log 2>&1; then
+            tail -n 20 /tmp/mqirtn-apt-chromium.log >&2
+            echo "warning: could not install chromium; the browser test will fail" >&2
+        fi
+    else
+        echo "warning: no chromium (apt-get install -y chromium, or set MQIRTN_CHROMIUM); the browser test will fail" >&2
+    fi
+fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest tests "$@"

@@ -195,6 +195,25 @@ def test_shapes_default_gallery_and_examples(tmp_path, monkeypatch):
     assert (folder / "00000.png").stat().st_mtime_ns == stamp
 
 
+def test_space_layout_matches_the_package():
+    """demo/ is a Space: its README's metadata names app.py and the gradio of the `demo` extra; its requirements are
+    the package's own."""
+    from setuptools.config.setupcfg import read_configuration
+
+    options = read_configuration(str(REPO_ROOT / "setup.cfg"))["options"]
+    readme = (REPO_ROOT / "demo" / "README.md").read_text()
+    front = readme.split("---\n")[1]
+    metadata = dict(line.split(": ", 1) for line in front.strip().splitlines())
+    assert metadata["sdk"] == "gradio" and metadata["app_file"] == "app.py"
+    (demo_extra,) = options["extras_require"]["demo"]
+    assert demo_extra.startswith(f"gradio>={metadata['sdk_version'].rsplit('.', 1)[0]}")
+    assert set(options["extras_require"]["demo"]) <= set(options["extras_require"]["dev"])
+    assert {"gradio_client>=2.7", "playwright>=1.50"} <= set(options["extras_require"]["dev"])
+    requirements = [line for line in (REPO_ROOT / "demo" / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith("#")]
+    assert requirements == options["install_requires"]
+
+
 # ---------------------------------------------------------------------------------------------------- command line
 @pytest.fixture
 def saved_model(tmp_path):
