@@ -296,8 +296,15 @@ class CompositionalSearch:
         self.last_batch_size = 0
 
     def gallery_image(self, position: int):
+        """What the results gallery shows for a gallery row: the file of a folder index (served from the folder, which
+        `allowed_paths` lets the server read), else the decoded image, else a grey 'missing' tile."""
+        from processing.processing_mqirtn import to_rgb_image_or_none
+
         path = self.index.image_path(position)
-        return str(path) if path is not None else _placeholder()
+        if path is not None and self.index.root:
+            return str(path)
+        image = to_rgb_image_or_none(str(path)) if path is not None else None
+        return image if image is not None else _placeholder()
 
     def _reference(self, reference):
         """`(image, name, error)`: the decoded reference (the processor's decoder) and its file name, or a one-line
@@ -424,7 +431,8 @@ def reference_image_class():
 
 CSS = """
 #status { min-height: 2.5em; }
-"""
+#results .caption-label { max-width: 100%; left: var(--block-label-margin); font-size: var(--text-xs); opacity: 0.9; }
+"""  # captions ("#1 · 0.884 · 01908.png") in full across the thumbnail
 
 
 def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", gallery_description: str = "",

@@ -138,6 +138,21 @@ def test_example_queries_say_where_their_known_target_ranked(setup):
     assert "known target" not in statuses[2]
 
 
+def test_results_of_an_index_without_a_folder_are_decoded_images(setup, tmp_path):
+    """An index built from paths (no folder root): the page gets the images themselves, or a 'missing' tile."""
+    from mqirtn_app.index import GalleryIndex
+
+    model, processor, _, _, _ = setup
+    files = write_gallery(tmp_path / "loose", 3)
+    index = GalleryIndex.from_images(model, processor, [str(f) for f in files], progress=False)
+    files[1].unlink()
+    galleries, _, _ = app.CompositionalSearch(model, processor, index)([str(files[0])], ["make it red"], [3])
+    images = {app.parse_caption(caption)[2]: image for image, caption in galleries[0]}
+    assert all(isinstance(image, Image.Image) for image in images.values())
+    assert images[str(files[0])].tobytes() == Image.open(files[0]).convert("RGB").tobytes()
+    assert images[str(files[1])].size == (96, 96)  # the placeholder
+
+
 def test_top_k_is_clamped_to_the_gallery(setup):
     model, processor, index, pipe, paths = setup
     galleries, _, statuses = app.CompositionalSearch(model, processor, index)(
