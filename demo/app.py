@@ -442,7 +442,8 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
 
     size = len(search.index)
     top_k = min(DEFAULT_TOP_K, max(size, 1))
-    with gr.Blocks(title="MQIRTN composed image retrieval", analytics_enabled=False) as demo:
+    # Gradio copies every result image into its cache folder: files older than two hours go, checked hourly.
+    with gr.Blocks(title="MQIRTN composed image retrieval", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         gr.Markdown(
             "# Composed image retrieval with MQIRTN\n"
             "Give a **reference image** and a **modification text** (what to change); the model ranks the gallery "
