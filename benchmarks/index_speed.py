@@ -13,8 +13,8 @@ alternate tower and end-to-end runs, after one warm-up pass of each.
 
 The model is the main job's (train.py's defaults: 48 px ViT 192 x 4 from scratch, projection 256; random weights:
 speed does not depend on them) or, with `--sizes paper`, a ViT-B/16 224 px. Two generated galleries (smooth random
-colour fields with shapes, JPEG quality 90): `--sources 48-48` (the main job's image size, e.g. its shapes gallery)
-and `--sources 256-512` (photo-like sources: a random side between 256 and 512 px per image).
+colour fields with shapes, JPEG quality 90): 4096 images of 48 px (the main job's image size, like its shapes gallery)
+and 1024 photo-like ones (a random side between 256 and 512 px per image): `--sources 48-48:4096 256-512:1024`.
 
     python benchmarks/index_speed.py                      # writes benchmarks/results/index_speed.json
     python benchmarks/index_speed.py --quick              # tiny sizes, seconds: checks the script runs
@@ -172,19 +172,20 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1024, help="images per gallery (default 1024)")
-    parser.add_argument("--sources", nargs="+", default=["48-48", "256-512"],
-                        help="galleries: MIN-MAX side of the source JPEGs in pixels (default 48-48 256-512)")
+    parser.add_argument("--images", type=int, default=1024, help="images per gallery without its own count (1024)")
+    parser.add_argument("--sources", nargs="+", default=["48-48:4096", "256-512:1024"],
+                        help="galleries: MIN-MAX side of the source JPEGs in pixels[:image count] "
+                        "(default 48-48:4096 256-512:1024)")
     parser.add_argument("--sizes", nargs="+", default=["main"], choices=["main", "paper"], help="models (default main)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (mqirtn index's default)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads of the main process")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny model and gallery; the figures mean nothing")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "index_speed.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.sources, args.threads, args.workers, args.repeats = 12, ["32-64"], [1], [0, 2], 1
+        args.sources, args.threads, args.workers, args.repeats = ["32-64:12"], [1], [0, 2], 1
         args.batch_size = 4
 
     from machine_info import machine
@@ -196,23 +197,25 @@ def main(argv=None) -> dict:
         "machine": machine(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_before": load_before,
-        "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,
+        "batch_size": args.batch_size, "repeats": args.repeats,
         "what": "images/s (wall clock, median); ratio_to_tower = images/s / tower images/s at the same torch threads",
         "results": [],
     }
     with tempfile.TemporaryDirectory(prefix="index_speed_") as tmp:
         galleries = {}
         for source in args.sources:
-            low, high = (int(x) for x in source.split("-"))
-            folder = Path(tmp) / f"jpeg_{source}"
-            files = write_gallery(folder, args.images, low, high)
+            sides, _, count = source.partition(":")
+            low, high = (int(x) for x in sides.split("-"))
+            folder = Path(tmp) / f"jpeg_{sides}"
+            files = write_gallery(folder, int(count or args.images), low, high)
             galleries[source] = (folder, files, sum(p.stat().st_size for p in files) / len(files))
         for size in args.sizes:
             model, processor, description = build_model(size, args.quick)
             for source, (folder, files, mean_bytes) in galleries.items():
                 for threads in args.threads:
                     result = measure(model, processor, folder, files, args, threads)
-                    entry = {"model": size, "model_description": description, "source_side_px": source,
+                    entry = {"model": size, "model_description": description, "source_side_px": source.split(":")[0],
+                             "images": len(files),
                              "mean_jpeg_bytes": round(mean_bytes), "torch_threads": threads, **result}
                     record["results"].append(entry)
                     line = ", ".join(
@@ -220,7 +223,7 @@ def main(argv=None) -> dict:
                         + (f" ({value['ratio_to_tower']:.3f})" if "ratio_to_tower" in value else "")
                         for name, value in result.items()
                     )
-                    print(f"[{size}, sources {source} px, {threads} thread(s)] {line}", flush=True)
+                    print(f"[{size}, {len(files)} images of {source.split(':')[0]} px, {threads} thread(s)] {line}", flush=True)
     record["load_average_after"] = load_average()
     record["seconds"] = round(time.perf_counter() - started, 1)
     output = Path(args.output)

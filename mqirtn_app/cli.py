@@ -13,7 +13,7 @@ checkpoint; a different checkpoint is refused). With a faiss-* backend, `index` 
 it in the index folder, so each `search` reads it instead of re-training/rebuilding it. Under `accelerate launch` /
 `torchrun` with several processes, `index` embeds one shard of the folder per process and the main process writes
 the merged index. `index` decodes and preprocesses the images in `--num-workers` DataLoader worker processes (per
-process) while the model embeds, so the model sets the pace; `--num-workers 0` decodes in the main process. The index
+process) while the model embeds, overlapping the two; `--num-workers 0` decodes in the main process. The index
 is the same either way.
 No Python file of a model folder runs unless `--trust-remote-code` is given (the installed MQIRTN classes load its
 safetensors); a model path read from an index then runs only if its code files match the digest the index recorded.
@@ -54,8 +54,10 @@ _DTYPE_HELP = (
 
 
 _WORKERS_HELP = (
-    "DataLoader worker processes decoding and preprocessing images while the model embeds (default: min(4, CPUs per "
-    "process); 0 for a folder of one batch or one CPU). 0 decodes in the main process; the index is the same"
+    "DataLoader worker processes (per process) decoding and preprocessing images while the model embeds; 0 decodes in "
+    "the main process; the index is the same. Default: min(4, CPUs per process) with the model on a GPU, min(4, a "
+    "quarter of them) on the CPU (none below 4 CPUs: there the workers take cores from the model's threads; with few "
+    "cores, OMP_NUM_THREADS=1 and --num-workers 1 or 2 can be faster)"
 )
 
 

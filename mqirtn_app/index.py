@@ -131,16 +131,24 @@ def check_num_workers(num_workers) -> int:
     return num_workers
 
 
-def default_num_workers(count: int, batch_size: int, processes: int = 1) -> int:
-    """Decoding workers for `count` images by one of `processes` processes on this machine: min(4, this process's
-    share of the usable CPUs), or 0 (decode in this process) when the images fit in one batch (nothing to overlap)
-    or there is at most one CPU per process (a worker would only take turns with the model on the same core)."""
+def default_num_workers(count: int, batch_size: int, processes: int = 1, device=None) -> int:
+    """Decoding workers for `count` images embedded by one of `processes` processes on this machine, with the model
+    on `device` (a `torch.device`; None: the CPU).
+
+    With the model on a GPU (or MPS) the process only launches kernels: min(4, its share of the usable CPUs). With the
+    model on the CPU the workers take cores from the model's threads: min(4, a quarter of the share), so none below 4
+    CPUs (on 2 cores with 2 torch threads, 2 workers were 15 % slower than none on 48 px images: benchmarks/README.md,
+    "Indexing from a folder"). 0 also when the images fit in one batch (nothing to overlap) or with one CPU.
+    """
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     share = cpus // max(1, processes)
-    return 0 if count <= batch_size or share < 2 else min(4, share)
+    if count <= batch_size or share < 2:
+        return 0
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return min(4, share // 4 if on_cpu else share)
 
 
 def _decode_batch(images: Sequence, processor, start: int, stop: int) -> dict:
@@ -199,6 +207,10 @@ def _init_decode_worker(max_image_pixels: int | None, worker_id: int) -> None:
     processing_mqirtn.MAX_IMAGE_PIXELS = max_image_pixels
 
 
+# Batches each decoding worker may hold ready ahead of the model (DataLoader's `prefetch_factor`).
+_PREFETCH_BATCHES = 2
+
+
 def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
     """`decoder`'s batches in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
     caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`. With workers, the first
@@ -216,7 +228,7 @@ def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool)
         collate_fn=_keep_batch,
         pin_memory=pin_memory,
         worker_init_fn=functools.partial(_init_decode_worker, processing_mqirtn.MAX_IMAGE_PIXELS),
-        prefetch_factor=2,
+        prefetch_factor=_PREFETCH_BATCHES,
     )
     iterator = iter(loader)  # starts the workers, which start on batches 1, 2, ...
     try:
@@ -607,8 +619,9 @@ class GalleryIndex:
         """Indexes every image file under `folder` (recursively, `IMAGE_EXTENSIONS`); ids are relative POSIX paths.
 
         num_workers (`int`, *optional*): DataLoader workers decoding the files while the model embeds (see
-            `from_images`); default `default_num_workers`: min(4, this process's share of the CPUs), 0 for a folder
-            that fits in one batch or with at most one CPU per process.
+            `from_images`); default `default_num_workers`: with the model on a GPU min(4, this process's share of the
+            CPUs), on the CPU min(4, a quarter of it) (the workers take cores from the model's threads); 0 for a
+            folder that fits in one batch.
 
         The other keyword arguments are those of `from_images`.
         """
@@ -621,7 +634,8 @@ class GalleryIndex:
             accelerator = kwargs.get("accelerator")
             processes = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
             shard = math.ceil(len(files) / (1 if accelerator is None else accelerator.num_processes))
-            num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes)
+            device = next(model.parameters()).device
+            num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes, device)
         ids = [path.relative_to(folder).as_posix() for path in files]
         return cls.from_images(model, processor, files, ids, root=folder, num_workers=num_workers, **kwargs)
 

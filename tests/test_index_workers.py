@@ -111,13 +111,17 @@ def test_negative_or_non_integer_workers_are_refused(model, processor, gallery):
 
 
 def test_default_num_workers(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert default_num_workers(1000, 32) == 4  # min(4, CPUs)
-    assert default_num_workers(32, 32) == 0  # one batch: nothing to overlap
-    assert default_num_workers(1000, 32, processes=4) == 2  # 8 CPUs shared by 4 processes
-    assert default_num_workers(1000, 32, processes=8) == 0  # one CPU per process
+    assert default_num_workers(1000, 32, device=cuda) == 4  # min(4, CPUs): the process only launches kernels
+    assert default_num_workers(1000, 32, device=cpu) == default_num_workers(1000, 32) == 2  # a quarter: model threads
+    assert default_num_workers(32, 32, device=cuda) == 0  # one batch: nothing to overlap
+    assert default_num_workers(1000, 32, processes=4, device=cuda) == 2  # 8 CPUs shared by 4 processes
+    assert default_num_workers(1000, 32, processes=8, device=cuda) == 0  # one CPU per process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_num_workers(1000, 32, device=cpu) == 0 and default_num_workers(1000, 32, device=cuda) == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert default_num_workers(1000, 32) == 0
+    assert default_num_workers(1000, 32, device=cuda) == 0
 
 
 class FailingProcessor:
