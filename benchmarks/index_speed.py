@@ -18,6 +18,7 @@ and 1024 photo-like ones (a random side between 256 and 512 px per image): `--so
 
     python benchmarks/index_speed.py                      # writes benchmarks/results/index_speed.json
     python benchmarks/index_speed.py --quick              # tiny sizes, seconds: checks the script runs
+    python benchmarks/index_speed.py --device cuda --threads 1 --workers 0 4 8 --sources 256-512:4096   # on a GPU
 """
 
 from __future__ import annotations
@@ -128,12 +129,16 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
     def decode_all():
         return [_decode_batch(files, processor, s, min(s + batch_size, count))["pixel_values"] for s in starts]
 
-    batches = decode_all()  # the same batches `from_folder` embeds (files sorted as `image_files` sorts them)
+    parameter = next(model.parameters())
+    # The same batches `from_folder` embeds (files sorted as `image_files` sorts them), already on the model's device.
+    batches = [b.to(parameter.device, parameter.dtype) for b in decode_all()]
 
     @torch.inference_mode()
     def tower():
         for pixel_values in batches:
             model.get_image_features(pixel_values=pixel_values)
+        if parameter.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def end_to_end(workers):
         def run():
@@ -181,6 +186,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads of the main process")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="tiny model and gallery; the figures mean nothing")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "index_speed.json"))
     args = parser.parse_args(argv)
@@ -211,6 +218,10 @@ def main(argv=None) -> dict:
             galleries[source] = (folder, files, sum(p.stat().st_size for p in files) / len(files))
         for size in args.sizes:
             model, processor, description = build_model(size, args.quick)
+            model = model.to(args.device, getattr(torch, args.dtype))
+            description += f", {args.device}, {args.dtype}"
+            if args.device.startswith("cuda"):
+                description += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
             for source, (folder, files, mean_bytes) in galleries.items():
                 for threads in args.threads:
                     result = measure(model, processor, folder, files, args, threads)

@@ -243,3 +243,22 @@ def test_two_rank_sharded_embedding_with_workers(model, processor, saved_model, 
     # (a skipped file's message names its position in the rank's shard: compare the files)
     assert sharded.ids == single.ids and [s.split(" (")[0] for s in sharded.skipped] == [s.split(" (")[0] for s in single.skipped]
     torch.testing.assert_close(sharded.embeddings, single.embeddings, atol=1e-5, rtol=0)
+
+
+def test_index_speed_benchmark_runs_quick(tmp_path):
+    """benchmarks/index_speed.py --quick: tiny model and gallery (its figures mean nothing), the JSON it writes."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("index_speed", REPO_ROOT / "benchmarks" / "index_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        record = module.main(["--quick", "--output", str(tmp_path / "index_speed.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "index_speed.json").read_text()) == record
+    (entry,) = record["results"]
+    assert {"tower", "decode_only", "end_to_end_w0", "end_to_end_w2"} <= set(entry) and entry["images"] == 12
+    assert record["load_average_before"] and record["machine"]["logical_cpus"]
