@@ -275,12 +275,13 @@ def _placeholder(size: int = 96):
 class CompositionalSearch:
     r"""
     The page's query function: a batch of (reference, modification text, top-k) queries in, per query a results
-    gallery, an attention picture and a status line out.
+    gallery and a status line out; `attention(reference, text)` draws the attention picture of one query.
 
     Valid queries are embedded together in one forward pass of `pipeline("composed-image-retrieval")` over the
     `GalleryIndex` (`batch_size` = the number of valid queries), so the ranking is the pipeline's; the invalid ones
     get a one-line message and do not spoil the others. The attention picture is `mqirtn_app.visualization`'s
-    text->image attention of each query (a second, per-query forward with attention weights, after the timing).
+    text->image attention of the query: a forward pass with attention weights, which the page runs after the results
+    are shown (its own event), so that it delays neither them nor the other queries of the batch.
 
     known_targets (`dict`, *optional*): `{(reference file name, modification text): target id}` of the example
         queries; when a query is one of them, its status line says where the known target ranked.
@@ -328,10 +329,10 @@ class CompositionalSearch:
     def __call__(self, reference: list, text: list, top_k: list) -> tuple[list, list, list]:
         """One list entry per query (Gradio's batch form; the parameter names are the API's): `reference` the
         uploads (`{"path" | "bytes", "name"}`, a path, or None), `text` the modification texts, `top_k` the k's.
-        Returns the results galleries (`[(image, caption), ...]` or None), attention pictures and status lines."""
+        Returns the results galleries (`[(image, caption), ...]` or None) and the status lines."""
         references, texts, top_ks = reference, text, top_k
         count = len(references)
-        galleries, attentions, statuses = [None] * count, [None] * count, [""] * count
+        galleries, statuses = [None] * count, [""] * count
         valid = []
         for i, (reference, text, top_k) in enumerate(zip(references, texts, top_ks)):
             image, name, error = self._reference(reference)
@@ -347,7 +348,7 @@ class CompositionalSearch:
             target = self.known_targets.get((name, text))
             valid.append((i, image, text[:MAX_TEXT_LENGTH], max(1, min(k, MAX_TOP_K, len(self.index))), target))
         if not valid:
-            return galleries, attentions, statuses
+            return galleries, statuses
         self.last_batch_size = len(valid)
         start = time.perf_counter()
         try:
@@ -361,7 +362,7 @@ class CompositionalSearch:
             message = " ".join(str(error).split())[:500] or type(error).__name__
             for i, *_ in valid:
                 statuses[i] = f"**Error:** {type(error).__name__}: {message}"
-            return galleries, attentions, statuses
+            return galleries, statuses
         elapsed = time.perf_counter() - start
         shared = f", one forward pass shared by {len(valid)} queries" if len(valid) > 1 else ""
         for (i, image, text, k, target), hits in zip(valid, results):
@@ -378,14 +379,17 @@ class CompositionalSearch:
                 ranks = [rank for rank, hit in enumerate(hits, start=1) if hit["id"] == target]
                 statuses[i] += (f" The example's known target {target} is **#{ranks[0]}**." if ranks else
                                 f" The example's known target {target} is not in the top {len(hits)}.")
-            attentions[i] = self._attention(image, text)
-        return galleries, attentions, statuses
+        return galleries, statuses
 
-    def _attention(self, image, text):
-        if not self.has_attention:
-            return None
+    def attention(self, reference, text: str):
+        """The text->image attention picture (PIL) of one query; None for an invalid query (its status line says
+        why) or a model without fusion layers."""
         from mqirtn_app.visualization import attention_figure
 
+        image, _, error = self._reference(reference)
+        text = (text or "").strip()[:MAX_TEXT_LENGTH]
+        if error is not None or not text or not self.has_attention:
+            return None
         try:
             return attention_figure(self.model, self.processor, image, text, panel_size=128, max_columns=5)
         except Exception:  # the picture is an extra: its failure must not hide the results
@@ -470,10 +474,13 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
                                      object_fit="contain", elem_id="results", allow_preview=True)
                 attention = gr.Image(label="Where the text looked: text→image attention of the query", type="pil",
                                      show_label=False, interactive=False, elem_id="attention")
-        gr.on(
-            [button.click, text.submit], search, inputs=[reference, text, k], outputs=[results, attention, status],
-            batch=True, max_batch_size=max_batch_size, api_name="search", concurrency_limit=1,
+        # One concurrency group of one for both events: the model runs one batch or one picture at a time.
+        searched = gr.on(
+            [button.click, text.submit], search, inputs=[reference, text, k], outputs=[results, status],
+            batch=True, max_batch_size=max_batch_size, api_name="search", concurrency_limit=1, concurrency_id="model",
         )
+        searched.then(search.attention, inputs=[reference, text], outputs=attention, api_name="attention",
+                      concurrency_limit=1, concurrency_id="model")
     demo.queue(max_size=256, default_concurrency_limit=1)
     return demo
 

@@ -121,23 +121,26 @@ class DemoServer:
 
 
 # ---------------------------------------------------------------------------------------------------- the page
-# Installed before each submission: notes when the results' loading indicator appears and disappears, so that a
-# query that returns the same page as the previous one is still seen to finish.
+# Installed before each submission: notes when the loading indicators of the results and of the attention picture (its
+# own event, after the results) appear and disappear, so that a query that returns the same page as the previous one
+# is still seen to finish.
 _WATCH_JS = """() => {
-    const tracker = document.querySelector('#results [data-testid="status-tracker"]');
-    window.__mqirtn = {pending: false, settled: false, t0: performance.now()};
-    const state = window.__mqirtn;
-    const observer = new MutationObserver(() => {
-        const hidden = tracker.classList.contains('hide');
-        if (!hidden) state.pending = true;
-        else if (state.pending) { state.settled = true; observer.disconnect(); }
-    });
-    observer.observe(tracker, {attributes: true, attributeFilter: ['class']});
+    window.__mqirtn = {t0: performance.now()};
+    for (const id of ['results', 'attention']) {
+        const tracker = document.querySelector(`#${id} [data-testid="status-tracker"]`);
+        const state = window.__mqirtn[id] = {pending: false, settled: false};
+        const observer = new MutationObserver(() => {
+            const hidden = tracker.classList.contains('hide');
+            if (!hidden) state.pending = true;
+            else if (state.pending) { state.settled = true; observer.disconnect(); }
+        });
+        observer.observe(tracker, {attributes: true, attributeFilter: ['class']});
+    }
 }"""
 # True (with the time) once the query settled and the page shows `count` loaded result images, or an error line.
 _DONE_JS = """(count) => {
     const state = window.__mqirtn;
-    if (!state || !state.settled) return false;
+    if (!state || !state.results.settled) return false;
     const status = document.querySelector('#status').innerText;
     const images = [...document.querySelectorAll('#results .grid-container img')];
     const loaded = images.length === count && images.every((img) => img.complete && img.naturalWidth > 0);
@@ -168,11 +171,25 @@ def set_query(page, image: str | os.PathLike | None, text: str, top_k: int) -> N
 
 def submit(page, expected: int, timeout_ms: int = 60_000) -> float:
     """Clicks Search and waits until the page shows `expected` result images (or an error line); returns the
-    seconds from the click to then, measured in the page."""
+    seconds from the click to then, measured in the page. The attention picture comes after: `wait_for_attention`."""
     page.evaluate(_WATCH_JS)
     page.locator("#search").click()
     handle = page.wait_for_function(_DONE_JS, arg=expected, polling="raf", timeout=timeout_ms)
     return float(handle.json_value()) / 1000.0
+
+
+# True once the attention picture of the last submission is shown (or was cleared, for an invalid query).
+_ATTENTION_JS = """() => {
+    const state = window.__mqirtn;
+    if (!state || !state.attention.settled) return false;
+    const image = document.querySelector('#attention img');
+    return !image || (image.complete && image.naturalWidth > 0);
+}"""
+
+
+def wait_for_attention(page, timeout_ms: int = 60_000) -> None:
+    """Waits until the attention picture of the last `submit` is shown (it comes after the results)."""
+    page.wait_for_function(_ATTENTION_JS, polling="raf", timeout=timeout_ms)
 
 
 def result_captions(page) -> list[str]:

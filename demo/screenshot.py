@@ -4,11 +4,14 @@
     python demo/screenshot.py --out page.png -- --model DIR --gallery FOLDER   # after `--`: demo/app.py's arguments
 
 Starts `demo/app.py` on a free loopback port, opens it in headless Chromium (the system's, see demo/browser.py), runs
-one untimed warm-up query, then `--queries` queries one after the other (the example queries of the shapes test split in turn, or the gallery's
-first images with `--text` when there are no examples) and prints the median, min and max seconds from the click on
-Search to the page showing all result images (they are loaded in the page; the reference upload and the typing come
-before the click and are not counted). Then it clicks the first example (or uploads the first image), searches and
-saves a full-page screenshot to `--out`. The server and the browser are stopped at the end whatever happens.
+one untimed warm-up query, then `--queries` queries one after the other (the example queries of the shapes test split
+in turn, or the gallery's first images with `--text` when there are no examples) and prints the median, min and max
+seconds from the click on Search to the page showing all result images, loaded (the reference upload and the typing
+come before the click and are not counted, nor is the attention picture, which follows the results). It also prints
+the median retrieval time the page reports (query embedding + search, measured in the server) and the machine's load
+average: on a shared machine the figure depends on it. Then it clicks the first example (or uploads the first image),
+searches and saves a full-page screenshot to `--out`. The server and the browser are stopped at the end whatever
+happens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log = Path(tempfile.mkdtemp(prefix="mqirtn-demo-")) / "server.log"
     server = browser.DemoServer(app_args, log, timeout=600)
-    timings = []
+    timings, retrieval_ms = [], []
+    load_before = os.getloadavg()[0]
     with server, sync_playwright() as playwright:
         chromium = browser.launch_browser(playwright)
         try:
@@ -78,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 image, text = queries[number % len(queries)]
                 browser.set_query(page, image, text, args.top_k)
                 timings.append(browser.submit(page, expected=args.top_k))
-                if "Error" in browser.status_text(page):
-                    raise RuntimeError(f"query {number} failed on the page: {browser.status_text(page)}")
+                browser.wait_for_attention(page)  # not timed: it follows the results
+                status = browser.status_text(page)
+                if "Error" in status:
+                    raise RuntimeError(f"query {number} failed on the page: {status}")
+                retrieval_ms.append(float(re.search(r"in (\d+) ms", status).group(1)))
             if app_parsed.gallery is None:
                 page.get_by_text(examples[0][1], exact=False).first.click()  # an example, as a visitor would
                 page.locator("#query-text textarea").wait_for()
@@ -87,18 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 browser.set_query(page, queries[0][0], queries[0][1], args.top_k)
             browser.submit(page, expected=args.top_k)
+            browser.wait_for_attention(page)
             page.mouse.move(0, 0)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
         finally:
             chromium.close()
     median = statistics.median(timings)
+    load = (load_before + os.getloadavg()[0]) / 2
     print(f"{len(timings)} queries through the browser (submit -> {args.top_k} results shown): median {median:.3f} s, "
-          f"min {min(timings):.3f} s, max {max(timings):.3f} s")
+          f"min {min(timings):.3f} s, max {max(timings):.3f} s; of which retrieval (query embedding + search, the "
+          f"page's status line): median {statistics.median(retrieval_ms):.0f} ms; {os.cpu_count()} CPUs, load average "
+          f"{load:.1f}")
     print(f"Wrote the screenshot to {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seconds": timings, "median": median, "top_k": args.top_k,
-                                               "app_args": app_args}, indent=1))
+        Path(args.json).write_text(json.dumps({
+            "seconds": timings, "median": median, "retrieval_ms": retrieval_ms,
+            "median_retrieval_ms": statistics.median(retrieval_ms), "top_k": args.top_k, "app_args": app_args,
+            "cpus": os.cpu_count(), "load_average": load,
+        }, indent=1))
     return 0
 
 

@@ -77,16 +77,17 @@ def test_batch_is_one_forward_pass_with_the_pipelines_ranking(setup):
 
     model.get_query_features = counting
     references = [{"path": str(paths[i]), "name": paths[i].name} for i in (1, 4, 7)]
-    galleries, attentions, statuses = search(references, TEXTS, [3, 5, 2])
+    galleries, statuses = search(references, TEXTS, [3, 5, 2])
     assert calls == [3]  # three queries, one forward pass of batch 3
     model.get_query_features = original
-    for reference, text, k, gallery, attention, status in zip(references, TEXTS, [3, 5, 2], galleries, attentions, statuses):
+    for reference, text, k, gallery, status in zip(references, TEXTS, [3, 5, 2], galleries, statuses):
         parsed = [app.parse_caption(caption) for _, caption in gallery]
         assert [rank for rank, _, _ in parsed] == list(range(1, k + 1))
         assert [id_ for _, _, id_ in parsed] == pipeline_ids(pipe, index, reference["path"], text, k)
         expected = pipe(image=reference["path"], text=text, gallery=index, top_k=k)
         assert [score for _, score, _ in parsed] == pytest.approx([hit["score"] for hit in expected], abs=1e-3)
         assert [Path(image).name for image, _ in gallery] == [id_ for _, _, id_ in parsed]  # the images shown
+        attention = search.attention(reference, text)  # the page's follow-up event
         assert isinstance(attention, Image.Image) and attention.width > 300
         assert f"Top {k} of {GALLERY_SIZE} images in" in status and "shared by 3 queries" in status
 
@@ -99,14 +100,15 @@ def test_query_errors_are_one_line_messages_and_spare_the_other_queries(setup, t
     references = [None, {"path": str(not_an_image), "name": "notes.png"}, {"path": str(paths[0]), "name": "g00.png"},
                   {"path": str(paths[2]), "name": "g02.png"}, {"bytes": b"\x89PNG broken", "name": "the pasted image"}]
     texts = ["make it red", "make it red", "   ", "make it red", "make it red"]
-    galleries, attentions, statuses = search(references, texts, [4] * 5)
+    galleries, statuses = search(references, texts, [4] * 5)
     assert statuses[0] == "**Error:** Upload a reference image (or click an example) first."
     assert statuses[1].startswith("**Error:** Could not read “notes.png” as an image")
     assert str(tmp_path) not in statuses[1]  # no server paths on the page
     assert statuses[2].startswith("**Error:** Type a modification text")
     assert statuses[4].startswith("**Error:** Could not read “the pasted image” as an image")
     assert all("\n" not in status for status in statuses)
-    assert [galleries[i] for i in (0, 1, 2, 4)] == [None] * 4 and [attentions[i] for i in (0, 1, 2, 4)] == [None] * 4
+    assert [galleries[i] for i in (0, 1, 2, 4)] == [None] * 4
+    assert [search.attention(reference, text) for reference, text in zip(references, texts)][:3] == [None] * 3
     assert [app.parse_caption(c)[2] for _, c in galleries[3]] == pipeline_ids(pipe, index, paths[2], "make it red", 4)
     assert search.last_batch_size == 1  # only the valid query reached the model
 
@@ -117,11 +119,11 @@ def test_empty_gallery_and_model_mismatch_are_messages(setup, tmp_path):
     model, processor, index, pipe, paths = setup
     reference = {"path": str(paths[0]), "name": "g00.png"}
     empty = GalleryIndex(torch.empty((0, model.config.projection_dim)), [], fingerprint=index.fingerprint)
-    galleries, _, statuses = app.CompositionalSearch(model, processor, empty)([reference], ["make it red"], [5])
+    galleries, statuses = app.CompositionalSearch(model, processor, empty)([reference], ["make it red"], [5])
     assert galleries == [None] and statuses == ["**Error:** The gallery is empty: there is nothing to search."]
 
     other = tiny_model(seed=1).eval()  # same architecture, other weights
-    galleries, _, statuses = app.CompositionalSearch(other, processor, index)([reference] * 2, ["make it red"] * 2, [5, 3])
+    galleries, statuses = app.CompositionalSearch(other, processor, index)([reference] * 2, ["make it red"] * 2, [5, 3])
     assert galleries == [None, None]
     assert all(s.startswith("**Error:** ModelMismatchError: this gallery index was built with another checkpoint")
                for s in statuses)
@@ -132,7 +134,7 @@ def test_example_queries_say_where_their_known_target_ranked(setup):
     expected = pipeline_ids(pipe, index, paths[1], "make it red", 4)
     known = {("g01.png", "make it red"): expected[2], ("g02.png", "make it red"): "g99.png"}
     search = app.CompositionalSearch(model, processor, index, known_targets=known)
-    _, _, statuses = search([str(paths[1]), str(paths[2]), str(paths[3])], ["make it red"] * 3, [4] * 3)
+    _, statuses = search([str(paths[1]), str(paths[2]), str(paths[3])], ["make it red"] * 3, [4] * 3)
     assert statuses[0].endswith(f"The example's known target {expected[2]} is **#3**.")
     assert statuses[1].endswith("The example's known target g99.png is not in the top 4.")
     assert "known target" not in statuses[2]
@@ -146,8 +148,8 @@ def test_results_of_an_index_without_a_folder_are_decoded_images(setup, tmp_path
     files = write_gallery(tmp_path / "loose", 3)
     index = GalleryIndex.from_images(model, processor, [str(f) for f in files], progress=False)
     files[1].unlink()
-    galleries, _, _ = app.CompositionalSearch(model, processor, index)([str(files[0])], ["make it red"], [3])
-    images = {app.parse_caption(caption)[2]: image for image, caption in galleries[0]}
+    (gallery,), _ = app.CompositionalSearch(model, processor, index)([str(files[0])], ["make it red"], [3])
+    images = {app.parse_caption(caption)[2]: image for image, caption in gallery}
     assert all(isinstance(image, Image.Image) for image in images.values())
     assert images[str(files[0])].tobytes() == Image.open(files[0]).convert("RGB").tobytes()
     assert images[str(files[1])].size == (96, 96)  # the placeholder
@@ -155,7 +157,7 @@ def test_results_of_an_index_without_a_folder_are_decoded_images(setup, tmp_path
 
 def test_top_k_is_clamped_to_the_gallery(setup):
     model, processor, index, pipe, paths = setup
-    galleries, _, statuses = app.CompositionalSearch(model, processor, index)(
+    galleries, statuses = app.CompositionalSearch(model, processor, index)(
         [str(paths[3])], ["make it red"], [500.0]
     )
     assert len(galleries[0]) == GALLERY_SIZE and f"Top {GALLERY_SIZE} of {GALLERY_SIZE}" in statuses[0]
@@ -293,6 +295,8 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
     blocks = launched["blocks"]
     (search,) = [fn for fn in blocks.fns.values() if fn.api_name == "search"]
     assert search.batch and search.max_batch_size == 6 and search.concurrency_limit == 1
+    (attention,) = [fn for fn in blocks.fns.values() if fn.api_name == "attention"]
+    assert not attention.batch and attention.concurrency_id == search.concurrency_id  # the model: one at a time
     assert blocks._queue is not None
     assert not (REPO_ROOT / "demo" / "app.pyi").exists()  # Gradio writes stubs beside files defining components
 
@@ -363,7 +367,8 @@ def test_browser_query_shows_the_pipelines_ranking_and_errors(served, reference_
             assert [app.parse_caption(c)[2] for c in captions] == pipeline_ids(pipe, index, paths[3], text, k)
             assert [app.parse_caption(c)[0] for c in captions] == list(range(1, k + 1))
             assert f"Top {k} of {GALLERY_SIZE} images in" in browser.status_text(page)
-            assert page.locator("#attention img").count() == 1  # the attention picture is shown
+            browser.wait_for_attention(page)  # the attention picture follows the results
+            assert page.locator("#attention img").count() == 1
             screenshot = tmp_path / "demo_page.png"
             page.screenshot(path=str(screenshot), full_page=True)
             _artefact(screenshot)
@@ -395,12 +400,13 @@ def test_api_query_through_gradio_client(served, reference_pipeline):
     pipe, index = reference_pipeline
     client = Client(server.url, verbose=False, httpx_kwargs={"timeout": 60})
     job = client.submit(handle_file(str(paths[3])), "make it red", 5, api_name="/search")
-    gallery, attention, status = job.result(timeout=60)
+    gallery, status = job.result(timeout=60)
     assert [app.parse_caption(item["caption"])[2] for item in gallery] == pipeline_ids(pipe, index, paths[3], "make it red", 5)
-    assert attention is not None and Path(attention).is_file()
+    attention = client.predict(handle_file(str(paths[3])), "make it red", api_name="/attention")
+    assert Path(attention).is_file() and Image.open(attention).width > 300
     assert status.startswith("Top 5 of 12 images in")
     # Several queries at once: answered in batches, each with its own ranking.
     jobs = [client.submit(handle_file(str(paths[i])), TEXTS[i % 3], 3, api_name="/search") for i in range(6)]
     for i, job in enumerate(jobs):
-        gallery, _, _ = job.result(timeout=60)
+        gallery, _ = job.result(timeout=60)
         assert [app.parse_caption(item["caption"])[2] for item in gallery] == pipeline_ids(pipe, index, paths[i], TEXTS[i % 3], 3)
