@@ -281,6 +281,7 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
     gallery = tmp_path / "gallery"
     write_gallery(gallery, 4)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     launched = {}
 
     def fake_launch(self, **kwargs):
