@@ -22,6 +22,7 @@ import math
 import os
 import weakref
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +215,7 @@ _PREFETCH_BATCHES = 2
 def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
     """`decoder`'s batches in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
     caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`. With workers, the first
-    batch is still decoded here, while the workers start (a fork and an import take a tenth of a second or more)."""
+    batch is still decoded here while the workers start (tens of milliseconds with fork, seconds with spawn)."""
     num_workers = min(num_workers, len(decoder) - 1)
     if num_workers <= 0:
         for batch in range(len(decoder)):
@@ -279,8 +280,10 @@ def embed_images(
     decoder = _BatchDecoder(images, processor, batch_size)
     chunks, kept, skipped = [], [], []
     pending = None  # the last batch's embeddings, left on the device until the next batch is queued
-    with tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
-        for batch in _decoded_batches(decoder, num_workers, pin_memory=parameter.device.type == "cuda"):
+    batches = _decoded_batches(decoder, num_workers, pin_memory=parameter.device.type == "cuda")
+    # `closing`: the workers stop as soon as this returns or raises (not when the traceback is freed).
+    with closing(batches), tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
+        for batch in batches:
             if batch["pixel_values"] is not None:
                 pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype, non_blocking=True)
                 embeds = model.get_image_features(pixel_values=pixel_values)

@@ -155,6 +155,30 @@ def test_worker_errors_are_one_line(model, processor, gallery):
     assert "\n" not in str(caught.value)
 
 
+class ModelFailingOnSecondBatch(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.calls = model, model.config, 0
+
+    def get_image_features(self, pixel_values):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("the model broke")
+        return self.inner.get_image_features(pixel_values=pixel_values)
+
+
+def test_workers_stop_when_the_model_fails(model, processor, gallery):
+    import multiprocessing
+
+    paths = sorted(gallery.rglob("img_*"))
+    try:
+        embed_images(ModelFailingOnSecondBatch(model), processor, paths, batch_size=2, num_workers=2, progress=False)
+    except RuntimeError as error:
+        caught = error  # its traceback keeps embed_images' frame (and its batch iterator) alive
+    assert str(caught) == "the model broke"
+    assert multiprocessing.active_children() == []  # the workers are shut down now, not when the traceback is freed
+
+
 SPAWN_CHILD = textwrap.dedent(
     """
     import multiprocessing, sys
