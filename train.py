@@ -186,7 +186,7 @@ def add_model_arguments(parser) -> None:
     model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     model.add_argument(
         "--torch_compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-        help="torch.compile the fusion layers, composition, image residual and decoders (`MQIRTNModel.compile_regions`; the "
+        help="torch.compile the fusion, composition, image residual and decoders (`MQIRTNModel.compile_regions`; the "
         "towers stay eager), with torch.compile's default backend (inductor) or the one named (e.g. aot_eager). For "
         "GPUs: on a CPU the first steps and the first evaluation pay minutes of compilation. Saved weights are unchanged.",
     )
@@ -924,9 +924,9 @@ def prepare_model(args, accelerator):
         model.activation_checkpointing_enable()
     model.to(accelerator.device)
     if args.torch_compile:
-        # In place (`nn.Module.compile`): state dict keys, saving and DDP are unchanged. Training batches all have one
-        # size (the loader drops the last partial batch); a new text length compiles once more, then dims go dynamic.
-        model.compile_regions(backend=args.torch_compile)
+        # In place (`nn.Module.compile`): state dict keys, saving and DDP are unchanged.
+        model.compile_regions(backend=args.torch_compile)  # dynamic shapes: text lengths vary per batch
+        logger.info(f"torch.compile ({args.torch_compile}): fusion, composition, residual and decoders; towers eager")
     if args.freeze_text and args.frozen_text_cache:
         FrozenTowerCache(model.text_model)
     return model, processor, pretrained_prefixes

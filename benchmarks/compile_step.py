@@ -16,6 +16,19 @@ machine does not enter the ratio). Variants:
 
     python benchmarks/compile_step.py                   # writes benchmarks/results/compile_step.json
     python benchmarks/compile_step.py --tiny            # tiny random model and batches: a smoke test, figures mean nothing
+
+`--equivalence SIZE` (tiny, main, paper) measures instead how far compiled outputs are from eager ones, on one random
+batch of 8 (benchmarks/README.md, "torch.compile", reads them):
+
+- `rounding`: eval-mode embeddings and a train-mode step (dropout off) in float32 and float64, compiled (`--scope
+  regions`: `compile_regions()`; `whole`: `torch.compile(model)`) against eager, next to eager against eager on inputs
+  moved by one ulp (how much the model itself amplifies a rounding difference);
+- `dropout`: train mode with dropout on (BERT's default 0.1 in the text tower, `fusion_dropout` 0.1), same seed:
+  eager against eager, against eager with another seed, against compiled, and against compiled with
+  `torch._inductor.config.fallback_random = True` (compiled code drawing its masks from eager's generator).
+
+    python benchmarks/compile_step.py --equivalence main --scope regions --experiment rounding
+    python benchmarks/compile_step.py --equivalence tiny --scope whole --experiment dropout
 """
 
 from __future__ import annotations
@@ -69,6 +82,149 @@ def tiny(batches: int):
     return model, [speed.make_batch("tiny", 4, seed=i) for i in range(batches)], "tiny (" + speed.describe_size("tiny") + ")"
 
 
+# ------------------------------------------------------------------------------------------------- equivalence
+def equivalence_model(size: str, dropout: bool):
+    """A random-weight model of `size` (train.py's default model for `main`), dropout off unless asked."""
+    import speed
+
+    from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
+
+    torch.manual_seed(0)
+    if size == "main":
+        import train
+
+        model, _, _ = train.build_model_and_processor(train.parse_args([]))
+        image_size, vocab, length = model.config.vision_config.image_size, (1000, 20000), 12
+    else:
+        vision, text = speed.tower_configs(size)
+        if not dropout:
+            text.hidden_dropout_prob = text.attention_probs_dropout_prob = 0.0
+        config = MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                              fusion_dropout=0.1 if dropout else 0.0, **speed.SIZES[size]["mqirtn"])
+        model = MQIRTNModel(config)
+        image_size, vocab, length = vision.image_size, (5, text.vocab_size), speed.SIZES[size]["seq_len"]
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for config in (model.config.text_config, model.config.vision_config):  # attention dropout (sdpa) reads it
+            for name in ("attention_probs_dropout_prob", "attention_dropout"):
+                if hasattr(config, name):
+                    setattr(config, name, 0.0)
+    generator, batch_size = torch.Generator().manual_seed(0), 8
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    attention_mask[: batch_size // 4, length // 2 :] = 0
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "input_ids": torch.randint(*vocab, (batch_size, length), generator=generator),
+        "attention_mask": attention_mask,
+        "target_pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+    }
+    return model, batch
+
+
+def unnormalised_query(model, batch: dict) -> torch.Tensor:
+    """The composed query theta before `normalize` (which casts to float32: the embeddings of a float64 model are
+    float32, so they cannot show float64 differences)."""
+    from modeling_mqirtn.fusion_mqirtn import masked_mean
+
+    mask = batch["attention_mask"]
+    image_tokens = model._image_tokens(batch["pixel_values"])
+    text_tokens = model._text_tokens(batch["input_ids"], mask)
+    image_embeds = model.image_projection(image_tokens[:, 0])
+    text_embeds = model.text_projection(masked_mean(text_tokens, mask))
+    return model._compose(image_tokens, text_tokens, mask, image_embeds, text_embeds)[0]
+
+
+def difference(got: torch.Tensor, expected: torch.Tensor) -> dict:
+    error = (got.double() - expected.double()).abs()
+    return {"max_abs": error.max().item(), "rel_l2": (error.norm() / expected.double().norm()).item()}
+
+
+def moved_one_ulp(value: torch.Tensor, generator) -> torch.Tensor:
+    """Every element moved to its next representable neighbour, up or down at random."""
+    up = torch.rand(value.shape, generator=generator) < 0.5
+    return torch.nextafter(value, torch.where(up, float("inf"), -float("inf")).to(value.dtype))
+
+
+def gradient_difference(got_model, expected_model) -> dict:
+    """Largest gradient difference over the largest gradient of the model (some gradients are exactly zero in theory,
+    e.g. attention key biases: a per-tensor relative error would compare rounding noise with rounding noise)."""
+    got = {n: p.grad for n, p in got_model.named_parameters() if p.grad is not None}
+    expected = {n: p.grad for n, p in expected_model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys(), got.keys() ^ expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    return {"max_abs_over_largest_gradient": max((got[n] - expected[n]).abs().max().item() for n in expected) / scale,
+            "gradients": len(expected)}
+
+
+def equivalence(size: str, scope: str, experiment: str, dtypes: list[str], device: str = "cpu") -> dict:
+    def compiled(model):
+        copy_ = copy.deepcopy(model)
+        return (copy_, copy_.compile_regions()) if scope == "regions" else (copy_, torch.compile(copy_))
+
+    frozen_text = size == "main"  # the main job's text tower is frozen: it stays in eval mode in training
+    result = {"size": size, "scope": scope, "experiment": experiment, "device": device,
+              "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if experiment == "dropout":
+        model, batch = equivalence_model(size, dropout=True)
+        model.to(device).train()
+        batch = {k: v.to(device) for k, v in batch.items()}
+
+        def query(function, seed):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                return function(**batch).query_embeds
+
+        _, function = compiled(model)
+        result["eager_vs_eager_same_seed"] = difference(query(model, 0), query(model, 0))
+        result["eager_vs_eager_other_seed"] = difference(query(model, 1), query(model, 0))
+        result["compiled_vs_eager_same_seed"] = difference(query(function, 0), query(model, 0))
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        inductor_config.fallback_random = True
+        _, function = compiled(model)
+        result["compiled_fallback_random_vs_eager_same_seed"] = difference(query(function, 0), query(model, 0))
+        inductor_config.fallback_random = False
+        return result
+    base, batch32 = equivalence_model(size, dropout=False)
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
+        batch = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in batch32.items()}
+        copy_, function = compiled(model)
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(1)
+        moved_batch = {k: moved_one_ulp(v.cpu(), generator).to(device) if v.is_floating_point() else v for k, v in batch.items()}
+        with torch.no_grad():
+            expected, got, moved = model(**batch), function(**batch), model(**moved_batch)
+            theta = {"expected": unnormalised_query(model, batch), "moved": unnormalised_query(model, moved_batch)}
+            if scope == "regions":  # (the whole-model scope compiles `forward` only)
+                theta["got"] = unnormalised_query(copy_, batch)
+        figures = {"first_call_s": round(time.perf_counter() - start, 1)}
+        if "got" in theta:
+            figures["query_unnormalised"] = difference(theta["got"], theta["expected"])
+        figures["query_unnormalised_eager_on_inputs_moved_1ulp"] = difference(theta["moved"], theta["expected"])
+        for name in ("query_embeds", "reference_embeds", "target_embeds"):  # float32 whatever the model's dtype
+            figures[name] = difference(got[name], expected[name])
+            figures[name + "_eager_on_inputs_moved_1ulp"] = difference(moved[name], expected[name])
+        for m in (model, copy_):
+            m.train()
+            if frozen_text:
+                m.text_model.eval()
+        expected = model(**batch, return_loss=True)
+        expected.loss.backward()
+        got = function(**batch, return_loss=True)
+        got.loss.backward()
+        figures["train_loss"] = difference(got.loss, expected.loss)
+        figures["train_query_embeds"] = difference(got.query_embeds, expected.query_embeds)
+        figures["train_gradients"] = gradient_difference(copy_, model)
+        result[dtype_name] = figures
+        print(dtype_name, json.dumps(figures), flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=10, help="distinct batches (default 10)")
@@ -76,12 +232,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--towers", action="store_true", help="also time compile_regions(towers=True)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: a smoke test")
     parser.add_argument("--output", default=None, help="JSON (default benchmarks/results/compile_step[_tiny].json)")
+    parser.add_argument("--equivalence", choices=["tiny", "main", "paper"], default=None, help="measure compiled vs eager outputs instead")
+    parser.add_argument("--scope", choices=["regions", "whole"], default="regions", help="--equivalence: what is compiled")
+    parser.add_argument("--experiment", choices=["rounding", "dropout"], default="rounding", help="--equivalence: which comparison")
+    parser.add_argument("--dtypes", default="float32,float64", help="--equivalence rounding: comma-separated")
+    parser.add_argument("--device", default="cpu", help="--equivalence: where to run (cuda on a GPU machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import transformers
 
     transformers.logging.set_verbosity_error()
     from machine_info import machine
+
+    if args.equivalence:
+        result = equivalence(args.equivalence, args.scope, args.experiment, args.dtypes.split(","), args.device)
+        result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        name = f"compile_equivalence_{args.equivalence}_{args.scope}_{args.experiment}{'' if args.device == 'cpu' else '_' + args.device}.json"
+        output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / name)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=1))
+        return result
 
     model, batches, what = (tiny if args.tiny else main_job)(args.batches)
     frozen = [name for name in ("vision_model", "text_model") if not any(p.requires_grad for p in getattr(model, name).parameters())]

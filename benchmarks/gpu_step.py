@@ -137,12 +137,12 @@ def compile_models(models: dict, towers: bool, mode: str | None, backend: str = 
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     kwargs = {"backend": backend, **({} if mode in (None, "default") else {"mode": mode})}
-    models["mqirtn"].compile_regions(**kwargs)
+    models["mqirtn"].compile_regions(dynamic=False, **kwargs)  # one batch shape here: static kernels
     if towers:
         for name, model in models.items():
             for module in model.modules():
                 if isinstance(module, GradientCheckpointingLayer) and module._compiled_call_impl is None:
-                    module.compile(**kwargs)
+                    module.compile(dynamic=False, **kwargs)
 
 
 def inputs_for(name: str, batch: dict) -> dict:
@@ -294,6 +294,7 @@ def main(argv=None):
         "attn_implementation": args.attn_implementation, "activation_checkpointing": args.activation_checkpointing,
         "torch_compile": args.torch_compile, "compile_towers": args.compile_towers, "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend if args.torch_compile else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high"/"medium": TF32 in float32 matmuls
         "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
         "ratio_vs_dual_encoder": ratio, "target": ">= 0.8", "met": None if ratio is None else ratio >= 0.8,
         "ratio_vs_towers_contrastive": ratio_of("mqirtn", "towers_contrastive"),

@@ -544,17 +544,22 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
 
     def compile_regions(self, towers: bool = False, **compile_kwargs) -> "MQIRTNModel":
         r"""
-        `torch.compile` what MQIRTN adds to the towers, in place: each fusion layer, the composition, the image residual
-        and the decoders (`nn.Module.compile`, so `state_dict` keys and `save_pretrained` are unchanged: no `_orig_mod.`).
+        `torch.compile` what MQIRTN adds to the towers, in place: the fusion, the composition, the image residual and the
+        decoders (`nn.Module.compile`, so `state_dict` keys and `save_pretrained` are unchanged: no `_orig_mod.`).
         With `towers=True` the towers' layers are compiled one by one too (transformers' regional compilation: one
         graph serves every layer of a tower). Returns the model.
 
-        compile_kwargs: passed to `torch.compile` (`backend`, `mode`, `dynamic`, ...). The forward's own Python (tower
-        calls, loss terms, optional outputs) stays eager, so every option of `forward` keeps working. A new input shape,
-        train/eval mode or grad mode compiles a region again; in training, drop the last partial batch.
+        compile_kwargs: passed to `torch.compile` (`backend`, `mode`, ...). The forward's own Python (tower calls, loss
+        terms, optional outputs) stays eager, so every option of `forward` keeps working. `dynamic` defaults to `True`:
+        train/eval mode, grad mode and the symmetric pass's conjugate sign each need a graph of their own, and with
+        static shapes every text length and batch size would add more, past the 8 graphs dynamo keeps per region (it
+        then runs the region eagerly). Pass `dynamic=False` when every call has the same shapes (e.g. for CUDA graphs,
+        `mode="reduce-overhead"`; a training loader then drops its last partial batch).
         """
-        regions = [*(self.fusion.layers if self.fusion is not None else ()), self.composition]
-        regions += [m for m in (self.image_residual, self.image_decoder, self.text_decoder) if m is not None]
+        compile_kwargs.setdefault("dynamic", True)
+        # The fusion as one region (both layers in one graph): compiled layer by layer, each layer's call would need a
+        # graph of its own for every mode, twice the graphs per region.
+        regions = [m for m in (self.fusion, self.composition, self.image_residual, self.image_decoder, self.text_decoder) if m is not None]
         if towers:
             from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -69,7 +69,7 @@ def test_compiled_regions_match_eager_and_keep_the_state_dict(composition, tmp_p
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert not any("_orig_mod" in key for key in compiled.state_dict())
     assert compiled.composition._compiled_call_impl is not None
-    assert compiled.fusion is None or compiled.fusion.layers[0]._compiled_call_impl is not None
+    assert compiled.fusion is None or compiled.fusion._compiled_call_impl is not None
     assert compiled.vision_model.layers[0]._compiled_call_impl is None  # towers stay eager by default
 
     batch = random_batch(4)
@@ -115,25 +115,38 @@ def test_compiling_the_towers_too_keeps_the_outputs():
 
 
 # ------------------------------------------------------------------------------------------------- inductor
+def unnormalised_query(model, batch) -> torch.Tensor:
+    """theta before `normalize`, which casts to float32 (a float64 model's embeddings and loss are float32)."""
+    from modeling_mqirtn.fusion_mqirtn import masked_mean
+
+    mask = batch["attention_mask"]
+    image_tokens, text_tokens = model._image_tokens(batch["pixel_values"]), model._text_tokens(batch["input_ids"], mask)
+    image_embeds = model.image_projection(image_tokens[:, 0])
+    text_embeds = model.text_projection(masked_mean(text_tokens, mask))
+    return model._compose(image_tokens, text_tokens, mask, image_embeds, text_embeds)[0]
+
+
 @pytest.mark.slow
 def test_inductor_regions_match_eager_within_rounding():
-    """inductor (C++ kernels): a training step in float64 equals eager to 1e-10 (same function), in float32 within
-    a few ulps of the outputs; the eval-mode query too."""
+    """inductor (C++ kernels), train mode: in float64 the composed query and the gradients of a step equal eager's to
+    1e-10 (the compiled graphs compute the same function); in float32 within rounding: queries 1e-6 (measured <= 6e-8,
+    1 ulp), gradients 1e-5 x the largest (measured 1.3e-6 on the main job's model)."""
     batch32 = random_batch(4)
-    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         eager = tiny_model("mqirtn").to(dtype).train()
         compiled = copy.deepcopy(eager).compile_regions()
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch32.items()}
         expected, expected_grads = train_step(eager, batch)
         got, got_grads = train_step(compiled, batch)
-        torch.testing.assert_close(got.loss, expected.loss, atol=tolerance, rtol=0)
-        torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=tolerance, rtol=0)
-        torch.testing.assert_close(got.composition_angles, expected.composition_angles, atol=tolerance * 10, rtol=0)
-        assert_grads_close(got_grads, expected_grads, tolerance * 10)
-    with torch.no_grad():  # the last model pair: float32, eval mode (another graph)
+        theta, expected_theta = unnormalised_query(compiled, batch), unnormalised_query(eager, batch)
+        torch.testing.assert_close(theta, expected_theta, atol=tolerance * expected_theta.abs().max().item(), rtol=0)
+        torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=1e-6, rtol=0)  # float32 in both
+        torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=0)
+        assert_grads_close(got_grads, expected_grads, tolerance)
+    with torch.no_grad():  # the float32 pair in eval mode (other graphs)
         query = compiled.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         reference = eager.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(query, reference, atol=2e-6, rtol=0)
+    torch.testing.assert_close(query, reference, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------- train.py
@@ -149,7 +162,8 @@ def test_train_py_torch_compile_trains_like_eager(tmp_path, tmp_path_factory):
     weights = {}
     for name, extra in (("eager", []), ("compiled", ["--torch_compile", "aot_eager"])):
         output = tmp_path / name
-        run_train(["--output_dir", str(output), "--max_train_steps", "2", "--num_train_epochs", "1", *extra], cache)
+        result = run_train(["--output_dir", str(output), "--max_train_steps", "2", "--num_train_epochs", "1", *extra], cache)
+        assert ("torch.compile (aot_eager)" in result.stderr) == bool(extra)
         weights[name] = load_file(output / "model.safetensors")
         assert set(read_json(output / "eval_results.json")["test"]) >= {"recall@1"}
     assert weights["compiled"].keys() == weights["eager"].keys()
