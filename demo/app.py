@@ -504,17 +504,20 @@ def main(argv: list[str] | None = None) -> int:
         search = CompositionalSearch(model, processor, index, known_targets=known_targets)
         model_name = _shown(Path(args.model)) if os.path.isdir(args.model) else args.model
         demo = build_demo(search, examples, model_name, description, args.max_batch_size)
+        try:
+            demo.launch(
+                server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
+                mcp_server=False, allowed_paths=allowed_paths(index, examples), max_file_size="50mb", quiet=True,
+                theme=None, css=CSS, prevent_thread_lock=True,
+            )
+        except OSError as error:
+            if "empty port" in str(error):
+                raise DemoError(f"port {args.port} on {args.host} is in use: pass another --port") from None
+            raise DemoError(" ".join(str(error).split())) from None
         print(f"Serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr, flush=True)
-        demo.launch(
-            server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
-            mcp_server=False, allowed_paths=allowed_paths(index, examples), max_file_size="50mb", quiet=True,
-            theme=None, css=CSS,
-        )
+        demo.block_thread()
     except DemoError as error:
         print(f"demo/app.py: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # e.g. the port is taken
-        print(f"demo/app.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
 

@@ -288,9 +288,10 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
         launched.update(kwargs, blocks=self)
 
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: launched.update(blocked=True))
     status = app.main(["--model", str(saved_model), "--gallery", str(gallery), "--cache-dir", str(tmp_path / "c"),
                        "--no-progress", "--max-batch-size", "6"])
-    assert status == 0
+    assert status == 0 and launched["blocked"] and launched["prevent_thread_lock"]
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["server_port"] == 7860
     assert str(gallery.resolve()) in launched["allowed_paths"]
     blocks = launched["blocks"]
