@@ -161,12 +161,14 @@ def _decode_batch(images: Sequence, processor, start: int, stop: int) -> dict:
     decoded, positions, skipped = [], [], []
     for position in range(start, stop):
         item = images[position]
+        # A process's shard names its images by their position in the whole list, as a single process does.
+        named = images.positions[position] if isinstance(images, _SubsetView) else position
         try:
             # The processor's decoder: the index sees the pixels training and the pipeline see.
-            decoded.append(to_rgb_image(item, "images", position))
+            decoded.append(to_rgb_image(item, "images", named))
             positions.append(position)
         except ValueError as error:  # ImageDecodeError for unreadable files, ValueError for other things
-            skipped.append(f"{_describe(item, position)} ({type(error).__name__}: {error})")
+            skipped.append(f"{_describe(item, named)} ({type(error).__name__}: {error})")
     pixel_values = processor(images=decoded, return_tensors="pt")["pixel_values"] if decoded else None
     return {"pixel_values": pixel_values, "positions": positions, "skipped": skipped, "size": stop - start}
 
@@ -239,8 +241,12 @@ def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool)
                 batch = next(iterator)
             except StopIteration:
                 return
-            except RuntimeError as error:  # a worker died (killed, out of memory): DataLoader's own error
-                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            except (RuntimeError, OSError, EOFError) as error:
+                # A worker died (killed, out of memory): DataLoader's own RuntimeError, or, when it died while this
+                # process was fetching a batch's shared memory from it, a refused or reset connection.
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                if not isinstance(error, RuntimeError) or not first_line:
+                    first_line = f"{type(error).__name__}: {first_line}".rstrip(": ")
                 raise DecodeWorkerError(
                     f"decoding the gallery images in {num_workers} DataLoader worker(s) failed: {first_line}; "
                     "num_workers=0 decodes in this process"
