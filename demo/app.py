@@ -230,9 +230,8 @@ def shapes_test_gallery(cache_dir, image_size: int, num_queries: int | None = No
         for kind in MODIFICATION_TYPES:
             if by_type[kind] and len(examples) < num_examples:
                 row = by_type[kind].pop(0)
-                examples.append(
-                    (str(root / "images" / names[row["reference_id"]]), row["modification_text"], names[row["target_id"]])
-                )
+                reference = str(root / "images" / names[row["reference_id"]])
+                examples.append((reference, row["modification_text"], names[row["target_id"]]))
     return root / "images", examples
 
 
@@ -318,13 +317,16 @@ class CompositionalSearch:
             reference = {"path": str(reference), "name": Path(reference).name}
         name = reference.get("name") or "the upload"
         try:
-            cell = {"bytes": reference.get("bytes"), "path": None if reference.get("bytes") is not None else reference["path"]}
+            data = reference.get("bytes")
+            cell = {"bytes": data, "path": None if data is not None else reference["path"]}
             return to_rgb_image(cell, "reference"), name, None
         except ValueError as error:
             logger.info(f"unreadable reference {name!r}: {error}")
             too_large = "pixels" in str(error) and "exceed" in str(error)
             reason = "it is too large" if too_large else "it is not an image file this demo can read"
-            return None, name, f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."
+            return None, name, (
+                f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."
+            )
 
     def __call__(self, reference: list, text: list, top_k: list) -> tuple[list, list, list]:
         """One list entry per query (Gradio's batch form; the parameter names are the API's): `reference` the

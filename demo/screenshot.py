@@ -1,7 +1,7 @@
 """Screenshot of the demo page and the latency of one query through the browser (submit -> results shown).
 
-    python demo/screenshot.py --out docs/demo.png --queries 20          # the main job's model over the shapes test gallery
-    python demo/screenshot.py --out page.png -- --model DIR --gallery FOLDER   # after `--`: demo/app.py's arguments
+    python demo/screenshot.py --out docs/demo.png --queries 20   # the main job's model over the shapes test gallery
+    python demo/screenshot.py --out page.png -- --model DIR --gallery FOLDER   # after --: demo/app.py's arguments
 
 Starts `demo/app.py` on a free loopback port, opens it in headless Chromium (the system's, see demo/browser.py), runs
 one untimed warm-up query, then `--queries` queries one after the other (the example queries of the shapes test split

@@ -64,7 +64,7 @@ def setup(tmp_path):
     return model, processor, index, pipe, paths
 
 
-# ---------------------------------------------------------------------------------------------------- the query function
+# ------------------------------------------------------------------------------------------------ the query function
 def test_batch_is_one_forward_pass_with_the_pipelines_ranking(setup):
     model, processor, index, pipe, paths = setup
     search = app.CompositionalSearch(model, processor, index)
@@ -403,7 +403,8 @@ def test_api_query_through_gradio_client(served, reference_pipeline):
     client = Client(server.url, verbose=False, httpx_kwargs={"timeout": 60})
     job = client.submit(handle_file(str(paths[3])), "make it red", 5, api_name="/search")
     gallery, status = job.result(timeout=60)
-    assert [app.parse_caption(item["caption"])[2] for item in gallery] == pipeline_ids(pipe, index, paths[3], "make it red", 5)
+    ids = [app.parse_caption(item["caption"])[2] for item in gallery]
+    assert ids == pipeline_ids(pipe, index, paths[3], "make it red", 5)
     attention = client.predict(handle_file(str(paths[3])), "make it red", api_name="/attention")
     assert Path(attention).is_file() and Image.open(attention).width > 300
     assert status.startswith("Top 5 of 12 images in")
@@ -411,4 +412,5 @@ def test_api_query_through_gradio_client(served, reference_pipeline):
     jobs = [client.submit(handle_file(str(paths[i])), TEXTS[i % 3], 3, api_name="/search") for i in range(6)]
     for i, job in enumerate(jobs):
         gallery, _ = job.result(timeout=60)
-        assert [app.parse_caption(item["caption"])[2] for item in gallery] == pipeline_ids(pipe, index, paths[i], TEXTS[i % 3], 3)
+        ids = [app.parse_caption(item["caption"])[2] for item in gallery]
+        assert ids == pipeline_ids(pipe, index, paths[i], TEXTS[i % 3], 3)
