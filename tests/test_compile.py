@@ -5,10 +5,11 @@ forward and backward, run with eager kernels: seconds). One test runs inductor, 
 compilation takes a minute or more on a cold cache here, so it is marked slow.
 
 Tolerances (benchmarks/README.md, "torch.compile", has the evidence): inductor fuses and reorders reductions, so in
-float32 the results differ from eager by rounding only: on these tiny models a few float32 ulps of the outputs (measured
-<= 3e-8 on unit-norm queries, gradients within 1e-6 of the largest gradient). In float64 the same reorderings leave
-differences of about 1e-16; a bug (another eps, BatchNorm statistics, a missed dropout, a lost in-place update) would
-show there as a difference of the size of the effect, far above 1e-10.
+float32 the results differ from eager by rounding only (main job's model: composed query 1.4e-7 relative, 1 ulp;
+gradients 1.1e-6 of the largest), and in float64 by the same times the ratio of the machine epsilons (3e-16, 1.7e-15).
+A bug (another eps, BatchNorm statistics, a dropout left on, a lost in-place update) would not shrink in float64: it
+would show as a difference of the size of its effect, far above 1e-10. Dropout is off in these comparisons: compiled
+code draws other random masks than eager.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def train_step(model, batch):
+def train_step(model, batch, output_composition: bool = True):
     model.zero_grad(set_to_none=True)
-    out = model(**batch, return_loss=True, output_composition=True)
+    out = model(**batch, return_loss=True, output_composition=output_composition)
     out.loss.backward()
     return out, grads(model)
 
@@ -130,23 +131,20 @@ def unnormalised_query(model, batch) -> torch.Tensor:
 def test_inductor_regions_match_eager_within_rounding():
     """inductor (C++ kernels), train mode: in float64 the composed query and the gradients of a step equal eager's to
     1e-10 (the compiled graphs compute the same function); in float32 within rounding: queries 1e-6 (measured <= 6e-8,
-    1 ulp), gradients 1e-5 x the largest (measured 1.3e-6 on the main job's model)."""
+    1 ulp), gradients 1e-5 x the largest (measured 1.1e-6 on the main job's model). Eval mode is left to the aot_eager
+    test above (its graphs differ only in mode): every graph costs seconds of C++ compilation here."""
     batch32 = random_batch(4)
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         eager = tiny_model("mqirtn").to(dtype).train()
         compiled = copy.deepcopy(eager).compile_regions()
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch32.items()}
-        expected, expected_grads = train_step(eager, batch)
-        got, got_grads = train_step(compiled, batch)
+        expected, expected_grads = train_step(eager, batch, output_composition=False)
+        got, got_grads = train_step(compiled, batch, output_composition=False)
         theta, expected_theta = unnormalised_query(compiled, batch), unnormalised_query(eager, batch)
         torch.testing.assert_close(theta, expected_theta, atol=tolerance * expected_theta.abs().max().item(), rtol=0)
         torch.testing.assert_close(got.query_embeds, expected.query_embeds, atol=1e-6, rtol=0)  # float32 in both
         torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=0)
         assert_grads_close(got_grads, expected_grads, tolerance)
-    with torch.no_grad():  # the float32 pair in eval mode (other graphs)
-        query = compiled.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        reference = eager.eval().get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(query, reference, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------- train.py
