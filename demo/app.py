@@ -438,7 +438,8 @@ def reference_image_class():
 CSS = """
 #status { min-height: 2.5em; }
 #results .caption-label { max-width: 100%; left: var(--block-label-margin); font-size: var(--text-xs); opacity: 0.9; }
-"""  # captions ("#1 · 0.884 · 01908.png") in full across the thumbnail
+#results .grid-wrap { min-height: 0; max-height: none; }
+"""  # captions ("#1 · 0.884 · 01908.png") in full across the thumbnail; the results box as tall as its rows
 
 
 def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", gallery_description: str = "",

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.submit(page, expected=args.top_k)
             browser.wait_for_attention(page)
             page.mouse.move(0, 0)
+            page.wait_for_timeout(1000)  # the new pictures fade in
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
         finally:
