@@ -138,7 +138,7 @@ def default_num_workers(count: int, batch_size: int, processes: int = 1, device=
 
     With the model on a GPU (or MPS) the process only launches kernels: min(4, its share of the usable CPUs). With the
     model on the CPU the workers take cores from the model's threads: min(4, a quarter of the share), so none below 4
-    CPUs (on 2 cores with 2 torch threads, 2 workers were 15 % slower than none on 48 px images: benchmarks/README.md,
+    CPUs (on 2 cores with 2 torch threads, 2 workers were 15-20 % slower than none on 48 px images: benchmarks/README.md,
     "Indexing from a folder"). 0 also when the images fit in one batch (nothing to overlap) or with one CPU.
     """
     try:
