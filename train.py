@@ -924,7 +924,7 @@ def prepare_model(args, accelerator):
         model.activation_checkpointing_enable()
     model.to(accelerator.device)
     if args.torch_compile:
-        # In place (`nn.Module.compile`): state dict keys, saving and DDP are unchanged.
+        # In place (`nn.Module.compile`): state dict keys and saving are unchanged, DDP wraps the same module.
         model.compile_regions(backend=args.torch_compile)  # dynamic shapes: text lengths vary per batch
         logger.info(f"torch.compile ({args.torch_compile}): fusion, composition, residual and decoders; towers eager")
     if args.freeze_text and args.frozen_text_cache:
