@@ -145,8 +145,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, device: str =
     from mqirtn_app import cli
 
     try:
-        return cli._load_model(name_or_path, trust_remote_code, cli._device(device))
-    except cli._CLIError as error:
+        return cli.load_model(name_or_path, trust_remote_code, cli.resolve_device(device))
+    except cli.CLIError as error:
         raise DemoError(str(error)) from None
 
 

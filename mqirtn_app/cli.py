@@ -32,7 +32,7 @@ from pathlib import Path
 from . import BACKENDS
 
 
-class _CLIError(Exception):
+class CLIError(Exception):
     """An error reported as one line, without a traceback."""
 
 
@@ -110,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str):
+def resolve_device(name: str):
     """The `torch.device` that `--device NAME` means in a single process; one-line errors for what is not there."""
     import torch
 
@@ -121,23 +121,23 @@ def _device(name: str):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise _CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+        raise CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise _CLIError(f"--device {name}: no CUDA device is available here")
+            raise CLIError(f"--device {name}: no CUDA device is available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+            raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise _CLIError(f"--device {name}: MPS is not available here")
+        raise CLIError(f"--device {name}: MPS is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise _CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+        raise CLIError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return device
 
 
 def _accelerator(device_name: str):
     """Under accelerate launch / torchrun (several processes): the Accelerator, on the CPU with `--device cpu`."""
     if device_name not in ("auto", "cpu"):
-        raise _CLIError(
+        raise CLIError(
             f"--device {device_name}: under accelerate launch / torchrun each process uses its own device; "
             "give --device auto (or cpu)"
         )
@@ -146,7 +146,7 @@ def _accelerator(device_name: str):
     return Accelerator(cpu=device_name == "cpu")
 
 
-def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None, dtype: str = "float32"):
+def load_model(name_or_path: str, trust_remote_code: bool = False, device=None, dtype: str = "float32"):
     """Model and processor of `name_or_path`: with this package's installed classes unless `trust_remote_code`; the
     model in `dtype` (a `--dtype` name) on `device` (a `torch.device`, default the CPU), in eval mode.
 
@@ -156,7 +156,7 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None,
     if (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))) and not os.path.isdir(
         os.path.expanduser(name_or_path)
     ):
-        raise _CLIError(f"the model folder {name_or_path!r} does not exist")
+        raise CLIError(f"the model folder {name_or_path!r} does not exist")
     import processing  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
     import torch
     from safetensors import SafetensorError
@@ -169,19 +169,19 @@ def _load_model(name_or_path: str, trust_remote_code: bool = False, device=None,
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         if not trust_remote_code and "custom code" in str(error):
-            raise _CLIError(
+            raise CLIError(
                 f"the model {name_or_path!r} is not an architecture this package installs and needs its own code to "
                 "load; pass --trust-remote-code to run it (only for a folder you trust)"
             ) from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise _CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
+        raise CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
     if not hasattr(model, "get_query_features"):
-        raise _CLIError(f"{name_or_path!r} is a {model.config.model_type!r} model, not an MQIRTN model")
+        raise CLIError(f"{name_or_path!r} is a {model.config.model_type!r} model, not an MQIRTN model")
     missing = sorted(loading.get("missing_keys") or ())
     if missing:
         # transformers would initialise them at random: an index or a search with random layers is silently wrong.
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise _CLIError(f"the weights of {name_or_path!r} lack {len(missing)} tensor(s) of the model ({shown})")
+        raise CLIError(f"the weights of {name_or_path!r} lack {len(missing)} tensor(s) of the model ({shown})")
     return model.to(device or "cpu").eval(), processor
 
 
@@ -193,16 +193,16 @@ def _index(args) -> int:
     from .index import IMAGE_EXTENSIONS, GalleryIndex, image_files
 
     if args.batch_size < 1:
-        raise _CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
-        raise _CLIError(f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}")
+        raise CLIError(f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}")
     if not Path(args.images).is_dir():
-        raise _CLIError(f"--images {args.images!r} does not exist or is not a folder")
+        raise CLIError(f"--images {args.images!r} does not exist or is not a folder")
     if not image_files(args.images):
-        raise _CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
+        raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
     accelerator = _accelerator(args.device) if _distributed() else None
-    device = accelerator.device if accelerator is not None else _device(args.device)
-    model, processor = _load_model(args.model, args.trust_remote_code, device, args.dtype)
+    device = accelerator.device if accelerator is not None else resolve_device(args.device)
+    model, processor = load_model(args.model, args.trust_remote_code, device, args.dtype)
     index = GalleryIndex.from_folder(
         model,
         processor,
@@ -235,16 +235,16 @@ def _check_model_code(index, model_name: str) -> None:
     from .index import model_code_digest
 
     if not index.model_code:
-        raise _CLIError(
+        raise CLIError(
             "the index records no digest of its model's code files, so --trust-remote-code would run whatever "
             f"{model_name!r} holds now; name the model with --model to run its code"
         )
     if not os.path.isdir(model_name):
-        raise _CLIError(f"the model folder {model_name!r} recorded in the index does not exist")
+        raise CLIError(f"the model folder {model_name!r} recorded in the index does not exist")
     current = model_code_digest(model_name)
     differing = sorted(name for name in set(current) | set(index.model_code) if current.get(name) != index.model_code.get(name))
     if differing:
-        raise _CLIError(
+        raise CLIError(
             f"the code files of {model_name!r} changed since the index was built ({', '.join(differing)}); refusing to "
             "run them: name the model with --model to run its code"
         )
@@ -255,21 +255,21 @@ def _search(args) -> int:
     from modeling_mqirtn import ComposedImageRetrievalPipeline
 
     if args.top_k < 1:
-        raise _CLIError(f"--top-k must be a positive integer, got {args.top_k}")
-    device = _device(args.device)
+        raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")
+    device = resolve_device(args.device)
     is_url = args.image.startswith(("http://", "https://"))
     if not is_url and not Path(args.image).is_file():
-        raise _CLIError(f"--image {args.image!r} does not exist")
+        raise CLIError(f"--image {args.image!r} does not exist")
     index = GalleryIndex.load(args.index, backend=args.backend)
     model_name = args.model or index.model_name_or_path
     if not model_name:
-        raise _CLIError(f"the index {args.index!r} does not record its model; pass --model")
+        raise CLIError(f"the index {args.index!r} does not record its model; pass --model")
     if index.fingerprint is None:
-        raise _CLIError(f"the index {args.index!r} records no model fingerprint, so no model can be checked against it; rebuild it")
+        raise CLIError(f"the index {args.index!r} records no model fingerprint, so no model can be checked against it; rebuild it")
     if args.trust_remote_code and not args.model:
         # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
         _check_model_code(index, model_name)
-    model, processor = _load_model(model_name, args.trust_remote_code, device, args.dtype)
+    model, processor = load_model(model_name, args.trust_remote_code, device, args.dtype)
     from .index import ModelMismatchError
 
     try:
@@ -279,13 +279,13 @@ def _search(args) -> int:
             raise
         # The fingerprint covers the weights in the dtype the index was built with: the same checkpoint in another
         # dtype differs too.
-        raise _CLIError(
+        raise CLIError(
             f"{error}; if the index was built from this model with another --dtype, search it with that --dtype "
             f"(this search loaded it in {args.dtype})"
         ) from error
     index.model, index.processor = model, processor
     if args.target is not None and args.target not in index.ids:
-        raise _CLIError(f"--target {args.target!r} is not an id of the index")
+        raise CLIError(f"--target {args.target!r} is not an id of the index")
 
     pipe = ComposedImageRetrievalPipeline(model=model, processor=processor, device=device)
     results = pipe(image=args.image, text=args.text, gallery=index, top_k=args.top_k)
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _index(args) if args.command == "index" else _search(args)
-    except (_CLIError, ModelMismatchError, DecodeWorkerError, ValueError, FileNotFoundError, ImportError, OSError) as error:
+    except (CLIError, ModelMismatchError, DecodeWorkerError, ValueError, FileNotFoundError, ImportError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -183,14 +183,14 @@ def test_device_cpu_dtype_bfloat16_index_and_search(workspace, monkeypatch, caps
     from mqirtn_app import cli
 
     loaded = []
-    original = cli._load_model
+    original = cli.load_model
 
     def recording(*args, **kwargs):
         model, processor = original(*args, **kwargs)
         loaded.append((model.dtype, model.device.type))
         return model, processor
 
-    monkeypatch.setattr(cli, "_load_model", recording)
+    monkeypatch.setattr(cli, "load_model", recording)
     root = workspace["root"]
     out = root / "index_bf16"
     assert main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(out),
