@@ -156,6 +156,15 @@ def processor(tmp_path):
     return tiny_processor(tmp_path)
 
 
+def one_error_line(capsys, prefix: str) -> str:
+    """The one stderr line starting with `prefix` (exactly one, no traceback): a one-line error of a command."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
 # ---------------------------------------------------------------------------------------------------- images
 SHAPE_COLORS = [(230, 30, 30), (40, 70, 240), (30, 170, 50), (245, 225, 0), (150, 50, 200), (0, 210, 220)]
 

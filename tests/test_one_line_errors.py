@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_model, tiny_processor, write_image_folder
+from conftest import one_error_line, tiny_model, tiny_processor, write_image_folder
 from safetensors.torch import load_file, save_file
 
 from modeling_mqirtn import save_for_hub
@@ -21,14 +21,6 @@ def workspace(tmp_path_factory):
     assert main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "index"),
                  "--no-progress"]) == 0  # fmt: skip
     return {"root": root, "query": str(images[0])}
-
-
-def one_error_line(capsys, prefix: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
 
 
 def damaged_model(root, name, damage):

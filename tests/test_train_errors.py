@@ -3,17 +3,9 @@ a config that cannot be built, a checkpoint that is not one) as one line and exi
 usage errors: never a traceback."""
 
 import pytest
-from conftest import TRAIN_DATA_ARGS
+from conftest import TRAIN_DATA_ARGS, one_error_line
 
 import train
-
-
-def one_error_line(capsys, prefix: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
 
 
 TINY_MODEL = [
