@@ -151,9 +151,16 @@ def tiny_processor(folder):
     return MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-@pytest.fixture
-def processor(tmp_path):
-    return tiny_processor(tmp_path)
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random MQIRTN model in eval mode, shared by the tests of a module (they only read it)."""
+    return tiny_model().eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    """A tiny processor, shared by the tests of a module (they only read it)."""
+    return tiny_processor(tmp_path_factory.mktemp("processor"))
 
 
 def one_error_line(capsys, prefix: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from conftest import tiny_model, tiny_processor
+from conftest import tiny_model
 from conftest import shape_image, write_image_folder
 from transformers.testing_utils import CaptureLogger
 
@@ -20,16 +20,6 @@ from mqirtn_app.index import GalleryIndex, ModelMismatchError, model_fingerprint
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model().eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return tiny_processor(tmp_path_factory.mktemp("processor"))
 
 
 def image_features(model, processor, images):

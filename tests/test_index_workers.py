@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shape_image, tiny_model, tiny_processor, write_image_folder
+from conftest import shape_image, write_image_folder
 from PIL import Image
 from transformers.testing_utils import CaptureLogger
 
@@ -23,16 +23,6 @@ from processing import processing_mqirtn
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model().eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return tiny_processor(tmp_path_factory.mktemp("processor"))
 
 
 @pytest.fixture(scope="module")

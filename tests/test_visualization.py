@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, tiny_processor
+from conftest import tiny_model
 from PIL import Image
 from conftest import shape_image
 
@@ -13,16 +13,6 @@ from mqirtn_app.visualization import (
     save_attention_map,
     save_results_grid,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model().eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return tiny_processor(tmp_path_factory.mktemp("processor"))
 
 
 def not_blank(image: Image.Image) -> bool:
