@@ -112,12 +112,49 @@ def _warn_skipped(skipped: list[str], total: int) -> None:
     logger.warning(f"Skipped {len(skipped)} unreadable image(s) of {total}: {shown}")
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    """`entry.is_file()`, False for a link loop or an entry gone meanwhile (as `Path.is_file`)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _image_entries(root: Path) -> list[tuple[tuple[str, ...], str]]:
+    """`(relative path parts, path)` of the image files under `root`, sorted by parts: files and links to files,
+    folders entered but not links to folders (as `Path.rglob`), unreadable folders passed over. `os.scandir` knows
+    each entry's kind without a `stat` (one per link only): 4,096 files and their ids in ~28 ms here, against ~105 ms
+    with `rglob` + `is_file` + `relative_to` (4 % of indexing a folder of 48 px images with one worker)."""
+    found, folders = [], [((), str(root))]
+    while folders:
+        parts, folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                entries = list(entries)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(((*parts, entry.name), entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and _is_file(entry):
+                found.append(((*parts, entry.name), entry.path))
+    found.sort()
+    return found
+
+
 def image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files (by extension, case-insensitive: `IMAGE_EXTENSIONS`) under `folder`, recursively, sorted."""
+    """Image files (by extension, case-insensitive: `IMAGE_EXTENSIONS`) under `folder`, recursively, sorted by their
+    relative path's parts (links to files included, links to folders not followed)."""
+    return [Path(path) for _, path in _image_files_and_ids(folder)[0]]
+
+
+def _image_files_and_ids(folder: str | os.PathLike) -> tuple[list[tuple[tuple[str, ...], str]], list[str]]:
+    """`image_files`' entries and their ids, the relative POSIX paths."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"`folder` {str(folder)!r} does not exist or is not a directory")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    entries = _image_entries(root)
+    return entries, ["/".join(parts) for parts, _ in entries]
 
 
 class DecodeWorkerError(RuntimeError):
@@ -173,20 +210,59 @@ def _decode_batch(images: Sequence, processor, start: int, stop: int) -> dict:
     return {"pixel_values": pixel_values, "positions": positions, "skipped": skipped, "size": stop - start}
 
 
-class _BatchDecoder(torch.utils.data.Dataset):
-    """Batch `b` (of `batch_size` images) of `images`, decoded and preprocessed: `_decode_batch`. Holds the images and
-    the processor only, never the model, so a DataLoader worker (fork or spawn) gets nothing else. In a worker an
-    unexpected error comes back as a one-line record (raised as `DecodeWorkerError`), not a worker traceback."""
+# Bytes of pixel values a decoding worker hands to this process at once (at least one model batch). Each hand-off has
+# a fixed cost (the DataLoader's queues and the shared-memory tensor's file descriptor: 0.5-1.4 ms here), 5-9 % of
+# the model's time on a 32-image batch of 48 px images, so small images travel several model batches at a time;
+# 224 px images (19 MB a batch of 32) one batch at a time. benchmarks/README.md, "Indexing from a folder".
+_HANDOFF_BYTES = 8 * 1024 * 1024
 
-    def __init__(self, images: Sequence, processor, batch_size: int):
-        self.images, self.processor, self.batch_size = images, processor, batch_size
+
+def _handoff_ranges(count: int, batch_size: int, pixel_bytes: int | None, num_workers: int) -> list[tuple[int, int]]:
+    """The image ranges `[start, stop)` decoded as one unit, each made of whole model batches of `batch_size`.
+
+    Without workers each unit is one batch. With workers the first units are one batch each (the first is decoded in
+    this process while the workers start, the model's first batches should not wait for a large unit), then they
+    double up to `_HANDOFF_BYTES` (`pixel_bytes` per image; unknown: one batch). Decoding is several times faster than
+    the tower where large units pay off, so a worker doubling its unit stays ahead of the model.
+    """
+    per_unit = 1
+    if num_workers > 0 and pixel_bytes:
+        per_unit = max(1, _HANDOFF_BYTES // (batch_size * pixel_bytes))
+    ranges, batch, size = [], 0, 1
+    batches = math.ceil(count / batch_size)
+    while batch < batches:
+        take = min(size, batches - batch)
+        ranges.append((batch * batch_size, min((batch + take) * batch_size, count)))
+        batch += take
+        if len(ranges) > 1:  # units 0 and 1 are single batches, then 2, 4, ... up to per_unit
+            size = min(2 * size, per_unit)
+    return ranges
+
+
+def _pixel_bytes(processor) -> int | None:
+    """Bytes of one image's float32 pixel values when the image processor gives every image one height x width."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    try:
+        height, width = size["height"], size["width"]
+    except (TypeError, KeyError):
+        return None
+    return 3 * int(height) * int(width) * 4 if height and width else None
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Unit `u` of `images` (the range `ranges[u]`, whole model batches), decoded and preprocessed: `_decode_batch`.
+    Holds the images and the processor only, never the model, so a DataLoader worker (fork or spawn) gets nothing
+    else. In a worker an unexpected error comes back as a one-line record (raised as `DecodeWorkerError`), not a
+    worker traceback."""
+
+    def __init__(self, images: Sequence, processor, ranges: list[tuple[int, int]]):
+        self.images, self.processor, self.ranges = images, processor, ranges
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return len(self.ranges)
 
-    def __getitem__(self, batch: int) -> dict:
-        start = batch * self.batch_size
-        stop = min(start + self.batch_size, len(self.images))
+    def __getitem__(self, unit: int) -> dict:
+        start, stop = self.ranges[unit]
         if torch.utils.data.get_worker_info() is None:
             return _decode_batch(self.images, self.processor, start, stop)
         try:
@@ -210,22 +286,22 @@ def _init_decode_worker(max_image_pixels: int | None, worker_id: int) -> None:
     processing_mqirtn.MAX_IMAGE_PIXELS = max_image_pixels
 
 
-# Batches each decoding worker may hold ready ahead of the model (DataLoader's `prefetch_factor`).
+# Units each decoding worker may hold ready ahead of the model (DataLoader's `prefetch_factor`).
 _PREFETCH_BATCHES = 2
 
 
-def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
-    """`decoder`'s batches in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
-    caller runs the model (2 batches ahead per worker), into pinned memory when `pin_memory`. With workers, the first
-    batch is still decoded here while the workers start (tens of milliseconds with fork, seconds with spawn)."""
+def _decoded_units(decoder: _BatchDecoder, num_workers: int, pin_memory: bool):
+    """`decoder`'s units in order: decoded here (`num_workers=0`) or by DataLoader workers that prefetch while the
+    caller runs the model (2 units ahead per worker), into pinned memory when `pin_memory`. With workers, the first
+    unit is still decoded here while the workers start (tens of milliseconds with fork, seconds with spawn)."""
     num_workers = min(num_workers, len(decoder) - 1)
     if num_workers <= 0:
-        for batch in range(len(decoder)):
-            yield decoder[batch]
+        for unit in range(len(decoder)):
+            yield decoder[unit]
         return
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(decoder, range(1, len(decoder))),
-        batch_size=None,  # each item is a batch
+        batch_size=None,  # each item is a unit
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_keep_batch,
@@ -233,17 +309,17 @@ def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool)
         worker_init_fn=functools.partial(_init_decode_worker, processing_mqirtn.MAX_IMAGE_PIXELS),
         prefetch_factor=_PREFETCH_BATCHES,
     )
-    iterator = iter(loader)  # starts the workers, which start on batches 1, 2, ...
+    iterator = iter(loader)  # starts the workers, which start on units 1, 2, ...
     try:
         yield decoder[0]
         while True:
             try:
-                batch = next(iterator)
+                unit = next(iterator)
             except StopIteration:
                 return
             except (RuntimeError, OSError, EOFError) as error:
                 # A worker died (killed, out of memory): DataLoader's own RuntimeError, or, when it died while this
-                # process was fetching a batch's shared memory from it, a refused or reset connection.
+                # process was fetching a unit's shared memory from it, a refused or reset connection.
                 first_line = (str(error).strip().splitlines() or [""])[0]
                 if not isinstance(error, RuntimeError) or not first_line:
                     first_line = f"{type(error).__name__}: {first_line}".rstrip(": ")
@@ -251,11 +327,31 @@ def _decoded_batches(decoder: _BatchDecoder, num_workers: int, pin_memory: bool)
                     f"decoding the gallery images in {num_workers} DataLoader worker(s) failed: {first_line}; "
                     "num_workers=0 decodes in this process"
                 ) from None
-            if "error" in batch:
-                raise DecodeWorkerError(batch["error"])
-            yield batch
+            if "error" in unit:
+                raise DecodeWorkerError(unit["error"])
+            yield unit
     finally:
         del iterator  # shuts the workers down now, also when the caller stops early
+
+
+def _model_batches(unit: dict, start: int, batch_size: int):
+    """The model batches of a decoded unit covering images `[start, start + unit["size"])`: dicts like the unit's,
+    for the images of `[start, start + batch_size)`, `[start + batch_size, ...)`, ... (the same forward passes
+    whatever the unit's size); the unit's skipped files go with its first batch."""
+    positions, pixel_values, row = unit["positions"], unit["pixel_values"], 0
+    stop = start + unit["size"]
+    for first in range(start, stop, batch_size):
+        last = min(first + batch_size, stop)
+        rows = row
+        while rows < len(positions) and positions[rows] < last:
+            rows += 1
+        yield {
+            "pixel_values": pixel_values[row:rows] if rows > row else None,
+            "positions": positions[row:rows],
+            "skipped": unit["skipped"] if first == start else [],
+            "size": last - first,
+        }
+        row = rows
 
 
 @torch.inference_mode()
@@ -283,12 +379,14 @@ def embed_images(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
     num_workers = check_num_workers(num_workers)
     parameter = next(model.parameters())
-    decoder = _BatchDecoder(images, processor, batch_size)
+    ranges = _handoff_ranges(len(images), batch_size, _pixel_bytes(processor), num_workers)
+    decoder = _BatchDecoder(images, processor, ranges)
     chunks, kept, skipped = [], [], []
     pending = None  # the last batch's embeddings, left on the device until the next batch is queued
-    batches = _decoded_batches(decoder, num_workers, pin_memory=parameter.device.type == "cuda")
+    units = _decoded_units(decoder, num_workers, pin_memory=parameter.device.type == "cuda")
+    batches = (batch for (start, _), unit in zip(ranges, units) for batch in _model_batches(unit, start, batch_size))
     # `closing`: the workers stop as soon as this returns or raises (not when the traceback is freed).
-    with closing(batches), tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
+    with closing(units), tqdm(total=len(images), desc=description, unit="img", disable=not progress) as bar:
         for batch in batches:
             if batch["pixel_values"] is not None:
                 pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype, non_blocking=True)
@@ -634,7 +732,8 @@ class GalleryIndex:
 
         The other keyword arguments are those of `from_images`.
         """
-        files = image_files(folder)
+        entries, ids = _image_files_and_ids(folder)
+        files = [Path(path) for _, path in entries]
         if not files:
             raise ValueError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"
@@ -645,7 +744,6 @@ class GalleryIndex:
             shard = math.ceil(len(files) / (1 if accelerator is None else accelerator.num_processes))
             device = next(model.parameters()).device
             num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes, device)
-        ids = [path.relative_to(folder).as_posix() for path in files]
         return cls.from_images(model, processor, files, ids, root=folder, num_workers=num_workers, **kwargs)
 
     @classmethod

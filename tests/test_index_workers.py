@@ -2,6 +2,7 @@
 main process (embeddings bit for bit, ids, skipped files and their warning), with fork and spawn, the pixel cap set at
 run time, the sharded path, and one-line errors."""
 
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,73 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers(1000, 32, device=cpu) == 0 and default_num_workers(1000, 32, device=cuda) == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_num_workers(1000, 32, device=cuda) == 0
+
+
+def test_handoff_units_are_whole_batches_that_grow_to_the_byte_budget():
+    for count, batch_size, pixel_bytes, workers in [(13, 2, 12288, 1), (4096, 32, 27648, 1), (1000, 7, 27648, 3),
+                                                   (4096, 32, 602112, 4), (10, 32, 27648, 2), (500, 8, None, 1)]:
+        ranges = gallery_index._handoff_ranges(count, batch_size, pixel_bytes, workers)
+        assert ranges[0][0] == 0 and ranges[-1][1] == count
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
+        assert all(start % batch_size == 0 for start, _ in ranges)  # whole model batches
+        sizes = [math.ceil((stop - start) / batch_size) for start, stop in ranges]
+        cap = max(1, gallery_index._HANDOFF_BYTES // (batch_size * (pixel_bytes or gallery_index._HANDOFF_BYTES)))
+        assert sizes[:2] == [1, 1][: len(sizes)] and max(sizes) <= cap
+        assert all(b <= 2 * a for a, b in zip(sizes, sizes[1:]))  # doubling at most
+        without = gallery_index._handoff_ranges(count, batch_size, pixel_bytes, 0)
+        assert without == [(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
+    # 48 px images in batches of 32: 9 batches (288 images, 8 MB) a unit after the ramp; 224 px: one batch
+    assert max(stop - start for start, stop in gallery_index._handoff_ranges(4096, 32, 27648, 1)) == 288
+    assert max(stop - start for start, stop in gallery_index._handoff_ranges(4096, 32, 602112, 1)) == 32
+
+
+class RecordingModel(torch.nn.Module):
+    """Records the pixel values of each forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.inputs = model, model.config, []
+
+    def get_image_features(self, pixel_values):
+        self.inputs.append(pixel_values.clone())
+        return self.inner.get_image_features(pixel_values=pixel_values)
+
+
+def test_units_of_several_batches_make_the_same_forward_passes(model, processor, gallery):
+    """With workers the files travel in units of several batches (here 1, 1, 2 and 3 batches of 2, skipped files
+    inside), yet the model sees the same batches as without workers: the same forward passes, bit for bit."""
+    files = gallery_index.image_files(gallery)
+    assert [b - a for a, b in gallery_index._handoff_ranges(len(files), 2, gallery_index._pixel_bytes(processor), 1)] == [2, 2, 4, 5]
+    runs = []
+    for workers in (0, 1, 2):
+        recorder = RecordingModel(model)
+        embeddings, kept, skipped = embed_images(recorder, processor, files, batch_size=2, num_workers=workers, progress=False)
+        runs.append((recorder.inputs, embeddings, kept, skipped))
+    (inputs, embeddings, kept, skipped), others = runs[0], runs[1:]
+    assert len(skipped) == 2 and [x.shape[0] for x in inputs] == [1, 2, 2, 2, 2, 2] and len(kept) == 11
+    for other_inputs, other_embeddings, other_kept, other_skipped in others:
+        assert len(other_inputs) == len(inputs) and all(torch.equal(a, b) for a, b in zip(inputs, other_inputs))
+        assert torch.equal(other_embeddings, embeddings) and other_kept == kept and other_skipped == skipped
+
+
+def test_image_files_are_listed_like_rglob_sorted_by_parts(tmp_path):
+    """Nested folders, upper-case suffixes and hidden files are in; links to files in, links to folders not
+    followed; broken links, link loops, fifos and other suffixes out; sorted by path parts (`a/b` before `a-c`)."""
+    root = tmp_path / "gallery"
+    for name in ("a/b.jpg", "a-c.jpg", "z/y/x.PNG", ".hidden.webp", "real/inside.jpg", "notes.txt", "a/deep/d.jpeg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    os.symlink(root / "real", root / "a" / "linked_folder")
+    os.symlink(root / "real" / "inside.jpg", root / "linked_file.jpg")
+    os.symlink(root / "nowhere.jpg", root / "broken.jpg")
+    os.symlink(root / "loop.jpg", root / "loop.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    expected = [".hidden.webp", "a/b.jpg", "a/deep/d.jpeg", "a-c.jpg", "linked_file.jpg", "real/inside.jpg", "z/y/x.PNG"]
+    assert gallery_index.image_files(root) == [root / name for name in expected]
+    entries, ids = gallery_index._image_files_and_ids(root)
+    assert ids == expected and [path for _, path in entries] == [str(root / name) for name in expected]
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a directory"):
+        gallery_index.image_files(root / "a" / "b.jpg")
 
 
 class FailingProcessor:
