@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,7 +148,20 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
             assert len(index) == count
         return run
 
+    def tower_beside_busy_process():
+        """The tower while another process spins a pure-Python loop (no memory traffic, no vector units): what any
+        activity on the other core costs the tower on this machine, the ceiling of decoding beside it."""
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.2)  # started and running
+            return time_it(tower)  # the busy process is not this process's child until it is reaped
+        finally:
+            busy.kill()
+            busy.wait()
+
     candidates = {"tower": tower, "decode_only": decode_all}
+    if args.busy_neighbour:
+        candidates["tower_beside_busy_process"] = tower_beside_busy_process
     candidates.update({f"end_to_end_w{w}": end_to_end(w) for w in args.workers})
     times = {name: [] for name in candidates}
     cpu = {name: [] for name in candidates}
@@ -157,7 +171,10 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
     for repeat in range(args.repeats):
         order = names if repeat % 2 == 0 else names[::-1]  # alternate, so drifts of the machine fall on both sides
         for name in order:
-            wall, used = time_it(candidates[name])
+            if name == "tower_beside_busy_process":  # times itself (not the busy process's start)
+                wall, used = candidates[name]()
+            else:
+                wall, used = time_it(candidates[name])
             times[name].append(wall)
             cpu[name].append(used)
     result = {}
@@ -170,7 +187,7 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
                         "cores_busy": round(cpu_median / median, 2)}
     tower_rate = result["tower"]["images_per_s"]
     for name in result:
-        if name.startswith("end_to_end") or name == "decode_only":
+        if name.startswith("end_to_end") or name in ("decode_only", "tower_beside_busy_process"):
             result[name]["ratio_to_tower"] = round(result[name]["images_per_s"] / tower_rate, 3)
     return result
 
@@ -188,6 +205,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--busy-neighbour", action="store_true",
+                        help="also time the tower while another process spins a pure-Python loop on the other core")
     parser.add_argument("--quick", action="store_true", help="tiny model and gallery; the figures mean nothing")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "index_speed.json"))
     args = parser.parse_args(argv)
@@ -213,7 +232,7 @@ def main(argv=None) -> dict:
         for source in args.sources:
             sides, _, count = source.partition(":")
             low, high = (int(x) for x in sides.split("-"))
-            folder = Path(tmp) / f"jpeg_{sides}"
+            folder = Path(tmp) / f"jpeg_{sides}_{count or args.images}"
             files = write_gallery(folder, int(count or args.images), low, high)
             galleries[source] = (folder, files, sum(p.stat().st_size for p in files) / len(files))
         for size in args.sizes:
