@@ -26,6 +26,20 @@ CUSTOM_PIPELINES = {
 }
 
 
+def check_embedding_pair(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor) -> None:
+    """`ValueError` unless both are 2-D `(count, dim)` with the same `dim` (the check of every search and metric)."""
+    if query_embeds.dim() != 2 or gallery_embeds.dim() != 2:
+        raise ValueError(
+            f"`query_embeds` and `gallery_embeds` must be 2-D (count, dim), got {tuple(query_embeds.shape)} and "
+            f"{tuple(gallery_embeds.shape)}"
+        )
+    if query_embeds.shape[1] != gallery_embeds.shape[1]:
+        raise ValueError(
+            f"`query_embeds` and `gallery_embeds` must have the same dim, got {query_embeds.shape[1]} and "
+            f"{gallery_embeds.shape[1]}"
+        )
+
+
 def exact_search(
     query_embeds: torch.Tensor,
     gallery_embeds: torch.Tensor,
@@ -61,15 +75,7 @@ def exact_search(
     ...              gallery_exclude=torch.tensor([-1, 1, 1]))[1].tolist()
     [[0, -1, -1]]
     """
-    if query_embeds.dim() != 2 or gallery_embeds.dim() != 2:
-        raise ValueError(
-            f"`query_embeds` and `gallery_embeds` must be 2-D (count, dim), got {tuple(query_embeds.shape)} and "
-            f"{tuple(gallery_embeds.shape)}"
-        )
-    if query_embeds.shape[1] != gallery_embeds.shape[1]:
-        raise ValueError(
-            f"`query_embeds` has dimension {query_embeds.shape[1]} but `gallery_embeds` has {gallery_embeds.shape[1]}"
-        )
+    check_embedding_pair(query_embeds, gallery_embeds)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
     for name, value in (("block_size", block_size), ("query_batch_size", query_batch_size)):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from modeling_mqirtn.pipeline_mqirtn import exact_search
+from modeling_mqirtn.pipeline_mqirtn import check_embedding_pair, exact_search
 
 
 logger = logging.get_logger(__name__)
@@ -56,18 +56,6 @@ CIRR_SUBSET_KS: tuple[int, ...] = (1, 2, 3)
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 # 16M floats (64 MiB) of similarities per block.
 DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 24
-
-
-def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor) -> None:
-    if query_embeds.ndim != 2 or gallery_embeds.ndim != 2:
-        raise ValueError(
-            f"Expected 2-D `query_embeds` (num_queries, dim) and `gallery_embeds` (num_galleries, dim), "
-            f"got shapes {tuple(query_embeds.shape)} and {tuple(gallery_embeds.shape)}"
-        )
-    if query_embeds.shape[1] != gallery_embeds.shape[1]:
-        raise ValueError(
-            f"`query_embeds` and `gallery_embeds` must have the same dim, got {query_embeds.shape[1]} and {gallery_embeds.shape[1]}"
-        )
 
 
 def _check_length(name: str, values: Sequence | torch.Tensor, expected: int, of: str) -> None:
@@ -124,7 +112,7 @@ def rank_gallery(
         (num_queries, min(k, num_galleries)) long tensor of gallery indices; ``-1`` marks positions past the
         end of a ranking shortened by removals.
     """
-    _check_embeddings(query_embeds, gallery_embeds)
+    check_embedding_pair(query_embeds, gallery_embeds)
     num_queries, num_galleries = query_embeds.shape[0], gallery_embeds.shape[0]
     k = min(k, num_galleries)
     if num_queries == 0 or k == 0:
@@ -185,7 +173,7 @@ def _match_recall(
     max_block_elements: int,
 ) -> dict[str, float]:
     """Shared core: rank, optionally remove the reference by id, count label matches."""
-    _check_embeddings(query_embeds, gallery_embeds)
+    check_embedding_pair(query_embeds, gallery_embeds)
     ks = _check_ks(ks)
     _check_length("query labels", query_labels, query_embeds.shape[0], "query")
     _check_length("gallery labels", gallery_labels, gallery_embeds.shape[0], "gallery item")
@@ -274,7 +262,7 @@ def evaluate_fashioniq(
     Returns ``{"{cat}_recall@K": ...}`` per category present, ``"average_recall@K"`` (mean over categories) and
     ``"average"`` (mean of the ``average_recall@K`` values, the usual headline number).
     """
-    _check_embeddings(query_embeds, gallery_embeds)
+    check_embedding_pair(query_embeds, gallery_embeds)
     ks = _check_ks(ks)
     _check_length("query_categories", query_categories, query_embeds.shape[0], "query")
     _check_length("gallery_categories", gallery_categories, gallery_embeds.shape[0], "gallery item")
@@ -331,7 +319,7 @@ def rank_subsets(
     Returns:
         (num_queries, width) gallery indices sorted by similarity, best first, padding (``-1``) last.
     """
-    _check_embeddings(query_embeds, gallery_embeds)
+    check_embedding_pair(query_embeds, gallery_embeds)
     num_queries, width = subset_indices.shape
     if width == 0:
         return subset_indices.clone()
@@ -506,7 +494,7 @@ def cirr_submission_dicts(
 ) -> tuple[dict, dict]:
     """The two CIRR test-server payloads: ``{"version": "rc2", "metric": "recall", "<pairid>": [top-50 names]}`` and
     ``{"version": "rc2", "metric": "recall_subset", "<pairid>": [top-3 names within the subset]}``, references removed."""
-    _check_embeddings(query_embeds, gallery_embeds)
+    check_embedding_pair(query_embeds, gallery_embeds)
     for name, values in (("pair_ids", pair_ids), ("reference_ids", reference_ids), ("subset_ids", subset_ids)):
         _check_length(name, values, query_embeds.shape[0], "query")
     _check_length("gallery_ids", gallery_ids, gallery_embeds.shape[0], "gallery item")
