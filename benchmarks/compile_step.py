@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from machine_info import machine
+    from machine_info import machine, write_json
 
     if args.equivalence:
         result = equivalence(args.equivalence, args.scope, args.experiment, args.dtypes.split(","), args.device)
@@ -250,8 +250,7 @@ def main(argv=None) -> dict:
                       command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         name = f"compile_equivalence_{args.equivalence}_{args.scope}_{args.experiment}{'' if args.device == 'cpu' else '_' + args.device}.json"
         output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / name)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(output, result)
         print(json.dumps(result, indent=1))
         return result
 
@@ -302,8 +301,7 @@ def main(argv=None) -> dict:
             f"first loss differs by {figures['first_loss_minus_eager']:.2g}")
         print(f"{name:>15}: step {figures['median_step_cpu_s']:.3f} s CPU{ratio}")
     output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / f"compile_step{'_tiny' if args.tiny else ''}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output, result)
     print(f"wrote {output}")
     return result
 

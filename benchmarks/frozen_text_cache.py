@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
 
     import train
-    from machine_info import machine
+    from machine_info import machine, write_json
     from torch.utils.data import DataLoader
 
     train_args = train.parse_args([])
@@ -99,8 +98,7 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/frozen_text_cache.py " + " ".join(argv or sys.argv[1:]),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     for phase in ("first_pass", "warm"):
         figures = result[phase]
         print(

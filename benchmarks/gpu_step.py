@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -49,6 +48,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel  # noqa: E402
+
+from benchmarks.machine_info import write_json  # noqa: E402
 
 
 def _load_speed_module():
@@ -316,8 +317,7 @@ def main(argv=None):
           f"FLOPs per sample {show(flops_ratio)}x; "
           f"MQIRTN / towers-only on the same triplets: {show(report['ratio_vs_towers_contrastive'])}")
     output = args.output or REPO_ROOT / "benchmarks" / "results" / ("speed_gpu_tiny.json" if args.tiny else "speed_gpu.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output, report)
     print(f"wrote {output}")
     return report
 

@@ -24,7 +24,6 @@ and 1024 photo-like ones (a random side between 256 and 512 px per image): `--so
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -214,7 +213,7 @@ def main(argv=None) -> dict:
         args.sources, args.threads, args.workers, args.repeats = ["32-64:12"], [1], [0, 2], 1
         args.batch_size = 4
 
-    from machine_info import machine
+    from machine_info import machine, write_json
 
     started, load_before = time.perf_counter(), load_average()
     record = {
@@ -257,8 +256,7 @@ def main(argv=None) -> dict:
     record["load_average_after"] = load_average()
     record["seconds"] = round(time.perf_counter() - started, 1)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(output, record, indent=1)
     print(f"Wrote {output} ({record['seconds']} s)")
     return record
 

@@ -1,7 +1,9 @@
-"""The machine a benchmark ran on, for its JSON record (shared by the benchmark scripts)."""
+"""The machine a benchmark ran on, for its JSON record, and writing that record (shared by the benchmark scripts)."""
 
+import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -15,3 +17,14 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def write_json(path: str | os.PathLike, record, indent: int = 2) -> Path:
+    """Writes `record` as JSON to `path` (folders made), atomically: a run killed meanwhile leaves the previous
+    results file whole, never half of the new one."""
+    from mqirtn_app.atomic import write_bytes_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(record, indent=indent) + "\n").encode())
+    return path

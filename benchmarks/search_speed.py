@@ -20,7 +20,6 @@ Writes the table and the machine to `--output` (JSON; default benchmarks/results
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine_info import machine  # noqa: E402
+from benchmarks.machine_info import machine, write_json  # noqa: E402
 from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 
@@ -145,8 +144,7 @@ def main(argv=None):
             for backend, build, qps, recall, settings in rows
         ],
     }  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"Wrote {args.output}")
 
 

@@ -55,6 +55,7 @@ from transformers import BertConfig, ViTConfig  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
 from benchmarks.machine_info import machine as machine_info  # noqa: E402
+from benchmarks.machine_info import write_json  # noqa: E402
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # noqa: E402
 from modeling_mqirtn.fusion_mqirtn import masked_mean  # noqa: E402
 from modeling_mqirtn.losses_mqirtn import MQIRTNSoftTripletLoss  # noqa: E402
@@ -724,8 +725,7 @@ def main(argv=None):
               f"{g['search_peak_mib']:.1f} MiB = {g['search_ratio']:.2f}x raw{rss}")
     report["total_s"] = time.perf_counter() - started
     output = args.output or REPO_ROOT / "benchmarks" / "results" / ("speed_quick.json" if args.quick else "speed.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output, report)
     print(f"wrote {output} in {report['total_s']:.0f} s")
     return report
 
