@@ -122,3 +122,16 @@ def test_search_speed_tiny_writes_json(tmp_path):
     assert rows["faiss-flat"]["recall_at_k"] > 0.99  # exact too, up to float ties
     assert rows["faiss-ivf"]["settings"]["nlist"] == min(int(4 * 3000**0.5), 3000 // 39)
     assert all(row["queries_per_s"] > 0 and 0 <= row["recall_at_k"] <= 1 for row in rows.values())
+
+
+def test_pixel_path_quick_writes_json(tmp_path):
+    output = tmp_path / "pixel_path.json"
+    _load("pixel_path").main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert {"date", "command", "machine", "results"} <= set(report)
+    assert [(r["source"], r["target_px"]) for r in report["results"]] == [
+        ("48 px", 48), ("48 px", 224), ("256-512 px", 48), ("256-512 px", 224)
+    ]
+    for entry in report["results"]:
+        assert entry["bit_identical"] is True
+        assert all(value > 0 for value in entry["ms_per_image"].values()) and entry["ratio"] > 0
