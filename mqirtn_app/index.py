@@ -15,6 +15,7 @@ in DataLoader workers that prefetch while the model embeds (`num_workers`), with
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -145,16 +146,16 @@ def _image_entries(root: Path) -> list[tuple[tuple[str, ...], str]]:
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """Image files (by extension, case-insensitive: `IMAGE_EXTENSIONS`) under `folder`, recursively, sorted by their
     relative path's parts (links to files included, links to folders not followed)."""
-    return [Path(path) for _, path in _image_files_and_ids(folder)[0]]
+    return _image_files_and_ids(folder)[0]
 
 
-def _image_files_and_ids(folder: str | os.PathLike) -> tuple[list[tuple[tuple[str, ...], str]], list[str]]:
-    """`image_files`' entries and their ids, the relative POSIX paths."""
+def _image_files_and_ids(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """`image_files` and their ids, the relative POSIX paths."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"`folder` {str(folder)!r} does not exist or is not a directory")
     entries = _image_entries(root)
-    return entries, ["/".join(parts) for parts, _ in entries]
+    return [Path(path) for _, path in entries], ["/".join(parts) for parts, _ in entries]
 
 
 class DecodeWorkerError(RuntimeError):
@@ -342,9 +343,7 @@ def _model_batches(unit: dict, start: int, batch_size: int):
     stop = start + unit["size"]
     for first in range(start, stop, batch_size):
         last = min(first + batch_size, stop)
-        rows = row
-        while rows < len(positions) and positions[rows] < last:
-            rows += 1
+        rows = bisect.bisect_left(positions, last, lo=row)  # positions are ascending
         yield {
             "pixel_values": pixel_values[row:rows] if rows > row else None,
             "positions": positions[row:rows],
@@ -732,8 +731,7 @@ class GalleryIndex:
 
         The other keyword arguments are those of `from_images`.
         """
-        entries, ids = _image_files_and_ids(folder)
-        files = [Path(path) for _, path in entries]
+        files, ids = _image_files_and_ids(folder)
         if not files:
             raise ValueError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"

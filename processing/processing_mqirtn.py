@@ -242,8 +242,7 @@ def _resize_rescale_normalize_recipe(image_processor) -> tuple | None:
     if not height or not width or any(value is not None for value in size.values()):
         return None  # shortest_edge, max_height, ...: sizes that depend on the image
     # Channels first, like the backend's own images: channel c holds the 256 byte values.
-    bytes_image = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
-    values = bytes_image
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
     if do_rescale:
         values = image_processor.rescale(values, rescale_factor)
     if do_normalize:

@@ -176,8 +176,8 @@ def test_image_files_are_listed_like_rglob_sorted_by_parts(tmp_path):
     os.mkfifo(root / "pipe.jpg")
     expected = [".hidden.webp", "a/b.jpg", "a/deep/d.jpeg", "a-c.jpg", "linked_file.jpg", "real/inside.jpg", "z/y/x.PNG"]
     assert gallery_index.image_files(root) == [root / name for name in expected]
-    entries, ids = gallery_index._image_files_and_ids(root)
-    assert ids == expected and [path for _, path in entries] == [str(root / name) for name in expected]
+    files, ids = gallery_index._image_files_and_ids(root)
+    assert ids == expected and files == [root / name for name in expected]
     with pytest.raises(FileNotFoundError, match="does not exist or is not a directory"):
         gallery_index.image_files(root / "a" / "b.jpg")
 
