@@ -168,12 +168,16 @@ def add_model_arguments(parser) -> None:
     model.add_argument("--max_text_length", type=_positive_int, default=40, help="Modification texts are cut to this many tokens.")
     model.add_argument(
         "--composition", choices=_LazyChoices(lambda: sorted(COMPOSITIONS)), metavar="NAME", default="mqirtn",
-        help="How the query is composed: mqirtn, composeae, tirg, realspace_concat, image_only or text_only (baselines).",
+        help="How the query is composed: mqirtn (this package's default), mqirtn_paper (MQIRTN as published: fusion + "
+        "ComposeAE's modules, no image residual), or a baseline: composeae, tirg, realspace_concat, image_only, text_only.",
     )
     model.add_argument("--projection_dim", type=_positive_int, default=256, help="Dimension of the query and gallery embeddings.")
     model.add_argument("--num_fusion_layers", type=_non_negative_int, default=2, help="Cross-attention layers between image and text tokens (0: no fusion).")
     model.add_argument("--fusion_num_heads", type=_positive_int, default=4, help="Attention heads of the fusion layers (must divide --projection_dim).")
-    model.add_argument("--no_image_residual", action="store_true", help="Ablation: no gated residual of the reference in the query.")
+    model.add_argument(
+        "--no_image_residual", action="store_true",
+        help="Ablation of --composition mqirtn: no gated residual of the reference in the query (mqirtn_paper has none).",
+    )
     model.add_argument(
         "--loss_type", choices=_LazyChoices(lambda: LOSS_TYPES), metavar="NAME", default=None,
         help="Metric-learning loss: batch_based_classification (in-batch softmax, the config's default) or soft_triplet "
@@ -423,6 +427,8 @@ def check_model_arguments(parser, args) -> None:
         parser.error(f"--text_hidden_size ({args.text_hidden_size}) must be divisible by --text_num_attention_heads ({args.text_num_attention_heads})")
     if args.projection_dim % args.fusion_num_heads:
         parser.error(f"--projection_dim ({args.projection_dim}) must be divisible by --fusion_num_heads ({args.fusion_num_heads})")
+    if args.no_image_residual and COMPOSITIONS[args.composition]["image_residual"] is None:
+        parser.error(f"--no_image_residual applies to the compositions with an image residual (mqirtn, mqirtn_paper), not {args.composition}")
 
 
 def check_training_arguments(parser, args) -> None:
@@ -576,7 +582,7 @@ def build_model_and_processor(args):
         num_fusion_layers=args.num_fusion_layers,
         fusion_num_heads=args.fusion_num_heads,
         composition=args.composition,
-        image_residual=not args.no_image_residual,
+        image_residual=False if args.no_image_residual else None,
     )
     # Unset flags defer to MQIRTNConfig's defaults (one default for the config and train.py).
     for name in ("loss_type", "logit_scale_init_value"):
@@ -1201,7 +1207,10 @@ class TrainingRun:
             "training wall time (s)": round(seconds, 1),
             "training samples/s": samples_per_second,
         }
-        for key in ("angle_rms", "angle_share_over_quarter_pi", "composition_norm_share", "loss_symmetric", "loss_symmetric_same_rotation"):
+        for key in (
+            "angle_spread_across_texts", "angle_text_share", "composition_norm_share", "loss_symmetric",
+            "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation", "loss_symmetric_same_rotation",
+        ):
             if key in self.diagnostics.get("end", {}):
                 card[f"after training: {key}"] = self.diagnostics["end"][key]
         state = {

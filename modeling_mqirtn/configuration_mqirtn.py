@@ -20,15 +20,20 @@ logger = logging.get_logger(__name__)
 
 # What each composition variant is made of. `fusion`: runs the cross-modal attention fusion;
 # `complex`: ComposeAE's rotation in complex space (so the symmetric constraint exists);
-# `reconstruction`: has the image/text decoders and their losses.
+# `reconstruction`: has the image/text decoders and their losses;
+# `image_residual`: whether the gated residual of the reference is on by default (None: the variant has none).
 COMPOSITIONS = {
-    "mqirtn": {"fusion": True, "complex": True, "reconstruction": True},
-    "composeae": {"fusion": False, "complex": True, "reconstruction": True},
-    "tirg": {"fusion": False, "complex": False, "reconstruction": False},
-    "realspace_concat": {"fusion": False, "complex": False, "reconstruction": True},
-    "image_only": {"fusion": False, "complex": False, "reconstruction": False},
-    "text_only": {"fusion": False, "complex": False, "reconstruction": False},
+    "mqirtn": {"fusion": True, "complex": True, "reconstruction": True, "image_residual": True},
+    "mqirtn_paper": {"fusion": True, "complex": True, "reconstruction": True, "image_residual": False},
+    "composeae": {"fusion": False, "complex": True, "reconstruction": True, "image_residual": None},
+    "tirg": {"fusion": False, "complex": False, "reconstruction": False, "image_residual": None},
+    "realspace_concat": {"fusion": False, "complex": False, "reconstruction": True, "image_residual": None},
+    "image_only": {"fusion": False, "complex": False, "reconstruction": False, "image_residual": None},
+    "text_only": {"fusion": False, "complex": False, "reconstruction": False, "image_residual": None},
 }
+# How the default `mqirtn` composition departs from ComposeAE's published modules (`mqirtn_paper` takes any subset in
+# `composition_deviations`); the same names and meanings as `composition_mqirtn.MQIRTN_DEVIATIONS`.
+COMPOSITION_DEVIATIONS = ("angle_layernorm", "normal_init", "plain_mlps", "shared_projection", "small_conv")
 LOSS_TYPES = ("batch_based_classification", "soft_triplet")
 
 
@@ -64,12 +69,27 @@ class MQIRTNConfig(PreTrainedConfig):
     fusion_pooling (`str`, *optional*, defaults to `"cls"`):
         How the fused image tokens become one vector: `"cls"` (the CLS slot) or `"mean"` (mean over all image tokens).
     composition (`str`, *optional*, defaults to `"mqirtn"`):
-        One of `"mqirtn"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`, `"text_only"`.
-    image_residual (`bool`, *optional*, defaults to `True`):
-        Add a learnable, text-gated residual of the reference's gallery embedding to the MQIRTN query.
+        One of `"mqirtn"`, `"mqirtn_paper"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`,
+        `"text_only"`. `"mqirtn_paper"` is MQIRTN as published: the fusion, then ComposeAE's composition modules as
+        in its code (the `"composeae"` baseline's: two complex projections, BatchNorm / Dropout, ComposeAE's
+        `rho_conv`, PyTorch's default init) and no image residual. `"mqirtn"` (the default, measured better on
+        shapes) is that plus this package's additions: the image residual and the five `composition_deviations`.
+    composition_deviations (`list[str]`, *optional*):
+        `"mqirtn_paper"` only: which of the default composition's departures from ComposeAE's modules to apply, to
+        measure them one at a time: `"shared_projection"` (one complex projection for both mappings),
+        `"plain_mlps"` (Linear-GELU-Linear maps and decoders, no BatchNorm / Dropout), `"small_conv"` (`rho_conv` with
+        2 convolutions of 16 channels and average pooling), `"normal_init"` (0.02-std normal init), `"angle_layernorm"`
+        (a LayerNorm on the angles). All five plus `image_residual=True` build the modules of `"mqirtn"`.
+    image_residual (`bool`, *optional*):
+        Add a learnable, text-gated residual of the reference's gallery embedding to the query (the fusion
+        compositions only). Unset means the composition's default: on for `"mqirtn"`, off for `"mqirtn_paper"`.
     rotation (`bool`, *optional*, defaults to `True`):
-        Rotate by the text's angles (`mqirtn`, `composeae`). `False` is the `no_rotation` ablation: the same
-        parameters, with the angles forced to 0 (the rotation is the identity and its conjugate does nothing).
+        Rotate by the text's angles (`mqirtn`, `mqirtn_paper`, `composeae`). `False` is the `no_rotation` ablation:
+        the same parameters, the rotation is the identity (its conjugate does nothing), and the angles still feed the
+        convolutional mapping as a channel.
+    angle_channel (`bool`, *optional*, defaults to `True`):
+        Feed the angles to the convolutional mapping as a channel (the rotating compositions). With `rotation=False`
+        too, the text has no angle path at all (the `no_angle_path` ablation).
     conv_channels (`int`, *optional*):
         Channels of the convolutional mapping `rho_conv`; unset means the composition's published default (MQIRTN 16,
         ComposeAE and its real-space ablation 64). Only for compositions that have a convolutional mapping.
@@ -122,8 +142,10 @@ class MQIRTNConfig(PreTrainedConfig):
     fusion_dropout: float | int = 0.0
     fusion_pooling: str = "cls"
     composition: str = "mqirtn"
-    image_residual: bool = True
+    composition_deviations: list[str] | tuple[str, ...] | None = None
+    image_residual: bool | None = None
     rotation: bool = True
+    angle_channel: bool = True
     conv_channels: int | None = None
     composition_weights_init: list[float | int] | tuple[float | int, ...] | None = None
     loss_type: str = "batch_based_classification"
@@ -146,15 +168,33 @@ class MQIRTNConfig(PreTrainedConfig):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}")
         if self.conv_channels is not None:
-            if self.composition not in ("mqirtn", "composeae", "realspace_concat"):
+            if self.composition not in ("mqirtn", "mqirtn_paper", "composeae", "realspace_concat"):
                 raise ValueError(
-                    f"`conv_channels` applies to the compositions with a convolutional mapping (mqirtn, composeae, "
-                    f"realspace_concat), not {self.composition!r}; leave it unset"
+                    f"`conv_channels` applies to the compositions with a convolutional mapping (mqirtn, mqirtn_paper, "
+                    f"composeae, realspace_concat), not {self.composition!r}; leave it unset"
                 )
             if self.conv_channels < 1:
                 raise ValueError(f"`conv_channels` must be a positive integer, got {self.conv_channels}")
-        if not self.rotation and not self.composition_spec["complex"]:
-            raise ValueError(f"`rotation=False` applies to the rotating compositions (mqirtn, composeae), not {self.composition!r}")
+        rotating = sorted(name for name, spec in COMPOSITIONS.items() if spec["complex"])
+        for name in ("rotation", "angle_channel"):
+            if not getattr(self, name) and not self.composition_spec["complex"]:
+                raise ValueError(f"`{name}=False` applies to the rotating compositions {rotating}, not {self.composition!r}")
+        if self.image_residual and self.composition_spec["image_residual"] is None:
+            with_residual = sorted(name for name, spec in COMPOSITIONS.items() if spec["image_residual"] is not None)
+            raise ValueError(
+                f"`image_residual=True` applies to the compositions {with_residual}, not {self.composition!r}; leave it unset"
+            )
+        if self.composition_deviations is not None:
+            if self.composition != "mqirtn_paper":
+                raise ValueError(
+                    f"`composition_deviations` applies to composition 'mqirtn_paper' (the default 'mqirtn' has them all), "
+                    f"not {self.composition!r}; leave it unset"
+                )
+            unknown = sorted(set(self.composition_deviations) - set(COMPOSITION_DEVIATIONS))
+            if unknown:
+                raise ValueError(
+                    f"`composition_deviations` must name some of {list(COMPOSITION_DEVIATIONS)}, got {unknown}"
+                )
         if self.num_fusion_layers < 0:
             raise ValueError(f"`num_fusion_layers` must be >= 0, got {self.num_fusion_layers}")
         if self.projection_dim % self.fusion_num_heads != 0:
@@ -211,10 +251,16 @@ class MQIRTNConfig(PreTrainedConfig):
     def uses_fusion(self) -> bool:
         return self.composition_spec["fusion"] and self.num_fusion_layers > 0
 
+    @property
+    def uses_image_residual(self) -> bool:
+        """Whether the query has the gated image residual: `image_residual`, or unset, the composition's default."""
+        default = self.composition_spec["image_residual"]
+        return bool(default if self.image_residual is None else self.image_residual) and default is not None
+
     @classmethod
     def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
         """Builds an `MQIRTNConfig` from two tower configurations; `kwargs` set the MQIRTN fields."""
         return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
 
-__all__ = ["MQIRTNConfig", "COMPOSITIONS", "LOSS_TYPES", "tower_width"]
+__all__ = ["MQIRTNConfig", "COMPOSITIONS", "COMPOSITION_DEVIATIONS", "LOSS_TYPES", "tower_width"]

@@ -63,8 +63,10 @@ class MQIRTNOutput(ModelOutput):
         text_hidden_size)`.
     symmetric_diagnostics (`dict[str, torch.FloatTensor]`, *optional*, returned when `output_composition=True`,
     `return_loss=True` and the composition rotates):
-        What the conjugate does in the symmetric constraint: `loss_same_rotation` (the symmetric loss when the target
-        is rotated by +delta instead of the conjugate -delta) and `back_query_cosine` (per query, cosine between the
+        What the conjugate does in the symmetric constraint, against controls on the same targets and texts: the
+        symmetric loss when the target is rotated by +delta instead of the conjugate -delta (`loss_same_rotation`),
+        not rotated (`loss_zero_rotation`) and rotated by the conjugate of another query's angles
+        (`loss_shuffled_rotation`, the batch rolled by one); `back_query_cosine` (per query, cosine between the
         back-queries with the conjugate and with the same rotation; 1 means the conjugate changes nothing).
     """
 
@@ -281,9 +283,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
                 config=self.config,  # its `_attn_implementation` chooses SDPA or eager at every call
             )
         self.composition = build_composition(config)
-        self.image_residual = (
-            MQIRTNImageResidual(dim) if config.composition == "mqirtn" and config.image_residual else None
-        )
+        self.image_residual = MQIRTNImageResidual(dim) if config.uses_image_residual else None
         self.image_decoder = build_decoder(config, dim) if spec["reconstruction"] else None
         self.text_decoder = build_decoder(config, dim) if spec["reconstruction"] else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
@@ -341,9 +341,13 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         hidden_states.append(outputs.hidden_states)
         return outputs.last_hidden_state
 
-    def _compose(self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False):
+    def _compose(
+        self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False,
+        angle_control=None,
+    ):
         """Composed query theta (B, d), unnormalised, and a dict with the angles (or None), the composition term, the
-        image-residual term (or None) and the fusion attentions."""
+        image-residual term (or None) and the fusion attentions. `angle_control` ("zero", "shuffled"): the rotation
+        uses no angles or another query's instead of the text's own (the symmetric constraint's controls)."""
         image_attentions = text_attentions = None
         if self.fusion is not None:
             fused_image, fused_text, image_attentions, text_attentions = self.fusion(
@@ -351,7 +355,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             )
         else:
             fused_image, fused_text = image_embeds, text_embeds
-        composed, angles = self.composition(fused_image, fused_text, sign)
+        composed, angles = self.composition(fused_image, fused_text, sign, angle_control)
         residual = None
         if self.image_residual is not None:
             residual = self.image_residual(image_embeds, fused_image, fused_text)
@@ -523,12 +527,19 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             total = total + config.symmetric_loss_weight * terms["symmetric"]
             if output_composition:
                 with torch.no_grad():
-                    same, _, _, _ = self._compose(target_tokens, text_tokens, attention_mask, target_raw, text_embeds, 1.0)
-                    same_embeds = normalize(same)
-                    diagnostics = {
-                        "loss_same_rotation": self.metric_loss(same_embeds, reference_embeds, scale, reference_ids),
-                        "back_query_cosine": (same_embeds * back_embeds).sum(dim=-1),
-                    }
+                    # Controls on the same targets and texts: the same rotation again (+delta), no rotation and the
+                    # conjugate of another query's angles; what the conjugate achieves is read against them.
+                    controls = {"same_rotation": (1.0, None), "zero_rotation": (-1.0, "zero"), "shuffled_rotation": (-1.0, "shuffled")}
+                    diagnostics = {}
+                    for name, (control_sign, control) in controls.items():
+                        other, _, _, _ = self._compose(
+                            target_tokens, text_tokens, attention_mask, target_raw, text_embeds, control_sign,
+                            angle_control=control,
+                        )
+                        other_embeds = normalize(other)
+                        diagnostics[f"loss_{name}"] = self.metric_loss(other_embeds, reference_embeds, scale, reference_ids)
+                        if name == "same_rotation":
+                            diagnostics["back_query_cosine"] = (other_embeds * back_embeds).sum(dim=-1)
         if spec["reconstruction"]:
             # Squared distance between unit vectors (0..4), summed over dimensions: a mean over dimensions (MSE) would
             # be <= 4/d, ~1000x weaker than the base loss at d=512. The targets are fixed features (gradient stopped):

@@ -90,8 +90,12 @@ def composition_step_stats(outputs) -> dict[str, torch.Tensor]:
         angles = outputs.composition_angles.detach().float()
         stats["angle_rms"] = angles.pow(2).mean().sqrt()
         stats["angle_share_over_quarter_pi"] = (angles.abs() > math.pi / 4).float().mean()
-        # How much a dimension's angle changes from text to text: the text's information carried by the rotation.
+        # How much a dimension's angle changes from text to text: the text's information carried by the rotation. The
+        # rms and the share over pi/4 are partly fixed by construction (a LayerNorm on the angles sets their rms to 1);
+        # the spread and the text-dependent share of the angles' mean square (variance across the batch's texts per
+        # dimension, over the mean square; the rest is a per-dimension offset every text shares) are not.
         stats["angle_spread_across_texts"] = angles.std(dim=0).mean()
+        stats["angle_text_share"] = angles.var(dim=0, unbiased=False).mean() / angles.pow(2).mean().clamp(min=1e-12)
     if outputs.image_residual_norms is not None:
         composed, residual = outputs.composition_norms.detach(), outputs.image_residual_norms.detach()
         stats["composition_norm_share"] = (composed / (composed + residual).clamp(min=1e-12)).mean()
@@ -103,7 +107,8 @@ def composition_diagnostics(model, batches: list[dict], frozen_towers: tuple[str
 
     On a copy of the model in training mode (the run's model, its BatchNorm statistics and the random state are left
     untouched): angle statistics and norm shares (`composition_step_stats`), the symmetric loss with the conjugate
-    and with the same rotation and the cosine between those back-queries, and each weighted loss term's share of the
+    and with its controls (the same rotation, none, another query's conjugate; see `MQIRTNOutput.symmetric_diagnostics`)
+    and the cosine between the conjugate's and the same rotation's back-queries, and each weighted loss term's share of the
     gradient norm on the parameters the terms share (the decoders, trained by reconstruction alone, left out).
     """
     probe = copy.deepcopy(model)
@@ -118,7 +123,8 @@ def composition_diagnostics(model, batches: list[dict], frozen_towers: tuple[str
             values = {k: v.item() for k, v in composition_step_stats(outputs).items()}
             values.update({f"loss_{k}": v.item() for k, v in outputs.loss_terms.items()})
             if outputs.symmetric_diagnostics is not None:
-                values["loss_symmetric_same_rotation"] = outputs.symmetric_diagnostics["loss_same_rotation"].item()
+                for control in ("same_rotation", "zero_rotation", "shuffled_rotation"):
+                    values[f"loss_symmetric_{control}"] = outputs.symmetric_diagnostics[f"loss_{control}"].item()
                 values["back_query_cosine_conjugate_vs_same"] = outputs.symmetric_diagnostics["back_query_cosine"].mean().item()
             norms = {}
             for name, term in outputs.loss_terms.items():

@@ -98,7 +98,7 @@ def tiny_config(composition: str = "mqirtn", **overrides) -> MQIRTNConfig:
         fusion_num_heads=FUSION_HEADS,
         num_fusion_layers=2,
         fusion_intermediate_size=64,
-        conv_channels=4 if composition in ("mqirtn", "composeae", "realspace_concat") else None,
+        conv_channels=4 if composition in ("mqirtn", "mqirtn_paper", "composeae", "realspace_concat") else None,
         composition=composition,
         # Fan-in-scaled init for the width-32 new layers (~ torch's default, 1/sqrt(3*32)): with the default 0.02 the
         # stacked MLPs of the complex composition start with outputs ~1e-5, the queries collapse onto the biases in the

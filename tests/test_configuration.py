@@ -24,10 +24,13 @@ def test_defaults_follow_the_paper_and_composeae():
     )
     assert weights == (1.0, 0.1, 0.1, 0.01)
     assert config.composition_weights_init is None and config.conv_channels is None  # the published defaults per variant
-    assert config.rotation is True
+    assert config.rotation is True and config.angle_channel is True
+    assert config.image_residual is None and config.uses_image_residual and config.composition_deviations is None
     assert sorted(COMPOSITIONS) == sorted(ALL_COMPOSITIONS) == sorted(
-        ["mqirtn", "composeae", "tirg", "realspace_concat", "image_only", "text_only"]
+        ["mqirtn", "mqirtn_paper", "composeae", "tirg", "realspace_concat", "image_only", "text_only"]
     )
+    paper = MQIRTNConfig(composition="mqirtn_paper")
+    assert paper.uses_fusion and not paper.uses_image_residual  # MQIRTN as published: fusion, no image residual
     assert set(LOSS_TYPES) == {"batch_based_classification", "soft_triplet"}
 
 
@@ -82,7 +85,7 @@ def test_composition_spec_and_uses_fusion():
     for composition in ALL_COMPOSITIONS:
         config = tiny_config(composition)
         assert config.composition_spec == COMPOSITIONS[composition]
-        assert config.uses_fusion == (composition == "mqirtn")
+        assert config.uses_fusion == (composition in ("mqirtn", "mqirtn_paper"))
     assert not tiny_config("mqirtn", num_fusion_layers=0).uses_fusion
 
 

@@ -34,19 +34,72 @@ def test_angles_span_radians_at_init(projection_dim):
     assert (angles[0] - angles[1]).abs().mean().item() > 0.1
 
 
-def test_no_rotation_forces_zero_angles_with_the_same_parameters():
-    rotating = tiny_model("mqirtn")
-    still = tiny_model("mqirtn", rotation=False)
-    assert [n for n, _ in rotating.named_parameters()] == [n for n, _ in still.named_parameters()]
+def _rotation_inputs_seen(model, batch) -> dict:
+    """The (real, imaginary) parts and the angle channel the convolutional mapping of `model` receives."""
+    seen = {}
+
+    def keep(module, args):
+        seen["channels"] = args[0].detach().clone()
+
+    handle = model.composition.conv_mapping.register_forward_pre_hook(keep)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["channels"]
+
+
+@pytest.mark.parametrize("composition", ["mqirtn", "mqirtn_paper", "composeae"])
+def test_no_rotation_and_no_angle_path_keep_the_parameters(composition):
+    """rotation=False: the rotation is the identity but the angles still feed rho_conv; with angle_channel=False as
+    well the text has no angle path. Same parameters in all three."""
+    rotating = tiny_model(composition).eval()
+    still = tiny_model(composition, rotation=False).eval()
+    no_angles = tiny_model(composition, rotation=False, angle_channel=False).eval()
+    names = [n for n, _ in rotating.named_parameters()]
+    assert names == [n for n, _ in still.named_parameters()] == [n for n, _ in no_angles.named_parameters()]
     still.load_state_dict(rotating.state_dict())
+    no_angles.load_state_dict(rotating.state_dict())
     batch = random_batch(6)
-    assert torch.equal(still(**batch, output_composition=True).composition_angles, torch.zeros(6, 32))
-    assert not torch.allclose(rotating(**batch).query_embeds, still(**batch).query_embeds, atol=1e-4)
-    with pytest.raises(Exception, match="rotation=False"):
-        tiny_config("tirg", rotation=False)
+    # The angles are computed in all three (the text's own); what uses them differs.
+    reported = [m(**batch, output_composition=True).composition_angles for m in (rotating, still, no_angles)]
+    torch.testing.assert_close(reported[0], reported[1])
+    torch.testing.assert_close(reported[0], reported[2])
+    # Channel layout: mqirtn stacks [Re z, Im z, eta, delta, image], ComposeAE [eta, delta, image, Re z, Im z].
+    real, imag, eta, delta = (0, 1, 2, 3) if composition == "mqirtn" else (3, 4, 0, 1)
+    seen = {name: _rotation_inputs_seen(m, batch) for name, m in (("rot", rotating), ("still", still), ("none", no_angles))}
+    torch.testing.assert_close(seen["still"][:, real], seen["still"][:, eta])  # eta * cos 0 = eta
+    assert torch.equal(seen["still"][:, imag], torch.zeros_like(seen["still"][:, imag]))  # eta * sin 0
+    assert seen["still"][:, delta].abs().sum() > 0 and torch.equal(seen["still"][:, delta], seen["rot"][:, delta])
+    assert torch.equal(seen["none"][:, delta], torch.zeros_like(seen["none"][:, delta]))
+    torch.testing.assert_close(seen["none"][:, real], seen["still"][:, real])
+    queries = [m(**batch).query_embeds for m in (rotating, still, no_angles)]
+    assert not torch.allclose(queries[0], queries[1], atol=1e-4) and not torch.allclose(queries[1], queries[2], atol=1e-4)
+    for field in ("rotation", "angle_channel"):
+        with pytest.raises(Exception, match=f"{field}=False"):
+            tiny_config("tirg", **{field: False})
 
 
-@pytest.mark.parametrize("composition", ["mqirtn", "composeae"])
+@pytest.mark.parametrize("composition", ["mqirtn", "mqirtn_paper"])
+def test_symmetric_controls_use_no_rotation_and_another_querys_angles(composition):
+    """The symmetric constraint's controls: the target rotated by +delta, by nothing, by another query's conjugate."""
+    model = tiny_model(composition).eval()
+    batch = random_batch(6)
+    out = model(**batch, return_loss=True, output_composition=True)
+    diagnostics = out.symmetric_diagnostics
+    values = {name: diagnostics[f"loss_{name}"].item() for name in ("same_rotation", "zero_rotation", "shuffled_rotation")}
+    assert len({round(v, 6) for v in values.values()} | {round(out.loss_terms["symmetric"].item(), 6)}) == 4, values
+    # The zero control equals the same model with rotation=False (identity rotation, angles still in rho_conv).
+    still = tiny_model(composition, rotation=False).eval()
+    still.load_state_dict(model.state_dict())
+    torch.testing.assert_close(still(**batch, return_loss=True).loss_terms["symmetric"], diagnostics["loss_zero_rotation"])
+    # The shuffled control with a batch whose texts are all equal is the conjugate itself (without fusion, where the
+    # angles depend on the text alone).
+    same_text = {**batch, "input_ids": batch["input_ids"][:1].expand(6, -1), "attention_mask": batch["attention_mask"][:1].expand(6, -1)}
+    out = tiny_model(composition, num_fusion_layers=0).eval()(**same_text, return_loss=True, output_composition=True)
+    torch.testing.assert_close(out.symmetric_diagnostics["loss_shuffled_rotation"], out.loss_terms["symmetric"])
+
+
+@pytest.mark.parametrize("composition", ["mqirtn", "mqirtn_paper", "composeae"])
 def test_conjugate_changes_the_symmetric_constraint_at_init(composition):
     model = tiny_model(composition).train()
     torch.manual_seed(1)
@@ -278,3 +331,21 @@ def test_clip_vision_and_text_towers():
     assert torch.isfinite(out.loss) and out.query_embeds.shape == (4, 32)
     out.loss.backward()
     assert model.fusion.layers[0].image_attention.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_angle_statistics_separate_the_text_from_a_shared_offset():
+    """The text-dependent share of the angles' mean square: a per-dimension offset every text shares does not count."""
+    from types import SimpleNamespace
+
+    from mqirtn_app.training import composition_step_stats
+
+    generator = torch.Generator().manual_seed(0)
+    offset = torch.full((1, 512), 2.0)  # mean square 4, shared by every text
+    text = torch.randn(4096, 512, generator=generator)  # variance 1 across texts
+    outputs = SimpleNamespace(composition_angles=offset + text, image_residual_norms=None)
+    stats = composition_step_stats(outputs)
+    assert abs(stats["angle_text_share"].item() - 1 / 5) < 0.01
+    assert abs(stats["angle_spread_across_texts"].item() - 1.0) < 0.02
+    assert composition_step_stats(SimpleNamespace(composition_angles=offset.expand(8, -1), image_residual_norms=None))[
+        "angle_text_share"
+    ].item() == 0.0

@@ -25,6 +25,8 @@ from transformers import BertConfig, ViTConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel, MQIRTNOutput
+from modeling_mqirtn.composition_mqirtn import MQIRTN_DEVIATIONS
+from modeling_mqirtn.configuration_mqirtn import COMPOSITION_DEVIATIONS
 from modeling_mqirtn.losses_mqirtn import build_metric_loss, image_fingerprints
 
 
@@ -146,7 +148,7 @@ class MQIRTNModelTesterMixin:
         expected = {name for name in norms if name.startswith(outside)}
         assert no_grad == expected, f"unexpected (missing) gradients: {sorted(no_grad ^ expected)}"
         assert any(name.startswith("composition.") for name in norms)
-        if composition == "mqirtn":
+        if COMPOSITIONS[composition]["fusion"]:
             assert any(name.startswith("fusion.") for name in norms)
 
     def test_symmetric_constraint_gradient(self, composition):
@@ -376,6 +378,11 @@ def test_fusion_off_when_zero_layers_and_for_non_fusion_variants():
         assert (model.image_decoder is not None) == COMPOSITIONS[composition]["reconstruction"]
         assert (model.image_residual is not None) == (composition == "mqirtn")
     assert tiny_model("mqirtn", image_residual=False).image_residual is None
+    assert tiny_model("mqirtn_paper", image_residual=True).image_residual is not None
+    for composition in ("composeae", "tirg"):
+        with pytest.raises(Exception, match="image_residual=True"):
+            tiny_config(composition, image_residual=True)
+        assert tiny_model(composition, image_residual=False).image_residual is None
 
 
 def test_fusion_pooling_mean_pools_every_fused_image_token():
@@ -535,3 +542,78 @@ def test_paper_size_config_builds_on_meta(record_property):
     assert 85_000_000 < towers["vision_model"] < 87_000_000
     assert 108_000_000 < towers["text_model"] < 110_000_000
     assert model.config.fusion_num_heads == 8 and model.fusion.layers[0].image_attention.head_dim == 64
+
+
+# ---------------------------------------------------------------------------------------------- the paper's method
+def _module_layout(module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
+
+
+def _is_torch_default(linear) -> bool:
+    return bool(getattr(linear, "_mqirtn_torch_default_init", False))
+
+
+def test_mqirtn_paper_is_the_fusion_plus_composeae_modules_without_residual():
+    paper, composeae, ours = tiny_model("mqirtn_paper"), tiny_model("composeae"), tiny_model("mqirtn")
+    assert paper.fusion is not None and paper.image_residual is None and ours.image_residual is not None
+    assert type(paper.composition) is type(composeae.composition)
+    assert _module_layout(paper.composition) == _module_layout(composeae.composition)
+    assert _module_layout(paper.image_decoder) == _module_layout(composeae.image_decoder)
+    # Two complex projections, BatchNorm + Dropout 0.5 in the image map, one 64-channel-default convolution.
+    assert paper.composition.conv_projection is not None
+    image_map = paper.composition.linear_projection.image_features
+    assert isinstance(image_map[0], torch.nn.BatchNorm1d) and any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in image_map)
+    assert paper.composition.linear_projection.angle_norm is None
+    assert tiny_config("mqirtn_paper", conv_channels=None).conv_channels is None
+    assert MQIRTNModel(tiny_config("mqirtn_paper", conv_channels=None)).composition.conv_mapping.conv.out_channels == 64
+    # PyTorch's default init everywhere in the composition (nonzero biases), as ComposeAE.
+    linears = [m for m in paper.composition.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
+    assert linears and all(_is_torch_default(m) for m in linears)
+    assert all(m.bias.abs().sum() > 0 for m in linears)
+
+
+@pytest.mark.parametrize("deviation", sorted(COMPOSITION_DEVIATIONS))
+def test_each_deviation_changes_only_its_module(deviation):
+    paper = tiny_model("mqirtn_paper").composition
+    deviated = tiny_model("mqirtn_paper", composition_deviations=[deviation]).composition
+    if deviation == "shared_projection":
+        assert deviated.conv_projection is None and paper.conv_projection is not None
+    elif deviation == "plain_mlps":
+        image_map = deviated.linear_projection.image_features
+        outside_rho_conv = [deviated.linear_projection, deviated.conv_projection, deviated.linear_mapping]
+        norm_or_dropout = (torch.nn.BatchNorm1d, torch.nn.Dropout)
+        assert not any(isinstance(m, norm_or_dropout) and getattr(m, "p", 1) > 0 for part in outside_rho_conv for m in part.modules())
+        assert hasattr(image_map, "fc1") and _is_torch_default(image_map.fc1)
+    elif deviation == "small_conv":
+        assert [m.out_channels for m in deviated.conv_mapping.modules() if isinstance(m, torch.nn.Conv1d)] == [4, 4]  # tiny's
+        assert [m.out_channels for m in paper.conv_mapping.modules() if isinstance(m, torch.nn.Conv1d)] == [4]
+        assert isinstance(deviated.conv_mapping.pool, torch.nn.AdaptiveAvgPool1d)
+        assert isinstance(paper.conv_mapping.pool, torch.nn.AdaptiveMaxPool1d)
+        unset = MQIRTNModel(tiny_config("mqirtn_paper", conv_channels=None, composition_deviations=[deviation]))
+        assert unset.composition.conv_mapping.conv1.out_channels == 16  # MQIRTN's default with MQIRTN's form
+    elif deviation == "normal_init":
+        biases = [m.bias for m in deviated.linear_mapping.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)  # transformers' init zeroes biases
+        text_linears = [m for m in deviated.linear_projection.text_features.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(_is_torch_default(m) for m in text_linears)  # the angle map keeps PyTorch's init
+    else:  # angle_layernorm: angles of rms 1 per text
+        assert deviated.linear_projection.angle_norm is not None
+        angles = tiny_model("mqirtn_paper", composition_deviations=[deviation])(**random_batch(4), output_composition=True).composition_angles
+        torch.testing.assert_close(angles.pow(2).mean(dim=-1).sqrt(), torch.ones(4), atol=0.05, rtol=0)
+    assert deviated.deviations == (deviation,)
+
+
+def test_all_deviations_plus_residual_build_the_default_composition():
+    ours = tiny_model("mqirtn")
+    rebuilt = tiny_model("mqirtn_paper", composition_deviations=list(COMPOSITION_DEVIATIONS), image_residual=True, conv_channels=4)
+    shapes = lambda model: sorted(tuple(p.shape) for p in model.parameters())  # noqa: E731
+    assert shapes(rebuilt) == shapes(ours)
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert sorted(COMPOSITION_DEVIATIONS) == sorted(MQIRTN_DEVIATIONS)
+
+
+def test_composition_deviations_validation():
+    with pytest.raises(Exception, match="composition_deviations.*mqirtn_paper"):
+        tiny_config("mqirtn", composition_deviations=["small_conv"])
+    with pytest.raises(Exception, match="must name some of"):
+        tiny_config("mqirtn_paper", composition_deviations=["bigger_conv"])
