@@ -129,6 +129,10 @@ def add_data_arguments(parser) -> None:
     data.add_argument("--target_column", default="target_image", help="--dataset_name: column of target images (or paths).")
     data.add_argument("--reference_id_column", default=None, help="--dataset_name: column of reference image ids (needed for evaluation).")
     data.add_argument("--target_id_column", default=None, help="--dataset_name: column of target image ids (needed for evaluation).")
+    data.add_argument(
+        "--modification_type_column", default=None,
+        help="--dataset_name: column naming each query's kind of modification; evaluation then reports Recall per type.",
+    )
     data.add_argument("--train_split", default="train", help="Split to train on.")
     data.add_argument("--eval_split", default=None, help="Split evaluated by --do_eval/--eval_only (default: shapes test, FashionIQ/CIRR val, else test).")
     data.add_argument("--validation_split", default=None, help="Split used for model selection during training with --eval_steps (default: shapes validation, else none).")
@@ -340,7 +344,10 @@ LOADED_MODEL_FIELDS = (
     "loss_type", "base_loss_weight", "reconstruction_image_loss_weight", "reconstruction_text_loss_weight",
     "symmetric_loss_weight", "logit_scale_bounds",
 )
-HUB_COLUMN_FLAGS = ("reference_column", "text_column", "target_column", "reference_id_column", "target_id_column", "dataset_config_name")
+HUB_COLUMN_FLAGS = (
+    "reference_column", "text_column", "target_column", "reference_id_column", "target_id_column", "modification_type_column",
+    "dataset_config_name",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -487,7 +494,7 @@ from mqirtn_app.training import FrozenTowerCache, composition_diagnostics, compo
 from mqirtn_app.visualization import save_evaluation_grids
 from processing import MQIRTNProcessor
 from processing.data.loaders import CIREvaluationData, load_evaluation_data, load_training_queries
-from processing.data.metrics import cirr_submission, evaluate_protocol
+from processing.data.metrics import cirr_submission, evaluate_protocol, retrieval_diagnostics
 from processing.data.registry import dataset_names, get_dataset_spec
 from processing.data.transforms import (
     CIRQueryCollator,
@@ -548,6 +555,7 @@ def loader_options(args, split: str) -> dict:
         "target_image_column": args.target_column,
         "reference_id_column": args.reference_id_column,
         "target_id_column": args.target_id_column,
+        "modification_type_column": args.modification_type_column,
     }
     return {name: available[name] for name in get_dataset_spec(args.source).options}
 
@@ -797,6 +805,23 @@ def format_table(title: str, metrics: dict[str, float]) -> str:
     names = list(metrics)
     width = max(8, *(len(name) for name in names))
     lines = [title, "  ".join(f"{name:>{width}}" for name in names), "  ".join(f"{metrics[name]:>{width}.2f}" for name in names)]
+    return "\n".join(lines)
+
+
+def format_retrieval_diagnostics(retrieval: dict) -> str:
+    """The per-modification-type table and the own-reference-first share (`retrieval_diagnostics`), for the log."""
+    lines = []
+    by_type = retrieval.get("by_modification_type") or {}
+    if by_type:
+        metric_names = [name for name in next(iter(by_type.values())) if name != "queries"]
+        width = max(8, *(len(name) for name in metric_names), *(len(kind) for kind in by_type))
+        lines.append("By modification type, %")
+        lines.append(f"{'type':<{width}}  {'queries':>8}  " + "  ".join(f"{name:>{width}}" for name in metric_names))
+        for kind, values in by_type.items():
+            cells = "  ".join(f"{values[name]:>{width}.2f}" for name in metric_names)
+            lines.append(f"{kind:<{width}}  {values['queries']:>8}  {cells}")
+    if retrieval.get("reference_ranked_first") is not None:
+        lines.append(f"Queries whose own reference image is ranked first: {retrieval['reference_ranked_first']:.2f} %")
     return "\n".join(lines)
 
 
@@ -1240,6 +1265,10 @@ def apply_update(run: TrainingRun) -> None:
     run.unwrapped.clamp_logit_scale_()
 
 
+# eval_results.json's entry for what the headline Recall hides: Recall per modification type, own reference ranked first.
+RETRIEVAL_DIAGNOSTICS_KEY = "retrieval_diagnostics"
+
+
 def evaluate_and_predict(args, accelerator, model, processor, data: dict, training_state: dict, step: int) -> dict:
     """2.7 Recall@K on the evaluation split (table, figures) and the CIRR test-server files with --do_predict."""
     results = {}
@@ -1256,6 +1285,13 @@ def evaluate_and_predict(args, accelerator, model, processor, data: dict, traini
                     f"{training_state['max_train_steps']} steps]"
                 )
             print(format_table(title, metrics))
+            retrieval = retrieval_diagnostics(
+                eval_data.protocol, query_embeds, gallery_embeds, eval_data.queries, eval_data.gallery,
+                remove_reference=eval_data.remove_reference, unusable_query_ids=eval_data.unusable_query_ids,
+            )
+            if retrieval:
+                results[RETRIEVAL_DIAGNOSTICS_KEY] = {args.eval_split: retrieval}
+                print(format_retrieval_diagnostics(retrieval))
             save_evaluation_grids(
                 output_dir / "results_grids", eval_data, query_embeds, gallery_embeds, args.num_results_grids,
                 accelerator.unwrap_model(model), processor,
@@ -1290,8 +1326,9 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
         return
     save_model(accelerator, model, processor, output_dir)
     if accelerator.is_main_process:
+        split_results = {key: value for key, value in results.items() if key != RETRIEVAL_DIAGNOSTICS_KEY}
         write_model_card(
-            output_dir, results, card, args.source, args.composition, hub_dataset_name=args.dataset_name,
+            output_dir, split_results, card, args.source, args.composition, hub_dataset_name=args.dataset_name,
             base_models=card_base_models(args), hub_model_id=args.hub_model_id,
         )
         if args.push_to_hub:

@@ -502,3 +502,20 @@ def test_adding_a_dataset_is_one_registration(files_dir, monkeypatch):
     assert load_evaluation_data("pairs", files_dir / "test.csv", check_images="none").protocol == "exact"
     with pytest.raises(ValueError, match="already registered"):
         register_dataset(DatasetSpec("pairs", "Other", "exact", "test", load_training, load_evaluation))
+
+
+def test_a_modification_type_column_reaches_the_evaluation_queries(files_dir, tmp_path):
+    """files: an optional `modification_type` column; --dataset_name: `modification_type_column`."""
+    typed = files_dir / "typed.csv"
+    typed.write_text("reference,text,target,modification_type\nimg/a.png,make it blue,img/b.png,colour\nimg/c.png,zoom,img/d.png,\n")
+    data = load_evaluation_data("files", typed, "test")
+    assert list(data.queries["modification_type"]) == ["colour", "unlabelled"]
+    assert "modification_type" not in load_evaluation_data("files", files_dir / "test.csv", "test").queries.column_names
+    raw = Dataset.from_dict(
+        {
+            "src": [str(files_dir / "img" / "a.png")], "caption": ["make it blue"], "dst": [str(files_dir / "img" / "b.png")],
+            "src_id": ["a"], "dst_id": ["b"], "kind": ["colour"],
+        }
+    )  # fmt: skip
+    hub = evaluation_data_from_hf(raw, "src", "caption", "dst", "src_id", "dst_id", modification_type_column="kind")
+    assert list(hub.queries["modification_type"]) == ["colour"]

@@ -285,3 +285,35 @@ def test_cirr_submission_reads_each_column_once(tmp_path):
     )
     recall = json.loads(paths[0].read_text())
     assert recall["version"] == "rc2" and len(recall["10"]) == 5 and "img0" not in recall["10"]
+
+
+def test_retrieval_diagnostics_by_type_and_own_reference_first_by_hand():
+    from processing.data.metrics import retrieval_diagnostics
+
+    gallery = {"image_id": ["a", "b", "c", "d", "e"]}
+    # q0 (add): target first. q1 (add): its reference "c" first, target second. q2 (remove): target 3rd.
+    # q3 (remove): its reference "a" first, target not in the top 3.
+    orders = [[0, 1, 2], [2, 1, 0], [4, 3, 2], [0, 1, 2]]
+    queries = {
+        "query_id": ["0", "1", "2", "3"], "reference_id": ["d", "c", "a", "a"], "target_id": ["a", "b", "c", "e"],
+        "modification_type": ["add", "add", "remove", "remove"],
+    }  # fmt: skip
+    embeds = queries_with_orders(orders, 5)
+    result = retrieval_diagnostics("shapes", embeds, torch.eye(5), queries, gallery)
+    assert result["reference_ranked_first"] == 50.0  # q1 and q3
+    assert result["by_modification_type"]["add"] == {"queries": 2, "recall@1": 50.0, "recall@5": 100.0, "recall@10": 100.0, "recall@50": 100.0}
+    assert result["by_modification_type"]["remove"]["recall@1"] == 0.0
+    assert result["by_modification_type"]["remove"]["recall@5"] == 100.0
+    # Each type's figures are the protocol's own on that type's queries (the one Recall path).
+    assert result["by_modification_type"]["remove"]["recall@1"] == evaluate_protocol(
+        "shapes", embeds[2:], torch.eye(5), {k: v[2:] for k, v in queries.items()}, gallery
+    )["recall@1"]
+    # An unusable query counts as a miss in its own type only.
+    unusable = retrieval_diagnostics("shapes", embeds, torch.eye(5), queries, gallery, unusable_query_ids={"0"})
+    assert unusable["by_modification_type"]["add"]["recall@1"] == 0.0
+    assert unusable["by_modification_type"]["remove"] == {**result["by_modification_type"]["remove"]}
+    # Without a type column: only the reference share; a reference outside the gallery: None.
+    untyped = {k: v for k, v in queries.items() if k != "modification_type"}
+    assert retrieval_diagnostics("exact", embeds, torch.eye(5), untyped, gallery) == {"reference_ranked_first": 50.0}
+    elsewhere = {**untyped, "reference_id": ["x", "y", "z", "w"]}
+    assert retrieval_diagnostics("exact", embeds, torch.eye(5), elsewhere, gallery) == {"reference_ranked_first": None}

@@ -23,6 +23,7 @@ from conftest import read_json, run_train, train_command
 from conftest import train_env as run_env
 
 import train
+from processing.data.shapes import MODIFICATION_TYPES
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,12 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     results = read_json(output / "eval_results.json")
     assert set(results["test"]) == {"recall@1", "recall@5", "recall@10", "recall@50"}
     assert all(round(value, 4) == value for value in results["test"].values())  # no float32 noise in the percents
+    # What the headline hides: Recall per modification type and the queries that return their own reference.
+    retrieval = results["retrieval_diagnostics"]["test"]
+    assert set(retrieval["by_modification_type"]) == set(MODIFICATION_TYPES)
+    assert sum(entry["queries"] for entry in retrieval["by_modification_type"].values()) == int(DATA_ARGS[DATA_ARGS.index("--shapes_num_test_queries") + 1])
+    assert 0.0 <= retrieval["reference_ranked_first"] <= 100.0
+    assert "By modification type" in result.stdout and "own reference image is ranked first" in result.stdout
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 4 and state["samples_seen"] == 4 * 8
     for name in ("model.safetensors", "config.json", "processor_config.json", "modeling_mqirtn.py", "processing_mqirtn.py", "README.md"):

@@ -534,7 +534,7 @@ def _find_table(folder: Path, stem: str) -> Path | None:
 
 
 FILES_LAYOUT = """expected a JSONL/JSON/CSV/TSV file with columns `{reference}`, `{text}`, `{target}` (image paths relative
-to the file), or a folder holding `<split>.jsonl|.csv` and optionally `gallery.jsonl|.csv` / `<split>_gallery.jsonl|.csv`
+to the file; optionally `modification_type`, for Recall per type), or a folder holding `<split>.jsonl|.csv` and optionally `gallery.jsonl|.csv` / `<split>_gallery.jsonl|.csv`
 (column `image`, optional `id`)"""
 
 
@@ -627,6 +627,11 @@ def _read_files(
                 "target_id": id_of_path.get(str(target), image_id(target)) if target is not None else None,
             }
         )
+    # An optional `modification_type` column: evaluation reports Recall per type (`metrics.retrieval_diagnostics`).
+    typed = any(row.get("modification_type") not in (None, "") for row in table)
+    if typed:
+        for query, row in zip(queries, table):
+            query["modification_type"] = str(row.get("modification_type") or "unlabelled")
     if evaluation and not gallery:
         seen: dict[str, str] = {}
         for row in queries:
@@ -634,7 +639,10 @@ def _read_files(
                 if path is not None:
                     seen.setdefault(identifier, path)
         gallery = [{"image_id": identifier, "image": path} for identifier, path in seen.items()]
-    return SplitRows(str(data_file), "exact", queries, gallery if evaluation else [], remove_reference=remove_reference)
+    extra = {"modification_type": Value("string")} if typed else {}
+    return SplitRows(
+        str(data_file), "exact", queries, gallery if evaluation else [], query_extra=extra, remove_reference=remove_reference
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

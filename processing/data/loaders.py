@@ -315,12 +315,15 @@ def _hf_columns(
     target_image_column: str,
     reference_id_column: str | None,
     target_id_column: str | None,
+    modification_type_column: str | None = None,
 ) -> Dataset:
     columns = {reference_image_column: "reference_image", text_column: "modification_text", target_image_column: "target_image"}
     if reference_id_column is not None:
         columns[reference_id_column] = "reference_id"
     if target_id_column is not None:
         columns[target_id_column] = "target_id"
+    if modification_type_column is not None:
+        columns[modification_type_column] = "modification_type"
     missing = [name for name in columns if name not in dataset.column_names]
     if missing:
         raise ValueError(f"Columns {missing} are not in the dataset; it has {dataset.column_names}")
@@ -331,7 +334,7 @@ def _hf_columns(
             dataset = dataset.cast_column(name, Image())
         elif not isinstance(feature, Image):
             raise ValueError(f"Column for `{name}` must hold images or image paths, got feature {feature}")
-    for name in ("reference_id", "target_id"):
+    for name in ("reference_id", "target_id", "modification_type"):
         if name in dataset.column_names and dataset.features[name] != Value("string"):
             dataset = dataset.cast_column(name, Value("string"))
     return dataset
@@ -344,10 +347,14 @@ def from_hf_dataset(
     target_image_column: str = "target_image",
     reference_id_column: str | None = None,
     target_id_column: str | None = None,
+    modification_type_column: str | None = None,
 ) -> Dataset:
     """Training queries in the unified schema from any `datasets.Dataset`, by naming its columns (like
     ``run_clip.py``'s ``--image_column`` / ``--caption_column``). String image columns are read as image paths."""
-    return _hf_columns(dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column)
+    return _hf_columns(
+        dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column,
+        modification_type_column,
+    )
 
 
 def evaluation_data_from_hf(
@@ -358,12 +365,17 @@ def evaluation_data_from_hf(
     reference_id_column: str | None = None,
     target_id_column: str | None = None,
     remove_reference: bool = False,
+    modification_type_column: str | None = None,
 ) -> CIREvaluationData:
     """:class:`CIREvaluationData` (protocol ``"exact"``) from any `datasets.Dataset`: the gallery is every distinct
-    target and reference image by id, so ``reference_id_column`` and ``target_id_column`` are required."""
+    target and reference image by id, so ``reference_id_column`` and ``target_id_column`` are required. A
+    ``modification_type_column`` gives the evaluation's per-type breakdown (`metrics.retrieval_diagnostics`)."""
     if reference_id_column is None or target_id_column is None:
         raise ValueError("Evaluation on a `datasets` dataset needs `reference_id_column` and `target_id_column`")
-    dataset = _hf_columns(dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column)
+    dataset = _hf_columns(
+        dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column,
+        modification_type_column,
+    )
     first_row: dict[str, tuple[str, int]] = {}
     for column, ids in (("target_image", dataset["target_id"]), ("reference_image", dataset["reference_id"])):
         for row, identifier in enumerate(ids):
@@ -387,13 +399,16 @@ HUB_OPTIONS: tuple[str, ...] = (
     "target_image_column",
     "reference_id_column",
     "target_id_column",
+    "modification_type_column",
 )
 
 
 def _load_hub_training(
     dataset_name: str, split: str = "train", dataset_config_name: str | None = None, cache_dir: str | None = None, **columns
 ) -> Dataset:
-    """`datasets.load_dataset(dataset_name, dataset_config_name, split=split)`, then :func:`from_hf_dataset`."""
+    """`datasets.load_dataset(dataset_name, dataset_config_name, split=split)`, then :func:`from_hf_dataset` (the
+    modification type is for evaluation only: training leaves it out)."""
+    columns.pop("modification_type_column", None)
     return from_hf_dataset(load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir), **columns)
 
 

@@ -481,6 +481,74 @@ def evaluate_protocol(
     )
 
 
+MODIFICATION_TYPE_COLUMN = "modification_type"
+
+
+def reference_ranked_first(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    reference_ids: Sequence[str],
+    gallery_ids: Sequence[str],
+    max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+) -> float | None:
+    """Percentage of queries whose best-ranked gallery item is their own reference image, before any reference
+    removal: queries that ignore their modification text. Over the queries whose reference is in the gallery; ``None``
+    when none is."""
+    check_embedding_pair(query_embeds, gallery_embeds)
+    _check_length("reference_ids", reference_ids, query_embeds.shape[0], "query")
+    gallery_codes, reference_codes = encode_labels(gallery_ids, reference_ids)
+    present = reference_codes >= 0
+    if not present.any():
+        return None
+    ranking = rank_gallery(query_embeds[present], gallery_embeds, 1, max_block_elements=max_block_elements)
+    return 100.0 * hits_from_ranking(ranking, gallery_codes, reference_codes[present])[:, 0].float().mean().item()
+
+
+def retrieval_diagnostics(
+    protocol: str,
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    queries,
+    gallery,
+    remove_reference: bool = False,
+    max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+    unusable_query_ids: Collection[str] = (),
+) -> dict:
+    """What the headline Recall hides, for users: the protocol's metrics per modification type, where the queries have
+    a ``modification_type`` column (shapes: add / remove / change colour, size, shape), each through
+    :func:`evaluate_protocol` on that type's queries, and the share of queries whose own reference is ranked first
+    (:func:`reference_ranked_first`; the protocols where the reference is a gallery image by id).
+
+    Returns:
+        ``{"reference_ranked_first": percent or None, "by_modification_type": {type: {"queries": n, metric: percent}}}``
+        (the second only with the column).
+    """
+    present = set(getattr(queries, "column_names", None) or list(queries))
+    result: dict = {}
+    if protocol in ("shapes", "exact", "cirr") and "reference_id" in present:
+        result["reference_ranked_first"] = reference_ranked_first(
+            query_embeds, gallery_embeds, _column(queries, "reference_id"), _column(gallery, "image_id"), max_block_elements
+        )
+    if MODIFICATION_TYPE_COLUMN in present:
+        types = [str(value) if value not in (None, "") else "unlabelled" for value in _column(queries, MODIFICATION_TYPE_COLUMN)]
+        columns = {name: _column(queries, name) for name in _QUERY_METADATA if name in present}
+        query_ids = columns.get("query_id")
+        by_type = {}
+        for kind in sorted(set(types)):
+            rows = [i for i, value in enumerate(types) if value == kind]
+            subset = {name: [values[i] for i in rows] for name, values in columns.items()}
+            unusable = set(unusable_query_ids) & {query_ids[i] for i in rows} if query_ids is not None else set()
+            if all(label is None for label in subset.get("target_id", [0])):
+                continue  # no ground truth for this type (e.g. a test split without targets)
+            metrics = evaluate_protocol(
+                protocol, query_embeds[rows], gallery_embeds, subset, gallery, remove_reference=remove_reference,
+                max_block_elements=max_block_elements, unusable_query_ids=unusable,
+            )
+            by_type[kind] = {"queries": len(rows), **metrics}
+        result["by_modification_type"] = by_type
+    return result
+
+
 def cirr_submission_dicts(
     pair_ids: Sequence[int | str],
     query_embeds: torch.Tensor,
