@@ -749,11 +749,11 @@ def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str, usa
     chunks = []
     for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         if kind == "query":
-            embeds = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            embeds = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooler_output
             if usable is not None and "reference_usable" in batch:
                 usable.append(accelerator.gather_for_metrics(batch["reference_usable"].to(torch.uint8)).cpu().bool())
         else:
-            embeds = model.get_image_features(batch["pixel_values"])
+            embeds = model.get_image_features(batch["pixel_values"]).pooler_output
         chunks.append(accelerator.gather_for_metrics(embeds.float().contiguous()).cpu())
     return torch.cat(chunks)
 
@@ -856,8 +856,8 @@ def check_finite_model(model, processor, output_dir: Path) -> None:
             model.get_query_features(
                 pixel_values=pixel_values, input_ids=probe["input_ids"].to(parameter.device),
                 attention_mask=probe["attention_mask"].to(parameter.device),
-            ),
-            model.get_image_features(pixel_values=pixel_values),
+            ).pooler_output,
+            model.get_image_features(pixel_values=pixel_values).pooler_output,
         )
         model.train(was_training)
         bad = [name for name, tensor in zip(("query embeddings", "gallery embeddings"), embeds) if not torch.isfinite(tensor).all()]

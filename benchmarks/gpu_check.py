@@ -67,10 +67,12 @@ def check(composition: str, device) -> dict:
     model.to(device)
     cpu_inputs, inputs = batch(6, "cpu"), batch(6, device)
     with torch.no_grad():
-        query_cpu = cpu_model.get_query_features(cpu_inputs["pixel_values"], cpu_inputs["input_ids"], cpu_inputs["attention_mask"])
-        query_dev = model.get_query_features(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
-        gallery_cpu = cpu_model.get_image_features(cpu_inputs["target_pixel_values"])
-        gallery_dev = model.get_image_features(inputs["target_pixel_values"])
+        query_cpu = cpu_model.get_query_features(
+            cpu_inputs["pixel_values"], cpu_inputs["input_ids"], cpu_inputs["attention_mask"]
+        ).pooler_output
+        query_dev = model.get_query_features(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        gallery_cpu = cpu_model.get_image_features(cpu_inputs["target_pixel_values"]).pooler_output
+        gallery_dev = model.get_image_features(inputs["target_pixel_values"]).pooler_output
     model.train()
     out_plain, grads_plain = grads(model, inputs, checkpointing=False)
     out_ckpt, grads_ckpt = grads(model, inputs, checkpointing=True)

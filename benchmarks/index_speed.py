@@ -136,7 +136,7 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
     @torch.inference_mode()
     def tower():
         for pixel_values in batches:
-            model.get_image_features(pixel_values=pixel_values)
+            model.get_image_features(pixel_values=pixel_values).pooler_output
         if parameter.device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .composition_mqirtn import MQIRTNImageResidual, build_composition, build_decoder, reset_torch_default
@@ -47,6 +48,13 @@ class MQIRTNOutput(ModelOutput):
         Per fusion layer, image tokens attending to text tokens: `(batch_size, heads, 1 + num_patches, text_length)`.
     text_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
         Per fusion layer, text tokens attending to image tokens: `(batch_size, heads, text_length, 1 + num_patches)`.
+    vision_tower_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The vision tower's attention weights for the reference images, one per layer, as the tower returns them
+        (`(batch_size, heads, 1 + num_patches, 1 + num_patches)` for ViT; `None` entries or no tuple for towers without
+        attention, and under SDPA, which computes no weights: use `attn_implementation="eager"`).
+    text_tower_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The text tower's attention weights, one per layer: `(batch_size, heads, text_length, text_length)` (eager
+        attention, as for `vision_tower_attentions`).
     composition_angles (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*, returned when
     `output_composition=True` for the rotating compositions `mqirtn` / `composeae`):
         The rotation angles delta (radians) read from each modification text.
@@ -86,6 +94,35 @@ class MQIRTNOutput(ModelOutput):
     symmetric_diagnostics: dict[str, torch.FloatTensor] | None = None
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_tower_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_tower_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MQIRTNQueryOutput(ModelOutput):
+    r"""
+    What `MQIRTNModel.get_query_features` returns: the composed query embedding and, when asked, what the towers and
+    the fusion computed for it (the same fields as `MQIRTNOutput`).
+
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        The composed query embedding theta, L2-normalised (`MQIRTNOutput.query_embeds`).
+    vision_hidden_states, text_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when
+    `output_hidden_states=True`):
+        The towers' hidden states for the reference images and the modification texts.
+    image_attentions, text_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The fusion layers' cross-attention weights (image->text, text->image; see `MQIRTNOutput`).
+    vision_tower_attentions, text_tower_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when
+    `output_attentions=True`):
+        The towers' own attention weights.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    vision_tower_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_tower_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -302,44 +339,60 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.set_input_embeddings(value)
 
-    def _image_tokens(self, pixel_values: torch.Tensor, hidden_states: list | None = None) -> torch.Tensor:
-        """Vision tower token states (B, 1+P, dv): token 0 is the CLS token, or the pooled output for towers without one.
-        With a `hidden_states` list, the tower's hidden states are appended to it."""
+    def _run_vision(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False):
+        """The vision tower on `pixel_values`: `(tokens, outputs)`, `tokens` (B, 1+P, dv) with token 0 the CLS token,
+        or the pooled output for towers without one; `outputs` what the tower returned (hidden states and attentions
+        when asked: the flags are passed only when set, as convolutional towers take no `output_attentions`)."""
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        if hidden_states is None:
-            outputs = self.vision_model(pixel_values=pixel_values)
-        else:
-            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
-            hidden_states.append(outputs.hidden_states)
+        flags = {name: True for name, value in (("output_attentions", output_attentions),
+                                                ("output_hidden_states", output_hidden_states)) if value}
+        outputs = self.vision_model(pixel_values=pixel_values, **flags)
         tokens = outputs.last_hidden_state
         if tokens.dim() == 4:  # convolutional towers: (B, C, H, W) feature maps
             tokens = tokens.flatten(2).transpose(1, 2)
         if self.vision_has_cls_token:
-            return tokens
+            return tokens, outputs
         pooled = getattr(outputs, "pooler_output", None)
         if pooled is None:
             raise ValueError(
                 f"The vision tower ({self.config.vision_config.model_type!r}) has no CLS token and returned no "
                 "`pooler_output`: MQIRTN needs one of them as the image embedding"
             )
-        return torch.cat([pooled.reshape(pooled.shape[0], 1, -1).to(tokens.dtype), tokens], dim=1)
+        return torch.cat([pooled.reshape(pooled.shape[0], 1, -1).to(tokens.dtype), tokens], dim=1), outputs
 
-    def _text_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden_states: list | None = None
-    ) -> torch.Tensor:
-        """Text tower token states (B, L, dt); with a `hidden_states` list, the tower's hidden states are appended."""
+    def _image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower token states (B, 1+P, dv): token 0 is the CLS token, or the pooled output for towers without one."""
+        return self._run_vision(pixel_values)[0]
+
+    def _run_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """The text tower: `(tokens, outputs)`, `tokens` (B, L, dt), `outputs` what the tower returned."""
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
-        if hidden_states is None:
-            return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden_states.append(outputs.hidden_states)
-        return outputs.last_hidden_state
+        flags = {name: True for name, value in (("output_attentions", output_attentions),
+                                                ("output_hidden_states", output_hidden_states)) if value}
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **flags)
+        return outputs.last_hidden_state, outputs
+
+    def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Text tower token states (B, L, dt)."""
+        return self._run_text(input_ids, attention_mask)[0]
+
+    def _flags(self, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
+        """The three output flags, each defaulting to the config's (as transformers' models do)."""
+        config = self.config
+        return (
+            config.output_attentions if output_attentions is None else output_attentions,
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.return_dict if return_dict is None else return_dict,
+        )
 
     def _compose(
         self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False,
@@ -364,38 +417,106 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         return query, parts, image_attentions, text_attentions
 
     # ----------------------------------------------------------------------------------------------- features
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Gallery embedding `phi(x)` of images: the only function used to embed gallery and target images.
 
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
+        output_attentions, output_hidden_states (`bool`, *optional*, default to the config's): also return the vision
+            tower's attention weights / hidden states.
+        return_dict (`bool`, *optional*, defaults to `config.return_dict`): with `False`, the output's `to_tuple()`.
 
-        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        Returns a `BaseModelOutputWithPooling`:
+        - `pooler_output` (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the gallery embedding,
+          **L2-normalised** (cosine similarity is a dot product);
+        - `last_hidden_state` (`(batch_size, 1 + num_patches, vision_hidden_size)`): the vision tower's token states as
+          MQIRTN reads them (token 0 is the CLS token, or the tower's pooled output for towers without one);
+        - `hidden_states`, `attentions`: the vision tower's, when asked.
+
+        The embedding alone: `model.get_image_features(pixel_values=pixel_values).pooler_output`.
         """
-        return normalize(self.image_projection(self._image_tokens(pixel_values)[:, 0]))
+        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        tokens, outputs = self._run_vision(pixel_values, output_attentions, output_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=tokens,
+            pooler_output=normalize(self.image_projection(tokens[:, 0])),
+            hidden_states=getattr(outputs, "hidden_states", None) if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Text embedding `psi(t)`: projection of the masked mean of the text tower's token states.
 
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`)
+        output_attentions, output_hidden_states, return_dict: as for `get_image_features` (the text tower's).
 
-        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        Returns a `BaseModelOutputWithPooling`: `pooler_output` (`(batch_size, projection_dim)`) the text embedding,
+        **L2-normalised**; `last_hidden_state` (`(batch_size, sequence_length, text_hidden_size)`) the text tower's token
+        states; `hidden_states`, `attentions` the text tower's, when asked.
+
+        The embedding alone: `model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output`.
         """
-        return normalize(self.text_projection(masked_mean(self._text_tokens(input_ids, attention_mask), attention_mask)))
+        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        tokens, outputs = self._run_text(input_ids, attention_mask, output_attentions, output_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=tokens,
+            pooler_output=normalize(self.text_projection(masked_mean(tokens, attention_mask))),
+            hidden_states=getattr(outputs, "hidden_states", None) if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
     def get_query_features(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MQIRTNQueryOutput | tuple:
         r"""
         Composed query embedding `theta` of (reference image, modification text) pairs.
 
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): reference images.
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`): modification texts.
+        output_attentions, output_hidden_states, return_dict: as for `forward`.
 
-        Returns `torch.FloatTensor` of shape `(batch_size, projection_dim)`, L2-normalised.
+        Returns an `MQIRTNQueryOutput` whose `pooler_output` (`(batch_size, projection_dim)`) is the query embedding,
+        **L2-normalised**, with the towers' hidden states and the towers' and fusion's attentions when asked.
+
+        The embedding alone: `model.get_query_features(**batch).pooler_output`.
         """
-        return self(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_dict=True).query_embeds
+        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        out = self(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        output = MQIRTNQueryOutput(
+            pooler_output=out.query_embeds,
+            vision_hidden_states=out.vision_hidden_states,
+            text_hidden_states=out.text_hidden_states,
+            image_attentions=out.image_attentions,
+            text_attentions=out.text_attentions,
+            vision_tower_attentions=out.vision_tower_attentions,
+            text_tower_attentions=out.text_tower_attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(
@@ -405,7 +526,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         target_pixel_values: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        output_attentions: bool = False,
+        output_attentions: bool | None = None,
         target_ids: torch.Tensor | None = None,
         reference_ids: torch.Tensor | None = None,
         output_composition: bool = False,
@@ -421,8 +542,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             Target images; needed for the loss.
         return_loss (`bool`, *optional*):
             Compute the loss and its terms.
-        output_attentions (`bool`, *optional*, defaults to `False`):
-            Return the fusion layers' attention weights (for visualisation).
+        output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+            Return the fusion layers' attention weights (`image_attentions`, `text_attentions`; for visualisation) and
+            the towers' (`vision_tower_attentions`, `text_tower_attentions`; weights exist under eager attention).
         target_ids, reference_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Identify equal images so that copies of a query's own target are not used as its negatives; by default
             images are compared by a hash of their pixels.
@@ -450,14 +572,10 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             raise ValueError("`return_loss=True` needs `target_pixel_values` (the target images)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
+        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
 
-        vision_hidden_states, text_hidden_states = ([], []) if output_hidden_states else (None, None)
-        image_tokens = self._image_tokens(pixel_values, vision_hidden_states)
-        text_tokens = self._text_tokens(input_ids, attention_mask, text_hidden_states)
+        image_tokens, vision_outputs = self._run_vision(pixel_values, output_attentions, output_hidden_states)
+        text_tokens, text_outputs = self._run_text(input_ids, attention_mask, output_attentions, output_hidden_states)
         image_embeds = self.image_projection(image_tokens[:, 0])
         text_embeds = self.text_projection(masked_mean(text_tokens, attention_mask))
         query, parts, image_attentions, text_attentions = self._compose(
@@ -498,8 +616,10 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             logit_scale=scale,
             image_attentions=image_attentions,
             text_attentions=text_attentions,
-            vision_hidden_states=vision_hidden_states[0] if output_hidden_states else None,
-            text_hidden_states=text_hidden_states[0] if output_hidden_states else None,
+            vision_hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            text_hidden_states=text_outputs.hidden_states if output_hidden_states else None,
+            vision_tower_attentions=getattr(vision_outputs, "attentions", None) if output_attentions else None,
+            text_tower_attentions=getattr(text_outputs, "attentions", None) if output_attentions else None,
             **composition_outputs,
         )
         return output if return_dict else output.to_tuple()
@@ -627,4 +747,4 @@ def reconstruction_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Te
     return (normalize(decoded) - normalize(target.detach())).pow(2).sum(dim=-1).mean()
 
 
-__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput", "tower_from_config", "tower_from_pretrained"]
+__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput", "MQIRTNQueryOutput", "tower_from_config", "tower_from_pretrained"]

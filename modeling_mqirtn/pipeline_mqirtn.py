@@ -251,7 +251,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
             for start in range(0, len(images), batch_size):
                 batch = self.processor(images=list(images[start : start + batch_size]), return_tensors="pt")
                 pixel_values = batch["pixel_values"].to(self.device, self.model.dtype)
-                features = self.model.get_image_features(pixel_values=pixel_values)
+                features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
                 embeds.append(features.float().cpu())
         return torch.cat(embeds)
 
@@ -310,7 +310,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
             pixel_values=model_inputs["pixel_values"].to(self.model.dtype),
             input_ids=model_inputs["input_ids"],
             attention_mask=model_inputs["attention_mask"],
-        )
+        ).pooler_output
         if gallery is None:
             return {"query_embeds": query_embeds}
         if isinstance(gallery, torch.Tensor):

@@ -389,7 +389,7 @@ def embed_images(
         for batch in batches:
             if batch["pixel_values"] is not None:
                 pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype, non_blocking=True)
-                embeds = model.get_image_features(pixel_values=pixel_values)
+                embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
                 if pending is not None:
                     chunks.append(pending.float().cpu())
                 pending = embeds

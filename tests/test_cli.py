@@ -53,7 +53,7 @@ def test_index_skips_corrupt_and_non_image_files(workspace, built_index):
     with torch.no_grad():
         expected = workspace["model"].get_image_features(
             pixel_values=workspace["processor"](images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
-        )
+        ).pooler_output
     torch.testing.assert_close(index.embeddings, expected, atol=1e-5, rtol=0)
 
 
@@ -204,8 +204,9 @@ def test_device_cpu_dtype_bfloat16_index_and_search(workspace, monkeypatch, caps
     # bfloat16 keeps ~3 significant digits: the scores are those of the float32 model within that.
     with torch.no_grad():
         processor, model = workspace["processor"], workspace["model"]
-        query_embeds = model.get_query_features(**processor(images=[Image.open(query)], text=["make it red"]))
-        gallery = model.get_image_features(pixel_values=processor(images=[Image.open(p) for p in workspace["paths"]])["pixel_values"])
+        query_embeds = model.get_query_features(**processor(images=[Image.open(query)], text=["make it red"])).pooler_output
+        gallery_pixels = processor(images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
+        gallery = model.get_image_features(pixel_values=gallery_pixels).pooler_output
     expected = dict(zip([p.name if p.parent.name == "images" else f"sub/{p.name}" for p in workspace["paths"]], (query_embeds @ gallery.T)[0].tolist()))
     assert len(results) == 8
     for result in results:

@@ -55,7 +55,11 @@ def test_return_dict_false_gives_the_tuple_and_hidden_states_are_the_towers():
     model.config.return_dict = False  # the config default applies when the argument is not given
     with torch.no_grad():
         assert isinstance(model(**batch), tuple)
-        torch.testing.assert_close(model.get_query_features(**{k: v for k, v in batch.items() if k != "target_pixel_values"}), out.query_embeds)
+        query = model.get_query_features(**{k: v for k, v in batch.items() if k != "target_pixel_values"})
+        image = model.get_image_features(pixel_values=batch["pixel_values"])
+    assert isinstance(query, tuple) and isinstance(image, tuple)
+    torch.testing.assert_close(query[0], out.query_embeds)  # `pooler_output` comes first
+    torch.testing.assert_close(image[1], out.reference_embeds)  # after `last_hidden_state`
 
 
 def count_sdpa_calls(model, batch, monkeypatch) -> int:
@@ -123,3 +127,34 @@ def test_pretrained_towers_load_without_a_pooler_report(tmp_path):
     assert "LOAD REPORT" not in captured.out and "pooler" not in captured.out, captured.out
     assert model.text_model.pooler is None and model.vision_model.pooler is None
     assert type(model.text_model).__name__ == "BertModel" and isinstance(model.text_model, BertModel)
+
+
+def test_output_attentions_follows_the_config_and_names_the_towers_and_the_fusions():
+    model = tiny_model().eval()
+    model.set_attn_implementation("eager")  # SDPA computes no attention weights
+    batch = {k: v for k, v in random_batch(3).items() if k != "target_pixel_values"}
+    config = model.config
+    with torch.no_grad():
+        plain = model(**batch)
+        config.output_attentions = True  # no argument given: the config's value applies
+        out = model(**batch)
+        query = model.get_query_features(**batch)
+        image = model.get_image_features(pixel_values=batch["pixel_values"])
+        text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        asked_off = model(**batch, output_attentions=False)
+    assert plain.image_attentions is None and plain.vision_tower_attentions is None and plain.text_tower_attentions is None
+    assert asked_off.vision_tower_attentions is None and asked_off.text_attentions is None
+    tokens, length = 1 + (32 // 8) ** 2, batch["input_ids"].shape[1]
+    assert len(out.image_attentions) == len(out.text_attentions) == config.num_fusion_layers
+    assert len(out.vision_tower_attentions) == config.vision_config.num_hidden_layers
+    assert len(out.text_tower_attentions) == config.text_config.num_hidden_layers
+    assert out.vision_tower_attentions[0].shape == (3, config.vision_config.num_attention_heads, tokens, tokens)
+    assert out.text_tower_attentions[0].shape == (3, config.text_config.num_attention_heads, length, length)
+    assert out.image_attentions[0].shape == (3, config.fusion_num_heads, tokens, length)
+    for got, expected in zip(image.attentions + text.attentions, out.vision_tower_attentions + out.text_tower_attentions):
+        torch.testing.assert_close(got, expected)
+    for name in ("image_attentions", "text_attentions", "vision_tower_attentions", "text_tower_attentions"):
+        for got, expected in zip(getattr(query, name), getattr(out, name)):
+            torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(query.pooler_output, plain.query_embeds)
+    torch.testing.assert_close(out.query_embeds, plain.query_embeds)  # the weights are returned, nothing else changes

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def image_features(model, processor, images):
     with torch.no_grad():
-        return model.get_image_features(pixel_values=processor(images=images)["pixel_values"])
+        return model.get_image_features(pixel_values=processor(images=images)["pixel_values"]).pooler_output
 
 
 def random_gallery(count=2000, dim=32, seed=0):

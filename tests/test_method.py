@@ -157,7 +157,7 @@ def test_text_embedding_does_not_collapse_under_reconstruction():
 
     def mean_pairwise_cosine():
         with torch.no_grad():
-            psi = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+            psi = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
         return (psi @ psi.T)[~torch.eye(8, dtype=torch.bool)].mean().item()
 
     before = mean_pairwise_cosine()
@@ -307,7 +307,7 @@ def test_vision_towers_without_cls_use_their_pooled_output(model_type):
     with torch.no_grad():
         pooled = model.vision_model(pixel_values=pixel_values).pooler_output.reshape(3, -1)
         expected = F.normalize(model.image_projection(pooled), dim=-1)
-        got = model.get_image_features(pixel_values)
+        got = model.get_image_features(pixel_values).pooler_output
     torch.testing.assert_close(got, expected)
     out = model(**random_batch(3), return_loss=True)
     assert torch.isfinite(out.loss)
@@ -316,7 +316,7 @@ def test_vision_towers_without_cls_use_their_pooled_output(model_type):
     shifted = pixel_values.clone()
     shifted[:, :, -8:, -8:] += 1.0
     with torch.no_grad():
-        assert not torch.allclose(model.get_image_features(shifted)[0], got[0], atol=1e-4)
+        assert not torch.allclose(model.get_image_features(shifted).pooler_output[0], got[0], atol=1e-4)
 
 
 def test_clip_vision_and_text_towers():

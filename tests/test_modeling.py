@@ -160,10 +160,10 @@ class MQIRTNModelTesterMixin:
         batch = random_batch(5)
         with torch.no_grad():
             out = model(**batch, return_loss=True)
-            queries = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-            images = model.get_image_features(batch["target_pixel_values"])
-            references = model.get_image_features(batch["pixel_values"])
-            texts = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+            queries = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooler_output
+            images = model.get_image_features(batch["target_pixel_values"]).pooler_output
+            references = model.get_image_features(batch["pixel_values"]).pooler_output
+            texts = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
         torch.testing.assert_close(queries, out.query_embeds, atol=1e-6, rtol=0)
         torch.testing.assert_close(images, out.target_embeds, atol=1e-6, rtol=0)
         torch.testing.assert_close(references, out.reference_embeds, atol=1e-6, rtol=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import read_json, run_train, tiny_model, tiny_processor
 from safetensors.torch import save_file
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import train
 
@@ -65,7 +66,8 @@ def test_a_model_with_non_finite_weights_is_not_saved_and_the_last_good_checkpoi
 
 def test_finite_weights_with_non_finite_embeddings_are_refused(tmp_path, monkeypatch):
     model = tiny_model().eval()
-    monkeypatch.setattr(model, "get_image_features", lambda pixel_values: torch.full((1, 32), float("inf")))
+    infinite = BaseModelOutputWithPooling(pooler_output=torch.full((1, 32), float("inf")))
+    monkeypatch.setattr(model, "get_image_features", lambda pixel_values: infinite)
     with pytest.raises(train.TrainingStopped, match=r"\(gallery embeddings\).*No checkpoint with finite weights"):
         train.check_finite_model(model, tiny_processor(tmp_path), tmp_path)
 

@@ -247,7 +247,7 @@ def test_training_evaluation_and_pipeline_see_the_same_pixels(processor, tmp_pat
     model = pipe.model
     indexed, kept, skipped = embed_images(model, processor, [str(path)], progress=False)
     assert kept == [0] and not skipped
-    torch.testing.assert_close(indexed, model.get_image_features(pixel_values=served).detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(indexed, model.get_image_features(pixel_values=served).pooler_output.detach(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P"])

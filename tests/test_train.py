@@ -94,8 +94,8 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
         processor = AutoProcessor.from_pretrained({str(output)!r}, trust_remote_code=True)
         batch = processor(images=[Image.new("RGB", (32, 32), (200, 30, 30))] * 2, text=["add a small red circle to the top left", "remove the blue square"], return_tensors="pt")
         with torch.no_grad():
-            query = model.get_query_features(**batch)
-            gallery = model.get_image_features(pixel_values=batch["pixel_values"])
+            query = model.get_query_features(**batch).pooler_output
+            gallery = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
         from transformers import pipeline
         pipe = pipeline("composed-image-retrieval", model={str(output)!r}, trust_remote_code=True)
         hits = pipe(image=Image.new("RGB", (32, 32), (200, 30, 30)), text="add a small red circle to the top left", gallery=gallery, top_k=2)
