@@ -11,4 +11,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==${MQIRTN_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# transformers' own common testers for tests/test_transformers_common.py: fetched once, offline afterwards.
+bash scripts/fetch_transformers_tests.sh "$VENV/bin/python"
 echo "mqirtn installed in $VENV"

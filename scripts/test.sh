@@ -18,4 +18,6 @@ if [ -z "${MQIRTN_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && ! command -v c
     fi
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# transformers' common testers must run here (a missing copy fails the run instead of skipping it).
+export MQIRTN_REQUIRE_TRANSFORMERS_TESTS=1
 exec .venv/bin/python -m pytest tests "$@"
