@@ -27,13 +27,16 @@ tower's package, ...). Inside, `sources` records the SHA-256 of every file of th
 (train.py and whatever it imported from modeling_mqirtn/, processing/, mqirtn_app/ or any other package of the
 repository, collected from `sys.modules` when the run ends). A stored run counts only while every one of those files
 is unchanged; otherwise it is reported as stale and trained again. A run whose repository packages came from another
-checkout (an editable install elsewhere) fails.
+checkout (an editable install elsewhere) fails. `--at_commit C` trains with the code of commit C (exported once to
+<work_dir>/code/) and judges runs against it, so a grid can be continued at one code version over many sessions
+while the checkout moves on; its runs are keyed apart from the checkout's.
 
 Chunks: `--max_runs N` / `--max_minutes M` stop after N trainings / start none after M minutes, so each invocation
 fits a working stretch and the cache accumulates; `--summarize_only` trains nothing and writes what exists and what
 is missing. Summaries: `<results_dir>/<name>.json` and `.md` (name `quality_grid`, `quality_lr_grid` with --lr_grid).
 
     python benchmarks/quality_shapes.py --max_minutes 25                 # next runs of the grid, in order
+    python benchmarks/quality_shapes.py --at_commit <C> --max_minutes 25 # the same at the grid's pinned code
     python benchmarks/quality_shapes.py --summarize_only                 # the table so far, and what is missing
     python benchmarks/quality_shapes.py --lr_grid --max_minutes 25       # the learning-rate grid on validation
     python benchmarks/quality_shapes.py --quick --split validation       # minutes: does everything work?
@@ -61,7 +64,8 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO_ROOT / "train.py"
+# The code the runs train with: this checkout, or with --at_commit a snapshot of one commit (`code_snapshot`).
+CODE_ROOT = REPO_ROOT
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@50")
 MAIN_JOB_STEPS = 936  # train.py's default run: 3 epochs of 20,000 shapes queries at batch 64
@@ -170,6 +174,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--keep_models", action="store_true", help="Keep each run's model folder (default: deleted after reading its results).")
     parser.add_argument("--nice", type=int, default=19, help="Niceness of the train.py runs (0: not niced).")
     parser.add_argument("--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (part of the run key).")
+    parser.add_argument(
+        "--at_commit", default=None,
+        help="Train (and judge runs) with the code of this git commit, exported to <work_dir>/code/<commit>, instead of "
+        "this checkout: later sessions continue one grid at one code version while the code moves on.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
     parser.add_argument("--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing.")
     args, train_extra = parser.parse_known_args(argv)
@@ -227,7 +236,10 @@ def train_arguments(args, row: Row, seed: int, learning_rate: str) -> list[str]:
 
 
 def run_key(args, row: Row, seed: int, learning_rate: str) -> str:
-    record = {"train_args": train_arguments(args, row, seed, learning_rate), "threads": args.threads, "versions": library_versions()}
+    record = {
+        "train_args": train_arguments(args, row, seed, learning_rate), "threads": args.threads, "versions": library_versions(),
+        "code": args.at_commit or "checkout",
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -240,16 +252,17 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def changed_sources(run: dict, root: Path = REPO_ROOT) -> list[str]:
-    """The files a stored run imported that differ now (or are gone); [] when the run is current. A run without a
-    record of its sources counts as changed."""
+def changed_sources(run: dict, root: Path | None = None) -> list[str]:
+    """The files a stored run imported that differ now in `root` (default: the code the runs train with) or are gone;
+    [] when the run is current. A run without a record of its sources counts as changed."""
+    root = CODE_ROOT if root is None else root
     sources = run.get("sources")
     if not sources:
         return ["(no record of the run's sources)"]
     return [name for name, digest in sorted(sources.items()) if not (root / name).is_file() or file_digest(root / name) != digest]
 
 
-def imported_sources(root: Path = REPO_ROOT, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
+def imported_sources(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
     """SHA-256 of every file of the repository at `root` that is imported in this process (by relative path).
 
     Raises if a module named like one of the repository's own packages or modules was imported from elsewhere.
@@ -270,26 +283,30 @@ def imported_sources(root: Path = REPO_ROOT, exclude: tuple[Path, ...] = ()) -> 
     return dict(sorted(sources.items()))
 
 
-def record_run(sources_path: str, train_argv: list[str]) -> int:
-    """Runs train.py in this process with `train_argv`, then writes the sources it imported to `sources_path`."""
+def record_run(sources_path: str, code_root: str, train_argv: list[str]) -> int:
+    """Runs `code_root`/train.py in this process with `train_argv`, then writes the sources it imported (files of
+    `code_root`) to `sources_path`."""
     import runpy
 
-    sys.argv = [str(TRAIN_SCRIPT), *train_argv]
-    sys.path.insert(0, str(REPO_ROOT))
+    root = Path(code_root).resolve()
+    train_script = root / "train.py"
+    sys.argv = [str(train_script), *train_argv]
+    sys.path.insert(0, str(root))
     code = 0
     try:
-        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+        runpy.run_path(str(train_script), run_name="__main__")
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    sources = imported_sources(exclude=(Path(__file__).resolve(),))
-    sources["train.py"] = file_digest(TRAIN_SCRIPT)
+    sources = imported_sources(root, exclude=(Path(__file__).resolve(),))
+    sources["train.py"] = file_digest(train_script)
     Path(sources_path).write_text(json.dumps(sources, indent=1, sort_keys=True))
     return code
 
 
 def train_command(args, row: Row, seed: int, learning_rate: str, output_dir: Path, sources_path: Path) -> list[str]:
     command = ["nice", "-n", str(args.nice)] if args.nice else []
-    command += [sys.executable, str(Path(__file__).resolve()), "--record_run", str(sources_path), "--output_dir", str(output_dir)]
+    command += [sys.executable, str(Path(__file__).resolve()), "--record_run", str(sources_path), str(CODE_ROOT)]
+    command += ["--output_dir", str(output_dir)]
     return command + train_arguments(args, row, seed, learning_rate)
 
 
@@ -300,12 +317,12 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
     sources_path = output_dir.parent / f"{path.stem}.sources.json"
     command = train_command(args, row, seed, learning_rate, output_dir, sources_path)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir.parent / f"{path.stem}.log"
     start = time.time()
     with open(log_path, "w") as log:
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        completed = subprocess.run(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
     if completed.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
@@ -329,6 +346,7 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
         "command": "python train.py " + " ".join(train_arguments(args, row, seed, learning_rate)),
         "threads": args.threads,
         "versions": library_versions(),
+        "code": args.at_commit or "checkout",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "sources": json.loads(sources_path.read_text()),
     }
@@ -427,6 +445,7 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
         "shared_train_args": args.shared_train_args,
         "threads": args.threads,
         "versions": library_versions(),
+        "code": args.at_commit or "checkout",
         "command": "python benchmarks/quality_shapes.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
@@ -456,7 +475,8 @@ def markdown_table(summary: dict) -> str:
     lines = [
         f"Shapes **{summary['split']}** split, {summary['steps']} steps per run, R@K in %: mean ± std over the seeds each "
         f"row has (seeds listed). {summary['date']}; {summary['threads']} thread per run; torch {summary['versions']['torch']}, "
-        f"transformers {summary['versions']['transformers']}.",
+        f"transformers {summary['versions']['transformers']}; code: "
+        + (f"commit {summary['code']}." if summary["code"] != "checkout" else "this checkout."),
         "",
         f"**Runs: {status['current']} current, {status['missing']} missing, {status['stale']} stale** (made with code that "
         "has changed since; not counted).",
@@ -531,6 +551,25 @@ def write_summary(args, runs, status) -> dict:
 
 
 # ================================================================================================ main
+def code_snapshot(commit: str, work_dir: Path) -> Path:
+    """The tree of `commit` (as `git archive` gives it) in `work_dir`/code/<full commit id>, made once."""
+    try:
+        full = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError) as error:
+        raise SystemExit(f"quality_shapes.py: --at_commit {commit}: not a commit of this repository ({error})") from None
+    folder = work_dir.resolve() / "code" / full
+    if not (folder / "train.py").is_file():
+        partial = folder.with_name(full + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", full], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+        os.replace(partial, folder)
+    return folder
+
+
 def _jobs(args) -> list[tuple[Row, int, str]]:
     """Every run of the selected rows, in the order they are trained: group by group (main, deviation, ablation),
     seed by seed within a group, so the rows of one seed are complete (paired) before the next seed starts."""
@@ -548,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, _ = parse_args(argv)
     args.argv = argv
+    global CODE_ROOT
+    CODE_ROOT = code_snapshot(args.at_commit, Path(args.work_dir)) if args.at_commit else REPO_ROOT
     jobs = _jobs(args)
     if args.dry_run:
         for row, seed, lr in jobs:
@@ -592,6 +633,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--record_run":
-        sys.exit(record_run(sys.argv[2], sys.argv[3:]))
+    if len(sys.argv) > 3 and sys.argv[1] == "--record_run":
+        sys.exit(record_run(sys.argv[2], sys.argv[3], sys.argv[4:]))
     main()

@@ -122,7 +122,7 @@ def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, mo
     argv = ["--variants", "mqirtn_paper,tirg", "--seeds", "2", "--results_dir", str(tmp_path), "--name", "grid"]
     args, _ = quality.parse_args(argv)
     current = fake_run(quality, "tirg", 0, 40.0, sources={})
-    current["sources"] = {"train.py": quality.file_digest(quality.TRAIN_SCRIPT)}
+    current["sources"] = {"train.py": quality.file_digest(quality.CODE_ROOT / "train.py")}
     quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 0, "5e-4"), current)
     stale = fake_run(quality, "tirg", 1, 50.0, sources={"train.py": "0" * 64})
     quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 1, "5e-4"), stale)
@@ -187,3 +187,18 @@ def test_the_grid_order_completes_one_seed_of_the_main_rows_first(quality):
 def test_unknown_variant_is_an_error(quality):
     with pytest.raises(SystemExit):
         quality.main(["--variants", "mqirtn,not_a_variant", "--dry_run"])
+
+
+def test_at_commit_trains_with_a_snapshot_of_that_commit(quality, tmp_path):
+    folder = quality.code_snapshot("HEAD", tmp_path)
+    committed = subprocess.run(["git", "-C", str(quality.REPO_ROOT), "show", "HEAD:train.py"], capture_output=True, check=True).stdout
+    assert (folder / "train.py").read_bytes() == committed and (folder / "modeling_mqirtn" / "composition_mqirtn.py").is_file()
+    assert quality.code_snapshot("HEAD", tmp_path) == folder  # made once
+    pinned, _ = quality.parse_args(["--at_commit", "HEAD"])
+    checkout, _ = quality.parse_args([])
+    row = quality.ROW_BY_NAME["tirg"]
+    assert quality.run_key(pinned, row, 0, "5e-4") != quality.run_key(checkout, row, 0, "5e-4")  # keyed apart
+    run = {"sources": {"train.py": quality.file_digest(folder / "train.py")}}
+    assert quality.changed_sources(run, folder) == []
+    with pytest.raises(SystemExit, match="not a commit"):
+        quality.code_snapshot("not-a-commit-anywhere", tmp_path)
