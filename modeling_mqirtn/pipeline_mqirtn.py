@@ -194,6 +194,8 @@ class ComposedImageRetrievalPipeline(Pipeline):
         return_tensors (`bool`, *optional*, defaults to `False`): without `gallery`, return the embedding as a tensor
             instead of a list of floats.
         top_k (`int`, *optional*, defaults to 10): number of results per query.
+        filter (`str`, *optional*): with an index `gallery`, only rows whose metadata satisfy it, e.g.
+            `'folder == "shoes"'` (passed to `gallery.search(..., filter=...)`).
         batch_size (`int`, *optional*): queries per forward pass for list inputs.
         """
         if inputs is None:
@@ -255,7 +257,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
                 embeds.append(features.float().cpu())
         return torch.cat(embeds)
 
-    def _sanitize_parameters(self, gallery=None, top_k=None, return_tensors=None, **unknown):
+    def _sanitize_parameters(self, gallery=None, top_k=None, return_tensors=None, filter=None, **unknown):
         if unknown:
             raise TypeError(f"ComposedImageRetrievalPipeline got unexpected arguments {sorted(unknown)}")
         forward_params, postprocess_params = {}, {}
@@ -269,6 +271,12 @@ class ComposedImageRetrievalPipeline(Pipeline):
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
             forward_params["top_k"] = top_k
+        if filter is not None:
+            if not isinstance(filter, str):
+                raise TypeError(f"`filter` must be a string expression such as 'folder == \"shoes\"', got {filter!r}")
+            if gallery is None or isinstance(gallery, (torch.Tensor, np.ndarray)):
+                raise ValueError("`filter` needs a `gallery` index whose rows carry metadata (e.g. GalleryIndex)")
+            forward_params["filter"] = filter
         if gallery is not None:
             gallery = self._check_gallery(gallery)
             forward_params["gallery"] = gallery
@@ -305,7 +313,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
         batch = self.processor(images=[inputs["image"]], text=[inputs["text"]], return_tensors="pt")
         return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
 
-    def _forward(self, model_inputs, gallery=None, top_k=10):
+    def _forward(self, model_inputs, gallery=None, top_k=10, filter=None):
         query_embeds = self.model.get_query_features(
             pixel_values=model_inputs["pixel_values"].to(self.model.dtype),
             input_ids=model_inputs["input_ids"],
@@ -315,6 +323,8 @@ class ComposedImageRetrievalPipeline(Pipeline):
             return {"query_embeds": query_embeds}
         if isinstance(gallery, torch.Tensor):
             scores, indices = exact_search(query_embeds.float(), gallery, top_k)
+        elif filter is not None:
+            scores, indices = gallery.search(query_embeds, top_k, filter=filter)
         else:
             scores, indices = gallery.search(query_embeds, top_k)
         return {"scores": torch.as_tensor(scores), "indices": torch.as_tensor(indices)}

@@ -1,9 +1,11 @@
 """`mqirtn`: index a folder of images with an MQIRTN model, and search it with (reference image, modification text).
 
     mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N] [--num-workers N]
-                 [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw] [--device auto|cpu|cuda|cuda:N|mps]
-                 [--dtype float32|bfloat16|float16]
-    mqirtn search --index INDEX_DIR --image query.jpg --text "make it red" [--top-k 10] [--json]
+                 [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw|milvus] [--update]
+                 [--uri gallery.db|http://host:19530] [--collection NAME] [--token-env NAME]
+                 [--index-type HNSW|IVF_FLAT|FLAT] [--hnsw-m N] [--ef-construction N] [--ef-search N] [--nlist N]
+                 [--nprobe N] [--device auto|cpu|cuda|cuda:N|mps] [--dtype float32|bfloat16|float16]
+    mqirtn search --index INDEX_DIR --image query.jpg --text "make it red" [--top-k 10] [--filter EXPR] [--json]
                   [--grid results.png] [--attention attention.png] [--target ID] [--model DIR_OR_ID]
                   [--device ...] [--dtype ...]
     mqirtn --version
@@ -15,6 +17,11 @@ it in the index folder, so each `search` reads it instead of re-training/rebuild
 the merged index. `index` decodes and preprocesses the images in `--num-workers` DataLoader worker processes (per
 process) while the model embeds, overlapping the two; `--num-workers 0` decodes in the main process. The index
 is the same either way.
+`--backend milvus --uri gallery.db` writes the gallery into a Milvus Lite file, `--uri http://host:19530` into a
+Milvus server or cluster (token from the environment variable `--token-env`, default MILVUS_TOKEN; never written
+to disk); the index folder then records the database and collection, and `search` reconnects to it. `--update`
+embeds only the new and changed files of the folder and deletes the rows of removed ones. `search --filter` keeps the
+rows whose metadata match (`folder == "shoes"`; `folder` is the image's folder relative to the indexed one).
 No Python file of a model folder runs unless `--trust-remote-code` is given (the installed MQIRTN classes load its
 safetensors); a model path read from an index then runs only if its code files match the digest the index recorded.
 Errors are one line on stderr and exit status 1 (2 for bad command-line usage); no traceback.
@@ -76,6 +83,44 @@ _TRUST_HELP = (
 )
 
 
+# Index knobs: flag -> help; the backend option is the flag with underscores. Each acts on the backends named.
+_INDEX_KNOBS = {
+    "hnsw-m": "faiss-hnsw / milvus HNSW: links per node (M, default 32)",
+    "ef-construction": "faiss-hnsw / milvus HNSW: build-time candidate list (efConstruction, default 80)",
+    "ef-search": "faiss-hnsw / milvus HNSW: search-time candidate list (ef, default 64)",
+    "nlist": "faiss-ivf / milvus IVF_FLAT: number of lists",
+    "nprobe": "faiss-ivf / milvus IVF_FLAT: lists searched (default 16)",
+}
+_KNOB_BACKENDS = {
+    "hnsw-m": ("faiss-hnsw", "milvus"), "ef-construction": ("faiss-hnsw", "milvus"), "ef-search": ("faiss-hnsw", "milvus"),
+    "nlist": ("faiss-ivf", "milvus"), "nprobe": ("faiss-ivf", "milvus"),
+}
+
+
+def _backend_options(args) -> dict:
+    """The `backend_options` the index flags ask for; a flag that does not act on `--backend` is refused."""
+    options = {}
+    for flag in _INDEX_KNOBS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        if args.backend not in _KNOB_BACKENDS[flag]:
+            raise CLIError(f"--{flag} applies to --backend {' or '.join(_KNOB_BACKENDS[flag])}, not {args.backend}")
+        if value < 1:
+            raise CLIError(f"--{flag} must be a positive integer, got {value}")
+        options[flag.replace("-", "_")] = value
+    milvus = {"uri": args.uri, "collection": args.collection, "token_env": args.token_env, "index_type": args.index_type}
+    given = {key: value for key, value in milvus.items() if value is not None}
+    if args.backend == "milvus":
+        if args.uri is None:
+            raise CLIError("--backend milvus needs --uri: a Milvus Lite file (gallery.db) or http://host:19530")
+        options.update(given)
+    elif given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise CLIError(f"{flag} applies to --backend milvus only")
+    return options
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqirtn", description="Composed image retrieval with an MQIRTN model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -88,6 +133,16 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     index.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
     index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
+    index.add_argument(
+        "--update", action="store_true",
+        help="update the index at --out: embed only new or changed files (size, mtime), delete rows of removed ones",
+    )
+    index.add_argument("--uri", help="milvus: a Milvus Lite file (gallery.db) or a server, http://host:19530")
+    index.add_argument("--collection", help="milvus: collection name (default mqirtn_gallery)")
+    index.add_argument("--token-env", help="milvus: environment variable holding the token (default MILVUS_TOKEN)")
+    index.add_argument("--index-type", choices=("HNSW", "IVF_FLAT", "FLAT"), help="milvus: vector index (default HNSW)")
+    for flag, what in _INDEX_KNOBS.items():
+        index.add_argument(f"--{flag}", type=int, help=what)
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     index.add_argument("--device", default="auto", help=_DEVICE_HELP)
@@ -98,6 +153,9 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", required=True, help="reference image (path or URL)")
     search.add_argument("--text", required=True, help="modification text, e.g. 'make it red'")
     search.add_argument("--top-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument(
+        "--filter", help='keep rows whose metadata match, e.g. \'folder == "shoes"\' (==, !=, in, not in, and)'
+    )
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("--grid", help="write a results-grid PNG here")
     search.add_argument("--attention", help="write a text->image attention PNG here")
@@ -200,15 +258,19 @@ def _index(args) -> int:
         raise CLIError(f"--images {args.images!r} does not exist or is not a folder")
     if not image_files(args.images):
         raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
+    options = _backend_options(args)
     accelerator = _accelerator(args.device) if _distributed() else None
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     model, processor = load_model(args.model, args.trust_remote_code, device, args.dtype)
+    if args.update and Path(args.out, "index.json").is_file():
+        return _update(args, model, processor, accelerator)
     index = GalleryIndex.from_folder(
         model,
         processor,
         args.images,
         batch_size=args.batch_size,
         backend=args.backend,
+        backend_options=options,
         accelerator=accelerator,
         progress=not args.no_progress,
         num_workers=args.num_workers,
@@ -226,7 +288,37 @@ def _index(args) -> int:
             print(f"Building the {index.backend} index over {len(index)} images...", file=sys.stderr, flush=True)
         index.save(args.out)  # with a faiss-* backend, builds the FAISS index and saves it with the embeddings
         skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
-        print(f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{skipped}{processes})")
+        where = f", {index._store.describe()}" if index.backend == "milvus" else ""
+        print(
+            f"Indexed {len(index)} images from {args.images} into {args.out} (backend {index.backend}{where}{skipped}"
+            f"{processes})"
+        )
+    index.close()
+    return 0
+
+
+def _update(args, model, processor, accelerator) -> int:
+    """`index --update` of an existing index folder: the folder's new and changed files embedded, removed ones
+    deleted, the rest kept."""
+    from .index import GalleryIndex
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise CLIError("--update runs in one process (it embeds only what changed); run it without accelerate launch")
+    index = GalleryIndex.load(args.out, model=model, processor=processor)
+    if args.backend != index.backend:
+        raise CLIError(f"--update: the index at {args.out} uses backend {index.backend!r}, not --backend {args.backend}")
+    if index.root is None or Path(args.images).resolve() != Path(index.root):
+        raise CLIError(f"--update: the index at {args.out} was built from {index.root!r}, not --images {args.images!r}")
+    workers = 0 if args.num_workers is None else args.num_workers
+    counts = index.update_folder(batch_size=args.batch_size, progress=not args.no_progress, num_workers=workers)
+    index.save(args.out)
+    index.close()
+    print(
+        f"Updated {args.out} from {args.images}: {counts['added']} added, {counts['changed']} changed, "
+        f"{counts['removed']} removed, {counts['unchanged']} unchanged"
+        + (f", skipped {counts['skipped']} unreadable file(s)" if counts["skipped"] else "")
+        + f" ({len(index)} images, backend {index.backend})"
+    )
     return 0
 
 
@@ -288,7 +380,11 @@ def _search(args) -> int:
         raise CLIError(f"--target {args.target!r} is not an id of the index")
 
     pipe = ComposedImageRetrievalPipeline(model=model, processor=processor, device=device)
-    results = pipe(image=args.image, text=args.text, gallery=index, top_k=args.top_k)
+    if args.filter is not None and index.backend != "milvus":
+        from .filters import parse_filter
+
+        parse_filter(args.filter)  # a malformed filter fails before the model runs
+    results = pipe(image=args.image, text=args.text, gallery=index, top_k=args.top_k, filter=args.filter)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -315,6 +411,7 @@ def _search(args) -> int:
 
         save_attention_map(args.attention, model, processor, args.image, args.text)
         print(f"Wrote the attention map to {args.attention}", file=sys.stderr)
+    index.close()
     return 0
 
 
@@ -327,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _index(args) if args.command == "index" else _search(args)
     except (CLIError, ModelMismatchError, DecodeWorkerError, ValueError, FileNotFoundError, ImportError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        from .milvus_store import MilvusBackendError
+
+        if not isinstance(error, MilvusBackendError):
+            raise
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
         return 1

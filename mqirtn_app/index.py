@@ -158,6 +158,60 @@ def _image_files_and_ids(folder: str | os.PathLike) -> tuple[list[Path], list[st
     return [Path(path) for _, path in entries], ["/".join(parts) for parts, _ in entries]
 
 
+# ---------------------------------------------------------------------------------------------------- metadata
+# Row metadata names the index itself fills or the milvus schema uses.
+_RESERVED_METADATA = ("id", "embedding")
+
+
+def check_metadata_row(row) -> dict:
+    """A row's metadata: a dict of field name -> string, number or boolean (`ValueError` naming what is not)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a metadata row must be a dict of column -> value, got {type(row).__name__}")
+    for key, value in row.items():
+        if not isinstance(key, str) or not key.isidentifier() or key in _RESERVED_METADATA:
+            raise ValueError(
+                f"metadata column {key!r} must be a name of letters, digits and underscores, not {list(_RESERVED_METADATA)}"
+            )
+        if not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"metadata column {key!r} must hold strings, numbers or booleans, got {type(value).__name__}")
+    return dict(row)
+
+
+def file_signature(path: str | os.PathLike) -> dict:
+    """What `update` compares to tell a changed file: its size and modification time (ns)."""
+    stat = os.stat(path)
+    return {"file_size": int(stat.st_size), "file_mtime_ns": int(stat.st_mtime_ns)}
+
+
+def folder_metadata(files: Sequence[str | os.PathLike], ids: Sequence[str]) -> list[dict]:
+    """Per file of a folder gallery: `folder` (the id's folder relative to the root, "" at the root) and its
+    `file_signature`."""
+    rows = []
+    for path, item in zip(files, ids):
+        try:
+            signature = file_signature(path)
+        except OSError:  # gone meanwhile: embedding skips it
+            signature = {"file_size": -1, "file_mtime_ns": -1}
+        rows.append({"folder": item.rpartition("/")[0], **signature})
+    return rows
+
+
+def dataset_metadata(dataset, exclude: Sequence[str] = ()) -> list[dict] | None:
+    """The string, integer, float and boolean columns of a `datasets.Dataset` (not `exclude`), one dict per row;
+    None when it has none."""
+    from datasets import Value
+
+    kinds = ("string", "large_string", "bool") + tuple(f"{k}{n}" for k in ("int", "uint", "float") for n in (8, 16, 32, 64))
+    columns = [
+        name for name, feature in dataset.features.items()
+        if name not in exclude and name not in _RESERVED_METADATA and isinstance(feature, Value) and feature.dtype in kinds
+    ]
+    if not columns:
+        return None
+    values = {name: dataset[name] for name in columns}
+    return [{name: values[name][row] for name in columns if values[name][row] is not None} for row in range(len(dataset))]
+
+
 class DecodeWorkerError(RuntimeError):
     """A DataLoader worker decoding gallery images failed (for another reason than an unreadable image, which is
     skipped): one line naming the images and the error; `num_workers=0` decodes in this process with a traceback."""
@@ -557,7 +611,8 @@ _META_FIELDS = {
     "root": (str, type(None)),
 }
 _OPTIONAL_META_FIELDS = {
-    "model_code": (dict, type(None)), "skipped": (list,), "faiss": (dict, type(None)), "files": (dict, type(None))
+    "model_code": (dict, type(None)), "skipped": (list,), "faiss": (dict, type(None)), "files": (dict, type(None)),
+    "metadata": (list, type(None)),
 }
 
 
@@ -586,14 +641,23 @@ def _read_meta(path: Path) -> dict:
                 raise ValueError(f"{str(path)!r}: {name!r} must be {expected}, got {json.dumps(value)[:80]}")
     if not all(isinstance(item, str) for item in meta["ids"]):
         raise ValueError(f"{str(path)!r}: 'ids' must be a list of strings")
-    if meta["size"] != len(meta["ids"]) or meta["projection_dim"] < 1:
+    # A milvus index keeps its ids in the collection, not in index.json.
+    if (meta.get("backend") != "milvus" and meta["size"] != len(meta["ids"])) or meta["projection_dim"] < 1:
         raise ValueError(
             f"{str(path)!r}: 'size' {meta['size']} and 'projection_dim' {meta['projection_dim']} do not describe "
             f"its {len(meta['ids'])} ids"
         )
     if meta["backend"] not in BACKENDS:
         raise ValueError(f"{str(path)!r}: 'backend' must be one of {list(BACKENDS)}, got {meta['backend']!r}")
+    if meta.get("metadata") is not None and (
+        len(meta["metadata"]) != meta["size"] or not all(isinstance(row, dict) for row in meta["metadata"])
+    ):
+        raise ValueError(f"{str(path)!r}: 'metadata' must be one JSON object per id")
     for name, value in meta["backend_options"].items():
+        if meta["backend"] == "milvus" and name in ("uri", "collection", "token_env", "index_type"):
+            if not isinstance(value, str):
+                raise ValueError(f"{str(path)!r}: backend option {name!r} must be a string, got {value!r}")
+            continue
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{str(path)!r}: backend option {name!r} must be a positive integer, got {value!r}")
     return meta
@@ -635,6 +699,7 @@ class GalleryIndex:
         root: str | os.PathLike | None = None,
         model=None,
         processor=None,
+        metadata: Sequence[dict] | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
@@ -644,8 +709,15 @@ class GalleryIndex:
         if len(ids) != embeddings.shape[0]:
             raise ValueError(f"`ids` has {len(ids)} entries but `embeddings` has {embeddings.shape[0]} rows")
         self._check_unique(ids)
+        if metadata is not None and len(metadata) != len(ids):
+            raise ValueError(f"`metadata` has {len(metadata)} entries but there are {len(ids)} ids")
         self.embeddings = embeddings.detach().float().cpu().contiguous()
         self.ids = ids
+        # One dict per row (`folder`, file signature, a dataset's scalar columns): what `search(filter=...)` reads.
+        # The milvus backend keeps them in its collection instead.
+        self.metadata: list[dict] | None = [dict(row) for row in metadata] if metadata is not None else (
+            [{} for _ in ids] if backend != "milvus" else None
+        )
         self.projection_dim = int(embeddings.shape[1])
         self.model_name_or_path = model_name_or_path
         self.fingerprint = fingerprint
@@ -653,6 +725,17 @@ class GalleryIndex:
         self.model_code = dict(model_code or {})
         self.backend = backend
         self.backend_options = dict(backend_options or {})
+        self._store = None  # the milvus backend's `MilvusStore`
+        self._positions: dict[str, int] | None = None  # id -> row, for the milvus backend's results
+        if backend == "milvus":
+            from .milvus_store import MilvusStore
+
+            if len(ids):
+                raise ValueError("a milvus index starts empty: its rows live in the collection (use `add_embeddings`)")
+            self._store = MilvusStore(self.backend_options, int(embeddings.shape[1]))
+            self.backend_options = self._store.options
+        self._attached = False  # the milvus backend's `ids` are those of its collection
+        self._writes = True  # False on the processes of a multi-process build that leave the writing to the main one
         self.root = None if root is None else str(Path(root).resolve())
         self.skipped: list[str] = []
         self.model = model
@@ -677,6 +760,13 @@ class GalleryIndex:
             code = model_code_digest(name)
         return {"model_name_or_path": name, "fingerprint": model_fingerprint(model), "model_code": code}
 
+    def _identity(self) -> dict:
+        """What a milvus collection records about the model that wrote it."""
+        return {
+            "projection_dim": self.projection_dim, "fingerprint": self.fingerprint,
+            "model_name_or_path": self.model_name_or_path,
+        }
+
     @classmethod
     def from_images(
         cls,
@@ -692,6 +782,7 @@ class GalleryIndex:
         progress: bool = True,
         root: str | os.PathLike | None = None,
         num_workers: int = 0,
+        metadata: Sequence[dict] | None = None,
     ) -> "GalleryIndex":
         r"""
         Embeds `images` (PIL images, paths, numpy arrays or `datasets` {"bytes", "path"} dicts) in batches.
@@ -703,6 +794,13 @@ class GalleryIndex:
         num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes (per process) that decode and
             preprocess the next batches while the model embeds one; 0 decodes in this process. Same index either way.
             Workers pay off for files (paths, `datasets` bytes); images already in memory are decoded.
+        metadata (`list[dict]`, *optional*): one dict of scalar columns per image (strings, numbers, booleans), what
+            `search(filter=...)` tests.
+
+        With `backend="milvus"` (`backend_options={"uri": "gallery.db" or "http://host:19530", "collection": ...}`)
+        the rows go to the collection, created if missing; an existing collection must have been written by this
+        model (`ModelMismatchError` otherwise) and ends up holding exactly these images: rows with the same id are
+        replaced (so a killed run, re-run, completes the collection without duplicates) and other rows deleted.
         """
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
@@ -713,9 +811,26 @@ class GalleryIndex:
             torch.empty((0, model.config.projection_dim)), [], backend=backend, backend_options=backend_options,
             root=root, model=model, processor=processor, **cls._model_identity(model),
         )
-        index.add(images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress, num_workers=num_workers)
+        earlier = ()
+        if index._store is not None:
+            # With several processes only the main one talks to the database (Milvus Lite allows one process per
+            # file): the others hand it their shards (`add`).
+            index._writes = accelerator is None or accelerator.is_main_process
+            if index._writes:
+                index._store.open(index._identity(), create=True)
+                earlier = [row["id"] for row in index._store.rows([])]
+            index._attached = True
+        index.add(
+            images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress, num_workers=num_workers,
+            metadata=metadata,
+        )
         if not len(index):
             raise ValueError(f"none of the {len(images)} images could be read; see the warning above")
+        kept = set(index.ids)
+        stale = [item for item in earlier if item not in kept]
+        if stale:
+            logger.info(f"Deleting {len(stale)} row(s) of the {index._store.describe()} that are not in this gallery")
+            index._store.delete(stale)
         return index
 
     @classmethod
@@ -742,7 +857,10 @@ class GalleryIndex:
             shard = math.ceil(len(files) / (1 if accelerator is None else accelerator.num_processes))
             device = next(model.parameters()).device
             num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes, device)
-        return cls.from_images(model, processor, files, ids, root=folder, num_workers=num_workers, **kwargs)
+        return cls.from_images(
+            model, processor, files, ids, root=folder, num_workers=num_workers, metadata=folder_metadata(files, ids),
+            **kwargs,
+        )
 
     @classmethod
     def from_dataset(
@@ -762,6 +880,8 @@ class GalleryIndex:
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         images = _ColumnView(dataset, image_column)
         ids = [str(i) for i in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+        if "metadata" not in kwargs:
+            kwargs["metadata"] = dataset_metadata(dataset, exclude=(image_column,))
         return cls.from_images(model, processor, images, ids, **kwargs)
 
     def add(
@@ -773,8 +893,11 @@ class GalleryIndex:
         accelerator=None,
         progress: bool = True,
         num_workers: int = 0,
+        metadata: Sequence[dict] | None = None,
     ) -> int:
         """Embeds `images` with the attached model and appends them; returns how many were added (readable).
+
+        metadata (`list[dict]`, *optional*): one dict of scalar columns per image (see `from_images`).
 
         num_workers (`int`, *optional*, defaults to 0): DataLoader workers decoding while the model embeds (see
         `from_images`)."""
@@ -793,6 +916,8 @@ class GalleryIndex:
             ids = [str(i) for i in ids]
             if len(ids) != len(images):
                 raise ValueError(f"`ids` has {len(ids)} entries but `images` has {len(images)}")
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"`metadata` has {len(metadata)} entries but `images` has {len(images)}")
         self._check_unique(ids, self.ids)
         if accelerator is not None and accelerator.num_processes > 1:
             embeddings, kept, skipped = _embed_sharded(
@@ -803,13 +928,22 @@ class GalleryIndex:
                 self.model, self.processor, images, batch_size, progress, num_workers=num_workers
             )
         _warn_skipped(skipped, len(images))
-        self.add_embeddings(embeddings, [ids[i] for i in kept])
+        self.add_embeddings(embeddings, [ids[i] for i in kept], None if metadata is None else [metadata[i] for i in kept])
         self.skipped.extend(skipped)
         return len(kept)
 
-    def add_embeddings(self, embeddings: torch.Tensor, ids: Sequence[str]) -> None:
-        """Appends precomputed gallery embeddings `(count, projection_dim)` (normalised here) with their ids."""
+    def add_embeddings(
+        self, embeddings: torch.Tensor, ids: Sequence[str], metadata: Sequence[dict] | None = None
+    ) -> None:
+        """Appends precomputed gallery embeddings `(count, projection_dim)` (normalised here) with their ids (new
+        ones: an id already in the index is a `ValueError`, `remove` it first) and, optionally, one metadata dict
+        each."""
         ids = [str(i) for i in ids]
+        if self._store is not None and self._writes:
+            self._milvus()  # the collection's ids, before checking the new ones against them
+        metadata = [{} for _ in ids] if metadata is None else [check_metadata_row(row) for row in metadata]
+        if len(metadata) != len(ids):
+            raise ValueError(f"`metadata` has {len(metadata)} entries but there are {len(ids)} ids")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.projection_dim:
             raise ValueError(
                 f"`embeddings` must have shape (count, {self.projection_dim}), got {tuple(embeddings.shape)}"
@@ -818,9 +952,95 @@ class GalleryIndex:
             raise ValueError(f"`ids` has {len(ids)} entries but `embeddings` has {embeddings.shape[0]} rows")
         self._check_unique(ids, self.ids)
         embeddings = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=-1)
+        if self._store is not None:
+            if self._writes:
+                self._milvus().upsert(ids, embeddings.numpy(), metadata)
+            self.ids.extend(ids)
+            self._positions = None
+            return
         self.embeddings = torch.cat([self.embeddings, embeddings]).contiguous()
         self.ids.extend(ids)
+        self.metadata.extend(metadata)
         self._faiss_index = None  # rebuilt on the next search
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Deletes the rows of `ids` (every one must be in the index); returns how many were removed. The positions
+        of the remaining rows close up, in order."""
+        ids = [str(i) for i in ([ids] if isinstance(ids, str) else ids)]
+        if self._store is not None and self._writes:
+            self._milvus()
+        wanted = set(ids)
+        missing = sorted(wanted - set(self.ids))
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"cannot remove {shown}: not an id of this index")
+        if not wanted:
+            return 0
+        keep = [position for position, item in enumerate(self.ids) if item not in wanted]
+        if self._store is not None:
+            if self._writes:
+                self._milvus().delete(sorted(wanted))
+        else:
+            self.embeddings = self.embeddings[keep].contiguous()
+            self.metadata = [self.metadata[position] for position in keep]
+            self._faiss_index = None  # rebuilt on the next search
+        self.ids = [self.ids[position] for position in keep]
+        self._positions = None
+        return len(wanted)
+
+    def update_folder(
+        self, folder: str | os.PathLike | None = None, *, batch_size: int = 32, progress: bool = True,
+        num_workers: int = 0, accelerator=None,
+    ) -> dict[str, int]:
+        """Brings a folder index up to date with its folder: embeds only files that are new or changed (other size or
+        modification time than recorded), deletes the rows of files that are gone, keeps the rest.
+
+        folder (*optional*): the folder the index was built from (its `root`, the default).
+
+        Returns the counts `{"added", "changed", "removed", "unchanged", "skipped"}`.
+        """
+        if self.root is None:
+            raise ValueError("this index was not built from a folder (it records no root): there is nothing to update from")
+        if folder is not None and Path(folder).resolve() != Path(self.root):
+            raise ValueError(f"this index was built from {self.root!r}, not {str(folder)!r}: its ids are relative to it")
+        files, ids = _image_files_and_ids(self.root)
+        current = folder_metadata(files, ids)
+        if self._store is not None:
+            known = {
+                row["id"]: (row.get("file_size"), row.get("file_mtime_ns"))
+                for row in self._milvus().rows(["file_size", "file_mtime_ns"])
+            }
+            if set(known) != set(self.ids):
+                # Rows written by another process since this index was loaded: go by the collection.
+                self.ids, self._positions = sorted(known), None
+        else:
+            known = {
+                item: (row.get("file_size"), row.get("file_mtime_ns")) for item, row in zip(self.ids, self.metadata)
+            }
+        signature = {item: (row["file_size"], row["file_mtime_ns"]) for item, row in zip(ids, current)}
+        changed = [item for item in ids if item in known and known[item] != signature[item]]
+        removed = [item for item in known if item not in signature]
+        todo = [position for position, item in enumerate(ids) if item not in known or known[item] != signature[item]]
+        self.remove(changed + removed)
+        added = 0
+        if todo:
+            before = len(self.skipped)
+            added = self.add(
+                [files[p] for p in todo], [ids[p] for p in todo], metadata=[current[p] for p in todo],
+                batch_size=batch_size, progress=progress, num_workers=num_workers, accelerator=accelerator,
+            )
+            skipped = len(self.skipped) - before
+        else:
+            skipped = 0
+        present = set(self.ids)
+        replaced = sum(1 for item in changed if item in present)
+        return {
+            "added": added - replaced,
+            "changed": replaced,
+            "removed": len(removed),
+            "unchanged": len(ids) - len(todo),
+            "skipped": skipped,
+        }
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -861,14 +1081,18 @@ class GalleryIndex:
                 f"(fingerprint {model_fingerprint(model)[:12]}); rebuild the index with this model"
             )
 
-    def search(self, query_embeds: torch.Tensor, top_k: int = 10, block_size: int = 65536):
+    def search(self, query_embeds: torch.Tensor, top_k: int = 10, block_size: int = 65536, filter: str | None = None):
         r"""
         The `top_k` gallery rows most similar to each query, best first.
 
         query_embeds (`torch.FloatTensor` of shape `(num_queries, projection_dim)` or `(projection_dim,)`)
+        filter (`str`, *optional*): only rows whose metadata satisfy it, e.g. `'folder == "shoes"'`. The milvus
+            backend passes it to the engine (Milvus's boolean expressions); the others evaluate `filters.SUPPORTED`
+            (`==`, `!=`, `in`, `not in`, joined by `and`) and search the matching rows exactly.
 
-        Returns `(scores, indices)`, `torch.Tensor`s of shape `(num_queries, min(top_k, len(self)))` on CPU.
-        Approximate FAISS backends may return fewer hits, marked by index -1.
+        Returns `(scores, indices)`, `torch.Tensor`s of shape `(num_queries, min(top_k, len(self)))` on CPU; `indices`
+        are positions in `ids`. Where fewer rows match (a filter, an approximate index) the missing places hold score
+        `-inf` and index -1. Equal scores may come in any order among themselves.
         """
         if isinstance(query_embeds, np.ndarray):
             query_embeds = torch.from_numpy(query_embeds)
@@ -878,16 +1102,85 @@ class GalleryIndex:
             raise ValueError(
                 f"`query_embeds` must have shape (num_queries, {self.projection_dim}), got {tuple(query_embeds.shape)}"
             )
+        if self._store is not None and self._writes:
+            self._milvus()
         if not len(self):
             raise ValueError("the gallery index is empty: there is nothing to search")
         query_embeds = query_embeds.detach().float().cpu()
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        if self._store is not None:
+            return self._search_milvus(query_embeds, top_k, filter)
+        if filter is not None:
+            return self._search_filtered(query_embeds, top_k, filter, block_size)
         if self.backend == "exact":
             return exact_search(query_embeds, self.embeddings, top_k, block_size=block_size)
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
         faiss_index = self._get_faiss_index()
         scores, indices = faiss_index.search(np.ascontiguousarray(query_embeds.numpy()), min(top_k, len(self)))
         return torch.from_numpy(scores), torch.from_numpy(indices)
+
+    def _milvus(self):
+        """The milvus backend's store, its collection opened (created if missing) on first use; an index made
+        directly (not by `from_*`/`load`) then takes the collection's rows as its own."""
+        store = self._store
+        if not store.opened:
+            store.open(self._identity(), create=True)
+        if not self._attached:
+            self.ids, self._positions, self._attached = sorted(row["id"] for row in store.rows([])), None, True
+        return store
+
+    def close(self) -> None:
+        """Closes the connection of the milvus backend (Milvus Lite allows one process per file: close before another
+        process opens it); the next operation reconnects. Nothing to do for the in-process backends."""
+        if self._store is not None:
+            self._store.close()
+
+    def _search_filtered(self, query_embeds: torch.Tensor, top_k: int, filter: str, block_size: int):
+        """Exact search over the rows whose metadata match `filter` (any in-process backend)."""
+        from .filters import parse_filter
+
+        matches = parse_filter(filter)
+        if self.metadata is None or not any(self.metadata):
+            logger.warning("this index records no metadata for its rows (built without any), so no row matches a filter")
+        rows = [position for position, row in enumerate(self.metadata or ()) if matches(row)]
+        width = min(top_k, len(self))
+        scores = torch.full((query_embeds.shape[0], width), float("-inf"))
+        indices = torch.full((query_embeds.shape[0], width), -1, dtype=torch.long)
+        if rows:
+            rows = torch.tensor(rows)
+            found_scores, found = exact_search(query_embeds, self.embeddings[rows], top_k, block_size=block_size)
+            scores[:, : found.shape[1]] = found_scores
+            indices[:, : found.shape[1]] = rows[found]
+        return scores, indices
+
+    def _search_milvus(self, query_embeds: torch.Tensor, top_k: int, filter: str | None):
+        """The milvus backend's `search`: the engine's results as positions in `ids`, ties ordered by position."""
+        if not self._writes:
+            raise ValueError("this process left the database to the main process: search the index there")
+        if self._positions is None:
+            self._positions = {item: position for position, item in enumerate(self.ids)}
+        width = min(top_k, len(self))
+        found = self._milvus().search(np.ascontiguousarray(query_embeds.numpy()), width, filter)
+        scores = torch.full((query_embeds.shape[0], width), float("-inf"))
+        indices = torch.full((query_embeds.shape[0], width), -1, dtype=torch.long)
+        unknown = set()
+        for query, hits in enumerate(found):
+            ranked = []
+            for item, score in hits:
+                position = self._positions.get(item)
+                if position is None:
+                    unknown.add(item)
+                else:
+                    ranked.append((-score, position))
+            ranked.sort()
+            for place, (negative_score, position) in enumerate(ranked[:width]):
+                scores[query, place], indices[query, place] = -negative_score, position
+        if unknown:
+            logger.warning(
+                f"The {self._store.describe()} holds {len(unknown)} row(s) this index does not know (written by another "
+                "process since it was loaded); load the index again to search them"
+            )
+        return scores, indices
 
     def _get_faiss_index(self):
         """The FAISS index of a faiss-* backend, built now if it was not yet (or was invalidated by `add`)."""
@@ -919,6 +1212,8 @@ class GalleryIndex:
                     f"{str(directory)!r} holds files that are not part of a gallery index ({', '.join(foreign[:5])}); "
                     "save the index into a new or empty folder (the folder is replaced as a whole)"
                 )
+        if self._store is not None:
+            return self._save_milvus(given, directory)
         faiss_index = self._get_faiss_index() if self.backend != "exact" and len(self) else None
         directory.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_folder(directory)
@@ -945,10 +1240,74 @@ class GalleryIndex:
             "faiss": faiss_record,
             "files": files,
             "ids": self.ids,
+            "metadata": self.metadata,
         }
         (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
         swap_in_folder(staged, directory)
         return given
+
+    def _save_milvus(self, given: Path, directory: Path) -> Path:
+        """`save` of the milvus backend: `index.json` only (the rows live in the collection), naming the database,
+        the collection and its index settings; never a token."""
+        from .milvus_store import is_local_uri
+
+        uri = self.backend_options["uri"]
+        if is_local_uri(uri) and Path(uri).is_relative_to(directory):
+            raise ValueError(
+                f"the Milvus Lite database {uri} lies inside the index folder {str(directory)!r}, which `save` replaces "
+                "as a whole; keep the .db file outside it"
+            )
+        if self._writes:
+            state = self._milvus().index_state()
+            logger.info(
+                f"{self._store.describe()}: {len(self)} rows, vector index {state.get('index_type')} "
+                f"({state.get('indexed_rows')} indexed, state {state.get('state')})"
+            )
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staged = staging_folder(directory)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "size": len(self),
+            "projection_dim": self.projection_dim,
+            "model_name_or_path": self.model_name_or_path,
+            "fingerprint": self.fingerprint,
+            "model_code": self.model_code,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "root": self.root,
+            "skipped": self.skipped,
+            "faiss": None,
+            "files": {},
+            "ids": [],
+        }
+        (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+        swap_in_folder(staged, directory)
+        return given
+
+    @classmethod
+    def _load_milvus(cls, directory: Path, meta: dict, model, processor, backend: str | None) -> "GalleryIndex":
+        """`load` of a milvus index folder: reconnects to its collection and reads the ids of its rows."""
+        if backend not in (None, "milvus"):
+            raise ValueError(
+                f"{str(directory)!r} is a milvus index (its vectors live in the database): it cannot be searched with "
+                f"backend {backend!r}"
+            )
+        index = cls(
+            torch.empty((0, meta["projection_dim"])), [], model_name_or_path=meta["model_name_or_path"],
+            fingerprint=meta["fingerprint"], model_code=meta.get("model_code"), backend="milvus",
+            backend_options=meta["backend_options"], root=meta["root"], processor=processor,
+        )
+        index.skipped = list(meta.get("skipped", []))
+        index._store.open(index._identity(), create=False)
+        index.ids, index._attached = sorted(row["id"] for row in index._store.rows([])), True
+        if len(index) != meta["size"]:
+            logger.info(
+                f"The {index._store.describe()} holds {len(index)} rows ({meta['size']} when the index was saved)"
+            )
+        if model is not None:
+            index.check_model(model)
+            index.model = model
+        return index
 
     @classmethod
     def load(
@@ -971,6 +1330,10 @@ class GalleryIndex:
             )
             directory = found
         meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
+        if meta_path.is_file() and not embeddings_path.is_file():
+            meta = _read_meta(meta_path)
+            if meta["backend"] == "milvus":
+                return cls._load_milvus(directory, meta, model, processor, backend)
         if not meta_path.is_file() or not embeddings_path.is_file():
             raise FileNotFoundError(
                 f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
@@ -1006,6 +1369,11 @@ class GalleryIndex:
             # Scores are cosine similarities only for unit rows: a longer row would outrank better matches.
             logger.warning(f"{str(embeddings_path)!r}: {off} row(s) are not unit length (edited?); normalised them")
             embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        if backend == "milvus":
+            raise ValueError(
+                f"{str(directory)!r} holds the embeddings of an in-process index; to search them with Milvus, build a "
+                "milvus index from the images (--backend milvus --uri ...)"
+            )
         index = cls(
             embeddings,
             meta["ids"],
@@ -1016,6 +1384,7 @@ class GalleryIndex:
             backend_options=meta["backend_options"],
             root=meta["root"],
             processor=processor,
+            metadata=meta.get("metadata"),
         )
         index.skipped = list(meta.get("skipped", []))
         if index.backend != "exact" and len(index):
