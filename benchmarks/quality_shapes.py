@@ -180,6 +180,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "this checkout: later sessions continue one grid at one code version while the code moves on.",
     )
     parser.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
+    parser.add_argument(
+        "--pair_runs", nargs=2, metavar=("GLOB_A", "GLOB_B"), default=None,
+        help="Train nothing: the per-seed differences A - B of two sets of stored run JSONs (any of this script's run "
+        "files, by glob), over the seeds both sets have.",
+    )
     parser.add_argument("--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing.")
     args, train_extra = parser.parse_known_args(argv)
     train_extra = [item for item in train_extra if item != "--"]
@@ -573,6 +578,29 @@ def code_snapshot(commit: str, work_dir: Path) -> Path:
     return folder
 
 
+def pair_runs(pattern_a: str, pattern_b: str) -> dict:
+    """Per-seed differences (A - B) of every metric between two sets of stored run JSONs, over their shared seeds."""
+    import glob
+
+    def by_seed(pattern):
+        runs = {}
+        for name in sorted(glob.glob(pattern)):
+            run = json.loads(Path(name).read_text())
+            if run["seed"] in runs:
+                raise SystemExit(f"quality_shapes.py --pair_runs: two runs of seed {run['seed']} match {pattern!r}")
+            runs[run["seed"]] = run
+        return runs
+
+    first, second = by_seed(pattern_a), by_seed(pattern_b)
+    shared = sorted(set(first) & set(second))
+    if not shared:
+        raise SystemExit(f"quality_shapes.py --pair_runs: no seed in both {pattern_a!r} ({sorted(first)}) and {pattern_b!r} ({sorted(second)})")
+    result = {"a": pattern_a, "b": pattern_b, "seeds": shared, "a_only": sorted(set(first) - set(second)), "b_only": sorted(set(second) - set(first))}
+    for metric in METRICS:
+        result[metric] = _stat([first[s]["metrics"][metric] - second[s]["metrics"][metric] for s in shared])
+    return result
+
+
 def _jobs(args) -> list[tuple[Row, int, str]]:
     """Every run of the selected rows, in the order they are trained: group by group (main, deviation, ablation),
     seed by seed within a group, so the rows of one seed are complete (paired) before the next seed starts."""
@@ -590,6 +618,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, _ = parse_args(argv)
     args.argv = argv
+    if args.pair_runs:
+        result = pair_runs(*args.pair_runs)
+        print(f"A - B over seeds {result['seeds']} (A only: {result['a_only']}, B only: {result['b_only']}):")
+        for metric in METRICS:
+            values = ", ".join(f"{v:+.2f}" for v in result[metric]["values"])
+            print(f"  {metric}: {_cell(result[metric])}  (per seed {values})")
+        return result
     global CODE_ROOT
     CODE_ROOT = code_snapshot(args.at_commit, Path(args.work_dir)) if args.at_commit else REPO_ROOT
     jobs = _jobs(args)

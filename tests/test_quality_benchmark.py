@@ -202,3 +202,14 @@ def test_at_commit_trains_with_a_snapshot_of_that_commit(quality, tmp_path):
     assert quality.changed_sources(run, folder) == []
     with pytest.raises(SystemExit, match="not a commit"):
         quality.code_snapshot("not-a-commit-anywhere", tmp_path)
+
+
+def test_pair_runs_differences_stored_runs_over_shared_seeds(quality, tmp_path):
+    for row, values in (("a", {0: 50.0, 1: 40.0, 2: 90.0}), ("b", {0: 45.0, 1: 41.0})):
+        for seed, value in values.items():
+            (tmp_path / f"{row}-seed{seed}.json").write_text(json.dumps(fake_run(quality, row, seed, value)))
+    result = quality.main(["--pair_runs", str(tmp_path / "a-seed*.json"), str(tmp_path / "b-seed*.json")])
+    assert result["seeds"] == [0, 1] and result["a_only"] == [2]
+    assert result["recall@1"]["values"] == [5.0, -1.0] and result["recall@1"]["mean"] == 2.0
+    with pytest.raises(SystemExit, match="no seed in both"):
+        quality.pair_runs(str(tmp_path / "a-seed2.json"), str(tmp_path / "b-seed*.json"))
