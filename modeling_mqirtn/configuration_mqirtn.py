@@ -72,8 +72,9 @@ class MQIRTNConfig(PreTrainedConfig):
         One of `"mqirtn"`, `"mqirtn_paper"`, `"composeae"`, `"tirg"`, `"realspace_concat"`, `"image_only"`,
         `"text_only"`. `"mqirtn_paper"` is MQIRTN as published: the fusion, then ComposeAE's composition modules as
         in its code (the `"composeae"` baseline's: two complex projections, BatchNorm / Dropout, ComposeAE's
-        `rho_conv`, PyTorch's default init) and no image residual. `"mqirtn"` (the default, measured better on
-        shapes) is that plus this package's additions: the image residual and the five `composition_deviations`.
+        `rho_conv`, PyTorch's default init) and no image residual. `"mqirtn"` (the default) is that plus this
+        package's additions: the image residual and the five `composition_deviations`; what each adds is measured by
+        `benchmarks/quality_shapes.py` (paired by seed, see docs/results.md).
     composition_deviations (`list[str]`, *optional*):
         `"mqirtn_paper"` only: which of the default composition's departures from ComposeAE's modules to apply, to
         measure them one at a time: `"shared_projection"` (one complex projection for both mappings),
