@@ -330,6 +330,8 @@ def test_push_to_hub_offline_fails_before_training_in_one_line(tmp_path, cache_d
         (["--model_name_or_path", "m", "--text_model_name_or_path", "x"], "--text_model_name_or_path define"),
         (["--both_caption_orders"], "--both_caption_orders swaps FashionIQ's two captions"),
         (["--text_column", "caption"], "--text_column only apply to --dataset_name"),
+        (["--modification_type_column", "kind"], "--modification_type_column only apply to --dataset_name"),
+        (["--composition", "tirg", "--no_image_residual"], "--no_image_residual applies to the compositions with an image residual"),
         (["--dataset", "cirr", "--data_dir", "x", "--shapes_num_test_queries", "9"], "--shapes_num_test_queries only apply to --dataset shapes"),
     ],
 )
