@@ -140,6 +140,10 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--uri", help="milvus: a Milvus Lite file (gallery.db) or a server, http://host:19530")
     index.add_argument("--collection", help="milvus: collection name (default mqirtn_gallery)")
     index.add_argument("--token-env", help="milvus: environment variable holding the token (default MILVUS_TOKEN)")
+    index.add_argument(
+        "--index-wait", type=int, default=600,
+        help="milvus: seconds to wait for the vector index to cover every row after writing (default 600; 0: none)",
+    )
     index.add_argument("--index-type", choices=("HNSW", "IVF_FLAT", "FLAT"), help="milvus: vector index (default HNSW)")
     for flag, what in _INDEX_KNOBS.items():
         index.add_argument(f"--{flag}", type=int, help=what)
@@ -287,6 +291,7 @@ def _index(args) -> int:
         if index.backend != "exact" and not args.no_progress:
             print(f"Building the {index.backend} index over {len(index)} images...", file=sys.stderr, flush=True)
         index.save(args.out)  # with a faiss-* backend, builds the FAISS index and saves it with the embeddings
+        _wait_for_index(index, args)
         skipped = f", skipped {len(index.skipped)} unreadable file(s)" if index.skipped else ""
         where = f", {index._store.describe()}" if index.backend == "milvus" else ""
         print(
@@ -295,6 +300,20 @@ def _index(args) -> int:
         )
     index.close()
     return 0
+
+
+def _wait_for_index(index, args) -> None:
+    """milvus: waits (bounded by --index-wait) for the engine to index every row, saying so on stderr."""
+    if index.backend != "milvus" or args.index_wait == 0:
+        return
+    if not args.no_progress:
+        print(f"Waiting up to {args.index_wait} s for Milvus to index every row...", file=sys.stderr, flush=True)
+    done = index.wait_for_index(args.index_wait)
+    if done is False:
+        print(
+            f"The Milvus vector index is still being built after {args.index_wait} s; searches until it is done are "
+            "exact over the rows not yet indexed (correct, slower)", file=sys.stderr,
+        )
 
 
 def _update(args, model, processor, accelerator) -> int:
@@ -312,6 +331,7 @@ def _update(args, model, processor, accelerator) -> int:
     workers = 0 if args.num_workers is None else args.num_workers
     counts = index.update_folder(batch_size=args.batch_size, progress=not args.no_progress, num_workers=workers)
     index.save(args.out)
+    _wait_for_index(index, args)
     index.close()
     print(
         f"Updated {args.out} from {args.images}: {counts['added']} added, {counts['changed']} changed, "

@@ -831,6 +831,13 @@ class GalleryIndex:
         if stale:
             logger.info(f"Deleting {len(stale)} row(s) of the {index._store.describe()} that are not in this gallery")
             index._store.delete(stale)
+        if index._store is not None and index._writes:
+            found = index._store.count()
+            if found != len(index):
+                raise RuntimeError(
+                    f"the {index._store.describe()} holds {found} rows after indexing, expected {len(index)} (images "
+                    "embedded minus skipped); another writer changed it meanwhile? Run the indexing again"
+                )
         return index
 
     @classmethod
@@ -1128,6 +1135,22 @@ class GalleryIndex:
         if not self._attached:
             self.ids, self._positions, self._attached = sorted(row["id"] for row in store.rows([])), None, True
         return store
+
+    def wait_for_index(self, timeout: float = 600.0) -> bool | None:
+        """The milvus backend: waits (up to `timeout` s, logging what it waits for) until the engine's vector index
+        covers every row; True when it does, False when the time ran out (searches meanwhile are exact over the rows
+        not yet indexed), None when the engine cannot tell. True at once for the in-process backends."""
+        if self._store is None or not self._writes:
+            return True
+        store = self._milvus()
+        logger.info(f"Waiting up to {timeout:.0f} s for the vector index of the {store.describe()} to cover every row")
+        done = store.wait_for_index(timeout)
+        if done is False:
+            logger.warning(
+                f"The vector index of the {store.describe()} is still being built after {timeout:.0f} s: searches "
+                "until it is done are exact (brute force) over the rows not yet indexed, correct but slower"
+            )
+        return done
 
     def close(self) -> None:
         """Closes the connection of the milvus backend (Milvus Lite allows one process per file: close before another

@@ -330,8 +330,18 @@ class MilvusStore:
         """`describe_index` of the vector index: total_rows, indexed_rows, pending_index_rows, state."""
         return self._call("describe_index", self.client.describe_index, self.collection, "embedding")
 
-    def wait_for_index(self, timeout: float) -> bool:
-        """Waits (up to `timeout` seconds) until the engine reports every row indexed; True if it does."""
+    def wait_for_index(self, timeout: float) -> bool | None:
+        """Waits up to `timeout` seconds until the vector index covers every row. True when it does, False when the
+        time ran out (searches until then are exact, brute force, over the rows not yet indexed: right, slower),
+        None when the engine cannot tell.
+
+        A Milvus server reports its progress in `describe_index`. Milvus Lite reports "Finished" at once and builds
+        in a background thread; its engine (milvus-lite 3.2) is asked directly to drain that thread's queue.
+        """
+        # Rows still in the engine's write buffer are never indexed: seal them into segments first.
+        self._call("flush", self.client.flush, self.collection)
+        if is_local_uri(self.uri):
+            return self._wait_for_lite(timeout)
         deadline = time.monotonic() + timeout
         while True:
             state = self.index_state()
@@ -342,6 +352,21 @@ class MilvusStore:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def _wait_for_lite(self, timeout: float) -> bool | None:
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+
+            _, database, _ = server_manager_instance._servers[self.uri]
+            collection = database.get_collection(self.collection)
+            wait = collection._wait_for_bg
+        except (ImportError, KeyError, AttributeError, TypeError, ValueError):
+            return None  # another milvus-lite release: it cannot be asked
+        try:
+            wait(timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 __all__ = ["DEFAULT_COLLECTION", "INDEX_TYPES", "MilvusBackendError", "MilvusStore", "check_options"]

@@ -518,3 +518,14 @@ def test_cli_refuses_flags_of_another_backend(tmp_path, capsys):
     ]:
         code, _, err = _cli([*base, *flags], capsys)
         assert code == 1 and message in err, err
+
+
+def test_waiting_for_the_vector_index_is_bounded_and_reported(milvus_kind, backend_for):
+    backend, options = backend_for(milvus_kind)
+    index = GalleryIndex(torch.empty((0, DIM)), [], backend=backend, backend_options=options, fingerprint=FINGERPRINT)
+    index.add_embeddings(random_gallery(3000), [f"w{i}" for i in range(3000)])
+    assert index.wait_for_index(timeout=120) is True
+    assert len(index) == 3000 == index._milvus().count()
+    index.close()
+    exact = GalleryIndex(random_gallery(5), [f"e{i}" for i in range(5)])
+    assert exact.wait_for_index(timeout=0) is True
