@@ -45,22 +45,24 @@ import torch
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def main_job(batches: int):
     """train.py's default model (frozen, cached text tower) and `batches` real shapes training batches."""
-    import train
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.data import load_split
+    from mqirtn_train.frozen_text import FrozenTowerCache
+    from mqirtn_train.model import build_model_and_processor
+    from processing.data.transforms import CIRTrainingCollator, set_training_transform
     from torch.utils.data import DataLoader
 
-    train_args = train.parse_args([])
+    train_args = parse_args([])
     torch.manual_seed(0)
-    model, processor, _ = train.build_model_and_processor(train_args)
+    model, processor, _ = build_model_and_processor(train_args)
     model.text_model.requires_grad_(False)
-    train.FrozenTowerCache(model.text_model)
-    dataset = train.set_training_transform(train.load_split(train_args, "train", False), processor)
-    collator = train.CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
+    FrozenTowerCache(model.text_model)
+    dataset = set_training_transform(load_split(train_args, "train", False), processor)
+    collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
     loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0), collate_fn=collator, drop_last=True)
     data = []
@@ -91,9 +93,10 @@ def equivalence_model(size: str, dropout: bool):
 
     torch.manual_seed(0)
     if size == "main":
-        import train
+        from mqirtn_train.arguments import parse_args
+        from mqirtn_train.model import build_model_and_processor
 
-        model, _, _ = train.build_model_and_processor(train.parse_args([]))
+        model, _, _ = build_model_and_processor(parse_args([]))
         image_size, vocab, length = model.config.vision_config.image_size, (1000, 20000), 12
     else:
         vision, text = speed.tower_configs(size)

@@ -26,8 +26,6 @@ import torch
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def main(argv=None) -> dict:
@@ -37,18 +35,22 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    import train
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.data import load_split
+    from mqirtn_train.frozen_text import FrozenTowerCache
+    from mqirtn_train.model import build_model_and_processor
+    from processing.data.transforms import CIRTrainingCollator, set_training_transform
     from machine_info import machine, write_json
     from torch.utils.data import DataLoader
 
-    train_args = train.parse_args([])
+    train_args = parse_args([])
     torch.manual_seed(0)
-    baseline, processor, _ = train.build_model_and_processor(train_args)
+    baseline, processor, _ = build_model_and_processor(train_args)
     baseline.text_model.requires_grad_(False)
     candidate = copy.deepcopy(baseline)
-    cache = train.FrozenTowerCache(candidate.text_model)
-    dataset = train.set_training_transform(train.load_split(train_args, "train", False), processor)
-    collator = train.CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
+    cache = FrozenTowerCache(candidate.text_model)
+    dataset = set_training_transform(load_split(train_args, "train", False), processor)
+    collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
     loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0), collate_fn=collator)
     batches = []

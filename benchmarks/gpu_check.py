@@ -2,7 +2,8 @@
 
 For every composition variant: a tiny model's fp32 query/gallery embeddings on the device equal the CPU ones, a
 training step in bf16 autocast gives a finite loss and finite, non-zero gradients, and activation checkpointing
-gives the same gradients as without it. Needs only torch + transformers (+ this repository on sys.path).
+gives the same gradients as without it. Needs only torch, transformers and this repository (`pip install -e .`, or
+PYTHONPATH=. from its root).
 
     python benchmarks/gpu_check.py            # cuda when available
     python benchmarks/gpu_check.py --json out.json
@@ -15,13 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import BertConfig, ViTConfig
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import BertConfig, ViTConfig  # noqa: E402
-
-from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel  # noqa: E402
+from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel
 
 
 def tiny_config(composition: str) -> MQIRTNConfig:

@@ -41,15 +41,13 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel  # noqa: E402
 
-from benchmarks.machine_info import write_json  # noqa: E402
+from machine_info import write_json  # noqa: E402
 
 
 def _load_speed_module():

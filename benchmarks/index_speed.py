@@ -40,8 +40,6 @@ from PIL import Image, ImageDraw
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def load_average() -> list[float]:
@@ -73,20 +71,21 @@ def write_gallery(folder: Path, count: int, min_side: int, max_side: int, seed: 
 
 def build_model(size: str, quick: bool):
     """(model, processor, description): the main job's model (train.py's defaults) or a ViT-B/16 224 px one."""
-    import train
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.model import build_model_and_processor
     from transformers import ViTConfig, ViTImageProcessorPil
 
     from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
     from processing import MQIRTNProcessor
 
-    args = train.parse_args([])
+    args = parse_args([])
     torch.manual_seed(0)
     if quick:
         args.image_size, args.patch_size, args.vision_hidden_size, args.vision_num_hidden_layers = 32, 8, 32, 1
     if size == "main":
-        model, processor, _ = train.build_model_and_processor(args)
+        model, processor, _ = build_model_and_processor(args)
     else:  # the paper's vision tower, the main job's text tower and head
-        main_model, main_processor, _ = train.build_model_and_processor(args)
+        main_model, main_processor, _ = build_model_and_processor(args)
         vision = ViTConfig() if not quick else ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                                           num_attention_heads=2, intermediate_size=64)
         config = MQIRTNConfig.from_vision_text_configs(

@@ -26,8 +26,6 @@ from PIL import Image
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def pictures(count: int, low: int, high: int, seed: int = 0) -> list:
@@ -56,9 +54,9 @@ def main(argv=None) -> dict:
     if args.quick:
         args.images, args.repeats = 8, 1
     torch.set_num_threads(1)
-    import train
+    from mqirtn_train.arguments import default_text_model
 
-    tokenizer = AutoTokenizer.from_pretrained(train.default_text_model())  # the main job's (offline) tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model())  # the main job's (offline) tokenizer
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/pixel_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),

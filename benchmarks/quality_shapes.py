@@ -295,8 +295,7 @@ def record_run(sources_path: str, code_root: str, train_argv: list[str]) -> int:
 
     root = Path(code_root).resolve()
     train_script = root / "train.py"
-    sys.argv = [str(train_script), *train_argv]
-    sys.path.insert(0, str(root))
+    sys.argv = [str(train_script), *train_argv]  # `code_root` is importable: `run_one` puts it on PYTHONPATH
     code = 0
     try:
         runpy.run_path(str(train_script), run_name="__main__")

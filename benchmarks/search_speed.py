@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine_info import machine, write_json  # noqa: E402
+from machine_info import machine, write_json  # noqa: E402
 from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 

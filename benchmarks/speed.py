@@ -44,8 +44,6 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -54,8 +52,8 @@ from torch.nn import functional as F  # noqa: E402
 from transformers import BertConfig, ViTConfig  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
-from benchmarks.machine_info import machine as machine_info  # noqa: E402
-from benchmarks.machine_info import write_json  # noqa: E402
+from machine_info import machine as machine_info  # noqa: E402
+from machine_info import write_json  # noqa: E402
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # noqa: E402
 from modeling_mqirtn.fusion_mqirtn import masked_mean  # noqa: E402
 from modeling_mqirtn.losses_mqirtn import MQIRTNSoftTripletLoss  # noqa: E402

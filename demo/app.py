@@ -38,9 +38,6 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DEMO_DIR.parent
-if (REPO_ROOT / "modeling_mqirtn").is_dir() and str(REPO_ROOT) not in sys.path:
-    # `python demo/app.py` from a checkout: the packages live beside this folder (installed copies work too).
-    sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the demo works offline
 
 DEFAULT_MODEL = REPO_ROOT / "outputs" / "mqirtn-shapes"  # what `bash scripts/main.sh` writes

@@ -4,7 +4,7 @@
 - `index`: `GalleryIndex`, embeddings of an image collection saved to disk and searched (exact or FAISS);
 - `visualization`: results grids and cross-attention maps drawn with PIL;
 - `model_card`: the Hub model card `train.py` writes, and the upload of a trained model;
-- `training`: train.py's frozen-tower cache and composition diagnostics.
+- `atomic`: atomic file and folder writes (the index, checkpoints and saved models).
 
 Modules are imported on their own; this package imports nothing, so `mqirtn --help` starts without torch.
 """

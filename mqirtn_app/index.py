@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from modeling_mqirtn.pipeline_mqirtn import exact_search
+from modeling_mqirtn.search_mqirtn import exact_search
 from processing import processing_mqirtn
 from processing.processing_mqirtn import IMAGE_EXTENSIONS, to_rgb_image
 

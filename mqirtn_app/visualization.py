@@ -438,7 +438,7 @@ def save_evaluation_grids(
     """
     from datasets import Image as ImageFeature
 
-    from modeling_mqirtn.pipeline_mqirtn import exact_search
+    from modeling_mqirtn.search_mqirtn import exact_search
 
     count = min(count, len(data.queries))
     if count == 0:

@@ -7,6 +7,7 @@ Everything runs on CPU in a few milliseconds per forward pass: 32 px images, pat
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,6 @@ import torch
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `pytest tests/` from the root works without PYTHONPATH too
-    sys.path.insert(0, str(REPO_ROOT))
 
 # Keep the shared 2-core machine usable and the timings stable.
 torch.set_num_threads(1)
@@ -36,7 +35,7 @@ BLOCK_OUR_PACKAGES = """
 import importlib.abc, sys
 class _BlockOurPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("modeling_mqirtn", "processing", "mqirtn_app"):
+        if name.split(".")[0] in ("modeling_mqirtn", "processing", "mqirtn_app", "mqirtn_train"):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, _BlockOurPackages())
@@ -219,6 +218,18 @@ TINY_TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+TRAIN_SCRIPT = REPO_ROOT / "train.py"
+
+
+def run_train_script(argv: list[str], monkeypatch) -> int | str | None:
+    """`python train.py *argv` in this process (run as `python` runs a script, `__main__`): its exit status (or the
+    message `SystemExit` carries)."""
+    monkeypatch.setattr(sys, "argv", [str(TRAIN_SCRIPT), *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    return stop.value.code
+
+
 def train_env(cache_dir: Path) -> dict:
     """The environment of a `train.py` subprocess: this repository importable, data cached in `cache_dir`."""
     env = dict(os.environ)
@@ -230,7 +241,7 @@ def train_env(cache_dir: Path) -> dict:
 def train_command(args: list[str], base: list[str] = TINY_TRAIN_ARGS, faults: list[str] | None = None) -> list[str]:
     """`python train.py *base *args`, or with `faults` (options of tests/train_with_faults.py) that script around it."""
     if faults is None:
-        return [sys.executable, str(REPO_ROOT / "train.py"), *base, *args]
+        return [sys.executable, str(TRAIN_SCRIPT), *base, *args]
     return [sys.executable, str(REPO_ROOT / "tests" / "train_with_faults.py"), *faults, "--", *base, *args]
 
 

@@ -25,7 +25,9 @@ import torch
 from conftest import REPO_ROOT, tiny_model, tiny_processor
 from safetensors.torch import load_file, save_file
 
-import train
+from mqirtn_train import checkpoints
+from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE, checkpoint_damage, list_checkpoints, save_checkpoint, save_model
+from mqirtn_train.run import TrainingProgress
 from mqirtn_app import atomic
 from mqirtn_app import index as gallery_index
 from mqirtn_app.index import GalleryIndex
@@ -213,54 +215,54 @@ def checkpoint_args(tmp_path):
 def checkpoint_write_points():
     """Every write of a checkpoint save: the marker's removal, the state files, the flushes, the marker."""
     module = sys.modules[__name__]  # FakeAccelerator.save_state writes through this module's `save_file`
-    return [(Path, "unlink"), (module, "save_file"), (train, "fsync_dir"), (train, "fsync_file"), (train, "write_bytes_atomic")]
+    return [(Path, "unlink"), (module, "save_file"), (checkpoints, "fsync_dir"), (checkpoints, "fsync_file"), (checkpoints, "write_bytes_atomic")]
 
 
 def test_resaved_checkpoint_crashing_at_each_write_is_refused_or_new(monkeypatch, tmp_path):
     """Re-saving checkpoint-3 (a resumed run reaching the same step): before, a crash after the new weights kept the
     old marker, and `latest` resumed the new weights with the old optimizer state, silently."""
-    progress = train.TrainingProgress()
+    progress = TrainingProgress()
     progress.completed_steps = 3
     accelerator = FakeAccelerator()
-    train.save_checkpoint(accelerator, checkpoint_args(tmp_path / "count"), progress)
+    save_checkpoint(accelerator, checkpoint_args(tmp_path / "count"), progress)
     with monkeypatch.context() as patch:
         calls = crash_at(patch, checkpoint_write_points(), when=-1)
-        train.save_checkpoint(accelerator, checkpoint_args(tmp_path / "count"), progress)  # over an existing one
+        save_checkpoint(accelerator, checkpoint_args(tmp_path / "count"), progress)  # over an existing one
     writes = calls["count"]
     assert writes >= 5
     for when in range(writes + 1):
         output = tmp_path / f"run{when}"
         accelerator.version = "old"
-        train.save_checkpoint(accelerator, checkpoint_args(output), progress)
+        save_checkpoint(accelerator, checkpoint_args(output), progress)
         checkpoint = output / "checkpoints" / "checkpoint-3"
-        assert train.checkpoint_damage(checkpoint) is None
+        assert checkpoint_damage(checkpoint) is None
         accelerator.version = "new"
         with monkeypatch.context() as patch:
             crash_at(patch, checkpoint_write_points(), when)
             try:
-                train.save_checkpoint(accelerator, checkpoint_args(output), progress)
+                save_checkpoint(accelerator, checkpoint_args(output), progress)
                 crashed = False
             except Crash:
                 crashed = True
         assert crashed == (when < writes)
         versions = {load_file(str(checkpoint / name))["v"].item() for name in ("model.safetensors", "optimizer.bin")}
-        damage = train.checkpoint_damage(checkpoint)
+        damage = checkpoint_damage(checkpoint)
         if damage is None:  # complete: old before anything was touched, else all new
             assert versions == ({1.0} if when == 0 else {2.0}), (when, versions)
-            assert checkpoint in train.list_checkpoints(output)
+            assert checkpoint in list_checkpoints(output)
         else:  # invalidated: never listed, and resume names why
-            assert "interrupted" in damage and checkpoint not in train.list_checkpoints(output)
+            assert "interrupted" in damage and checkpoint not in list_checkpoints(output)
 
 
 def test_checkpoint_with_a_file_changed_after_its_marker_is_refused(tmp_path):
-    progress = train.TrainingProgress()
+    progress = TrainingProgress()
     progress.completed_steps = 5
     accelerator = FakeAccelerator()
-    train.save_checkpoint(accelerator, checkpoint_args(tmp_path), progress)
+    save_checkpoint(accelerator, checkpoint_args(tmp_path), progress)
     checkpoint = tmp_path / "checkpoints" / "checkpoint-5"
-    assert json.loads((checkpoint / train.CHECKPOINT_COMPLETE_FILE).read_text())["completed_steps"] == 5
+    assert json.loads((checkpoint / CHECKPOINT_COMPLETE_FILE).read_text())["completed_steps"] == 5
     save_file({"v": torch.tensor([9.0])}, str(checkpoint / "optimizer.bin"))
-    assert "optimizer.bin" in train.checkpoint_damage(checkpoint)
+    assert "optimizer.bin" in checkpoint_damage(checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------- final model
@@ -270,7 +272,7 @@ def test_final_model_save_crashing_while_writing_leaves_the_previous_model(monke
     accelerator, processor = FakeAccelerator(), tiny_processor(tmp_path)
     old_model, new_model = tiny_model(seed=1).eval(), tiny_model(seed=2).eval()
     output = tmp_path / "out"
-    train.save_model(accelerator, old_model, processor, output)
+    save_model(accelerator, old_model, processor, output)
     (output / "eval_results.json").write_text("{}")  # the model shares output_dir with the run's other files
 
     def crashing_save_for_hub(model, processor, folder):
@@ -278,14 +280,14 @@ def test_final_model_save_crashing_while_writing_leaves_the_previous_model(monke
         raise Crash()
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "save_for_hub", crashing_save_for_hub)
+        patch.setattr(checkpoints, "save_for_hub", crashing_save_for_hub)
         with pytest.raises(Crash):
-            train.save_model(accelerator, new_model, processor, output)
+            save_model(accelerator, new_model, processor, output)
     loaded = MQIRTNModel.from_pretrained(output)
     for name, tensor in old_model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
 
-    train.save_model(accelerator, new_model, processor, output)  # the next save discards the partial one
+    save_model(accelerator, new_model, processor, output)  # the next save discards the partial one
     loaded = MQIRTNModel.from_pretrained(output)
     for name, tensor in new_model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)

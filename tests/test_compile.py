@@ -157,10 +157,10 @@ def test_inductor_regions_match_eager_within_rounding():
 def test_train_py_torch_compile_trains_like_eager(tmp_path, tmp_path_factory):
     """`--torch_compile aot_eager` runs training, evaluation (eval mode, a last partial batch) and saving, and its
     weights equal an eager run's; inductor is the flag's default backend (`--torch_compile` alone)."""
-    import train
+    from mqirtn_train.arguments import parse_args
 
-    assert train.parse_args(["--torch_compile"]).torch_compile == "inductor"
-    assert train.parse_args([]).torch_compile is None
+    assert parse_args(["--torch_compile"]).torch_compile == "inductor"
+    assert parse_args([]).torch_compile is None
     cache = tmp_path_factory.mktemp("mqirtn-cache")
     weights = {}
     for name, extra in (("eager", []), ("compiled", ["--torch_compile", "aot_eager"])):

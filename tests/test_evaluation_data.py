@@ -92,7 +92,7 @@ def test_a_reference_that_fails_only_at_embedding_time_is_a_miss(tmp_path):
     from accelerate import Accelerator
     from conftest import tiny_model, tiny_processor
 
-    import train
+    from mqirtn_train.evaluation import evaluate_split
 
     root = write_files_dataset(tmp_path / "data", ["a", "b"], query_ids=["q0"])
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -104,6 +104,6 @@ def test_a_reference_that_fails_only_at_embedding_time_is_a_miss(tmp_path):
     assert not data.unusable_query_ids
     args = argparse.Namespace(max_eval_samples=None, per_device_eval_batch_size=4, dataloader_num_workers=0, max_text_length=16)
     model, processor = tiny_model().eval(), tiny_processor(tmp_path)
-    metrics, query_embeds, _ = train.evaluate_split(Accelerator(cpu=True), model, processor, data, args, "test")
+    metrics, query_embeds, _ = evaluate_split(Accelerator(cpu=True), model, processor, data, args, "test")
     assert metrics["unusable_queries"] == 1 and query_embeds.shape[0] == 2
     assert metrics["recall@1"] <= 50.0

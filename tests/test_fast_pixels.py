@@ -122,9 +122,10 @@ def test_the_packages_image_processors_take_the_recipe(processor):
     """The tiny processor of the tests and the main job's (train.py's `ViTImageProcessorPil`) both take the recipe,
     which is what makes decoding cheap for training, the pipeline and the index alike; one that does not skips it
     silently (same pixels, slower), which this test would show."""
-    import train
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.model import build_model_and_processor
 
-    _, main_processor, _ = train.build_model_and_processor(train.parse_args(["--vision_num_hidden_layers", "1"]))
+    _, main_processor, _ = build_model_and_processor(parse_args(["--vision_num_hidden_layers", "1"]))
     assert _resize_rescale_normalize_recipe(processor.image_processor) is not None
     assert _resize_rescale_normalize_recipe(main_processor.image_processor) is not None
 

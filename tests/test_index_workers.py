@@ -258,7 +258,6 @@ def test_workers_stop_when_the_model_fails(model, processor, gallery):
 SPAWN_CHILD = textwrap.dedent(
     """
     import multiprocessing, sys
-    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     import torch
     from conftest import tiny_model, tiny_processor
     from mqirtn_app.index import GalleryIndex
@@ -280,7 +279,9 @@ SPAWN_CHILD = textwrap.dedent(
 def test_spawned_workers_give_the_same_index(gallery, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(SPAWN_CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The repository and the test helpers importable here and in the spawned workers (which inherit the environment).
+    pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     completed = subprocess.run(
         [sys.executable, str(script), str(REPO_ROOT), str(gallery), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300,

@@ -189,11 +189,12 @@ def test_logit_scale_is_not_clamped_in_forward_and_clamped_after_the_step():
 
 
 def test_one_logit_scale_default_for_config_and_train():
-    import train
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.model import build_model_and_processor
 
-    args = train.parse_args([])
-    model, _, _ = train.build_model_and_processor(
-        train.parse_args(["--vision_num_hidden_layers", "1", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
+    args = parse_args([])
+    model, _, _ = build_model_and_processor(
+        parse_args(["--vision_num_hidden_layers", "1", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
                           "--projection_dim", "32"])
     )
     assert args.logit_scale_init_value is None  # the flag defers to the config
@@ -337,7 +338,7 @@ def test_angle_statistics_separate_the_text_from_a_shared_offset():
     """The text-dependent share of the angles' mean square: a per-dimension offset every text shares does not count."""
     from types import SimpleNamespace
 
-    from mqirtn_app.training import composition_step_stats
+    from mqirtn_train.diagnostics import composition_step_stats
 
     generator = torch.Generator().manual_seed(0)
     offset = torch.full((1, 512), 2.0)  # mean square 4, shared by every text

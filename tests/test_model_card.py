@@ -80,10 +80,10 @@ def test_rounded_rounds_every_float_to_four_decimals():
 
 
 def test_card_base_models_name_the_hub_model_a_run_fine_tunes(tmp_path):
-    import train
+    from mqirtn_train.publishing import card_base_models
 
     args = argparse.Namespace(model_name_or_path="someone/mqirtn-base", text_model_name_or_path=None,
                               vision_model_name_or_path=None, text_from_scratch=False)  # fmt: skip
-    assert train.card_base_models(args) == ["someone/mqirtn-base"]
+    assert card_base_models(args) == ["someone/mqirtn-base"]
     args.model_name_or_path = str(tmp_path)
-    assert train.card_base_models(args) == []
+    assert card_base_models(args) == []

@@ -10,7 +10,9 @@ from conftest import read_json, run_train, tiny_model, tiny_processor
 from safetensors.torch import save_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import train
+from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE, check_finite_model, save_checkpoint, save_model
+from mqirtn_train.errors import TrainingStopped
+from mqirtn_train.run import TrainingProgress
 
 
 class FakeAccelerator:
@@ -42,24 +44,24 @@ def accelerate_state():
 
 
 def checkpoints(output, weights: dict[int, float]):
-    accelerator, progress = FakeAccelerator(), train.TrainingProgress()
+    accelerator, progress = FakeAccelerator(), TrainingProgress()
     for step, weight in weights.items():
         progress.completed_steps, accelerator.weight = step, weight
         (output / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
-        train.save_checkpoint(accelerator, argparse.Namespace(output_dir=str(output), checkpoints_total_limit=5), progress)
+        save_checkpoint(accelerator, argparse.Namespace(output_dir=str(output), checkpoints_total_limit=5), progress)
 
 
 def test_a_model_with_non_finite_weights_is_not_saved_and_the_last_good_checkpoint_is_named(tmp_path):
     processor, output = tiny_processor(tmp_path), tmp_path / "run"
     checkpoints(output, {2: 1.0, 4: float("nan")})  # checkpoint-4 was saved after the divergence
     good = tiny_model().eval()
-    train.save_model(FakeAccelerator(), good, processor, output)
+    save_model(FakeAccelerator(), good, processor, output)
     before = (output / "model.safetensors").read_bytes()
     diverged = tiny_model().eval()
     with torch.no_grad():
         diverged.image_projection.weight[0, 0] = float("nan")
-    with pytest.raises(train.TrainingStopped, match=r"not finite \(image_projection.weight\).*checkpoint-2 ") as error:
-        train.save_model(FakeAccelerator(), diverged, processor, output)
+    with pytest.raises(TrainingStopped, match=r"not finite \(image_projection.weight\).*checkpoint-2 ") as error:
+        save_model(FakeAccelerator(), diverged, processor, output)
     assert "\n" not in str(error.value)
     assert (output / "model.safetensors").read_bytes() == before  # the previous model is untouched
 
@@ -68,8 +70,8 @@ def test_finite_weights_with_non_finite_embeddings_are_refused(tmp_path, monkeyp
     model = tiny_model().eval()
     infinite = BaseModelOutputWithPooling(pooler_output=torch.full((1, 32), float("inf")))
     monkeypatch.setattr(model, "get_image_features", lambda pixel_values: infinite)
-    with pytest.raises(train.TrainingStopped, match=r"\(gallery embeddings\).*No checkpoint with finite weights"):
-        train.check_finite_model(model, tiny_processor(tmp_path), tmp_path)
+    with pytest.raises(TrainingStopped, match=r"\(gallery embeddings\).*No checkpoint with finite weights"):
+        check_finite_model(model, tiny_processor(tmp_path), tmp_path)
 
 
 @pytest.mark.slow
@@ -89,5 +91,5 @@ def test_a_run_diverging_late_stops_on_its_non_finite_budget(tmp_path, cache_dir
     # skipped updates keep the weights finite: the newest checkpoint (step 4, two non-finite losses before it) is good
     assert "The last checkpoint with finite weights is" in last and "checkpoint-4 " in last
     assert not (output / "model.safetensors").exists()
-    progress = read_json(output / "checkpoints" / "checkpoint-4" / train.CHECKPOINT_COMPLETE_FILE)
+    progress = read_json(output / "checkpoints" / "checkpoint-4" / CHECKPOINT_COMPLETE_FILE)
     assert progress["nonfinite_micro_batches"] == 2 and progress["completed_steps"] == 4

@@ -13,7 +13,7 @@ from transformers import pipeline
 
 from modeling_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
 from mqirtn_app.index import GalleryIndex, ModelMismatchError
-from modeling_mqirtn.pipeline_mqirtn import exact_search
+from modeling_mqirtn.search_mqirtn import exact_search
 from conftest import tiny_model, tiny_processor
 from conftest import shape_image
 

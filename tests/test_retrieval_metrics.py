@@ -236,7 +236,7 @@ def test_evaluate_module_loads_offline_and_agrees_with_protocol_functions(monkey
 def test_one_search_engine_exclusions_across_blocks_match_a_plain_ranking():
     """`rank_gallery` is `exact_search` (the pipeline's and the index's search) with the reference removed; small
     blocks and query batches give the same ranking as one block."""
-    from modeling_mqirtn.pipeline_mqirtn import exact_search
+    from modeling_mqirtn.search_mqirtn import exact_search
 
     generator = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(7, 6, generator=generator), dim=-1)

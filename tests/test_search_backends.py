@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, shape_image, tiny_model, write_image_folder
 
-from modeling_mqirtn.pipeline_mqirtn import exact_search
+from modeling_mqirtn.search_mqirtn import exact_search
 from mqirtn_app.index import GalleryIndex, ModelMismatchError
 
 

@@ -19,10 +19,17 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN_ARGS as TINY_ARGS
 from conftest import TRAIN_DATA_ARGS as DATA_ARGS
-from conftest import read_json, run_train, train_command
+from conftest import TRAIN_SCRIPT, read_json, run_train, run_train_script, train_command
 from conftest import train_env as run_env
 
-import train
+from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES
+from mqirtn_train.arguments import build_parser, default_text_model, parse_args
+from mqirtn_train.data import DATASETS, DEFAULT_SPLITS, loader_options
+from mqirtn_train.evaluation import evaluate_split
+from mqirtn_train.frozen_text import FrozenTowerCache
+from mqirtn_train.model import build_model_and_processor, parameter_groups
+from mqirtn_train.run import TrainingRun
+from transformers import AutoTokenizer
 from processing.data.shapes import MODIFICATION_TYPES
 
 
@@ -240,9 +247,9 @@ def run_with_recording_hub(monkeypatch, cache_dir, output, *extra, fail_upload=N
     RecordingHfApi.calls, RecordingHfApi.watch, RecordingHfApi.fail_upload = [], output, fail_upload
     torch.set_num_threads(1)
     try:
-        train.main(
+        return run_train_script(
             [*TINY_ARGS, "--output_dir", str(output), "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
-             "--hub_model_id", "someone/mqirtn-tiny", "--hub_private", *extra]
+             "--hub_model_id", "someone/mqirtn-tiny", "--hub_private", *extra], monkeypatch
         )  # fmt: skip
     finally:
         from accelerate.state import AcceleratorState
@@ -253,7 +260,8 @@ def run_with_recording_hub(monkeypatch, cache_dir, output, *extra, fail_upload=N
 @pytest.mark.slow
 def test_push_to_hub_checks_first_and_uploads_the_saved_folder_with_tensorboard_logs(tmp_path, cache_dir, monkeypatch):
     output = tmp_path / "pushed"
-    run_with_recording_hub(monkeypatch, cache_dir, output, "--report_to", "tensorboard", "--hub_token", "hf_secret")
+    status = run_with_recording_hub(monkeypatch, cache_dir, output, "--report_to", "tensorboard", "--hub_token", "hf_secret")
+    assert status == 0
     # Token checked and repository created before anything was trained; the upload comes last.
     assert RecordingHfApi.calls[0] == ("whoami", "hf_secret", False)
     assert RecordingHfApi.calls[1] == ("create_repo", "someone/mqirtn-tiny", {"exist_ok": True, "private": True}, False)
@@ -272,9 +280,7 @@ def test_push_to_hub_checks_first_and_uploads_the_saved_folder_with_tensorboard_
 @pytest.mark.slow
 def test_push_to_hub_upload_failure_is_one_line_and_the_model_stays(tmp_path, cache_dir, monkeypatch):
     output = tmp_path / "kept"
-    with pytest.raises(SystemExit) as stopped:
-        run_with_recording_hub(monkeypatch, cache_dir, output, fail_upload=ConnectionError("Name or service not known\nmore"))
-    message = str(stopped.value.code)
+    message = str(run_with_recording_hub(monkeypatch, cache_dir, output, fail_upload=ConnectionError("Name or service not known\nmore")))
     assert "\n" not in message and "uploading" in message and "ConnectionError: Name or service not known" in message
     assert f"The model is safe in {output}" in message and "hf upload someone/mqirtn-tiny" in message
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
@@ -337,31 +343,31 @@ def test_push_to_hub_offline_fails_before_training_in_one_line(tmp_path, cache_d
 )
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
-        train.parse_args(argv)
+        parse_args(argv)
     assert error.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_defaults_are_the_embedded_shapes_run():
-    args = train.parse_args([])
+    args = parse_args([])
     assert (args.source, args.eval_split, args.do_eval) == ("shapes", "test", True)
     assert args.output_dir == "outputs/mqirtn-shapes"
-    assert args.text_model_name_or_path == train.default_text_model()
+    assert args.text_model_name_or_path == default_text_model()
     # A step budget decides what is trained (3 epochs); the clock is only a safety net far above the expected time.
     assert args.freeze_text and args.logit_scale_init_value is None and args.max_train_minutes == 45.0
     assert args.learning_rate == 5e-4 and args.max_train_steps is None and args.num_train_epochs == 3
-    assert not train.parse_args(["--text_from_scratch"]).freeze_text
-    assert train.parse_args(["--dataset", "cirr", "--data_dir", "x"]).max_train_minutes == 0.0
-    assert train.parse_args(["--checkpointing_steps", "7"]).checkpointing_steps == 7
+    assert not parse_args(["--text_from_scratch"]).freeze_text
+    assert parse_args(["--dataset", "cirr", "--data_dir", "x"]).max_train_minutes == 0.0
+    assert parse_args(["--checkpointing_steps", "7"]).checkpointing_steps == 7
 
 
 def test_parameter_groups_give_the_logit_scale_and_pretrained_towers_their_own_rates():
-    args = train.parse_args(["--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
+    args = parse_args(["--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
                              "--vision_num_hidden_layers", "1", "--projection_dim", "32", "--learning_rate", "1e-3",
                              "--tower_lr_multiplier", "0.1", "--logit_scale_lr", "0.05"])  # fmt: skip
-    model, processor, pretrained = train.build_model_and_processor(args)
+    model, processor, pretrained = build_model_and_processor(args)
     assert pretrained == ("text_model.",)  # the MiniLM text tower is pretrained, the ViT is not
-    groups = {group["name"]: group for group in train.parameter_groups(model, args, pretrained)}
+    groups = {group["name"]: group for group in parameter_groups(model, args, pretrained)}
     assert [p is model.logit_scale for p in groups["logit_scale"]["params"]] == [True]
     assert groups["logit_scale"]["lr"] == 0.05 and groups["logit_scale"]["weight_decay"] == 0.0
     assert groups["towers"]["lr"] == pytest.approx(1e-4) and groups["new"]["lr"] == 1e-3
@@ -376,7 +382,7 @@ def test_parameter_groups_give_the_logit_scale_and_pretrained_towers_their_own_r
 
 
 def test_config_overrides_reach_the_model_config():
-    args = train.parse_args(["--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "1",
+    args = parse_args(["--text_from_scratch", "--text_hidden_size", "32", "--text_num_hidden_layers", "1",
                              "--text_num_attention_heads", "2", "--image_size", "32", "--patch_size", "8",
                              "--vision_hidden_size", "32", "--vision_num_attention_heads", "2", "--vision_num_hidden_layers", "1",
                              "--projection_dim", "32",
@@ -384,7 +390,7 @@ def test_config_overrides_reach_the_model_config():
                              "composition_weights_init=[1, 0.1],logit_scale_bounds=[2,50]"])  # fmt: skip
     assert args.config_overrides == {"symmetric_loss_weight": 0, "fusion_dropout": 0.25, "image_residual": False, "conv_channels": 4,
                                      "composition_weights_init": [1, 0.1], "logit_scale_bounds": [2, 50]}  # fmt: skip
-    model, _, _ = train.build_model_and_processor(args)
+    model, _, _ = build_model_and_processor(args)
     config = model.config
     assert (config.symmetric_loss_weight, config.fusion_dropout, config.image_residual, config.conv_channels) == (0, 0.25, False, 4)
     assert list(config.composition_weights_init) == [1, 0.1] and list(config.logit_scale_bounds) == [2, 50]
@@ -418,7 +424,7 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
     )  # fmt: skip
     processor = MQIRTNProcessor(
         ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        train.AutoTokenizer.from_pretrained(train.default_text_model()),
+        AutoTokenizer.from_pretrained(default_text_model()),
     )
     transformed = set_training_transform(dataset, processor)
     assert dataset.features["reference_image"].decode and dataset.format["type"] is None  # the caller's dataset is untouched
@@ -505,7 +511,7 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
     batch["input_ids"][4:], batch["attention_mask"][4:] = batch["input_ids"][:2], batch["attention_mask"][:2]
     with torch.no_grad():
         expected = model(**batch, return_loss=True)
-    cache = train.FrozenTowerCache(model.text_model)
+    cache = FrozenTowerCache(model.text_model)
     with torch.no_grad():
         first = model(**batch, return_loss=True)
         second = model(**batch, return_loss=True)
@@ -517,7 +523,7 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
     assert copied.text_model.forward.__self__.entries is cache.entries  # a model copy shares the entries
     torch.testing.assert_close(copied(**batch).query_embeds, expected.query_embeds, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="frozen tower"):
-        train.FrozenTowerCache(tiny_model("mqirtn").text_model)
+        FrozenTowerCache(tiny_model("mqirtn").text_model)
 
 
 def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
@@ -528,10 +534,10 @@ def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
     from conftest import tiny_processor
 
     tiny_processor(tmp_path).save_pretrained(folder)
-    args = train.parse_args(
+    args = parse_args(
         ["--model_name_or_path", str(folder), "--loss_type", "soft_triplet", "--config_overrides", "symmetric_loss_weight=0.5"]
     )
-    model, _, _ = train.build_model_and_processor(args)
+    model, _, _ = build_model_and_processor(args)
     assert model.config.loss_type == "soft_triplet" and model.config.symmetric_loss_weight == 0.5
     assert type(model.metric_loss).__name__ == "MQIRTNSoftTripletLoss"
     assert model.config.projection_dim == 32  # the architecture is the saved one
@@ -539,11 +545,11 @@ def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
     soft = tmp_path / "soft"
     tiny_model("mqirtn", loss_type="soft_triplet").save_pretrained(soft)
     tiny_processor(tmp_path).save_pretrained(soft)
-    back, _, _ = train.build_model_and_processor(
-        train.parse_args(["--model_name_or_path", str(soft), "--loss_type", "batch_based_classification"])
+    back, _, _ = build_model_and_processor(
+        parse_args(["--model_name_or_path", str(soft), "--loss_type", "batch_based_classification"])
     )
     assert back.config.loss_type == "batch_based_classification"
-    kept, _, _ = train.build_model_and_processor(train.parse_args(["--model_name_or_path", str(soft)]))
+    kept, _, _ = build_model_and_processor(parse_args(["--model_name_or_path", str(soft)]))
     assert kept.config.loss_type == "soft_triplet"
 
 
@@ -552,29 +558,28 @@ def test_dataset_facts_come_from_the_registry():
 
     for name in dataset_names():
         spec = get_dataset_spec(name)
-        assert train.DEFAULT_SPLITS[name] == spec.default_splits
-    assert "hub" not in train.DATASETS and set(train.DATASETS) == set(dataset_names()) - {"hub"}
-    args = train.parse_args(["--dataset", "fashioniq", "--data_dir", "x", "--both_caption_orders"])
-    assert train.loader_options(args, "train") == {"check_images": "exists", "both_caption_orders": True}
-    shapes = train.parse_args(["--shapes_num_test_queries", "7"])
-    assert train.loader_options(shapes, "test")["num_queries"] == 7
+        assert DEFAULT_SPLITS[name] == spec.default_splits
+    assert "hub" not in DATASETS and set(DATASETS) == set(dataset_names()) - {"hub"}
+    args = parse_args(["--dataset", "fashioniq", "--data_dir", "x", "--both_caption_orders"])
+    assert loader_options(args, "train") == {"check_images": "exists", "both_caption_orders": True}
+    shapes = parse_args(["--shapes_num_test_queries", "7"])
+    assert loader_options(shapes, "test")["num_queries"] == 7
 
 
 def test_recall_is_computed_once_at_run_time():
-    # The `evaluate` module is cross-checked against the package's Recall in test_retrieval_metrics, not in train.py.
-    assert not hasattr(train, "recall_with_evaluate_module")
-    assert "evaluate" not in train.evaluate_split.__code__.co_names
-    # The best model during training is chosen by the registry's headline metric, not a table of train.py's own.
-    assert not hasattr(train, "HEADLINE_METRIC") and "get_dataset_spec" in train.TrainingRun.validate.__code__.co_names
+    # The `evaluate` module is cross-checked against the package's Recall in test_retrieval_metrics, not in training.
+    assert "evaluate" not in evaluate_split.__code__.co_names
+    # The best model during training is chosen by the registry's headline metric, not a table of the training code's own.
+    assert "get_dataset_spec" in TrainingRun.validate.__code__.co_names
 
 
 def test_from_scratch_text_tower_caps_the_tokenizer_at_its_positions():
     """A long query must not crash a model whose from-scratch text tower has 64 positions (the tokenizer kept 512)."""
-    args = train.parse_args(
+    args = parse_args(
         ["--text_from_scratch", "--text_hidden_size", "32", "--text_num_attention_heads", "2", "--vision_hidden_size", "32",
          "--vision_num_attention_heads", "2", "--vision_num_hidden_layers", "1", "--projection_dim", "32"]
     )  # fmt: skip
-    model, processor, _ = train.build_model_and_processor(args)
+    model, processor, _ = build_model_and_processor(args)
     assert processor.tokenizer.model_max_length == model.config.text_config.max_position_embeddings == 64
     from PIL import Image
 
@@ -601,7 +606,7 @@ def test_help_is_fast_complete_and_names_the_real_choices():
     the names the help lists are the registry's datasets, the compositions and the losses."""
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, train.__file__], env={**os.environ, "PYTHONPATH": str(Path(train.__file__).parent)},
+        [sys.executable, "-c", HELP_PROBE, str(TRAIN_SCRIPT)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
@@ -609,8 +614,8 @@ def test_help_is_fast_complete_and_names_the_real_choices():
     assert "IMPORTED []" in completed.stdout
     assert elapsed < 3.0, f"train.py --help took {elapsed:.1f} s"
     help_text = " ".join(completed.stdout.split())
-    for name in [*train.DATASETS, *train.COMPOSITIONS, *train.LOSS_TYPES]:
+    for name in [*DATASETS, *COMPOSITIONS, *LOSS_TYPES]:
         assert name in help_text, name
     for internal in ("DESIGN", "benchmarks/", "notes/", "run_mlm", "site-packages", "(default: None)"):
         assert internal not in help_text, internal
-    assert not [action.option_strings for action in train.build_parser()._actions if not action.help]
+    assert not [action.option_strings for action in build_parser()._actions if not action.help]

@@ -1,11 +1,11 @@
-"""train.py's command-line entry (`run_from_command_line`) reports the errors a user causes after argparse (bad values,
+"""`python train.py` reports the errors a user causes after argparse (bad values,
 a config that cannot be built, a checkpoint that is not one) as one line and exit 1, and the path mistakes as argparse
 usage errors: never a traceback."""
 
 import pytest
-from conftest import TRAIN_DATA_ARGS, one_error_line
+from conftest import TRAIN_DATA_ARGS, one_error_line, run_train_script
 
-import train
+from mqirtn_train.arguments import parse_args
 
 
 TINY_MODEL = [
@@ -32,7 +32,7 @@ def test_train_errors_after_argparse_are_one_line(tmp_path, monkeypatch, capsys,
         "resume": ["--resume_from_checkpoint", str(tmp_path / "not_a_checkpoint")],
     }[case]
     argv = [*TRAIN_DATA_ARGS, *TINY_MODEL, "--output_dir", str(tmp_path / "out"), "--no-do_eval", *extra]
-    assert train.run_from_command_line(argv) == 1
+    assert run_train_script(argv, monkeypatch) == 1
     assert expected in one_error_line(capsys, "train.py: error:")
 
 
@@ -44,7 +44,7 @@ def test_train_path_mistakes_are_usage_errors(tmp_path, capsys, case):
         "missing_model_folder": ["--model_name_or_path", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "out")],
     }[case]
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args([*TRAIN_DATA_ARGS, *extra])
+        parse_args([*TRAIN_DATA_ARGS, *extra])
     assert exit_info.value.code == 2  # argparse's usage block, then its one error line
     err = capsys.readouterr().err
     assert "Traceback" not in err

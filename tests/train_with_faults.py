@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""train.py's `main()` with faults injected and internals recorded, for the tests (train.py has no debug flags; this
-script wraps its `forward_loss` and `apply_update` instead). Not a test module; the tests run it as a script:
+"""`python train.py` with faults injected and internals recorded, for the tests (train.py has no debug flags; this
+script wraps the training loop's `forward_loss` and `apply_update` in `mqirtn_train.run` instead). Not a test module;
+the tests run it as a script:
 
     python tests/train_with_faults.py [--nonfinite_micro_steps 1,2] [--sleep_per_step 0.4] [--dump_grads FILE]
                                       [--dump_params DIR] -- <train.py arguments>
@@ -12,14 +13,17 @@ script wraps its `forward_loss` and `apply_update` instead). Not a test module; 
 """
 
 import argparse
+import runpy
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from safetensors.torch import save_file
 
-import train  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from mqirtn_train import run as training_run
+
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 
 def main() -> None:
@@ -32,9 +36,9 @@ def main() -> None:
     parser.add_argument("--dump_params", default=None)
     options = parser.parse_args(argv[:split])
     nonfinite = {int(item) for item in options.nonfinite_micro_steps.split(",") if item}
-    calls = {"micro": 0, "updates": 0}
+    calls, runs = {"micro": 0, "updates": 0}, []
 
-    forward_loss, apply_update = train.forward_loss, train.apply_update
+    forward_loss, apply_update = training_run.forward_loss, training_run.apply_update
 
     def faulty_forward_loss(model, batch, output_composition):
         outputs = forward_loss(model, batch, output_composition)
@@ -50,22 +54,24 @@ def main() -> None:
             grads = {n: p.grad.detach().cpu().contiguous() for n, p in run.unwrapped.named_parameters() if p.grad is not None}
             save_file(grads, options.dump_grads)
         calls["updates"] += 1
+        runs[:] = [run]
         apply_update(run)
 
-    train.forward_loss, train.apply_update = faulty_forward_loss, recording_apply_update
-    # Through train.py's command-line entry (its one-line errors and exit status), keeping main()'s result.
-    results, train_main = [], train.main
-    train.main = lambda arguments: results.append(train_main(arguments)) or results[-1]
-    status = train.run_from_command_line(argv[split + 1 :])
-    if status:
-        sys.exit(status)
-    result = results[-1]
+    training_run.forward_loss, training_run.apply_update = faulty_forward_loss, recording_apply_update
+    # train.py run as `python train.py` runs it: its one-line errors and exit status.
+    sys.argv = [str(TRAIN_SCRIPT), *argv[split + 1 :]]
+    try:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code:
+            raise
     if options.dump_params:
         from accelerate import PartialState
 
         folder = Path(options.dump_params)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in result["model"].named_parameters()}
+        model = runs[-1].unwrapped  # the trained model: evaluation and saving leave its parameters as they are
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.named_parameters()}
         save_file(state, str(folder / f"params_rank{PartialState().process_index}.safetensors"))
 
 

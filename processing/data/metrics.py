@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from modeling_mqirtn.pipeline_mqirtn import check_embedding_pair, exact_search
+from modeling_mqirtn.search_mqirtn import check_embedding_pair, exact_search
 
 
 logger = logging.get_logger(__name__)
@@ -97,7 +97,7 @@ def rank_gallery(
     max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Top-``k`` gallery indices per query by dot product, best first, through the package's one top-k search
-    (:func:`modeling_mqirtn.pipeline_mqirtn.exact_search`), with at most ``max_block_elements`` scores at once.
+    (:func:`modeling_mqirtn.search_mqirtn.exact_search`), with at most ``max_block_elements`` scores at once.
 
     Args:
         query_embeds: (num_queries, dim), L2-normalised.

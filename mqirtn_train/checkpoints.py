@@ -1,0 +1,140 @@
+"""Checkpoints (complete or not, resumable or not) and the final model save, both atomic; the finiteness guard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+
+from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+from mqirtn_app.atomic import (
+    differing_files,
+    file_hashes,
+    fsync_dir,
+    fsync_file,
+    move_files_into,
+    staging_folder,
+    write_bytes_atomic,
+)
+
+from .errors import TrainingStopped
+
+
+logger = get_logger(__name__)
+
+CHECKPOINT_COMPLETE_FILE = "progress.json"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with their progress file written last), oldest first."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [
+        path for path in folder.glob("checkpoint-*")
+        if path.name.split("-")[1].isdigit() and (path / CHECKPOINT_COMPLETE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from (no marker, unreadable marker, files whose content
+    hash differs from the marker's manifest), or None when it is complete."""
+    marker = path / CHECKPOINT_COMPLETE_FILE
+    if not marker.is_file():
+        return f"it has no {CHECKPOINT_COMPLETE_FILE} (its save was interrupted)"
+    try:
+        record = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its {CHECKPOINT_COMPLETE_FILE} is not valid JSON ({error})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return None  # written before checkpoints listed their files: complete by its marker alone
+    differing = differing_files(path, files)
+    return f"its files differ from those its {CHECKPOINT_COMPLETE_FILE} lists ({', '.join(differing)})" if differing else None
+
+
+def save_checkpoint(accelerator, args, progress) -> None:
+    """`accelerator.save_state` into checkpoints/checkpoint-STEP, then the completion marker (with the content hashes
+    of every file) written last and atomically. A folder being re-saved is invalidated first (its marker removed), so a
+    crash mid-save never leaves new weights beside the old optimizer/scheduler/RNG state under a valid marker."""
+    output_dir = Path(args.output_dir)
+    path = output_dir / "checkpoints" / f"checkpoint-{progress.completed_steps}"
+    marker = path / CHECKPOINT_COMPLETE_FILE
+    if accelerator.is_main_process and marker.exists():
+        marker.unlink()
+        fsync_dir(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every process's random states are written before the marker lists them
+    if accelerator.is_main_process:
+        for file in path.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        files = {name: digest for name, digest in file_hashes(path).items() if name != CHECKPOINT_COMPLETE_FILE}
+        write_bytes_atomic(marker, json.dumps({**progress.state_dict(), "files": files}).encode())
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info(f"Saved checkpoint {path}")
+    accelerator.wait_for_everyone()
+
+
+def last_good_checkpoint_text(output_dir: Path) -> str:
+    """A sentence naming the newest complete checkpoint under `output_dir` whose weights are all finite."""
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        weights = sorted(checkpoint.glob("model*.safetensors"))
+        if weights and checkpoint_damage(checkpoint) is None and all(
+            bool(torch.isfinite(tensor).all()) for path in weights for tensor in load_file(str(path)).values()
+            if tensor.is_floating_point()
+        ):
+            return f"The last checkpoint with finite weights is {checkpoint} (--resume_from_checkpoint {checkpoint})."
+    return f"No checkpoint with finite weights in {output_dir / 'checkpoints'}."
+
+
+@torch.no_grad()
+def check_finite_model(model, processor, output_dir: Path) -> None:
+    """Raises `TrainingStopped` unless every parameter and buffer of `model` is finite and so are its query and gallery
+    embeddings of a probe batch (a grey image and a short text): a model that cannot embed is never saved."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if not bad:
+        parameter = next(model.parameters())
+        probe = processor(images=[PILImage.new("RGB", (32, 32), (128, 128, 128))], text=["a"], return_tensors="pt")
+        pixel_values = probe["pixel_values"].to(parameter.device, parameter.dtype)
+        was_training = model.training
+        model.eval()
+        embeds = (
+            model.get_query_features(
+                pixel_values=pixel_values, input_ids=probe["input_ids"].to(parameter.device),
+                attention_mask=probe["attention_mask"].to(parameter.device),
+            ).pooler_output,
+            model.get_image_features(pixel_values=pixel_values).pooler_output,
+        )
+        model.train(was_training)
+        bad = [name for name, tensor in zip(("query embeddings", "gallery embeddings"), embeds) if not torch.isfinite(tensor).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingStopped(
+            f"The trained model is not finite ({shown}); it was not saved. {last_good_checkpoint_text(output_dir)}"
+        )
+
+
+def save_model(accelerator, model, processor, folder: Path, output_dir: Path | None = None) -> None:
+    """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline.
+
+    Checked first (`check_finite_model`, on every process): a model with non-finite weights or embeddings raises
+    `TrainingStopped` naming the last good checkpoint of `output_dir` (default `folder`) and nothing is written.
+    Written complete into `folder/.model.partial` and flushed to disk first, then renamed file by file into `folder`:
+    a crash while writing leaves the previous model in `folder` intact (and `.model.partial` is discarded next time).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    check_finite_model(unwrapped, processor, Path(output_dir or folder))
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = staging_folder(folder / "model")
+        save_for_hub(unwrapped, processor, staged)
+        move_files_into(staged, folder)
