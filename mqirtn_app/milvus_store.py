@@ -41,6 +41,9 @@ _MAX_ID_LENGTH = 4096
 # A gRPC message to Milvus is limited (64 MB by default, less in Lite: about 5,000 rows of 256 floats failed there):
 # rows go in batches of at most this many bytes of vectors.
 _UPSERT_BYTES = 2 * 1024 * 1024
+# Reads see every write of this client (and of others up to the engine's last time tick). "Strong" would also wait for
+# other writers, at the cost of a time tick (~200 ms on a 2.3 server) per search.
+_CONSISTENCY = "Session"
 # The collection property that records the model which wrote the collection.
 _IDENTITY_PROPERTY = "mqirtn.model"
 # Milvus answers at most this many results per query.
@@ -223,7 +226,7 @@ class MilvusStore:
         )
         self._call(
             "create_collection", self.client.create_collection, self.collection, schema=schema,
-            index_params=index_params, consistency_level="Strong",
+            index_params=index_params, consistency_level=_CONSISTENCY,
             properties={_IDENTITY_PROPERTY: json.dumps(identity, sort_keys=True)},
         )
 
@@ -294,14 +297,17 @@ class MilvusStore:
             self._call("delete", self.client.delete, self.collection, ids=list(ids[start : start + 1000]))
 
     def count(self) -> int:
-        result = self._call("count", self.client.query, self.collection, filter="", output_fields=["count(*)"])
+        result = self._call(
+            "count", self.client.query, self.collection, filter="", output_fields=["count(*)"],
+            consistency_level=_CONSISTENCY,
+        )
         return int(result[0]["count(*)"])
 
     def rows(self, fields: Sequence[str], batch_size: int = 10000) -> Iterator[dict]:
         """Every row's `id` and `fields`, in batches (no row twice, in no particular order)."""
         iterator = self._call(
             "query_iterator", self.client.query_iterator, self.collection, batch_size=batch_size, filter="",
-            output_fields=["id", *fields],
+            output_fields=["id", *fields], consistency_level=_CONSISTENCY,
         )
         try:
             while True:
@@ -322,6 +328,7 @@ class MilvusStore:
             found = self._call(
                 f"search with filter {filter!r}" if filter else "search", self.client.search, self.collection, data=queries[start : start + 1024].tolist(),
                 limit=top_k, filter=filter or "", output_fields=["id"], search_params=self.search_params(top_k),
+                consistency_level=_CONSISTENCY,
             )
             results.extend([(hit["id"], float(hit["distance"])) for hit in hits] for hits in found)
         return results

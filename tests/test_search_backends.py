@@ -10,18 +10,16 @@ real Milvus server (the PyPI `milvus` package: Milvus 2.3.5 standalone) started 
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT, shape_image, tiny_model, write_image_folder
+from milvus_server import MilvusServer
 
 from modeling_mqirtn.search_mqirtn import exact_search
 from mqirtn_app.index import GalleryIndex, ModelMismatchError
@@ -36,80 +34,6 @@ FINGERPRINT = "0" * 64
 
 
 # ---------------------------------------------------------------------------------------------------- the server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MilvusServer:
-    """Milvus 2.3.5 standalone from the `milvus` package: its config template rendered, patched so that every
-    component binds and advertises 127.0.0.1, started with Popen in its own session and stopped by PID."""
-
-    def __init__(self, base: Path):
-        import milvus
-
-        self.base = base
-        config = milvus.MilvusServerConfig(data_dir=str(base))
-        config.resolve()  # free ports (probed on 127.0.0.1) and the data folders under `base`
-        config.write_config()
-        config.cleanup_listen_ports()
-        milvus._initialize_data_files(config.base_data_dir)  # the server binary and its libraries
-        path = base / "configs" / "milvus.yaml"
-        text = path.read_text().replace("localhost", "127.0.0.1")
-        text = text.replace("  ip: #", "  ip: 127.0.0.1 #")
-        path.write_text(text)
-        self.port = int(config.get("proxy_port"))
-        self.health_port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self, timeout: float = 120) -> None:
-        binary = self.base / "bin" / "milvus"
-        env = dict(
-            os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
-            MILVUS_RUN_DIR=str(self.base / "run"),
-            LD_LIBRARY_PATH=f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-        )
-        log = open(self.base / "logs" / "server.log", "ab")
-        self.process = subprocess.Popen(
-            [str(binary), "run", "standalone"], cwd=self.base, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the Milvus server exited with {self.process.returncode}; see {self.base}/logs")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
-                    if b"OK" in response.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"the Milvus server did not answer its health check within {timeout:.0f} s")
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM to its PID, SIGKILL after `timeout` s."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A Milvus server on 127.0.0.1 for the session; stopped by PID and its folder removed at the end."""
@@ -529,3 +453,23 @@ def test_waiting_for_the_vector_index_is_bounded_and_reported(milvus_kind, backe
     index.close()
     exact = GalleryIndex(random_gallery(5), [f"e{i}" for i in range(5)])
     assert exact.wait_for_index(timeout=0) is True
+
+
+def test_search_backends_benchmark_runs_tiny(tmp_path):
+    """benchmarks/search_backends.py at a tiny size: every in-process backend and Milvus Lite, one JSON row each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_backends", REPO_ROOT / "benchmarks" / "search_backends.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "bench.json"
+    module.main(
+        ["--gallery-size", "2000", "--dim", "16", "--clusters", "20", "--single", "5", "--batch", "10", "--batches", "2",
+         "--threads", "1", "--backends", "exact", "faiss-ivf", "milvus-lite", "--output", str(output)]
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    rows = {row["backend"]: row for row in report["rows"]}
+    assert set(rows) == {"exact", "faiss-ivf", "milvus-lite"}
+    assert rows["exact"]["recall_at_10"] == 1.0 and rows["exact"]["single_p50_vs_exact"] == 1.0
+    assert rows["milvus-lite"]["recall_at_10"] > 0.95  # HNSW at ef 64 on 2,000 rows
+    assert all(row["insert_s"] > 0 and row["single"]["p50_ms"] > 0 and row["batch_10"]["p99_ms"] > 0 for row in rows.values())
