@@ -23,16 +23,19 @@ page, and the server keeps serving.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -44,6 +47,10 @@ DEFAULT_MODEL = REPO_ROOT / "outputs" / "mqirtn-shapes"  # what `bash scripts/ma
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 50
 MAX_TEXT_LENGTH = 300  # characters; the processor truncates tokens to the model's maximum anyway
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # an uploaded or pasted (data: URL) reference image
+# Pixels (width x height) of one reference image, read from its header before decoding: far below the library's cap,
+# so one request cannot hold a gigabyte of decoded pixels (a 16-bit 8000 x 8000 PNG: ~1 GB) while others wait.
+DEFAULT_MAX_PIXELS = 16_000_000
 NUM_EXAMPLES = 10  # example queries from the shapes test split
 CAPTION = "#{rank} · {score:.3f} · {id}"  # results gallery captions; `parse_caption` reads them back
 _CAPTION_PATTERN = re.compile(r"^#(\d+) · (-?[\d.]+|nan|inf) · (.*)$", re.DOTALL)
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model folder's own Python files instead of the installed MQIRTN classes")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="the most pixels (width x height) of one reference image, read from its header before "
+                        f"decoding (default {DEFAULT_MAX_PIXELS:,}; 0: only the library's cap)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while indexing")
     return parser
 
@@ -132,6 +142,8 @@ def check_arguments(args) -> None:
             raise DemoError(f"--gallery {args.gallery!r} is a file; give an index folder or a folder of images")
     if not 1 <= args.max_batch_size <= 256:
         raise DemoError(f"--max-batch-size must be between 1 and 256, got {args.max_batch_size}")
+    if args.max_pixels < 0:
+        raise DemoError(f"--max-pixels must be a positive number of pixels (0: no demo cap), got {args.max_pixels}")
     if not 0 <= args.port <= 65535:
         raise DemoError(f"--port must be between 0 and 65535, got {args.port}")
 
@@ -268,6 +280,41 @@ def _placeholder(size: int = 96):
     return tile
 
 
+def _top_k(value) -> int:
+    """A query's k: a whole number, clamped to [1, MAX_TOP_K]; None gives DEFAULT_TOP_K. `ValueError` otherwise."""
+    if value is None:
+        return DEFAULT_TOP_K
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"Top k must be a whole number from 1 to {MAX_TOP_K}, got {str(value)[:40]!r}.")
+    return max(1, min(int(value), MAX_TOP_K))
+
+
+def _modification_text(value) -> str:
+    """A query's text, stripped and cut to MAX_TEXT_LENGTH characters; `ValueError` for what is not text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"The modification text must be text, got {type(value).__name__}.")
+    return value.strip()[:MAX_TEXT_LENGTH]
+
+
+def _header_pixels(cell: dict) -> tuple[int, int] | None:
+    """`(width, height)` from an image's header (nothing decoded); None when PIL cannot read one (the decoder then
+    says why)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        source = io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 class CompositionalSearch:
     r"""
     The page's query function: a batch of (reference, modification text, top-k) queries in, per query a results
@@ -281,27 +328,82 @@ class CompositionalSearch:
 
     known_targets (`dict`, *optional*): `{(reference file name, modification text): target id}` of the example
         queries; when a query is one of them, its status line says where the known target ranked.
+    max_pixels (`int`, *optional*): the most pixels (width x height, read from the header before decoding) of one
+        reference image; None leaves only the library's cap (`MQIRTN_MAX_IMAGE_PIXELS`).
+    served_dir (`str` or `os.PathLike`, *optional*): where copies of the result images are put for the page (see
+        `gallery_image`); default a new folder under the system's temporary folder, removed at exit.
     """
 
-    def __init__(self, model, processor, index, device=None, known_targets: dict | None = None):
+    def __init__(self, model, processor, index, device=None, known_targets: dict | None = None,
+                 served_dir: str | os.PathLike | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         from modeling_mqirtn import ComposedImageRetrievalPipeline
 
         self.model, self.processor, self.index = model, processor, index
+        self.max_pixels = max_pixels
+        if served_dir is None:
+            # Under the system's temporary folder: Gradio takes result files from there into its cache, while its file
+            # route serves only `allowed_paths` and its cache.
+            served_dir = tempfile.mkdtemp(prefix="mqirtn-demo-results-")
+            atexit.register(shutil.rmtree, served_dir, ignore_errors=True)
+        self.served_dir = Path(served_dir)
+        self.served_dir.mkdir(parents=True, exist_ok=True)
         self.known_targets = dict(known_targets or {})
         self.pipe = ComposedImageRetrievalPipeline(model=model, processor=processor, device=device or model.device)
         self.has_attention = model.config.composition == "mqirtn" and model.config.num_fusion_layers > 0
         self.last_batch_size = 0
 
+    def servable_file(self, position: int) -> Path | None:
+        """The file of gallery row `position` when the page may show it, else None.
+
+        Only an indexed image is served: the id joined to the index's root and resolved (links followed) must stay
+        under the resolved root and be a regular file with an image suffix whose header PIL reads as an image. An
+        edited `index.json` (`../` ids, absolute ids), a link that leads out of the folder, or a non-image file with an
+        image name are refused here; nothing else of the server is reachable, since the root itself is never given to
+        the web server (see `allowed_paths`).
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        from processing.processing_mqirtn import IMAGE_EXTENSIONS
+
+        if not self.index.root:
+            return None
+        try:
+            root = Path(self.index.root).resolve(strict=True)
+            path = (root / self.index.ids[position]).resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a link loop
+            return None
+        if not path.is_relative_to(root) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            return None
+        try:
+            with Image.open(path):  # the header only
+                pass
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
+            return None
+        return path
+
     def gallery_image(self, position: int):
-        """What the results gallery shows for a gallery row: the file of a folder index (served from the folder, which
-        `allowed_paths` lets the server read), else the decoded image, else a grey 'missing' tile."""
+        """What the results gallery shows for a gallery row: a copy of the image file of a folder index (only
+        `servable_file`s, copied into this demo's own folder, from which Gradio takes it into its cache), else the
+        decoded image of a path-built index, else a grey 'missing' tile."""
         from processing.processing_mqirtn import to_rgb_image_or_none
 
+        if self.index.root:
+            path = self.servable_file(position)
+            return str(self._served_copy(path)) if path is not None else _placeholder()
         path = self.index.image_path(position)
-        if path is not None and self.index.root:
-            return str(path)
         image = to_rgb_image_or_none(str(path)) if path is not None else None
         return image if image is not None else _placeholder()
+
+    def _served_copy(self, path: Path) -> Path:
+        """A copy of `path` in `served_dir`, named by the file's identity (path, size, modification time), made once."""
+        stat = path.stat()
+        key = hashlib.sha256(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+        copy = self.served_dir / f"{key}{path.suffix.lower()}"
+        if not copy.is_file():
+            partial = copy.with_name(f".{copy.name}.{os.getpid()}.partial")
+            shutil.copyfile(path, partial)
+            os.replace(partial, copy)
+        return copy
 
     def _reference(self, reference):
         """`(image, name, error)`: the decoded reference (the processor's decoder) and its file name, or a one-line
@@ -312,10 +414,20 @@ class CompositionalSearch:
             return None, None, "Upload a reference image (or click an example) first."
         if isinstance(reference, (str, os.PathLike)):
             reference = {"path": str(reference), "name": Path(reference).name}
-        name = reference.get("name") or "the upload"
+        if not isinstance(reference, dict):
+            return None, None, f"The reference must be an uploaded image, got {type(reference).__name__}."
+        name = str(reference.get("name") or "the upload")[:100]
+        if reference.get("error"):
+            return None, name, reference["error"]
         try:
             data = reference.get("bytes")
             cell = {"bytes": data, "path": None if data is not None else reference["path"]}
+            pixels = _header_pixels(cell)
+            if pixels is not None and self.max_pixels is not None and pixels[0] * pixels[1] > self.max_pixels:
+                return None, name, (
+                    f"“{name}” is {pixels[0]} x {pixels[1]} pixels; this demo takes at most {self.max_pixels:,} "
+                    "pixels per image. Upload a smaller image."
+                )
             return to_rgb_image(cell, "reference"), name, None
         except ValueError as error:
             logger.info(f"unreadable reference {name!r}: {error}")
@@ -334,8 +446,14 @@ class CompositionalSearch:
         galleries, statuses = [None] * count, [""] * count
         valid = []
         for i, (reference, text, top_k) in enumerate(zip(references, texts, top_ks)):
+            # Each query is checked on its own: a bad one gets its message and never reaches the shared forward pass.
+            try:
+                k = _top_k(top_k)
+                text = _modification_text(text)
+            except ValueError as error:
+                statuses[i] = f"**Error:** {error}"
+                continue
             image, name, error = self._reference(reference)
-            text = (text or "").strip()
             if error is None and not text:
                 error = "Type a modification text, e.g. “make the circle red”."
             if error is None and not len(self.index):
@@ -343,9 +461,8 @@ class CompositionalSearch:
             if error is not None:
                 statuses[i] = f"**Error:** {error}"
                 continue
-            k = int(top_k) if top_k is not None else DEFAULT_TOP_K
             target = self.known_targets.get((name, text))
-            valid.append((i, image, text[:MAX_TEXT_LENGTH], max(1, min(k, MAX_TOP_K, len(self.index))), target))
+            valid.append((i, image, text, min(k, len(self.index)), target))
         if not valid:
             return galleries, statuses
         self.last_batch_size = len(valid)
@@ -386,7 +503,10 @@ class CompositionalSearch:
         from mqirtn_app.visualization import attention_figure
 
         image, _, error = self._reference(reference)
-        text = (text or "").strip()[:MAX_TEXT_LENGTH]
+        try:
+            text = _modification_text(text)
+        except ValueError:
+            return None
         if error is not None or not text or not self.has_attention:
             return None
         try:
@@ -398,6 +518,19 @@ class CompositionalSearch:
 
 # ---------------------------------------------------------------------------------------------------- page
 _REFERENCE_IMAGE = None
+
+
+def decode_data_url(url: str) -> dict:
+    """A pasted image's `data:` URL as the query function's `{"bytes", "name"}`, or `{"error", "name"}` when it is
+    over `MAX_UPLOAD_BYTES` (the upload route's cap; checked before decoding) or not base64."""
+    name = "the pasted image"
+    encoded = url.partition(",")[2]
+    if len(encoded) > (MAX_UPLOAD_BYTES + 2) // 3 * 4:
+        return {"error": f"The pasted image is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.", "name": name}
+    try:
+        return {"bytes": base64.b64decode(encoded, validate=True), "name": name}
+    except ValueError:
+        return {"bytes": b"", "name": name}
 
 
 def reference_image_class():
@@ -414,10 +547,7 @@ def reference_image_class():
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):  # pasted images may arrive as data URLs
-            try:
-                return {"bytes": base64.b64decode(payload.url.partition(",")[2]), "name": "the pasted image"}
-            except ValueError:
-                return {"bytes": b"", "name": "the pasted image"}
+            return decode_data_url(payload.url)
         return {"path": payload.path, "name": payload.orig_name or Path(payload.path).name}
 
     # Gradio writes a `.pyi` stub beside the file that defines a component class (for IDEs): not into demo/.
@@ -485,12 +615,22 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
     return demo
 
 
-def allowed_paths(index, examples) -> list[str]:
-    """Folders the server may send files from: the gallery's images and the example references."""
-    paths = {str(Path(path).parent) for path, _, _ in examples}
-    if index.root:
-        paths.add(index.root)
-    return sorted(paths)
+def allowed_paths(examples) -> list[str]:
+    """Folders the server may send files from: the example references' (this demo's own export of the shapes
+    gallery). Never the gallery's root: result images reach the page as copies of checked files
+    (`CompositionalSearch.gallery_image`), so a file of the gallery folder that is not an indexed image, or a root
+    edited into `index.json`, is not reachable through the server."""
+    return sorted({str(Path(path).parent) for path, _, _ in examples})
+
+
+def launch_options(host: str, port: int, examples=()) -> dict:
+    """`gr.Blocks.launch` keyword arguments: bound to `host` only, no share tunnel, no MCP server, uploads capped at
+    `MAX_UPLOAD_BYTES`, files served from `allowed_paths(examples)` and Gradio's cache only."""
+    return dict(
+        server_name=host, server_port=port, share=False, show_error=False, ssr_mode=False, mcp_server=False,
+        allowed_paths=allowed_paths(examples), max_file_size=MAX_UPLOAD_BYTES, quiet=True, theme=None, css=CSS,
+        prevent_thread_lock=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,15 +641,12 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model(args.model, args.trust_remote_code, args.device)
         index, examples, description = open_gallery(args, model, processor)
         known_targets = {(Path(path).name, text): target for path, text, target in examples}
-        search = CompositionalSearch(model, processor, index, known_targets=known_targets)
+        search = CompositionalSearch(model, processor, index, known_targets=known_targets,
+                                     max_pixels=args.max_pixels or None)
         model_name = _shown(Path(args.model)) if os.path.isdir(args.model) else args.model
         demo = build_demo(search, examples, model_name, description, args.max_batch_size)
         try:
-            demo.launch(
-                server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
-                mcp_server=False, allowed_paths=allowed_paths(index, examples), max_file_size="50mb", quiet=True,
-                theme=None, css=CSS, prevent_thread_lock=True,
-            )
+            demo.launch(**launch_options(args.host, args.port, examples))
         except OSError as error:
             if "empty port" in str(error):
                 raise DemoError(f"port {args.port} on {args.host} is in use: pass another --port") from None

@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Pipeline
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 from .search_mqirtn import exact_search
 
@@ -216,8 +220,23 @@ class ComposedImageRetrievalPipeline(Pipeline):
             raise ValueError(f"each query must be a dict with keys 'image' and 'text', got {described}")
         if not isinstance(inputs["text"], str):
             raise ValueError(f"a query's 'text' must be a string, got {type(inputs['text']).__name__}")
-        batch = self.processor(images=[inputs["image"]], text=[inputs["text"]], return_tensors="pt")
+        limit = self._text_limit()
+        batch = self.processor(images=[inputs["image"]], text=[inputs["text"]], return_tensors="pt", max_length=limit)
+        if limit is not None and batch["input_ids"].shape[1] >= limit:
+            full = len(self.processor.tokenizer(inputs["text"], truncation=False)["input_ids"])
+            if full > limit:
+                logger.warning(
+                    f"The modification text has {full} tokens, more than the model's {limit}: it was truncated to its "
+                    f"first {limit} tokens"
+                )
         return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+
+    def _text_limit(self) -> int | None:
+        """The most tokens the text tower takes (its position embeddings, or the tokenizer's smaller cap)."""
+        limits = [getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None),
+                  getattr(self.processor.tokenizer, "model_max_length", None)]
+        limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+        return min(limits) if limits else None
 
     def _forward(self, model_inputs, gallery=None, top_k=10, filter=None):
         query_embeds = self.model.get_query_features(

@@ -97,14 +97,20 @@ def swap_in_folder(staged: str | os.PathLike, target: str | os.PathLike) -> None
             fsync_file(path)
     fsync_dir(staged)
     previous = previous_folder(target)
-    if previous.exists():
-        shutil.rmtree(previous)
+    _remove(previous)
     if target.exists():
         os.replace(target, previous)
     os.replace(staged, target)
     fsync_dir(target.parent)
-    if previous.exists():
-        shutil.rmtree(previous)
+    _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    """Removes a folder, or a link (never what it leads to), if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def recover_folder(target: str | os.PathLike) -> Path | None:

@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import stat
 import weakref
 from collections.abc import Sequence
 from contextlib import closing
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -48,9 +51,14 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 # FAISS's own serialisation (`faiss.write_index`), written by `save` for the faiss-* backends; `index.json` records
 # what it was built from (its "faiss" entry) so `load` can tell a stale file.
 FAISS_FILE = "faiss.index"
+# The SHA-256 (hex) of index.json's bytes, written beside it: `load` refuses an index.json edited after its save (its
+# `root` and `ids` name the files a server may show).
+INDEX_HASH_FILE = "index.json.sha256"
 FORMAT_VERSION = 1
 # What an index folder may hold; `save` replaces such a folder as a whole and refuses one holding anything else.
-_INDEX_FILES = (INDEX_FILE, EMBEDDINGS_FILE, FAISS_FILE, f"{FAISS_FILE}.partial")
+_INDEX_FILES = (INDEX_FILE, INDEX_HASH_FILE, EMBEDDINGS_FILE, FAISS_FILE, f"{FAISS_FILE}.partial")
+# How often `load` starts again when a save swapped the folder while it opened the files.
+_READ_ATTEMPTS = 5
 
 
 class ModelMismatchError(ValueError):
@@ -616,12 +624,99 @@ _OPTIONAL_META_FIELDS = {
 }
 
 
-def _read_meta(path: Path) -> dict:
-    """index.json, checked field by field: `ValueError` naming the field, what was expected and what came."""
+def check_finite_weights(model) -> None:
+    """Raises `ValueError` when a parameter of `model` holds NaN/inf: its embeddings would rank arbitrarily."""
+    bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        raise ValueError(
+            f"the model's weights are not finite (NaN/inf in {len(bad)} tensor(s): {', '.join(bad[:3])}); a gallery "
+            "embedded with it would rank arbitrarily"
+        )
+
+
+def _check_rows(embeddings: torch.Tensor, what: str, advice: str) -> None:
+    """Raises `ValueError` for rows holding NaN/inf or only zeros (no direction: every cosine score would be 0)."""
+    finite = torch.isfinite(embeddings).all(dim=-1)
+    if not finite.all():
+        raise ValueError(f"{what} holds {int((~finite).sum())} row(s) of non-finite (NaN/inf) embeddings; {advice}")
+    zero = (embeddings == 0).all(dim=-1)
+    if zero.any():
+        raise ValueError(
+            f"{what} holds {int(zero.sum())} all-zero row(s) (first: row {int(zero.nonzero()[0, 0])}), which no "
+            f"query can be compared with; {advice}"
+        )
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    """Writes index.json and the hash of its bytes (`INDEX_HASH_FILE`) into `folder`."""
+    data = json.dumps(meta, indent=1).encode()
+    (folder / INDEX_FILE).write_bytes(data)
+    (folder / INDEX_HASH_FILE).write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
+def _read_saved_files(directory: Path) -> tuple[Path, bytes, bytes | None, bytes | None]:
+    """`(folder, index.json bytes, its hash file's bytes or None, embeddings bytes or None)` of one save of `directory`
+    (a milvus index has no embeddings file).
+
+    The files are opened through one handle on the folder, so a save that swaps a new folder in meanwhile cannot mix
+    two saves; when it removed the old folder's files before they were all opened, the read starts again. Reads the
+    previous version when a save was interrupted between its renames (with a warning).
+    """
+    for attempt in range(_READ_ATTEMPTS):
+        found = recover_folder(directory)
+        if found is not None and found != directory:
+            logger.warning(
+                f"A save of {str(directory)!r} was interrupted after it moved the previous index aside: loading the "
+                f"previous index from {str(found)!r} (save again to finish)"
+            )
+        folder = found or directory
+        try:
+            folder_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            folder_fd = None
+        if folder_fd is not None:
+            try:
+                meta, recorded_hash, embeddings = (
+                    _read_file_at(folder_fd, name, required) for name, required in
+                    ((INDEX_FILE, True), (INDEX_HASH_FILE, False), (EMBEDDINGS_FILE, False))
+                )
+                return folder, meta, recorded_hash, embeddings
+            except FileNotFoundError:
+                swapped = not folder.is_dir() or os.stat(folder).st_ino != os.fstat(folder_fd).st_ino
+                if not swapped:
+                    break
+            finally:
+                os.close(folder_fd)
+        elif not os.path.lexists(directory):
+            break
+    raise FileNotFoundError(
+        f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
+    )
+
+
+def _read_file_at(folder_fd: int, name: str, required: bool) -> bytes | None:
+    """The bytes of the file `name` of the open folder `folder_fd`; None for a missing optional one."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        descriptor = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=folder_fd)
+    except (FileNotFoundError, IsADirectoryError):
+        if required:
+            raise FileNotFoundError(name) from None
+        return None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise FileNotFoundError(name)
+        return handle.read()
+
+
+def _read_meta(path: Path, data: bytes | None = None) -> dict:
+    """index.json (its bytes `data`, else read from `path`), checked field by field: `ValueError` naming the field,
+    what was expected and what came."""
+    try:
+        meta = json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON ({error}); rebuild the index") from error
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} nests its JSON too deeply to be an index; rebuild the index") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -926,6 +1021,7 @@ class GalleryIndex:
         if metadata is not None and len(metadata) != len(images):
             raise ValueError(f"`metadata` has {len(metadata)} entries but `images` has {len(images)}")
         self._check_unique(ids, self.ids)
+        check_finite_weights(self.model)
         if accelerator is not None and accelerator.num_processes > 1:
             embeddings, kept, skipped = _embed_sharded(
                 self.model, self.processor, images, batch_size, progress, accelerator, num_workers
@@ -958,7 +1054,9 @@ class GalleryIndex:
         if len(ids) != embeddings.shape[0]:
             raise ValueError(f"`ids` has {len(ids)} entries but `embeddings` has {embeddings.shape[0]} rows")
         self._check_unique(ids, self.ids)
-        embeddings = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=-1)
+        embeddings = embeddings.detach().float().cpu()
+        _check_rows(embeddings, "`embeddings`", "the model or the given embeddings are not usable")
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         if self._store is not None:
             if self._writes:
                 self._milvus().upsert(ids, embeddings.numpy(), metadata)
@@ -1224,6 +1322,8 @@ class GalleryIndex:
         from. `directory` must be new, empty or an index folder (it is replaced as a whole).
         """
         given, directory = Path(directory), Path(os.path.abspath(directory))  # "." has no name to stage beside
+        if directory.is_symlink() and directory.is_dir():
+            directory = Path(os.path.realpath(directory))  # the linked folder is replaced; the link stays
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is a file, not a folder to save a gallery index into")
         if directory == Path(os.getcwd()) or directory in Path(os.getcwd()).parents:
@@ -1237,9 +1337,27 @@ class GalleryIndex:
                 )
         if self._store is not None:
             return self._save_milvus(given, directory)
-        faiss_index = self._get_faiss_index() if self.backend != "exact" and len(self) else None
+        if self.backend != "exact" and len(self):
+            self._get_faiss_index()  # built before anything is staged: a missing FAISS fails here
         directory.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_folder(directory)
+        try:
+            self._write_files(staged)
+            swap_in_folder(staged, directory)
+        except BaseException as error:
+            shutil.rmtree(staged, ignore_errors=True)  # a full disk, an interrupt: no partial folder stays behind
+            if isinstance(error, (OSError, SafetensorError)):
+                reason = " ".join(str(error).split()) or type(error).__name__
+                raise OSError(
+                    f"could not save the gallery index into {str(given)!r} ({reason}); the previous index there, if "
+                    "any, is kept"
+                ) from error
+            raise
+        return given
+
+    def _write_files(self, staged: Path) -> None:
+        """Writes the index's files into the empty folder `staged` (see `save`)."""
+        faiss_index = self._get_faiss_index() if self.backend != "exact" and len(self) else None
         save_file({"embeddings": self.embeddings}, str(staged / EMBEDDINGS_FILE))
         files = {EMBEDDINGS_FILE: sha256_file(staged / EMBEDDINGS_FILE)}
         faiss_record = None
@@ -1265,9 +1383,7 @@ class GalleryIndex:
             "ids": self.ids,
             "metadata": self.metadata,
         }
-        (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
-        swap_in_folder(staged, directory)
-        return given
+        _write_meta(staged, meta)
 
     def _save_milvus(self, given: Path, directory: Path) -> Path:
         """`save` of the milvus backend: `index.json` only (the rows live in the collection), naming the database,
@@ -1303,7 +1419,7 @@ class GalleryIndex:
             "files": {},
             "ids": [],
         }
-        (staged / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+        _write_meta(staged, meta)
         swap_in_folder(staged, directory)
         return given
 
@@ -1344,25 +1460,22 @@ class GalleryIndex:
         count and dimension), so the first search neither re-trains nor rebuilds it; otherwise a warning says it will
         be rebuilt at the first search. FAISS is imported only then: without it, exact search still works.
         """
-        directory = Path(directory)
-        found = recover_folder(directory)
-        if found is not None and found != directory:
-            logger.warning(
-                f"A save of {str(directory)!r} was interrupted after it moved the previous index aside: loading the "
-                f"previous index from {str(found)!r} (save again to finish)"
-            )
-            directory = found
+        directory, meta_bytes, recorded_hash, data = _read_saved_files(Path(directory))
         meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
-        if meta_path.is_file() and not embeddings_path.is_file():
-            meta = _read_meta(meta_path)
+        if recorded_hash is None:
+            logger.warning(f"{str(directory)!r} has no {INDEX_HASH_FILE} (saved by an older version): index.json not verified")
+        elif recorded_hash.decode(errors="replace").strip() != hashlib.sha256(meta_bytes).hexdigest():
+            raise ValueError(
+                f"{str(meta_path)!r} is not the index.json its save wrote (its content hash differs from "
+                f"{INDEX_HASH_FILE}): the index was edited; rebuild the index"
+            )
+        meta = _read_meta(meta_path, meta_bytes)
+        if data is None:
             if meta["backend"] == "milvus":
                 return cls._load_milvus(directory, meta, model, processor, backend)
-        if not meta_path.is_file() or not embeddings_path.is_file():
             raise FileNotFoundError(
                 f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
             )
-        meta = _read_meta(meta_path)
-        data = embeddings_path.read_bytes()
         embeddings_sha256 = hashlib.sha256(data).hexdigest()
         recorded = meta.get("files")
         if recorded is None:
@@ -1384,8 +1497,7 @@ class GalleryIndex:
                 f"{str(embeddings_path)!r} holds embeddings of shape {tuple(embeddings.shape)}, but {INDEX_FILE} "
                 f"records ({meta['size']}, {meta['projection_dim']}); rebuild the index"
             )
-        if not torch.isfinite(embeddings).all():
-            raise ValueError(f"{str(embeddings_path)!r} holds non-finite (NaN/inf) embeddings; rebuild the index")
+        _check_rows(embeddings, repr(str(embeddings_path)), "rebuild the index")
         norms = embeddings.float().norm(dim=-1)
         off = int(((norms - 1).abs() > 1e-3).sum())
         if off:
@@ -1459,6 +1571,7 @@ __all__ = [
     "DecodeWorkerError",
     "GalleryIndex",
     "ModelMismatchError",
+    "check_finite_weights",
     "check_num_workers",
     "default_num_workers",
     "embed_images",

@@ -86,7 +86,9 @@ def test_batch_is_one_forward_pass_with_the_pipelines_ranking(setup):
         assert [id_ for _, _, id_ in parsed] == pipeline_ids(pipe, index, reference["path"], text, k)
         expected = pipe(image=reference["path"], text=text, gallery=index, top_k=k)
         assert [score for _, score, _ in parsed] == pytest.approx([hit["score"] for hit in expected], abs=1e-3)
-        assert [Path(image).name for image, _ in gallery] == [id_ for _, _, id_ in parsed]  # the images shown
+        # The images shown: copies of the indexed files.
+        assert [Path(image).read_bytes() for image, _ in gallery] == [
+            (Path(index.root) / id_).read_bytes() for _, _, id_ in parsed]
         attention = search.attention(reference, text)  # the page's follow-up event
         assert isinstance(attention, Image.Image) and attention.width > 300
         assert f"Top {k} of {GALLERY_SIZE} images in" in status and "shared by 3 queries" in status
@@ -275,7 +277,7 @@ def test_command_line_errors_are_one_line(saved_model, tmp_path, capsys, monkeyp
 
 
 def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatch):
-    """`main` up to `launch`: loopback, no share tunnel, the batched queue, the gallery folder allowed."""
+    """`main` up to `launch`: loopback, no share tunnel, the batched queue, the gallery folder not served as such."""
     import gradio as gr
 
     gallery = tmp_path / "gallery"
@@ -293,7 +295,7 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
                        "--no-progress", "--max-batch-size", "6"])
     assert status == 0 and launched["blocked"] and launched["prevent_thread_lock"]
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["server_port"] == 7860
-    assert str(gallery.resolve()) in launched["allowed_paths"]
+    assert launched["allowed_paths"] == []  # result images reach the page as copies of checked files
     blocks = launched["blocks"]
     (search,) = [fn for fn in blocks.fns.values() if fn.api_name == "search"]
     assert search.batch and search.max_batch_size == 6 and search.concurrency_limit == 1

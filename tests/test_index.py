@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from conftest import tiny_model
-from conftest import shape_image, write_image_folder
+from conftest import shape_image, tiny_model, write_image_folder, write_index_json
 from transformers.testing_utils import CaptureLogger
 
 from modeling_mqirtn import save_for_hub
@@ -98,7 +97,7 @@ def test_add_save_load_round_trip(model, processor, tmp_path):
         index.add([images[0]], ["g3"], progress=False)
 
     index.save(tmp_path / "index")
-    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json"]  # no pickle
+    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json", "index.json.sha256"]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     assert meta["fingerprint"] == model_fingerprint(model) and meta["projection_dim"] == 32
 
@@ -233,7 +232,7 @@ def test_faiss_index_is_saved_and_loaded_without_rebuilding(backend, options, kn
     index = GalleryIndex(gallery, [f"id{i}" for i in range(len(gallery))], backend=backend, backend_options=options)
     index.save(tmp_path / "index")  # builds the FAISS index: no search has yet
     assert builds == [backend] and len(trainings) == (backend == "faiss-ivf")
-    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "faiss.index", "index.json"]
+    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "faiss.index", "index.json", "index.json.sha256"]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     assert meta["faiss"] == {"file": "faiss.index", "backend": backend, "backend_options": options, "ntotal": 2000, "dim": 32,
                              "embeddings_sha256": meta["files"]["embeddings.safetensors"]}  # fmt: skip
@@ -275,7 +274,7 @@ def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypat
     elif damage == "other_vectors":  # a valid FAISS file of another gallery, the JSON untouched
         GalleryIndex(gallery[:500], range(500), backend="faiss-ivf").save(tmp_path / "small")
         faiss_path.write_bytes((tmp_path / "small" / "faiss.index").read_bytes())
-    meta_path.write_text(json.dumps(meta))
+    write_index_json(meta_path.parent, meta)
     builds.clear()
 
     with CaptureLogger(gallery_index.logger) as captured:
@@ -302,7 +301,7 @@ def test_exact_save_writes_no_faiss_file_and_drops_a_stale_one(tmp_path):
     GalleryIndex(gallery, range(300), backend="faiss-hnsw").save(tmp_path / "index")
     assert (tmp_path / "index" / "faiss.index").is_file()
     GalleryIndex(gallery, range(300)).save(tmp_path / "index")  # exact, into the same folder
-    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json"]
+    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json", "index.json.sha256"]
     assert json.loads((tmp_path / "index" / "index.json").read_text())["faiss"] is None
     with CaptureLogger(gallery_index.logger) as captured:
         loaded = GalleryIndex.load(tmp_path / "index")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_index_json
 
 from mqirtn_app.index import GalleryIndex
 
@@ -38,7 +39,7 @@ def load_with_meta(saved: Path, meta: str | bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "index"
         shutil.copytree(saved, folder)
-        (folder / "index.json").write_bytes(meta.encode() if isinstance(meta, str) else meta)
+        write_index_json(folder, meta)
         try:
             GalleryIndex.load(folder)
         except ValueError as error:

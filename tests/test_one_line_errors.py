@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import one_error_line, tiny_model, tiny_processor, write_image_folder
+from conftest import one_error_line, tiny_model, tiny_processor, write_image_folder, write_index_json
 from safetensors.torch import load_file, save_file
 
 from modeling_mqirtn import save_for_hub
@@ -57,7 +57,7 @@ def damaged_index(root, name, damage):
         meta.update(backend="faiss-ivf", backend_options={"nlist": -5})
     elif damage == "fingerprint_null":
         meta["fingerprint"] = None
-    meta_path.write_text(json.dumps(meta) if damage != "not_json" else "{not json")
+    write_index_json(folder, json.dumps(meta) if damage != "not_json" else "{not json")
     return folder
 
 

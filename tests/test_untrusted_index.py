@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_model, tiny_processor, write_image_folder
+from conftest import tiny_model, tiny_processor, write_image_folder, write_index_json
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app.cli import main
@@ -40,7 +40,7 @@ def crafted(workspace, name: str, model_type: str | None = None):
     shutil.copytree(root / "index", index)
     meta = json.loads((index / "index.json").read_text())
     meta["model_name_or_path"] = str(folder)
-    (index / "index.json").write_text(json.dumps(meta))
+    write_index_json(index, meta)
     return index, marker
 
 
@@ -84,7 +84,7 @@ def test_consent_with_an_index_that_records_no_code_digest_is_refused(workspace,
     index, marker = crafted(workspace, "no_digest", model_type="evil")
     meta = json.loads((index / "index.json").read_text())
     del meta["model_code"]
-    (index / "index.json").write_text(json.dumps(meta))
+    write_index_json(index, meta)
     capsys.readouterr()
     assert search(workspace, index, "--trust-remote-code") == 1
     assert not marker.exists()
