@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import stat
+import time
 import weakref
 from collections.abc import Sequence
 from contextlib import closing
@@ -58,7 +59,7 @@ FORMAT_VERSION = 1
 # What an index folder may hold; `save` replaces such a folder as a whole and refuses one holding anything else.
 _INDEX_FILES = (INDEX_FILE, INDEX_HASH_FILE, EMBEDDINGS_FILE, FAISS_FILE, f"{FAISS_FILE}.partial")
 # How often `load` starts again when a save swapped the folder while it opened the files.
-_READ_ATTEMPTS = 5
+_READ_ATTEMPTS = 20
 
 
 class ModelMismatchError(ValueError):
@@ -663,48 +664,48 @@ def _read_saved_files(directory: Path) -> tuple[Path, bytes, bytes | None, bytes
     previous version when a save was interrupted between its renames (with a warning).
     """
     for attempt in range(_READ_ATTEMPTS):
-        found = recover_folder(directory)
-        if found is not None and found != directory:
-            logger.warning(
-                f"A save of {str(directory)!r} was interrupted after it moved the previous index aside: loading the "
-                f"previous index from {str(found)!r} (save again to finish)"
-            )
-        folder = found or directory
+        if attempt:
+            time.sleep(0.001 * attempt)  # a save is swapping folders: let it finish its renames
+        folder = recover_folder(directory) or directory
         try:
             folder_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except (FileNotFoundError, NotADirectoryError):
-            folder_fd = None
-        if folder_fd is not None:
-            try:
-                meta, recorded_hash, embeddings = (
-                    _read_file_at(folder_fd, name, required) for name, required in
-                    ((INDEX_FILE, True), (INDEX_HASH_FILE, False), (EMBEDDINGS_FILE, False))
-                )
-                return folder, meta, recorded_hash, embeddings
-            except FileNotFoundError:
-                swapped = not folder.is_dir() or os.stat(folder).st_ino != os.fstat(folder_fd).st_ino
-                if not swapped:
-                    break
-            finally:
-                os.close(folder_fd)
-        elif not os.path.lexists(directory):
+            continue
+        try:
+            meta, recorded_hash, embeddings = (
+                _read_file_at(folder_fd, name) for name in (INDEX_FILE, INDEX_HASH_FILE, EMBEDDINGS_FILE)
+            )
+            # The folder read is no longer the index (a save renamed it aside and is removing it) while a file was
+            # missing: read again, from the new folder.
+            moved = folder != directory or os.stat(directory).st_ino != os.fstat(folder_fd).st_ino
+        except FileNotFoundError:  # `directory` itself is gone this instant
+            continue
+        finally:
+            os.close(folder_fd)
+        if (meta is None or embeddings is None) and moved:
+            continue
+        if meta is None:
             break
+        if folder != directory and not directory.exists():
+            logger.warning(
+                f"A save of {str(directory)!r} was interrupted after it moved the previous index aside: loading the "
+                f"previous index from {str(folder)!r} (save again to finish)"
+            )
+        return folder, meta, recorded_hash, embeddings
     raise FileNotFoundError(
         f"{str(directory)!r} is not a gallery index (expected {INDEX_FILE} and {EMBEDDINGS_FILE} in it)"
     )
 
 
-def _read_file_at(folder_fd: int, name: str, required: bool) -> bytes | None:
-    """The bytes of the file `name` of the open folder `folder_fd`; None for a missing optional one."""
+def _read_file_at(folder_fd: int, name: str) -> bytes | None:
+    """The bytes of the regular file `name` of the open folder `folder_fd`; None when there is none."""
     try:
         descriptor = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=folder_fd)
-    except (FileNotFoundError, IsADirectoryError):
-        if required:
-            raise FileNotFoundError(name) from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     with os.fdopen(descriptor, "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise FileNotFoundError(name)
+            return None
         return handle.read()
 
 

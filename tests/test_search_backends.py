@@ -318,7 +318,7 @@ def test_milvus_records_its_database_and_index_settings_but_no_token(milvus_kind
     text = (tmp_path / "saved" / "index.json").read_text()
     assert "secret-token-value" not in text
     meta = json.loads(text)
-    assert meta["backend"] == "milvus" and sorted(os.listdir(tmp_path / "saved")) == ["index.json"]
+    assert meta["backend"] == "milvus" and sorted(os.listdir(tmp_path / "saved")) == ["index.json", "index.json.sha256"]
     assert meta["backend_options"] == {
         "uri": options["uri"] if milvus_kind == "milvus-server" else str(Path(options["uri"]).resolve()),
         "collection": options["collection"], "token_env": "MQIRTN_TEST_TOKEN", "index_type": "HNSW",
