@@ -51,7 +51,7 @@ def main_job(batches: int):
     """train.py's default model (frozen, cached text tower) and `batches` real shapes training batches."""
     from mqirtn_train.arguments import parse_args
     from mqirtn_train.data import load_split
-    from mqirtn_train.frozen_text import FrozenTowerCache
+    from mqirtn_train.frozen_text import CachedFrozenTextModel
     from mqirtn_train.model import build_model_and_processor
     from processing.data.transforms import CIRTrainingCollator, set_training_transform
     from torch.utils.data import DataLoader
@@ -60,7 +60,7 @@ def main_job(batches: int):
     torch.manual_seed(0)
     model, processor, _ = build_model_and_processor(train_args)
     model.text_model.requires_grad_(False)
-    FrozenTowerCache(model.text_model)
+    model.text_model = CachedFrozenTextModel(model.text_model)
     dataset = set_training_transform(load_split(train_args, "train", False), processor)
     collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
     loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Main-job training step with the frozen text tower computed once per distinct text (train.py's
-`FrozenTowerCache`, on by default with --freeze_text) against the same step without it, in one process.
+`CachedFrozenTextModel`, on by default with --freeze_text) against the same step without it, in one process.
 
 The model, data, batches and optimiser are train.py's default shapes run (48 px ViT 192x4 from scratch, frozen
 all-MiniLM-L6-v2, batch 64). Both models start from the same weights and see the same real shapes training batches;
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
 
     from mqirtn_train.arguments import parse_args
     from mqirtn_train.data import load_split
-    from mqirtn_train.frozen_text import FrozenTowerCache
+    from mqirtn_train.frozen_text import CachedFrozenTextModel
     from mqirtn_train.model import build_model_and_processor
     from processing.data.transforms import CIRTrainingCollator, set_training_transform
     from machine_info import machine, write_json
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     baseline, processor, _ = build_model_and_processor(train_args)
     baseline.text_model.requires_grad_(False)
     candidate = copy.deepcopy(baseline)
-    cache = FrozenTowerCache(candidate.text_model)
+    candidate.text_model = cache = CachedFrozenTextModel(candidate.text_model)
     dataset = set_training_transform(load_split(train_args, "train", False), processor)
     collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
     loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,

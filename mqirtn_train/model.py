@@ -9,7 +9,7 @@ from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
 from modeling_mqirtn.modeling_mqirtn import tower_from_config, tower_from_pretrained
 from processing import MQIRTNProcessor
 
-from .frozen_text import FrozenTowerCache
+from .frozen_text import CachedFrozenTextModel
 
 
 logger = get_logger(__name__)
@@ -145,5 +145,5 @@ def prepare_model(args, accelerator):
         model.compile_regions(backend=args.torch_compile)  # dynamic shapes: text lengths vary per batch
         logger.info(f"torch.compile ({args.torch_compile}): fusion, composition, residual and decoders; towers eager")
     if args.freeze_text and args.frozen_text_cache:
-        FrozenTowerCache(model.text_model)
+        model.text_model = CachedFrozenTextModel(model.text_model)
     return model, processor, pretrained_prefixes

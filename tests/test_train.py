@@ -26,7 +26,7 @@ from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES
 from mqirtn_train.arguments import build_parser, default_text_model, parse_args
 from mqirtn_train.data import DATASETS, DEFAULT_SPLITS, loader_options
 from mqirtn_train.evaluation import evaluate_split
-from mqirtn_train.frozen_text import FrozenTowerCache
+from mqirtn_train.frozen_text import CachedFrozenTextModel
 from mqirtn_train.model import build_model_and_processor, parameter_groups
 from mqirtn_train.run import TrainingRun
 from transformers import AutoTokenizer
@@ -511,7 +511,9 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
     batch["input_ids"][4:], batch["attention_mask"][4:] = batch["input_ids"][:2], batch["attention_mask"][:2]
     with torch.no_grad():
         expected = model(**batch, return_loss=True)
-    cache = FrozenTowerCache(model.text_model)
+    tower = model.text_model
+    plain_state = model.state_dict()
+    model.text_model = cache = CachedFrozenTextModel(tower)
     with torch.no_grad():
         first = model(**batch, return_loss=True)
         second = model(**batch, return_loss=True)
@@ -520,10 +522,19 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
         torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-4)
     assert cache.misses == 4 and cache.hits == 2 + 6  # 4 distinct texts computed once
     copied = __import__("copy").deepcopy(model)
-    assert copied.text_model.forward.__self__.entries is cache.entries  # a model copy shares the entries
+    assert copied.text_model.entries is cache.entries  # a model copy shares the entries
     torch.testing.assert_close(copied(**batch).query_embeds, expected.query_embeds, atol=1e-5, rtol=1e-4)
+    # The state dict is the plain tower's (same keys, same order, same tensors), and loads back either way.
+    cached_state = model.state_dict()
+    assert list(cached_state) == list(plain_state)
+    assert all(cached_state[key] is plain_state[key] or torch.equal(cached_state[key], plain_state[key]) for key in plain_state)
+    other = tiny_model("mqirtn", seed=5)
+    other.text_model.requires_grad_(False)
+    other.text_model = CachedFrozenTextModel(other.text_model)
+    other.load_state_dict(plain_state)
+    assert torch.equal(other.text_model.tower.embeddings.word_embeddings.weight, tower.embeddings.word_embeddings.weight)
     with pytest.raises(ValueError, match="frozen tower"):
-        FrozenTowerCache(tiny_model("mqirtn").text_model)
+        CachedFrozenTextModel(tiny_model("mqirtn").text_model)
 
 
 def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
