@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, Unpack
 
 
 # File suffixes read as images wherever a folder is scanned (the index, MIT-States), lower case.
@@ -268,13 +269,31 @@ def _pixels_by_recipe(images: list, height: int, width: int, resample: int, tabl
     return torch.from_numpy(pixel_values)
 
 
+def _typed_keys(typed_dict) -> set[str]:
+    """The keys of a TypedDict and, for its TypedDict-valued keys (`text_kwargs`, ...), theirs."""
+    keys = set()
+    for name, annotation in typed_dict.__annotations__.items():
+        keys.add(name)
+        keys.update(getattr(annotation, "__annotations__", {}))
+    return keys
+
+
 class MQIRTNProcessor(ProcessorMixin):
     r"""
     Wraps an image processor and a tokenizer into one processor for composed image retrieval.
 
-    `processor(images=..., text=..., target_images=..., return_tensors="pt")` returns `pixel_values` (reference images,
+    `processor(images=..., text=..., target_images=...)` returns `pixel_values` (reference images,
     `(batch, 3, H, W)`), `input_ids` and `attention_mask` (modification texts, `(batch, length)`) and
-    `target_pixel_values` (`(batch, 3, H, W)`). Each argument may be given alone (e.g. gallery images only).
+    `target_pixel_values` (`(batch, 3, H, W)`), as PyTorch tensors. Each argument may be given alone (e.g. gallery
+    images only).
+
+    Settings follow transformers' `ProcessingKwargs`: flat (`padding="max_length", max_length=16, do_resize=False`),
+    per modality (`text_kwargs={...}`, `images_kwargs={...}`; the same setting in both is a `ValueError`) or
+    `common_kwargs={...}`. The text defaults are `padding=True, truncation=True, return_token_type_ids=False`
+    (the `text_kwargs` class attribute); the image processor's own settings are its defaults, and `images_kwargs`
+    apply to the target images too. Images are read by `to_rgb_image` (paths, URLs, arrays; the pixel cap
+    `MAX_IMAGE_PIXELS`); an image processor with the plain resize/rescale/normalize recipe and no `images_kwargs` at
+    call time gives its pixels through a lookup table, bit-identical to running it.
 
     Example:
 
@@ -290,36 +309,61 @@ class MQIRTNProcessor(ProcessorMixin):
     >>> batch = processor(images=[Image.new("RGB", (40, 40))], text=["make it blue"], target_images=[Image.new("L", (50, 50))])
     >>> batch["pixel_values"].shape, batch["input_ids"].shape, batch["target_pixel_values"].shape
     (torch.Size([1, 3, 32, 32]), torch.Size([1, 5]), torch.Size([1, 3, 32, 32]))
+    >>> processor(text=["make it blue"], padding="max_length", max_length=8)["input_ids"].shape
+    torch.Size([1, 8])
     ```
     """
+
+    # Per-modality defaults (lowest priority in `ProcessingKwargs`): every text of a batch padded to the longest,
+    # truncated to the tokenizer's limit, no token type ids (the text tower reads `input_ids` and `attention_mask`).
+    text_kwargs = {"padding": True, "truncation": True, "return_token_type_ids": False}
 
     def __init__(self, image_processor=None, tokenizer=None):
         super().__init__(image_processor, tokenizer)
 
-    def _pixels(self, images, argument: str):
+    def _pixels(self, images, argument: str, images_kwargs: dict | None = None):
+        """`(len(images), 3, H, W)` pixel values; `images_kwargs` override the image processor's settings."""
+        images_kwargs = images_kwargs or {}
         rgb = [to_rgb_image(image, argument, i) for i, image in enumerate(images)]
-        recipe = _resize_rescale_normalize_recipe(self.image_processor)
-        if recipe is not None and rgb:
-            return _pixels_by_recipe(rgb, *recipe)
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        if not images_kwargs:
+            recipe = _resize_rescale_normalize_recipe(self.image_processor)
+            if recipe is not None:
+                return _pixels_by_recipe(rgb, *recipe)
+        return self.image_processor(images=rgb, **images_kwargs, return_tensors="pt")["pixel_values"]
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        target_images=None,
-        return_tensors: str = "pt",
-        padding: bool | str = True,
-        truncation: bool = True,
-        max_length: int | None = None,
-    ) -> BatchFeature:
+    def _check_kwargs(self, kwargs: dict) -> None:
+        """`TypeError` naming any keyword argument that neither `ProcessingKwargs` nor the image processor knows
+        (transformers would log a warning and ignore it)."""
+        valid = _typed_keys(self.valid_processor_kwargs) | {"common_kwargs"}
+        valid |= set(getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {}))
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise TypeError(
+                f"MQIRTNProcessor got unexpected keyword arguments {unknown}: give tokenizer settings (padding, "
+                "max_length, ...) and image-processor settings (do_resize, size, ...) flat or in `text_kwargs` / "
+                "`images_kwargs`"
+            )
+
+    def __call__(self, images=None, text=None, target_images=None, **kwargs: Unpack[ProcessingKwargs]) -> BatchFeature:
         r"""
         images (PIL image, numpy array, path, URL, or a list of them, *optional*): reference images.
         text (`str` or `list[str]`, *optional*): modification texts; an empty string makes a pure image query.
         target_images (same types as `images`, *optional*): target images (training).
+        kwargs: `ProcessingKwargs` settings, flat or nested (see the class docstring); `return_tensors` may only be
+            `"pt"` (the default): MQIRTN is a PyTorch model.
         """
-        if return_tensors != "pt":
-            raise ValueError(f"`return_tensors` must be 'pt' (MQIRTN is a PyTorch model), got {return_tensors!r}")
+        self._check_kwargs(kwargs)
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs if self.tokenizer else {}, **kwargs
+        )
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        for flag in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
+            if merged.get(flag) or text_kwargs.pop(flag, None):
+                raise ValueError(f"`{flag}` does not apply to MQIRTN: its texts hold no image placeholder tokens")
+        for settings in (text_kwargs, images_kwargs):
+            return_tensors = settings.pop("return_tensors", None)
+            if return_tensors not in (None, "pt"):
+                raise ValueError(f"`return_tensors` must be 'pt' (MQIRTN is a PyTorch model), got {return_tensors!r}")
         if images is None and text is None and target_images is None:
             raise ValueError("Give at least one of `images`, `text` or `target_images`")
         lengths = {}
@@ -341,21 +385,26 @@ class MQIRTNProcessor(ProcessorMixin):
             raise ValueError(f"`images`, `text` and `target_images` must have the same length, but {described}")
 
         if images is not None:
-            data["pixel_values"] = self._pixels(images, "images")
+            data["pixel_values"] = self._pixels(images, "images", images_kwargs)
         if text is not None:
-            encoded = self.tokenizer(
-                texts,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-                return_tensors="pt",
-                return_token_type_ids=False,
-            )
-            data["input_ids"] = encoded["input_ids"]
-            data["attention_mask"] = encoded["attention_mask"]
+            encoded = self.tokenizer(texts, **text_kwargs, return_tensors="pt")
+            data.update(encoded)
         if target_images is not None:
-            data["target_pixel_values"] = self._pixels(target_images, "target_images")
+            data["target_pixel_values"] = self._pixels(target_images, "target_images", images_kwargs)
         return BatchFeature(data=data, tensor_type="pt")
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        r"""
+        `ProcessorMixin.save_pretrained` (`processor_config.json` with its `auto_map`, the tokenizer's files and this
+        file's code). transformers sets `auto_map` on the processor while saving; it is removed again afterwards, so
+        `to_dict()` stays equal to that of the processor `from_pretrained` loads from the folder.
+        """
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
 
     @property
     def model_input_names(self):

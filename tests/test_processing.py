@@ -1,5 +1,7 @@
 """MQIRTNProcessor: outputs, image conversions, every input error, save/load, and use with the model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -280,3 +282,67 @@ def test_undecodable_images_become_none_only_in_the_or_none_variant(tmp_path):
     buffer = BytesIO()
     image.save(buffer, format="PNG")
     assert to_rgb_image({"bytes": buffer.getvalue(), "path": None}).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_processing_kwargs_flat_nested_and_common(processor):
+    texts = ["make it blue", "add a red circle to the left"]
+    default = processor(text=texts)
+    assert default["input_ids"].shape[1] == default["attention_mask"][1].sum() < 12  # padded to the longest
+    assert "token_type_ids" not in default
+    flat = processor(text=texts, padding="max_length", max_length=12)
+    nested = processor(text=texts, text_kwargs={"padding": "max_length", "max_length": 12})
+    to_twelve = {"padding": "max_length", "max_length": 12}
+    common = processor(text=texts, common_kwargs={"return_tensors": "pt"}, text_kwargs=to_twelve)
+    for batch in (flat, nested, common):
+        assert batch["input_ids"].shape == (2, 12)
+        assert torch.equal(batch["input_ids"], flat["input_ids"])
+    assert processor(text=texts, truncation=True, max_length=4)["input_ids"].shape == (2, 4)
+    assert "token_type_ids" in processor(text=texts, return_token_type_ids=True)
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text=texts, padding="max_length", text_kwargs={"padding": "longest"})
+
+
+def test_images_kwargs_reach_the_image_processor_for_references_and_targets(processor):
+    image = solid("RGB", (40, 30))
+    as_is = processor(images=[image], target_images=[image], do_resize=False)
+    assert as_is["pixel_values"].shape == as_is["target_pixel_values"].shape == (1, 3, 30, 40)
+    nested = processor(images=[image], images_kwargs={"do_normalize": False})
+    assert 0.0 <= nested["pixel_values"].min() and nested["pixel_values"].max() <= 1.0  # rescaled, not normalized
+    expected = processor.image_processor(images=[image], do_normalize=False, return_tensors="pt")["pixel_values"]
+    assert torch.equal(nested["pixel_values"], expected)
+
+
+def test_default_settings_take_the_fast_pixel_path(processor, monkeypatch):
+    """Without `images_kwargs` the ViT recipe's pixels come from the lookup table (the image processor is not run);
+    with them the image processor runs."""
+    image = solid("RGB", (40, 30))
+    expected = processor(images=[image])["pixel_values"]
+    calls = []
+    original = type(processor.image_processor).__call__
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(processor.image_processor), "__call__", counting)
+    assert torch.equal(processor(images=[image], return_tensors="pt")["pixel_values"], expected)
+    assert calls == []
+    processor(images=[image], do_resize=False)
+    assert len(calls) == 1 and calls[0]["do_resize"] is False
+
+
+def test_unknown_or_inapplicable_kwargs_are_refused_in_one_line(processor):
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_lenght'\]"):
+        processor(text=["make it blue"], max_lenght=4)
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor(text=["make it blue"], text_kwargs={"return_tensors": "np"})
+    with pytest.raises(ValueError, match="image placeholder"):
+        processor(text=["make it blue"], return_mm_token_type_ids=True)
+
+
+def test_saving_leaves_to_dict_equal_to_the_reloaded_processor(processor, tmp_path):
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path)
+    reloaded = MQIRTNProcessor.from_pretrained(tmp_path)
+    assert processor.to_dict() == before == reloaded.to_dict()
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_mqirtn.MQIRTNProcessor"}  # what remote loading reads
