@@ -4,9 +4,9 @@ from transformers import AutoConfig, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig
-from .modeling_mqirtn import MQIRTNModel, MQIRTNOutput, MQIRTNPreTrainedModel
+from .modeling_mqirtn import MQIRTNModel, MQIRTNOutput, MQIRTNPreTrainedModel, MQIRTNQueryOutput
 from .pipeline_mqirtn import TASK as PIPELINE_TASK
-from .pipeline_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
+from .pipeline_mqirtn import ComposedImageRetrievalPipeline, MQIRTNImageFeatureExtractionPipeline, save_for_hub
 
 
 AutoConfig.register("mqirtn", MQIRTNConfig, exist_ok=True)
@@ -24,8 +24,10 @@ __all__ = [
     "LOSS_TYPES",
     "ComposedImageRetrievalPipeline",
     "MQIRTNConfig",
+    "MQIRTNImageFeatureExtractionPipeline",
     "MQIRTNModel",
     "MQIRTNOutput",
+    "MQIRTNQueryOutput",
     "MQIRTNPreTrainedModel",
     "save_for_hub",
 ]

@@ -26,9 +26,14 @@ from .search_mqirtn import exact_search
 
 
 TASK = "composed-image-retrieval"
-# What `config.json` needs so that `pipeline(TASK, model=folder, trust_remote_code=True)` finds this class.
+# The model card's `pipeline_tag`, a task the Hub knows: gallery embeddings of images (`get_image_features`).
+IMAGE_FEATURES_TASK = "image-feature-extraction"
+# What `config.json` needs so that `pipeline(task, model=folder, trust_remote_code=True)` finds these classes.
 CUSTOM_PIPELINES = {
-    TASK: {"impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+    TASK: {"impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"},
+    IMAGE_FEATURES_TASK: {
+        "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"
+    },
 }
 
 
@@ -268,6 +273,71 @@ class ComposedImageRetrievalPipeline(Pipeline):
         ]
 
 
+class MQIRTNImageFeatureExtractionPipeline(Pipeline):
+    r"""
+    The `"image-feature-extraction"` task (the model card's `pipeline_tag`) for an MQIRTN folder: the gallery embedding
+    of each image, `get_image_features(...).pooler_output`, L2-normalised, read through the MQIRTN processor (the same
+    pixels as the index and the composed-retrieval pipeline). A saved folder's `config.json` names this class for the
+    task, so `pipeline("image-feature-extraction", model=folder, trust_remote_code=True)` builds it; transformers'
+    own pipeline for the task would call `model(pixel_values=...)`, and MQIRTN's forward needs a text too.
+
+    - `pipe(image)` -> `[[float] * projection_dim]` (one row, as transformers' pipeline returns pooled features);
+    - `pipe([image, ...], batch_size=8)` -> one such list per image;
+    - `return_tensors=True` -> a `torch.FloatTensor` of shape `(1, projection_dim)` instead;
+    - `pool=False` -> the vision tower's token states `(1, 1 + num_patches, vision_hidden_size)` (`last_hidden_state`)
+      instead of the embedding.
+
+    Images may be PIL images, numpy arrays, local paths or URLs.
+
+    ```python
+    >>> from transformers import pipeline
+    >>> pipe = pipeline("image-feature-extraction", model="org/mqirtn", trust_remote_code=True)  # doctest: +SKIP
+    >>> embedding = pipe("dress.jpg", return_tensors=True)  # (1, projection_dim), L2-normalised  # doctest: +SKIP
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "MQIRTNImageFeatureExtractionPipeline needs a `processor` (an MQIRTNProcessor): pass `processor=` or "
+                "load from a folder saved with `save_for_hub`, which holds the processor"
+            )
+        self.model.eval()
+
+    def _sanitize_parameters(self, return_tensors=None, pool=None, **unknown):
+        if unknown:
+            raise TypeError(f"MQIRTNImageFeatureExtractionPipeline got unexpected arguments {sorted(unknown)}")
+        postprocess_params, forward_params = {}, {}
+        if return_tensors is not None:
+            if not isinstance(return_tensors, bool):
+                raise TypeError(f"`return_tensors` must be True or False, got {return_tensors!r}")
+            postprocess_params["return_tensors"] = return_tensors
+        if pool is not None:
+            if not isinstance(pool, bool):
+                raise TypeError(f"`pool` must be True or False, got {pool!r}")
+            forward_params["pool"] = pool
+        return {}, forward_params, postprocess_params
+
+    def preprocess(self, image):
+        return {"pixel_values": self.processor(images=[image], return_tensors="pt")["pixel_values"]}
+
+    def _forward(self, model_inputs, pool=True):
+        features = self.model.get_image_features(
+            pixel_values=model_inputs["pixel_values"].to(self.model.dtype), return_dict=True
+        )
+        return {"features": features.pooler_output if pool else features.last_hidden_state}
+
+    def postprocess(self, model_outputs, return_tensors=False):
+        features = model_outputs["features"].float().cpu()
+        return features if return_tensors else features.tolist()
+
+
 def save_for_hub(model, processor, folder: str | os.PathLike) -> Path:
     r"""
     Saves `model` and `processor` into `folder`: the same as `model.save_pretrained(folder)` followed by
@@ -285,4 +355,6 @@ def save_for_hub(model, processor, folder: str | os.PathLike) -> Path:
     return folder
 
 
-__all__ = ["ComposedImageRetrievalPipeline", "save_for_hub", "TASK"]
+__all__ = [
+    "ComposedImageRetrievalPipeline", "IMAGE_FEATURES_TASK", "MQIRTNImageFeatureExtractionPipeline", "save_for_hub", "TASK",
+]

@@ -257,3 +257,24 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     torch.testing.assert_close(torch.tensor(result["own_gallery"]), own_gallery, atol=1e-5, rtol=0)
     _, own_indices = direct_topk(model, processor, reloaded[:1], texts[:1], own_gallery, 3)
     assert [r["index"] for r in result["own_hits"]] == own_indices[0].tolist()
+
+
+def test_image_feature_extraction_pipeline_gives_the_gallery_embeddings(setup):
+    """The model card's tag: `get_image_features(...).pooler_output` per image (batched or not), its token states with
+    `pool=False`; a saved folder serves it through `trust_remote_code` (tests/test_remote_code.py)."""
+    from modeling_mqirtn import MQIRTNImageFeatureExtractionPipeline
+
+    model, processor, gallery = setup["model"], setup["processor"], setup["gallery"]
+    extractor = pipeline(
+        "image-feature-extraction", model=model, processor=processor, pipeline_class=MQIRTNImageFeatureExtractionPipeline
+    )
+    images = [shape_image(i) for i in range(3)]
+    as_list = extractor(images[0])
+    assert len(as_list) == 1 and len(as_list[0]) == model.config.projection_dim
+    torch.testing.assert_close(torch.tensor(as_list), gallery[:1], atol=1e-5, rtol=0)
+    batched = extractor(images, batch_size=2, return_tensors=True)
+    torch.testing.assert_close(torch.cat(batched), gallery[:3], atol=1e-5, rtol=0)
+    tokens = extractor(images[0], pool=False, return_tensors=True)
+    assert tokens.shape == (1, 1 + (32 // 8) ** 2, model.config.vision_config.hidden_size)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        extractor(images[0], top_k=3)

@@ -18,6 +18,7 @@ import torch
 from conftest import ALL_COMPOSITIONS, BLOCK_OUR_PACKAGES, tiny_model, tiny_processor
 
 from modeling_mqirtn import MQIRTNModel
+from mqirtn_app.model_card import write_model_card
 
 
 CODE_FILES = {"configuration_mqirtn.py", "modeling_mqirtn.py", "fusion_mqirtn.py", "composition_mqirtn.py", "losses_mqirtn.py"}
@@ -55,6 +56,19 @@ CHILD_SCRIPT = textwrap.dedent(
         tensors = {name: value for name, value in batch.items()}
         tensors.update({name: getattr(out, name) for name in ("query_embeds", "target_embeds", "logits_per_query", "loss")})
         torch.save(tensors, os.path.join(folder, "child_outputs.pt"))
+        card_path = os.path.join(folder, "README.md")  # the folder with train.py's card (push_to_hub writes a bare one)
+        tag = None
+        if os.path.exists(card_path):
+            from huggingface_hub import ModelCard
+
+            tag = ModelCard.load(card_path).data.pipeline_tag
+        if tag is not None:
+            # The card's pipeline tag, as the Hub's widget and "Use this model" snippet call it.
+            extractor = pipeline(tag, model=folder, trust_remote_code=True)
+            tensors["card_pipeline_features"] = extractor(make_inputs()["images"][0], return_tensors=True)
+            results[folder + ":card"] = {"tag": tag, "pipeline_class": f"{type(extractor).__module__}.{type(extractor).__name__}",
+                                         "as_list": extractor(make_inputs()["images"][0])}
+            torch.save(tensors, os.path.join(folder, "child_outputs.pt"))
         pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
         hits = pipe(image=make_inputs()["images"][0], text="make it blue", gallery=out.target_embeds, top_k=2)
         results[folder] = {
@@ -132,6 +146,8 @@ def saved_folders(tmp_path_factory):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         folders[composition] = folder
+    # The model card train.py writes, in one folder: its pipeline tag is loaded in the fresh process.
+    write_model_card(folders["mqirtn"], {}, {"steps": 1}, dataset="shapes", composition="mqirtn")
     with pytest.MonkeyPatch.context() as patch:
         push_with_stand_in(tiny_model(seed=99), processor, root / "pushed", patch)
     folders["pushed"] = root / "pushed"
@@ -179,7 +195,10 @@ def test_saved_folder_holds_code_and_auto_map(saved_folders, how):
     assert config["custom_pipelines"] == {
         "composed-image-retrieval": {
             "impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"
-        }
+        },
+        "image-feature-extraction": {
+            "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"
+        },
     }
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_mqirtn.MQIRTNProcessor"
@@ -243,3 +262,23 @@ def test_push_to_hub_uploads_model_processor_and_pipeline_code(tmp_path, process
     assert {"config.json", "model.safetensors", "pipeline_mqirtn.py", "modeling_mqirtn.py"} <= set(model_files)
     assert "processor_config.json" in processor_files and "processing_mqirtn.py" in processor_files
     assert "custom_pipelines" in json.loads((tmp_path / "repo" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_cards_pipeline_tag_serves_gallery_embeddings_in_a_fresh_process(saved_folders, child_results):
+    """`pipeline(card.data.pipeline_tag, model=folder, trust_remote_code=True)`, as the Hub's widget and snippet call
+    the card's tag, gives the image's gallery embedding (`get_image_features(...).pooler_output`)."""
+    folders, processor = saved_folders
+    folder = folders["mqirtn"]
+    info = child_results[str(folder) + ":card"]
+    assert info["tag"] == "image-feature-extraction"
+    assert info["pipeline_class"].startswith("transformers_modules.")
+    assert info["pipeline_class"].endswith(".MQIRTNImageFeatureExtractionPipeline")
+    child = torch.load(folder / "child_outputs.pt", weights_only=True)["card_pipeline_features"]
+    model = MQIRTNModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model.get_image_features(**processor(images=parent_inputs()["images"][:1])).pooler_output
+    assert child.shape == (1, model.config.projection_dim)
+    assert (child - expected).abs().max().item() <= 1e-5
+    assert torch.allclose(child.norm(dim=-1), torch.ones(1), atol=1e-5)  # L2-normalised
+    assert (torch.tensor(info["as_list"]) - expected).abs().max().item() <= 1e-5  # the default output: nested lists
