@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,6 +219,15 @@ def test_evaluate_module_loads_offline_and_agrees_with_protocol_functions(monkey
     }
     # scores: ties count against the query (target index 0 ties with index 1 -> rank 1)
     assert metric.compute(predictions=[[0.5, 0.5, 0.1]], references=[0], k=[1, 2]) == {"recall@1": 0.0, "recall@2": 100.0}
+    # Integer rankings against an integer target would be read as scores: refused in one line, whichever way they come.
+    for predictions in ([[3, 1, 2]], [np.array([3, 1, 2])], np.array([[3, 1, 2]])):
+        with pytest.raises(ValueError, match="rankings of integer ids") as error:
+            metric.compute(predictions=predictions, references=[1], k=[2])
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="rankings of integer ids"):
+        metric.add_batch(predictions=[[3, 1, 2]], references=[1])
+    assert metric.compute(predictions=[["3", "1", "2"]], references=["1"], k=[2]) == {"recall@2": 100.0}
+    assert metric.compute(predictions=[[3.0, 1.0, 2.0]], references=[1], k=[2]) == {"recall@2": 0.0}  # floats: scores
 
     generator = torch.Generator().manual_seed(1)
     queries = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=-1)

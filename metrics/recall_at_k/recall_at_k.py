@@ -27,7 +27,8 @@ Two input forms:
   a hit is the target id within the first K ids. (For caption-match protocols pass captions as ids.)
 - scores: `predictions` is, per query, the similarity to every gallery item, and `references` the index of the
   target item; the target's rank counts every *other* item scoring at least as high (ties count against the
-  query), and a hit is a rank below K.
+  query), and a hit is a rank below K. Scores are floats: rows of Python or numpy integers with integer references
+  are refused (they look like rankings of integer ids, which would be read as scores); pass such ids as strings.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -68,6 +69,30 @@ def ranks_from_scores(scores: np.ndarray, target_indices: np.ndarray) -> np.ndar
     return (scores >= target_scores[:, None]).sum(axis=1) - 1
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_not_integer_rankings(predictions, references) -> None:
+    """`ValueError` when `predictions` are rows of integers and `references` integers: rankings of integer ids, which
+    the scores form would read as similarities (`[[3, 1, 2]]` against `1` would score recall@2 = 0)."""
+    if predictions is None or references is None or len(predictions) == 0 or len(references) == 0:
+        return
+    if not _is_integer(references[0]):
+        return
+    rows = [np.asarray(row) if isinstance(row, np.ndarray) else row for row in predictions]
+    if all(
+        (isinstance(row, np.ndarray) and np.issubdtype(row.dtype, np.integer))
+        or (not isinstance(row, np.ndarray) and len(row) > 0 and all(_is_integer(value) for value in row))
+        for row in rows
+    ):
+        raise ValueError(
+            "`predictions` are rows of integers with integer `references`: rankings of integer ids? Pass the ids as "
+            "strings for the rankings form (predictions=[['3', '1', '2']], references=['1']), or float scores over the "
+            "gallery for the scores form"
+        )
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RecallAtK(evaluate.Metric):
     """Recall@K over rankings or score matrices."""
@@ -86,6 +111,16 @@ class RecallAtK(evaluate.Metric):
                 ),
             ],
         )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """`evaluate.Metric.add_batch`; integer rankings are refused (see `check_not_integer_rankings`)."""
+        check_not_integer_rankings(predictions, references)
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """`evaluate.Metric.compute`; integer rankings are refused (see `check_not_integer_rankings`)."""
+        check_not_integer_rankings(predictions, references)
+        return super().compute(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references, k=(1, 5, 10, 50)):
         ks = [k] if isinstance(k, int) else list(k)
