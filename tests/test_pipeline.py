@@ -253,7 +253,7 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     # it gives the direct ranking.
     gallery_images = [Image.open(tmp_path / f"gallery_{i}.png") for i in range(8)]
     with torch.no_grad():
-        own_gallery = model.get_image_features(pixel_values=processor(images=gallery_images)["pixel_values"]).pooler_output.pooler_output
+        own_gallery = model.get_image_features(pixel_values=processor(images=gallery_images)["pixel_values"]).pooler_output
     torch.testing.assert_close(torch.tensor(result["own_gallery"]), own_gallery, atol=1e-5, rtol=0)
     _, own_indices = direct_topk(model, processor, reloaded[:1], texts[:1], own_gallery, 3)
     assert [r["index"] for r in result["own_hits"]] == own_indices[0].tolist()
