@@ -54,15 +54,33 @@ def checkpoint_damage(path: Path) -> str | None:
         return f"its {CHECKPOINT_COMPLETE_FILE} is not valid JSON ({error})"
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict):
-        return None  # written before checkpoints listed their files: complete by its marker alone
+        return f"its {CHECKPOINT_COMPLETE_FILE} lists no file hashes, so its files cannot be checked"
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        # Accelerate loads these with full unpickling (code can run); this package never writes or reads them.
+        return f"it holds {', '.join(pickles)}, pickled state that is never loaded (it could run code)"
     differing = differing_files(path, files)
     return f"its files differ from those its {CHECKPOINT_COMPLETE_FILE} lists ({', '.join(differing)})" if differing else None
 
 
-def save_checkpoint(accelerator, args, progress) -> None:
+def checkpoint_record(path: Path) -> dict:
+    """The completion marker of a complete checkpoint (`checkpoint_damage(path)` is None): the training progress, the
+    learning-rate schedule's state (`lr_scheduler`) and the file hashes, as JSON. `ValueError` when it lacks the
+    schedule's state."""
+    record = json.loads((path / CHECKPOINT_COMPLETE_FILE).read_text())
+    if not isinstance(record.get("lr_scheduler"), dict):
+        raise ValueError(f"cannot resume from {path}: its {CHECKPOINT_COMPLETE_FILE} lacks the learning-rate schedule's state")
+    return record
+
+
+def save_checkpoint(accelerator, args, progress, lr_scheduler=None) -> None:
     """`accelerator.save_state` into checkpoints/checkpoint-STEP, then the completion marker (with the content hashes
     of every file) written last and atomically. A folder being re-saved is invalidated first (its marker removed), so a
-    crash mid-save never leaves new weights beside the old optimizer/scheduler/RNG state under a valid marker."""
+    crash mid-save never leaves new weights beside the old optimizer/scheduler/RNG state under a valid marker.
+
+    The training progress and `lr_scheduler`'s state go into the marker as JSON (nothing is registered with
+    accelerate, whose custom states are pickles loaded with full unpickling); accelerate's own files are safetensors
+    and tensors that `load_state` reads with `weights_only=True`."""
     output_dir = Path(args.output_dir)
     path = output_dir / "checkpoints" / f"checkpoint-{progress.completed_steps}"
     marker = path / CHECKPOINT_COMPLETE_FILE
@@ -77,7 +95,10 @@ def save_checkpoint(accelerator, args, progress) -> None:
             if file.is_file():
                 fsync_file(file)
         files = {name: digest for name, digest in file_hashes(path).items() if name != CHECKPOINT_COMPLETE_FILE}
-        write_bytes_atomic(marker, json.dumps({**progress.state_dict(), "files": files}).encode())
+        record = {**progress.state_dict(), "files": files}
+        if lr_scheduler is not None:
+            record["lr_scheduler"] = lr_scheduler.state_dict()
+        write_bytes_atomic(marker, json.dumps(record).encode())
         for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info(f"Saved checkpoint {path}")

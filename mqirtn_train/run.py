@@ -23,6 +23,7 @@ from processing.data.transforms import CIRTrainingCollator, set_training_transfo
 from .checkpoints import (
     CHECKPOINT_COMPLETE_FILE,
     checkpoint_damage,
+    checkpoint_record,
     last_good_checkpoint_text,
     list_checkpoints,
     save_checkpoint,
@@ -85,7 +86,7 @@ def setup_accelerator(args) -> Accelerator:
 
 
 class TrainingProgress:
-    """Counters saved with every checkpoint (`accelerator.register_for_checkpointing`) and into training_state.json."""
+    """Counters saved with every checkpoint (its progress.json) and into training_state.json."""
 
     def __init__(self):
         self.completed_steps = 0
@@ -135,8 +136,8 @@ class TrainingRun:
             args.lr_scheduler_type, optimizer=self.optimizer, num_warmup_steps=args.num_warmup_steps,
             num_training_steps=self.max_train_steps,
         )
+        # Saved into each checkpoint's progress.json (JSON), not registered with accelerate (pickles).
         self.progress = TrainingProgress()
-        accelerator.register_for_checkpointing(self.lr_scheduler, self.progress)
         if args.report_to != "none":
             accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         self.starting_epoch = self.skip_batches = 0
@@ -162,6 +163,11 @@ class TrainingRun:
             for candidate in list_checkpoints(self.output_dir):
                 damage = checkpoint_damage(candidate)
                 if damage is None:
+                    try:
+                        checkpoint_record(candidate)
+                    except ValueError as error:
+                        damage = str(error).split(": ", 1)[-1]
+                if damage is None:
                     checkpoints.append(candidate)
                 else:
                     logger.warning(f"Not resuming from {candidate}: {damage}")
@@ -176,7 +182,11 @@ class TrainingRun:
             damage = checkpoint_damage(checkpoint)
             if damage is not None:
                 raise ValueError(f"cannot resume from {checkpoint}: {damage}")
-        self.accelerator.load_state(str(checkpoint))
+        record = checkpoint_record(checkpoint)
+        # Model, optimizer and RNG states: safetensors, or tensors read with `weights_only=True`; nothing else unpickled.
+        self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        self.progress.load_state_dict({key: record[key] for key in self.progress.state_dict() if key in record})
+        self.lr_scheduler.load_state_dict(record["lr_scheduler"])
         self.starting_epoch, within = divmod(self.progress.completed_steps, self.steps_per_epoch)
         self.skip_batches = within * self.args.gradient_accumulation_steps
         if self.skip_batches:
@@ -220,7 +230,7 @@ class TrainingRun:
                 if accelerator.sync_gradients and self.after_optimizer_step(epoch, validation_data):
                     break
             if args.checkpointing_steps == "epoch" and not self.time_limit_reached:
-                save_checkpoint(accelerator, args, progress)
+                save_checkpoint(accelerator, args, progress, self.lr_scheduler)
         self.progress_bar.close()
         self.measure_composition("end", "composition after training")
         if self.best_step is not None:
@@ -295,7 +305,7 @@ class TrainingRun:
         if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == self.max_train_steps:
             self.log_window(epoch)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-            save_checkpoint(self.accelerator, args, progress)
+            save_checkpoint(self.accelerator, args, progress, self.lr_scheduler)
         if args.eval_steps and progress.completed_steps % args.eval_steps == 0 and progress.completed_steps < self.max_train_steps:
             self.validate(validation_data)
         if progress.completed_steps >= self.max_train_steps:
