@@ -282,3 +282,15 @@ def test_the_cards_pipeline_tag_serves_gallery_embeddings_in_a_fresh_process(sav
     assert (child - expected).abs().max().item() <= 1e-5
     assert torch.allclose(child.norm(dim=-1), torch.ones(1), atol=1e-5)  # L2-normalised
     assert (torch.tensor(info["as_list"]) - expected).abs().max().item() <= 1e-5  # the default output: nested lists
+
+
+def test_device_map_loads_the_same_model(saved_folders):
+    """`from_pretrained(..., device_map=...)` (which the card says needs `accelerate`, installed here) places the model
+    and gives the same query embeddings as a plain load."""
+    folders, processor = saved_folders
+    plain = MQIRTNModel.from_pretrained(folders["mqirtn"]).eval()
+    mapped = MQIRTNModel.from_pretrained(folders["mqirtn"], device_map="cpu").eval()
+    assert {parameter.device.type for parameter in mapped.parameters()} == {"cpu"}
+    batch = processor(**{k: v for k, v in parent_inputs().items() if k != "target_images"})
+    with torch.no_grad():
+        torch.testing.assert_close(mapped.get_query_features(**batch).pooler_output, plain.get_query_features(**batch).pooler_output)
