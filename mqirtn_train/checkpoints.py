@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +42,36 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         if path.name.split("-")[1].isdigit() and (path / CHECKPOINT_COMPLETE_FILE).is_file()
     ]
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def interrupted_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders without their completion marker (a save that was interrupted): never resumable."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path for path in folder.glob("checkpoint-*")
+        if path.is_dir() and path.name.split("-")[1].isdigit() and not (path / CHECKPOINT_COMPLETE_FILE).is_file()
+    )
+
+
+class _DropPerSaveLines(logging.Filter):
+    """Drops accelerate's INFO lines about saving / loading states (messages come prefixed with the rank)."""
+
+    _PER_SAVE = re.compile(r"Saving current state to |Loading states from |Loading in \d+ custom states")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not self._PER_SAVE.search(str(record.msg))
+
+
+def quiet_accelerate_checkpoint_logs() -> None:
+    """accelerate logs an INFO line for every file `save_state` / `load_state` writes or reads (six or more per
+    checkpoint); the training log keeps one line per checkpoint instead ("Saved checkpoint ...", "Resumed from ...").
+    Its warnings still show."""
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    accelerator_logger = logging.getLogger("accelerate.accelerator")
+    if not any(isinstance(existing, _DropPerSaveLines) for existing in accelerator_logger.filters):
+        accelerator_logger.addFilter(_DropPerSaveLines())
 
 
 def checkpoint_damage(path: Path) -> str | None:
@@ -101,7 +133,12 @@ def save_checkpoint(accelerator, args, progress, lr_scheduler=None) -> None:
         write_bytes_atomic(marker, json.dumps(record).encode())
         for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
-        logger.info(f"Saved checkpoint {path}")
+        # Folders of interrupted saves count for nothing (resume refuses them) but their size: rotated out too.
+        interrupted = interrupted_checkpoints(output_dir)
+        for old in interrupted:
+            shutil.rmtree(old, ignore_errors=True)
+        removed = f" (removed the interrupted {', '.join(old.name for old in interrupted)})" if interrupted else ""
+        logger.info(f"Saved checkpoint {path}{removed}")
     accelerator.wait_for_everyone()
 
 

@@ -26,6 +26,7 @@ from .checkpoints import (
     checkpoint_record,
     last_good_checkpoint_text,
     list_checkpoints,
+    quiet_accelerate_checkpoint_logs,
     save_checkpoint,
     save_model,
 )
@@ -61,6 +62,7 @@ def setup_accelerator(args) -> Accelerator:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
+    quiet_accelerate_checkpoint_logs()
     # `datasets` draws a bar per cached file (a dozen for the shapes splits) and transformers one per weight load and
     # save, each over in a blink; train.py draws its own bars for the real work.
     datasets.disable_progress_bars()

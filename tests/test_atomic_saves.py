@@ -317,3 +317,52 @@ def test_load_refuses_nan_rows_and_normalises_long_ones(tmp_path):
     torch.testing.assert_close(loaded.embeddings, embeddings)
     with pytest.raises(ValueError, match="non-finite"):
         GalleryIndex.load(tmp_path / "nan")
+
+
+def test_interrupted_checkpoint_folders_are_rotated_out_by_the_next_save(tmp_path):
+    """A folder whose save was interrupted (no marker) is never resumable; it used to stay forever, outside
+    `--checkpoints_total_limit`. The next complete save removes it and says so."""
+    accelerator, progress = FakeAccelerator(), TrainingProgress()
+    args = checkpoint_args(tmp_path)  # total limit 3
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4):
+        progress.completed_steps = step
+        save_checkpoint(accelerator, args, progress)
+    for name in ("checkpoint-6", "checkpoint-9"):  # interrupted saves: files but no marker (one past the next step)
+        (folder / name).mkdir()
+        save_file({"v": torch.ones(1)}, str(folder / name / "model.safetensors"))
+    progress.completed_steps = 8
+    save_checkpoint(accelerator, args, progress)
+    assert sorted(path.name for path in folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-8"]
+    progress.completed_steps = 10
+    save_checkpoint(accelerator, args, progress)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
+    assert sorted(path.name for path in folder.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+
+
+def test_accelerate_logs_no_line_per_checkpoint_file(tmp_path, caplog):
+    """A real `Accelerator.save_state` / `load_state`: accelerate's INFO line per written file (and its "Saving current
+    state" / "Loading states" lines) are quieted; its warnings are not."""
+    import logging
+
+    from accelerate import Accelerator
+
+    from mqirtn_train.checkpoints import quiet_accelerate_checkpoint_logs
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    with caplog.at_level(logging.INFO):
+        accelerator.save_state(str(tmp_path / "before"))
+    noisy = [r for r in caplog.records if r.name.startswith("accelerate.") and r.levelno == logging.INFO]
+    assert len(noisy) >= 2  # what is quieted below: accelerate does log these
+    caplog.clear()
+    quiet_accelerate_checkpoint_logs()
+    quiet_accelerate_checkpoint_logs()  # idempotent: one filter
+    assert len(logging.getLogger("accelerate.accelerator").filters) == 1
+    with caplog.at_level(logging.INFO):
+        accelerator.save_state(str(tmp_path / "after"))
+        accelerator.load_state(str(tmp_path / "after"))
+        logging.getLogger("accelerate.checkpointing").warning("a warning still shows")
+    kept = [r.getMessage() for r in caplog.records if r.name.startswith("accelerate.")]
+    assert kept == ["a warning still shows"], kept
+    assert model.weight.shape == (2, 2)
