@@ -831,6 +831,7 @@ class GalleryIndex:
             self._store = MilvusStore(self.backend_options, int(embeddings.shape[1]))
             self.backend_options = self._store.options
         self._attached = False  # the milvus backend's `ids` are those of its collection
+        self._shard_writes = False  # milvus server under several processes: each writes its own shard
         self._writes = True  # False on the processes of a multi-process build that leave the writing to the main one
         self.root = None if root is None else str(Path(root).resolve())
         self.skipped: list[str] = []
@@ -909,12 +910,21 @@ class GalleryIndex:
         )
         earlier = ()
         if index._store is not None:
-            # With several processes only the main one talks to the database (Milvus Lite allows one process per
-            # file): the others hand it their shards (`add`).
-            index._writes = accelerator is None or accelerator.is_main_process
+            from .milvus_store import is_local_uri
+
+            # With several processes the main one creates the collection and checks the result; each process writes
+            # its own shard to a server, while with Milvus Lite (one process per file) the others hand their shards
+            # to the main process (`add`).
+            distributed = accelerator is not None and accelerator.num_processes > 1
+            index._writes = not distributed or accelerator.is_main_process
             if index._writes:
                 index._store.open(index._identity(), create=True)
                 earlier = [row["id"] for row in index._store.rows([])]
+            if distributed and not is_local_uri(index._store.uri):
+                accelerator.wait_for_everyone()  # the collection exists
+                if not accelerator.is_main_process:
+                    index._store.open(index._identity(), create=False)
+                index._shard_writes = True
             index._attached = True
         index.add(
             images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress, num_workers=num_workers,
@@ -1023,6 +1033,8 @@ class GalleryIndex:
             raise ValueError(f"`metadata` has {len(metadata)} entries but `images` has {len(images)}")
         self._check_unique(ids, self.ids)
         check_finite_weights(self.model)
+        if accelerator is not None and accelerator.num_processes > 1 and self._shard_writes:
+            return self._add_shards_to_server(images, ids, metadata, batch_size, progress, accelerator, num_workers)
         if accelerator is not None and accelerator.num_processes > 1:
             embeddings, kept, skipped = _embed_sharded(
                 self.model, self.processor, images, batch_size, progress, accelerator, num_workers
@@ -1033,6 +1045,30 @@ class GalleryIndex:
             )
         _warn_skipped(skipped, len(images))
         self.add_embeddings(embeddings, [ids[i] for i in kept], None if metadata is None else [metadata[i] for i in kept])
+        self.skipped.extend(skipped)
+        return len(kept)
+
+    def _add_shards_to_server(self, images, ids, metadata, batch_size, progress, accelerator, num_workers) -> int:
+        """`add` under several processes writing to a Milvus server: each embeds its contiguous shard and upserts it
+        (in bounded batches) itself; the ids are then gathered in order, so every process knows the whole gallery."""
+        from accelerate.utils import gather_object
+
+        model = accelerator.unwrap_model(self.model)
+        with accelerator.split_between_processes(list(range(len(images)))) as shard:
+            embeddings, kept, skipped = embed_images(
+                model, self.processor, _SubsetView(images, shard), batch_size, progress and accelerator.is_local_main_process,
+                f"Embedding gallery (rank {accelerator.process_index}, {len(shard)} images)", num_workers,
+            )
+            kept = [shard[i] for i in kept] if shard else []
+        rows = [check_metadata_row(metadata[i]) if metadata is not None else {} for i in kept]
+        if kept:
+            embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+            self._store.upsert([ids[i] for i in kept], embeddings.numpy(), rows)
+        kept, skipped = gather_object(kept), gather_object(skipped)
+        accelerator.wait_for_everyone()  # every shard is written before the main process counts the rows
+        _warn_skipped(skipped, len(images))
+        self.ids.extend(ids[i] for i in kept)
+        self._positions = None
         self.skipped.extend(skipped)
         return len(kept)
 

@@ -473,3 +473,59 @@ def test_search_backends_benchmark_runs_tiny(tmp_path):
     assert rows["exact"]["recall_at_10"] == 1.0 and rows["exact"]["single_p50_vs_exact"] == 1.0
     assert rows["milvus-lite"]["recall_at_10"] > 0.95  # HNSW at ef 64 on 2,000 rows
     assert all(row["insert_s"] > 0 and row["single"]["p50_ms"] > 0 and row["batch_10"]["p99_ms"] > 0 for row in rows.values())
+
+
+def test_demo_serves_a_milvus_gallery(milvus_kind, backend_for, model, processor, tmp_path):
+    """demo/app.py opens a milvus index folder like any other and ranks as the pipeline over exact search."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mqirtn_demo_app_milvus", REPO_ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    folder = tmp_path / "images"
+    paths = write_image_folder(folder, 10)
+    backend, options = backend_for(milvus_kind)
+    built = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    built.save(tmp_path / "index")
+    built.close()
+    args = argparse.Namespace(gallery=str(tmp_path / "index"), cache_dir=str(tmp_path / "cache"), model="m", no_progress=True)
+    index, _, description = app.open_gallery(args, model, processor)
+    assert index.backend == "milvus" and len(index) == 10 and str(tmp_path / "index") in description
+    (gallery,), (status,) = app.CompositionalSearch(model, processor, index)([str(paths[2])], ["make it red"], [4])
+    exact = GalleryIndex.from_folder(model, processor, folder, progress=False)
+    expected = app.CompositionalSearch(model, processor, exact)([str(paths[2])], ["make it red"], [4])[0][0]
+    assert [caption for _, caption in gallery] == [caption for _, caption in expected]
+    assert [Path(image).name for image, _ in gallery] == [Path(image).name for image, _ in expected]
+    index.close()
+
+
+def test_two_ranks_index_into_milvus(milvus_kind, backend_for, model, processor, tmp_path):
+    """`mqirtn index --backend milvus` under torchrun with 2 gloo CPU ranks: each rank embeds its shard; on a server
+    each upserts it, with Lite rank 0 writes them; the collection then holds every readable image once, and a re-run
+    (a killed run's re-run) leaves it so."""
+    from modeling_mqirtn import save_for_hub
+
+    save_for_hub(model, processor, tmp_path / "model")
+    images = tmp_path / "images"
+    write_image_folder(images, 9)
+    (images / "broken.png").write_bytes(b"not a png")
+    backend, options = backend_for(milvus_kind)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "mqirtn_app.cli", "index", "--model", str(tmp_path / "model"), "--images", str(images),
+        "--out", str(tmp_path / "index"), "--batch-size", "2", "--no-progress", "--backend", "milvus",
+        "--uri", options["uri"], "--collection", options["collection"],
+    ]  # fmt: skip
+    for _ in range(2):
+        completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.stdout.count("Indexed 9 images") == 1 and "embedded by 2 processes" in completed.stdout
+    index = GalleryIndex.load(tmp_path / "index", model=model)
+    single = GalleryIndex.from_folder(model, processor, images, progress=False)
+    assert sorted(index.ids) == sorted(single.ids) and index._milvus().count() == 9
+    query = torch.nn.functional.normalize(torch.randn(2, model.config.projection_dim), dim=-1)
+    assert_same_hits(hits(index, *index.search(query, top_k=9)), hits(single, *single.search(query, top_k=9)))
+    index.close()
