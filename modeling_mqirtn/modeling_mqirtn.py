@@ -339,7 +339,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.set_input_embeddings(value)
 
-    def _run_vision(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False):
+    def _run_vision(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+    ):
         """The vision tower on `pixel_values`: `(tokens, outputs)`, `tokens` (B, 1+P, dv) with token 0 the CLS token,
         or the pooled output for towers without one; `outputs` what the tower returned (hidden states and attentions
         when asked: the flags are passed only when set, as convolutional towers take no `output_attentions`)."""
@@ -362,7 +364,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         return torch.cat([pooled.reshape(pooled.shape[0], 1, -1).to(tokens.dtype), tokens], dim=1), outputs
 
     def _image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower token states (B, 1+P, dv): token 0 is the CLS token, or the pooled output for towers without one."""
+        """Vision tower token states (B, 1+P, dv) (see `_run_vision`)."""
         return self._run_vision(pixel_values)[0]
 
     def _run_text(
@@ -441,7 +443,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
 
         The embedding alone: `model.get_image_features(pixel_values=pixel_values).pooler_output`.
         """
-        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         tokens, outputs = self._run_vision(pixel_values, output_attentions, output_hidden_states)
         output = BaseModelOutputWithPooling(
             last_hidden_state=tokens,
@@ -466,12 +470,14 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         output_attentions, output_hidden_states, return_dict: as for `get_image_features` (the text tower's).
 
         Returns a `BaseModelOutputWithPooling`: `pooler_output` (`(batch_size, projection_dim)`) the text embedding,
-        **L2-normalised**; `last_hidden_state` (`(batch_size, sequence_length, text_hidden_size)`) the text tower's token
-        states; `hidden_states`, `attentions` the text tower's, when asked.
+        **L2-normalised**; `last_hidden_state` (`(batch_size, sequence_length, text_hidden_size)`) the text tower's
+        token states; `hidden_states`, `attentions` the text tower's, when asked.
 
-        The embedding alone: `model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output`.
+        The embedding alone: `model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output`.
         """
-        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         tokens, outputs = self._run_text(input_ids, attention_mask, output_attentions, output_hidden_states)
         output = BaseModelOutputWithPooling(
             last_hidden_state=tokens,
@@ -502,7 +508,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
 
         The embedding alone: `model.get_query_features(**batch).pooler_output`.
         """
-        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         out = self(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
@@ -572,7 +580,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             raise ValueError("`return_loss=True` needs `target_pixel_values` (the target images)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        output_attentions, output_hidden_states, return_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
 
         image_tokens, vision_outputs = self._run_vision(pixel_values, output_attentions, output_hidden_states)
         text_tokens, text_outputs = self._run_text(input_ids, attention_mask, output_attentions, output_hidden_states)

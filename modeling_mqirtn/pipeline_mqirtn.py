@@ -356,5 +356,9 @@ def save_for_hub(model, processor, folder: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "ComposedImageRetrievalPipeline", "IMAGE_FEATURES_TASK", "MQIRTNImageFeatureExtractionPipeline", "save_for_hub", "TASK",
+    "ComposedImageRetrievalPipeline",
+    "IMAGE_FEATURES_TASK",
+    "MQIRTNImageFeatureExtractionPipeline",
+    "save_for_hub",
+    "TASK",
 ]

@@ -353,9 +353,8 @@ class MQIRTNProcessor(ProcessorMixin):
             `"pt"` (the default): MQIRTN is a PyTorch model.
         """
         self._check_kwargs(kwargs)
-        merged = self._merge_kwargs(
-            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs if self.tokenizer else {}, **kwargs
-        )
+        tokenizer_init_kwargs = self.tokenizer.init_kwargs if self.tokenizer else {}
+        merged = self._merge_kwargs(self.valid_processor_kwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         for flag in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             if merged.get(flag) or text_kwargs.pop(flag, None):

@@ -142,7 +142,8 @@ def test_output_attentions_follows_the_config_and_names_the_towers_and_the_fusio
         image = model.get_image_features(pixel_values=batch["pixel_values"])
         text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         asked_off = model(**batch, output_attentions=False)
-    assert plain.image_attentions is None and plain.vision_tower_attentions is None and plain.text_tower_attentions is None
+    assert plain.image_attentions is None and plain.vision_tower_attentions is None
+    assert plain.text_tower_attentions is None
     assert asked_off.vision_tower_attentions is None and asked_off.text_attentions is None
     tokens, length = 1 + (32 // 8) ** 2, batch["input_ids"].shape[1]
     assert len(out.image_attentions) == len(out.text_attentions) == config.num_fusion_layers
@@ -151,7 +152,8 @@ def test_output_attentions_follows_the_config_and_names_the_towers_and_the_fusio
     assert out.vision_tower_attentions[0].shape == (3, config.vision_config.num_attention_heads, tokens, tokens)
     assert out.text_tower_attentions[0].shape == (3, config.text_config.num_attention_heads, length, length)
     assert out.image_attentions[0].shape == (3, config.fusion_num_heads, tokens, length)
-    for got, expected in zip(image.attentions + text.attentions, out.vision_tower_attentions + out.text_tower_attentions):
+    towers = out.vision_tower_attentions + out.text_tower_attentions
+    for got, expected in zip(image.attentions + text.attentions, towers):
         torch.testing.assert_close(got, expected)
     for name in ("image_attentions", "text_attentions", "vision_tower_attentions", "text_tower_attentions"):
         for got, expected in zip(getattr(query, name), getattr(out, name)):

@@ -253,7 +253,8 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     # it gives the direct ranking.
     gallery_images = [Image.open(tmp_path / f"gallery_{i}.png") for i in range(8)]
     with torch.no_grad():
-        own_gallery = model.get_image_features(pixel_values=processor(images=gallery_images)["pixel_values"]).pooler_output
+        own_pixels = processor(images=gallery_images)["pixel_values"]
+        own_gallery = model.get_image_features(pixel_values=own_pixels).pooler_output
     torch.testing.assert_close(torch.tensor(result["own_gallery"]), own_gallery, atol=1e-5, rtol=0)
     _, own_indices = direct_topk(model, processor, reloaded[:1], texts[:1], own_gallery, 3)
     assert [r["index"] for r in result["own_hits"]] == own_indices[0].tolist()
@@ -266,7 +267,10 @@ def test_image_feature_extraction_pipeline_gives_the_gallery_embeddings(setup):
 
     model, processor, gallery = setup["model"], setup["processor"], setup["gallery"]
     extractor = pipeline(
-        "image-feature-extraction", model=model, processor=processor, pipeline_class=MQIRTNImageFeatureExtractionPipeline
+        "image-feature-extraction",
+        model=model,
+        processor=processor,
+        pipeline_class=MQIRTNImageFeatureExtractionPipeline,
     )
     images = [shape_image(i) for i in range(3)]
     as_list = extractor(images[0])

@@ -56,7 +56,7 @@ CHILD_SCRIPT = textwrap.dedent(
         tensors = {name: value for name, value in batch.items()}
         tensors.update({name: getattr(out, name) for name in ("query_embeds", "target_embeds", "logits_per_query", "loss")})
         torch.save(tensors, os.path.join(folder, "child_outputs.pt"))
-        card_path = os.path.join(folder, "README.md")  # the folder with train.py's card (push_to_hub writes a bare one)
+        card_path = os.path.join(folder, "README.md")  # train.py's card (push_to_hub writes a bare one)
         tag = None
         if os.path.exists(card_path):
             from huggingface_hub import ModelCard
@@ -66,8 +66,11 @@ CHILD_SCRIPT = textwrap.dedent(
             # The card's pipeline tag, as the Hub's widget and "Use this model" snippet call it.
             extractor = pipeline(tag, model=folder, trust_remote_code=True)
             tensors["card_pipeline_features"] = extractor(make_inputs()["images"][0], return_tensors=True)
-            results[folder + ":card"] = {"tag": tag, "pipeline_class": f"{type(extractor).__module__}.{type(extractor).__name__}",
-                                         "as_list": extractor(make_inputs()["images"][0])}
+            results[folder + ":card"] = {
+                "tag": tag,
+                "pipeline_class": f"{type(extractor).__module__}.{type(extractor).__name__}",
+                "as_list": extractor(make_inputs()["images"][0]),
+            }
             torch.save(tensors, os.path.join(folder, "child_outputs.pt"))
         pipe = pipeline("composed-image-retrieval", model=folder, trust_remote_code=True)
         hits = pipe(image=make_inputs()["images"][0], text="make it blue", gallery=out.target_embeds, top_k=2)
@@ -293,4 +296,5 @@ def test_device_map_loads_the_same_model(saved_folders):
     assert {parameter.device.type for parameter in mapped.parameters()} == {"cpu"}
     batch = processor(**{k: v for k, v in parent_inputs().items() if k != "target_images"})
     with torch.no_grad():
-        torch.testing.assert_close(mapped.get_query_features(**batch).pooler_output, plain.get_query_features(**batch).pooler_output)
+        expected = plain.get_query_features(**batch).pooler_output
+        torch.testing.assert_close(mapped.get_query_features(**batch).pooler_output, expected)

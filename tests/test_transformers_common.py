@@ -152,15 +152,24 @@ class MQIRTNModelTestBase(ModelTesterMixin):
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    @unittest.skip(reason="MQIRTNOutput names each tower's attentions (vision_tower_attentions, text_tower_attentions) and the fusion's; test_get_{image,text}_features_attentions check the towers'")
+    @unittest.skip(
+        reason="MQIRTNOutput names each tower's attentions (vision_tower_attentions, text_tower_attentions) and the "
+        "fusion's; test_get_{image,text}_features_attentions check the towers'"
+    )
     def test_attention_outputs(self):
         pass
 
-    @unittest.skip(reason="MQIRTNOutput names each tower's hidden states (vision_hidden_states, text_hidden_states); test_get_{image,text}_features_hidden_states check them")
+    @unittest.skip(
+        reason="MQIRTNOutput names each tower's hidden states (vision_hidden_states, text_hidden_states); "
+        "test_get_{image,text}_features_hidden_states check them"
+    )
     def test_hidden_states_output(self):
         pass
 
-    @unittest.skip(reason="reads `outputs.hidden_states` / `outputs.attentions` of a single tower; MQIRTNOutput has one field per tower, checked by the get_*_features tests")
+    @unittest.skip(
+        reason="reads `outputs.hidden_states` / `outputs.attentions` of a single tower; MQIRTNOutput has one field "
+        "per tower, checked by the get_*_features tests"
+    )
     def test_retain_grad_hidden_states_attentions(self):
         pass
 

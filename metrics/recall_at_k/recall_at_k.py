@@ -87,9 +87,9 @@ def check_not_integer_rankings(predictions, references) -> None:
         for row in rows
     ):
         raise ValueError(
-            "`predictions` are rows of integers with integer `references`: rankings of integer ids? Pass the ids as "
-            "strings for the rankings form (predictions=[['3', '1', '2']], references=['1']), or float scores over the "
-            "gallery for the scores form"
+            "`predictions` are rows of integers with integer `references`: rankings of integer ids? Pass the ids "
+            "as strings for the rankings form (predictions=[['3', '1', '2']], references=['1']), or float scores "
+            "over the gallery for the scores form"
         )
 
 
