@@ -49,12 +49,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def main_job(batches: int):
     """train.py's default model (frozen, cached text tower) and `batches` real shapes training batches."""
+    from torch.utils.data import DataLoader
+
     from mqirtn_train.arguments import parse_args
     from mqirtn_train.data import load_split
     from mqirtn_train.frozen_text import CachedFrozenTextModel
     from mqirtn_train.model import build_model_and_processor
     from processing.data.transforms import CIRTrainingCollator, set_training_transform
-    from torch.utils.data import DataLoader
 
     train_args = parse_args([])
     torch.manual_seed(0)
@@ -87,9 +88,9 @@ def tiny(batches: int):
 # ------------------------------------------------------------------------------------------------- equivalence
 def equivalence_model(size: str, dropout: bool):
     """A random-weight model of `size` (train.py's default model for `main`), dropout off unless asked."""
-    import speed
-
     from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
+
+    import speed
 
     torch.manual_seed(0)
     if size == "main":

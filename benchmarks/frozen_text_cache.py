@@ -35,13 +35,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
+    from torch.utils.data import DataLoader
+
     from mqirtn_train.arguments import parse_args
     from mqirtn_train.data import load_split
     from mqirtn_train.frozen_text import CachedFrozenTextModel
     from mqirtn_train.model import build_model_and_processor
     from processing.data.transforms import CIRTrainingCollator, set_training_transform
+
     from machine_info import machine, write_json
-    from torch.utils.data import DataLoader
 
     train_args = parse_args([])
     torch.manual_seed(0)

@@ -138,7 +138,7 @@ def compile_models(models: dict, towers: bool, mode: str | None, backend: str = 
     kwargs = {"backend": backend, **({} if mode in (None, "default") else {"mode": mode})}
     models["mqirtn"].compile_regions(dynamic=False, **kwargs)  # one batch shape here: static kernels
     if towers:
-        for name, model in models.items():
+        for model in models.values():
             for module in model.modules():
                 if isinstance(module, GradientCheckpointingLayer) and module._compiled_call_impl is None:
                     module.compile(dynamic=False, **kwargs)

@@ -71,11 +71,11 @@ def write_gallery(folder: Path, count: int, min_side: int, max_side: int, seed: 
 
 def build_model(size: str, quick: bool):
     """(model, processor, description): the main job's model (train.py's defaults) or a ViT-B/16 224 px one."""
-    from mqirtn_train.arguments import parse_args
-    from mqirtn_train.model import build_model_and_processor
     from transformers import ViTConfig, ViTImageProcessorPil
 
     from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
+    from mqirtn_train.arguments import parse_args
+    from mqirtn_train.model import build_model_and_processor
     from processing import MQIRTNProcessor
 
     args = parse_args([])

@@ -40,9 +40,10 @@ def pictures(count: int, low: int, high: int, seed: int = 0) -> list:
 def main(argv=None) -> dict:
     from transformers import AutoTokenizer, ViTImageProcessorPil
 
-    from machine_info import machine, write_json
     from processing import MQIRTNProcessor
     from processing.processing_mqirtn import _resize_rescale_normalize_recipe
+
+    from machine_info import machine, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512)

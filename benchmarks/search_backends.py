@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_mqirtn.search_mqirtn import exact_search
+from mqirtn_app.index import GalleryIndex
+
+from machine_info import machine, write_json
+
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from benchmarks.machine_info import machine, write_json  # noqa: E402
-from modeling_mqirtn.pipeline_mqirtn import exact_search  # noqa: E402
-from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 
 BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw", "milvus-lite", "milvus-server")
@@ -163,7 +162,13 @@ def main(argv=None):
     rows = []
     try:
         if "milvus-server" in args.backends:
-            from milvus_server import MilvusServer
+            # The tests' server helper, loaded from its file (tests/ is not a package).
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("milvus_server", ROOT / "tests" / "milvus_server.py")
+            milvus_server = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(milvus_server)
+            MilvusServer = milvus_server.MilvusServer
 
             server = MilvusServer(workdir / "server")
             started = time.perf_counter()

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-
+from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 from machine_info import machine, write_json  # noqa: E402
-from mqirtn_app.index import GalleryIndex  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -115,7 +114,7 @@ def main(argv=None):
                 hnsw = index._faiss_index.hnsw
                 hnsw.efSearch = value
                 settings = {"M": index.backend_options.get("hnsw_m", 32), "efConstruction": hnsw.efConstruction, "efSearch": value}
-            seconds, (_, indices) = best_time(lambda: index.search(queries, args.top_k), args.repeats)
+            seconds, (_, indices) = best_time(lambda index=index: index.search(queries, args.top_k), args.repeats)
             if backend == "exact":
                 exact_indices = indices
             recall = None

@@ -52,12 +52,13 @@ from torch.nn import functional as F  # noqa: E402
 from transformers import BertConfig, ViTConfig  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
-from machine_info import machine as machine_info  # noqa: E402
-from machine_info import write_json  # noqa: E402
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel  # noqa: E402
 from modeling_mqirtn.fusion_mqirtn import masked_mean  # noqa: E402
 from modeling_mqirtn.losses_mqirtn import MQIRTNSoftTripletLoss  # noqa: E402
 from modeling_mqirtn.modeling_mqirtn import tower_from_config  # noqa: E402
+
+from machine_info import machine as machine_info  # noqa: E402
+from machine_info import write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------ sizes
@@ -566,7 +567,7 @@ def bench_memory(size: str, batch_size: int, gallery_size: int, dim: int, rss: b
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         inputs = make_batch(size, batch_size)
         training_step(model, optimizer, inputs)  # creates the AdamW state, which the profiled step then holds
-        peaks[name] = tensor_memory_peak(lambda: training_step(model, optimizer, inputs))
+        peaks[name] = tensor_memory_peak(lambda model=model, optimizer=optimizer: training_step(model, optimizer, inputs))
         del model, optimizer
         gc.collect()
     index = build_gallery_index(gallery_size, dim)

@@ -19,10 +19,10 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .search_mqirtn import exact_search
+
 
 logger = logging.get_logger(__name__)
-
-from .search_mqirtn import exact_search
 
 
 TASK = "composed-image-retrieval"

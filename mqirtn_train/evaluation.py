@@ -14,7 +14,13 @@ from mqirtn_app.visualization import save_evaluation_grids
 from processing.data.loaders import CIREvaluationData
 from processing.data.metrics import cirr_submission, evaluate_protocol, retrieval_diagnostics
 from processing.data.registry import get_dataset_spec
-from processing.data.transforms import CIRQueryCollator, collate_gallery, select_first, set_gallery_transform, set_query_transform
+from processing.data.transforms import (
+    CIRQueryCollator,
+    collate_gallery,
+    select_first,
+    set_gallery_transform,
+    set_query_transform,
+)
 
 
 logger = get_logger(__name__)

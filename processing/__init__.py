@@ -1,29 +1,16 @@
 """MQIRTN processing: the processor (Hub code, `processing_mqirtn.py`) and, in `processing.data`, the data code.
 
-Importing this package registers `MQIRTNProcessor` with `AutoProcessor` and imports nothing of the data code: the
-data names below (dataset registry, loaders, metrics) are re-exported lazily, so `from processing import
-MQIRTNProcessor` never imports `datasets`.
+Importing this package imports nothing; its names are imported on first access. The processor's names come from
+`processing_mqirtn` (torch, transformers, PIL) and register `MQIRTNProcessor` with `AutoProcessor`, as `import
+modeling_mqirtn` does; the data names (dataset registry, loaders, metrics) come from `processing.data.<module>`. So
+`import processing.data.registry` imports neither torch nor transformers, and `from processing import MQIRTNProcessor`
+never imports `datasets`.
 """
 
 import importlib
 
-from transformers import AutoProcessor
 
-from modeling_mqirtn import MQIRTNConfig
-
-from .processing_mqirtn import (
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    MQIRTNProcessor,
-    to_rgb_image,
-    to_rgb_image_or_none,
-)
-
-
-AutoProcessor.register(MQIRTNConfig, MQIRTNProcessor, exist_ok=True)
-# `save_pretrained` then writes `auto_map` into processor_config.json and copies processing_mqirtn.py.
-MQIRTNProcessor.register_for_auto_class("AutoProcessor")
-
+_PROCESSOR_NAMES = ("IMAGE_EXTENSIONS", "ImageDecodeError", "MQIRTNProcessor", "to_rgb_image", "to_rgb_image_or_none")
 # Data-code names, imported from `processing.data.<module>` on first access.
 _LAZY = {
     "CIREvaluationData": "loaders",
@@ -42,6 +29,12 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name in _PROCESSOR_NAMES:
+        import modeling_mqirtn  # noqa: F401  (registers MQIRTNProcessor with AutoProcessor, beside the model)
+
+        value = getattr(importlib.import_module(f"{__name__}.processing_mqirtn"), name)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         value = getattr(importlib.import_module(f"{__name__}.data.{_LAZY[name]}"), name)
         globals()[name] = value
@@ -50,14 +43,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_PROCESSOR_NAMES) | set(_LAZY))
 
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageDecodeError",
-    "MQIRTNProcessor",
-    "to_rgb_image",
-    "to_rgb_image_or_none",
-    *sorted(_LAZY),
-]
+__all__ = [*_PROCESSOR_NAMES, *sorted(_LAZY)]

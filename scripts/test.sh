@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs into .venv, then runs the whole suite (tiny random models, CPU, offline).
+# The test command: installs into .venv, then runs the fast tests (-m "not slow") on their own, then the slow ones
+# (subprocess runs of train.py, servers, the browser), then ruff (lint and format). Tiny random models, CPU, offline.
+# With arguments, only `pytest` with them (e.g. `bash scripts/test.sh tests/test_train.py -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -20,4 +22,10 @@ fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # transformers' common testers must run here (a missing copy fails the run instead of skipping it).
 export MQIRTN_REQUIRE_TRANSFORMERS_TESTS=1
-exec .venv/bin/python -m pytest tests "$@"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest tests -m "not slow"
+.venv/bin/python -m pytest tests -m slow
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .

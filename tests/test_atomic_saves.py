@@ -22,16 +22,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_model, tiny_processor
 from safetensors.torch import load_file, save_file
+from transformers.testing_utils import CaptureLogger
 
-from mqirtn_train import checkpoints
-from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE, checkpoint_damage, list_checkpoints, save_checkpoint, save_model
-from mqirtn_train.run import TrainingProgress
 from mqirtn_app import atomic
 from mqirtn_app import index as gallery_index
 from mqirtn_app.index import GalleryIndex
-from transformers.testing_utils import CaptureLogger
+from mqirtn_train import checkpoints
+from mqirtn_train.checkpoints import (
+    CHECKPOINT_COMPLETE_FILE,
+    checkpoint_damage,
+    list_checkpoints,
+    save_checkpoint,
+    save_model,
+)
+from mqirtn_train.run import TrainingProgress
+
+from utils import REPO_ROOT, tiny_model, tiny_processor
 
 
 class Crash(Exception):

@@ -3,9 +3,7 @@ loaders on the real annotation files."""
 
 import json
 import logging
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,23 +19,13 @@ from processing.data.loaders import (
     load_evaluation_data,
     load_training_queries,
 )
-from processing.data.metrics import PROTOCOL_KS, evaluate_protocol
-from processing.data.registry import DatasetSpec, dataset_names, get_dataset_spec, register_dataset
+from processing.data.metrics import evaluate_protocol
+from processing.data.registry import PROTOCOL_KS, DatasetSpec, dataset_names, get_dataset_spec, register_dataset
+
+from utils import ANNOTATION_FIXTURES, make_cirr, write_corrupt, write_image
 
 
-FIXTURES = Path(os.environ.get("MQIRTN_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"annotation fixtures folder {FIXTURES} is absent")
 LOGGER = "processing.data.loaders"
-
-
-def write_image(path: Path, color=(200, 30, 30), fmt=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.new("RGB", (8, 8), color).save(path, format=fmt)
-
-
-def write_corrupt(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
 
 
 def skip_warnings(caplog) -> list[str]:
@@ -136,59 +124,26 @@ def test_fashioniq_layout_errors(fashioniq_dir, tmp_path):
         load_training_queries("fashioniq", fashioniq_dir, "test", categories=["dress"])
 
 
-@needs_fixtures
-def test_fashioniq_real_annotations_counts():
-    data = load_evaluation_data("fashioniq", FIXTURES / "fashioniq", "val", check_images="none")
-    assert Counter(data.queries["category"]) == {"dress": 2017, "shirt": 2038, "toptee": 1961}
+@pytest.mark.parametrize("fixtures", ANNOTATION_FIXTURES)
+def test_fashioniq_real_annotations_counts(fixtures):
+    data = load_evaluation_data("fashioniq", fixtures / "fashioniq", "val", check_images="none")
+    captions = {
+        category: json.loads((fixtures / "fashioniq" / "captions" / f"cap.{category}.val.json").read_text())
+        for category in ("dress", "shirt", "toptee")
+    }
+    assert Counter(data.queries["category"]) == {category: len(rows) for category, rows in captions.items()}
+    if fixtures.name != "fixtures":  # the full files: the published counts
+        assert Counter(data.queries["category"]) == {"dress": 2017, "shirt": 2038, "toptee": 1961}
     for category in ("dress", "shirt", "toptee"):
-        names = json.loads((FIXTURES / "fashioniq" / "image_splits" / f"split.{category}.val.json").read_text())
+        names = json.loads((fixtures / "fashioniq" / "image_splits" / f"split.{category}.val.json").read_text())
         assert Counter(data.gallery["category"])[category] == len(names)
+    assert data.queries["modification_text"][0] == fashioniq_caption(captions["dress"][0]["captions"])
     assert data.has_targets
-    test = load_evaluation_data("fashioniq", FIXTURES / "fashioniq", "test", check_images="none")
+    test = load_evaluation_data("fashioniq", fixtures / "fashioniq", "test", check_images="none")
     assert not test.has_targets
 
 
 # ---------------------------------------------------------------------------------------------------- CIRR
-
-
-def make_cirr(root: Path, image_root: Path) -> None:
-    split_maps = {
-        "val": {f"dev-{i}-0-img0": f"./dev/dev-{i}-0-img0.png" for i in range(5)},
-        "test1": {f"test1-{i}-0-img0": f"./test1/test1-{i}-0-img0.png" for i in range(3)},
-        "train": {f"train-{i}-0-img0": f"./train/{i % 2}/train-{i}-0-img0.png" for i in range(4)},
-    }
-    captions = {
-        "val": [
-            {"pairid": 1, "reference": "dev-0-0-img0", "target_hard": "dev-1-0-img0", "caption": "more dogs",
-             "img_set": {"id": 1, "members": ["dev-0-0-img0", "dev-1-0-img0", "dev-2-0-img0"]}},
-            {"pairid": 2, "reference": "dev-3-0-img0", "target_hard": "dev-2-0-img0", "caption": "at night",
-             "img_set": {"id": 2, "members": ["dev-3-0-img0", "dev-2-0-img0", "dev-4-0-img0"]}},
-            {"pairid": 3, "reference": "dev-4-0-img0", "target_hard": "dev-0-0-img0", "caption": "no cat",
-             "img_set": {"id": 3, "members": ["dev-4-0-img0", "dev-0-0-img0"]}},
-        ],
-        "test1": [
-            {"pairid": 7, "reference": "test1-0-0-img0", "caption": "two birds",
-             "img_set": {"id": 1, "members": ["test1-0-0-img0", "test1-1-0-img0", "test1-2-0-img0"]}},
-        ],
-        "train": [
-            {"pairid": 9, "reference": "train-0-0-img0", "target_hard": "train-1-0-img0", "caption": "a red car",
-             "img_set": {"id": 1, "members": ["train-0-0-img0", "train-1-0-img0"]}},
-            {"pairid": 10, "reference": "train-2-0-img0", "target_hard": "train-3-0-img0", "caption": "zoom in",
-             "img_set": {"id": 2, "members": ["train-2-0-img0", "train-3-0-img0"]}},
-        ],
-    }  # fmt: skip
-    (root / "captions").mkdir(parents=True)
-    (root / "image_splits").mkdir(parents=True)
-    for split in split_maps:
-        (root / "image_splits" / f"split.rc2.{split}.json").write_text(json.dumps(split_maps[split]))
-        (root / "captions" / f"cap.rc2.{split}.json").write_text(json.dumps(captions[split]))
-        for name, relative in split_maps[split].items():
-            if name == "dev-4-0-img0":
-                continue  # missing
-            if name == "dev-2-0-img0":
-                write_corrupt(image_root / relative)
-            else:
-                write_image(image_root / relative)
 
 
 def test_cirr_documented_layout(tmp_path, caplog):
@@ -226,13 +181,18 @@ def test_cirr_alternative_layouts_and_errors(tmp_path):
         load_evaluation_data("cirr", tmp_path, "val")
 
 
-@needs_fixtures
-def test_cirr_real_annotations_counts():
-    val = load_evaluation_data("cirr", FIXTURES / "cirr", "val", check_images="none")
-    assert len(val.queries) == 4181 and len(val.gallery) == 2297
+@pytest.mark.parametrize("fixtures", ANNOTATION_FIXTURES)
+def test_cirr_real_annotations_counts(fixtures):
+    val = load_evaluation_data("cirr", fixtures / "cirr", "val", check_images="none")
+    val_captions = json.loads((fixtures / "cirr" / "captions" / "cap.rc2.val.json").read_text())
+    val_images = json.loads((fixtures / "cirr" / "image_splits" / "split.rc2.val.json").read_text())
+    assert len(val.queries) == len(val_captions) and len(val.gallery) == len(val_images)
+    if fixtures.name != "fixtures":  # the full files: the published counts
+        assert len(val.queries) == 4181 and len(val.gallery) == 2297
     assert all(len(members) == 6 for members in val.queries["subset_ids"])
-    test = load_evaluation_data("cirr", FIXTURES / "cirr", "test1", check_images="none")
-    assert len(test.queries) == 4148 and not test.has_targets
+    test = load_evaluation_data("cirr", fixtures / "cirr", "test1", check_images="none")
+    test_captions = json.loads((fixtures / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    assert len(test.queries) == len(test_captions) and not test.has_targets
     # with check_images="none" the documented image folder is assumed
     undecoded = val.queries.cast_column("reference_image", Image(decode=False))
     assert undecoded[0]["reference_image"]["path"].endswith("cirr/img_raw/dev/dev-244-0-img0.png")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_processor
 from PIL import Image
-from conftest import write_image_folder
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app.cli import main
 from mqirtn_app.index import GalleryIndex
+
+from utils import tiny_model, tiny_processor, write_image_folder
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_json, run_train, random_batch, tiny_model
+from utils import random_batch, read_json, run_train, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,12 @@
 """MQIRTNConfig: defaults, sub-configs of any model type, serialisation, and every validation error."""
 
 import pytest
-from conftest import ALL_COMPOSITIONS, random_batch, tiny_config, tiny_text_config, tiny_vision_config
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, BertConfig, ViTConfig
 
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES, MQIRTNConfig, MQIRTNModel
+
+from utils import ALL_COMPOSITIONS, random_batch, tiny_config, tiny_text_config, tiny_vision_config
 
 
 def test_defaults_follow_the_paper_and_composeae():

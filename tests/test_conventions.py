@@ -5,12 +5,13 @@ a report table for the pooler MQIRTN drops."""
 
 import pytest
 import torch
-from conftest import TEXT_VOCAB_SIZE, random_batch, tiny_model, tiny_text_config, tiny_vision_config
 from transformers import BertModel, ViTModel
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from modeling_mqirtn import MQIRTNModel
+
+from utils import TEXT_VOCAB_SIZE, random_batch, tiny_model, tiny_text_config, tiny_vision_config
 
 
 def test_input_embeddings_are_the_text_towers_and_resize_token_embeddings_works(tmp_path):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, shape_image, tiny_model, tiny_processor
 from PIL import Image
+
+from utils import REPO_ROOT, shape_image, tiny_model, tiny_processor
 
 
 def _load_module(name: str, path: Path):
@@ -331,9 +332,9 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_pipeline(served):
     """The pipeline and index a user would build from the served model folder, for the expected rankings."""
-    import processing  # noqa: F401  (registers the Auto classes and the task)
     from transformers import AutoModel, AutoProcessor, pipeline
 
+    import processing  # noqa: F401  (registers the Auto classes and the task)
     from mqirtn_app.index import GalleryIndex
 
     _, root, model_dir, _ = served

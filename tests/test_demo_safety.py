@@ -4,7 +4,6 @@ edited `index.json` (its `root`) is refused at start."""
 
 import importlib.util
 import json
-import os
 import sys
 import urllib.error
 import urllib.parse
@@ -12,7 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, shape_image, tiny_model, tiny_processor
+
+from utils import REPO_ROOT, shape_image, tiny_model, tiny_processor
 
 
 def _load_module(name: str, path: Path):
@@ -119,8 +119,8 @@ def test_running_demo_serves_no_file_outside_the_indexed_images(crafted, tmp_pat
 
 def test_edited_root_in_index_json_is_refused_at_start(tmp_path, capsys):
     """`root` edited to "/" after the save: the demo refuses the index (one line) instead of serving from there."""
-    from mqirtn_app.index import GalleryIndex
     from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+    from mqirtn_app.index import GalleryIndex
 
     model = tiny_model().eval()
     model_dir = save_for_hub(model, tiny_processor(tmp_path), tmp_path / "model")

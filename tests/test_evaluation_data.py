@@ -90,9 +90,10 @@ def test_a_reference_that_fails_only_at_embedding_time_is_a_miss(tmp_path):
     import argparse
 
     from accelerate import Accelerator
-    from conftest import tiny_model, tiny_processor
 
     from mqirtn_train.evaluation import evaluate_split
+
+    from utils import tiny_model, tiny_processor
 
     root = write_files_dataset(tmp_path / "data", ["a", "b"], query_ids=["q0"])
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

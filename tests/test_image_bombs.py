@@ -11,12 +11,13 @@ import warnings
 import zlib
 
 import pytest
-from conftest import REPO_ROOT, tiny_model, tiny_processor, write_image_folder
 from PIL import Image
 
 from processing import processing_mqirtn
 from processing.data.transforms import decode_image
 from processing.processing_mqirtn import ImageDecodeError, to_rgb_image, to_rgb_image_or_none
+
+from utils import REPO_ROOT, tiny_model, tiny_processor, write_image_folder
 
 
 def bomb_png(width: int, height: int) -> bytes:

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from conftest import shape_image, tiny_model, write_image_folder, write_index_json
 from transformers.testing_utils import CaptureLogger
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app import index as gallery_index
 from mqirtn_app.index import GalleryIndex, ModelMismatchError, model_fingerprint
+
+from utils import shape_image, tiny_model, write_image_folder, write_index_json
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

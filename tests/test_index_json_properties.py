@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_index_json
 
 from mqirtn_app.index import GalleryIndex
+
+from utils import write_index_json
 
 
 hypothesis = pytest.importorskip("hypothesis")

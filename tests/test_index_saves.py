@@ -8,13 +8,14 @@ import time
 
 import pytest
 import torch
-from conftest import one_error_line, tiny_model, tiny_processor, write_image_folder
 from safetensors import SafetensorError
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app import index as gallery_index
 from mqirtn_app.cli import main
 from mqirtn_app.index import GalleryIndex
+
+from utils import one_error_line, tiny_model, tiny_processor, write_image_folder
 
 
 def random_index(count: int, seed: int) -> GalleryIndex:
@@ -133,7 +134,7 @@ def test_zero_row_in_a_saved_index_is_refused(tmp_path):
     save_file({"embeddings": rows}, str(tmp_path / "index" / "embeddings.safetensors"))
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     del meta["files"]  # as an index without hashes: the rows themselves must be refused
-    from conftest import write_index_json
+    from utils import write_index_json
 
     write_index_json(tmp_path / "index", meta)
     with pytest.raises(ValueError, match=r"all-zero row\(s\) \(first: row 2\)"):

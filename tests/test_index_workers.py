@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shape_image, write_image_folder
 from PIL import Image
 from transformers.testing_utils import CaptureLogger
 
@@ -21,6 +20,8 @@ from mqirtn_app import index as gallery_index
 from mqirtn_app.cli import main
 from mqirtn_app.index import DecodeWorkerError, GalleryIndex, default_num_workers, embed_images
 from processing import processing_mqirtn
+
+from utils import shape_image, write_image_folder
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +260,7 @@ SPAWN_CHILD = textwrap.dedent(
     """
     import multiprocessing, sys
     import torch
-    from conftest import tiny_model, tiny_processor
+    from utils import tiny_model, tiny_processor
     from mqirtn_app.index import GalleryIndex
     from processing import processing_mqirtn
 

@@ -10,9 +10,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, tiny_model, tiny_processor
 
 from modeling_mqirtn import save_for_hub
+
+from utils import REPO_ROOT, tiny_model, tiny_processor
 
 
 HUB_PACKAGES = ("modeling_mqirtn", "processing")

@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_COMPOSITIONS, random_batch, tiny_config, tiny_model
 from torch import nn
 from torch.nn import functional as F
 
 from modeling_mqirtn import MQIRTNConfig, MQIRTNModel
 from modeling_mqirtn.composition_mqirtn import ComposeAEComposition, RealSpaceConcatComposition, TIRGComposition
+
+from utils import ALL_COMPOSITIONS, random_batch, tiny_config, tiny_model
 
 
 def angles_at_init(projection_dim: int, composition: str = "mqirtn", seed: int = 0, **overrides) -> torch.Tensor:

@@ -6,12 +6,13 @@ import argparse
 import configparser
 
 import pytest
-from conftest import REPO_ROOT
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from mqirtn_app.model_card import LICENSE, TASK_TYPE, is_hub_id, metric_type, rounded, write_model_card
+
+from utils import REPO_ROOT
 
 
 RESULTS = {"test": {"recall@1": 5.000000074505806, "recall@5": 33.33333333, "recall_subset@1": 12.5, "average": 20.123456}}

@@ -6,11 +6,19 @@ Tiny towers (see conftest.py); the whole file runs in well under a minute on one
 import copy
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from torch.nn import functional as F
+from transformers import BertConfig, ViTConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel, MQIRTNOutput
+from modeling_mqirtn.composition_mqirtn import MQIRTN_DEVIATIONS
+from modeling_mqirtn.configuration_mqirtn import COMPOSITION_DEVIATIONS
+from modeling_mqirtn.losses_mqirtn import build_metric_loss, image_fingerprints
+
+from utils import (
     ALL_COMPOSITIONS,
     FUSION_HEADS,
     NUM_PATCHES,
@@ -20,14 +28,6 @@ from conftest import (
     tiny_config,
     tiny_model,
 )
-from torch.nn import functional as F
-from transformers import BertConfig, ViTConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
-
-from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel, MQIRTNOutput
-from modeling_mqirtn.composition_mqirtn import MQIRTN_DEVIATIONS
-from modeling_mqirtn.configuration_mqirtn import COMPOSITION_DEVIATIONS
-from modeling_mqirtn.losses_mqirtn import build_metric_loss, image_fingerprints
 
 
 # Parameters a variant legitimately never uses: `image_only` ignores the modification text entirely.

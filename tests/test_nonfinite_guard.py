@@ -6,13 +6,14 @@ import argparse
 
 import pytest
 import torch
-from conftest import read_json, run_train, tiny_model, tiny_processor
 from safetensors.torch import save_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE, check_finite_model, save_checkpoint, save_model
 from mqirtn_train.errors import TrainingStopped
 from mqirtn_train.run import TrainingProgress
+
+from utils import read_json, run_train, tiny_model, tiny_processor
 
 
 class FakeAccelerator:

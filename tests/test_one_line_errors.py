@@ -6,11 +6,12 @@ import json
 import shutil
 
 import pytest
-from conftest import one_error_line, tiny_model, tiny_processor, write_image_folder, write_index_json
 from safetensors.torch import load_file, save_file
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app.cli import main
+
+from utils import one_error_line, tiny_model, tiny_processor, write_image_folder, write_index_json
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_OUR_PACKAGES
 from transformers import pipeline
 
 from modeling_mqirtn import ComposedImageRetrievalPipeline, save_for_hub
-from mqirtn_app.index import GalleryIndex, ModelMismatchError
 from modeling_mqirtn.search_mqirtn import exact_search
-from conftest import tiny_model, tiny_processor
-from conftest import shape_image
+from mqirtn_app.index import GalleryIndex, ModelMismatchError
+
+from utils import BLOCK_OUR_PACKAGES, shape_image, tiny_model, tiny_processor
 
 
 TEXTS = ["make it red", "add a small blue circle", "remove the large square", "it", "make the circle green"]

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECTION_DIM, random_batch, tiny_processor, tiny_text_config, tiny_vision_config
 from PIL import Image
 from transformers import AutoTokenizer, BertModel, ViTImageProcessor, ViTModel
 from transformers.testing_utils import CaptureLogger
@@ -13,6 +12,8 @@ from transformers.utils import logging
 
 from modeling_mqirtn import MQIRTNModel
 from processing import MQIRTNProcessor
+
+from utils import PROJECTION_DIM, random_batch, tiny_processor, tiny_text_config, tiny_vision_config
 
 
 NEW_LAYERS = ["composition", "fusion", "image_decoder", "image_projection", "image_residual", "logit_scale", "text_decoder", "text_projection"]

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, VOCAB, tiny_model
 from PIL import Image
 from transformers import AutoProcessor
 
 from processing import MQIRTNProcessor, to_rgb_image
+
+from utils import IMAGE_SIZE, VOCAB, tiny_model
 
 
 def solid(mode, size=(40, 30), color=None):

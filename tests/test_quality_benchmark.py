@@ -32,7 +32,7 @@ def quality():
 
 def fake_run(quality, row, seed, recall_at_1, sources=None):
     return {
-        "row": row, "seed": seed, "metrics": {m: recall_at_1 for m in quality.METRICS}, "retrieval": {}, "composition": {},
+        "row": row, "seed": seed, "metrics": dict.fromkeys(quality.METRICS, recall_at_1), "retrieval": {}, "composition": {},
         "train_seconds": 1.0, "wall_seconds": 1.0, "sources": sources if sources is not None else {"train.py": "x"},
     }  # fmt: skip
 
@@ -67,7 +67,9 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     assert not list(work_dir.rglob("model.safetensors"))
 
     # Resume: everything is cached, nothing trains.
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    # (`run_one` is the one place a run is trained; the process-wide `subprocess.run` stays as it is: other libraries
+    # use it, matplotlib's font cache on its first import.)
+    monkeypatch.setattr(quality, "run_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert quality.main(argv)["rows"] == summary["rows"]
 
 
@@ -126,7 +128,7 @@ def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, mo
     quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 0, "5e-4"), current)
     stale = fake_run(quality, "tirg", 1, 50.0, sources={"train.py": "0" * 64})
     quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 1, "5e-4"), stale)
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--summarize_only trained"))
+    monkeypatch.setattr(quality, "run_one", lambda *a, **k: pytest.fail("--summarize_only trained"))
     summary = quality.main([*argv, "--summarize_only"])
     status = summary["status"]
     assert (status["current"], status["missing"], status["stale"]) == (1, 2, 1)

@@ -15,10 +15,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ALL_COMPOSITIONS, BLOCK_OUR_PACKAGES, tiny_model, tiny_processor
 
 from modeling_mqirtn import MQIRTNModel
 from mqirtn_app.model_card import write_model_card
+
+from utils import ALL_COMPOSITIONS, BLOCK_OUR_PACKAGES, tiny_model, tiny_processor
 
 
 CODE_FILES = {"configuration_mqirtn.py", "modeling_mqirtn.py", "fusion_mqirtn.py", "composition_mqirtn.py", "losses_mqirtn.py"}

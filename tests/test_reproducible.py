@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from conftest import read_json, run_train
+from utils import read_json, run_train
+
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 """Evaluation protocols against rankings worked out by hand, the CIRR submission format, and the evaluate module."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,10 @@ from processing.data.metrics import (
     recall_at_k,
 )
 
+from utils import ANNOTATION_FIXTURES
+
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("MQIRTN_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"annotation fixtures folder {FIXTURES} is absent")
 
 
 def query_with_order(order, num_galleries):
@@ -168,11 +167,11 @@ def test_evaluate_protocol_reads_metadata_columns():
         evaluate_protocol("fashioniq", embeds, torch.eye(3), queries, gallery)
 
 
-@needs_fixtures
-def test_cirr_submission_matches_official_examples(tmp_path):
+@pytest.mark.parametrize("fixtures", ANNOTATION_FIXTURES)
+def test_cirr_submission_matches_official_examples(tmp_path, fixtures):
     from processing.data.loaders import load_evaluation_data
 
-    data = load_evaluation_data("cirr", FIXTURES / "cirr", "test1", check_images="none")
+    data = load_evaluation_data("cirr", fixtures / "cirr", "test1", check_images="none")
     pair_ids = data.queries["pair_id"]
     reference_ids = data.queries["reference_id"]
     subset_ids = data.queries["subset_ids"]
@@ -185,7 +184,7 @@ def test_cirr_submission_matches_official_examples(tmp_path):
     )
     ours = json.loads(recall_path.read_text()), json.loads(subset_path.read_text())
     examples = [
-        json.loads((FIXTURES / "cirr" / "submission_examples" / f"test1_pred_ranks_{metric}.json").read_text())
+        json.loads((fixtures / "cirr" / "submission_examples" / f"test1_pred_ranks_{metric}.json").read_text())
         for metric in ("recall", "recall_subset")
     ]
     members = {str(p): (r, set(m)) for p, r, m in zip(pair_ids, reference_ids, subset_ids)}

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, shape_image, tiny_model, write_image_folder
-from milvus_server import MilvusServer
 
 from modeling_mqirtn.search_mqirtn import exact_search
 from mqirtn_app.index import GalleryIndex, ModelMismatchError
+
+from milvus_server import MilvusServer
+from utils import REPO_ROOT, shape_image, tiny_model, write_image_folder
 
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) is installed by scripts/install.sh")

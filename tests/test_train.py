@@ -16,11 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from conftest import TINY_TRAIN_ARGS as TINY_ARGS
-from conftest import TRAIN_DATA_ARGS as DATA_ARGS
-from conftest import TRAIN_SCRIPT, read_json, run_train, run_train_script, train_command
-from conftest import train_env as run_env
+from transformers import AutoTokenizer
 
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES
 from mqirtn_train.arguments import build_parser, default_text_model, parse_args
@@ -29,8 +25,12 @@ from mqirtn_train.evaluation import evaluate_split
 from mqirtn_train.frozen_text import CachedFrozenTextModel
 from mqirtn_train.model import build_model_and_processor, parameter_groups
 from mqirtn_train.run import TrainingRun
-from transformers import AutoTokenizer
 from processing.data.shapes import MODIFICATION_TYPES
+
+from utils import TINY_TRAIN_ARGS as TINY_ARGS
+from utils import TRAIN_DATA_ARGS as DATA_ARGS
+from utils import TRAIN_SCRIPT, make_cirr, read_json, run_train, run_train_script, train_command
+from utils import train_env as run_env
 
 
 @pytest.fixture(scope="session")
@@ -456,7 +456,6 @@ def test_max_train_minutes_stops_every_process_at_the_same_step(tmp_path, cache_
 # ------------------------------------------------------------------------------------------------ CIRR: eval + predict
 @pytest.mark.slow
 def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
-    from test_cir_datasets import make_cirr  # the data helper's in-test CIRR tree (one corrupt, one missing image)
 
     root = tmp_path / "cirr"
     make_cirr(root, root / "img_raw")
@@ -500,7 +499,7 @@ def test_eval_steps_select_the_best_model_on_validation(tmp_path, cache_dir):
 
 
 def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
-    from conftest import random_batch, tiny_model
+    from utils import random_batch, tiny_model
 
     model = tiny_model("mqirtn").eval()
     model.text_model.requires_grad_(False)
@@ -538,11 +537,11 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
 
 
 def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
-    from conftest import tiny_model
+    from utils import tiny_model
 
     folder = tmp_path / "saved"
     tiny_model("mqirtn").save_pretrained(folder)
-    from conftest import tiny_processor
+    from utils import tiny_processor
 
     tiny_processor(tmp_path).save_pretrained(folder)
     args = parse_args(

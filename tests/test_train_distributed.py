@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT as REPO
-from conftest import TINY_TRAIN_ARGS as TINY_ARGS
-from conftest import read_json, run_train
-from conftest import train_env as run_env
+from utils import REPO_ROOT as REPO
+from utils import TINY_TRAIN_ARGS as TINY_ARGS
+from utils import read_json, run_train
+from utils import train_env as run_env
 
 
 def free_port() -> int:

@@ -3,9 +3,10 @@ a config that cannot be built, a checkpoint that is not one) as one line and exi
 usage errors: never a traceback."""
 
 import pytest
-from conftest import TRAIN_DATA_ARGS, one_error_line, run_train_script
 
 from mqirtn_train.arguments import parse_args
+
+from utils import TRAIN_DATA_ARGS, one_error_line, run_train_script
 
 
 TINY_MODEL = [

@@ -6,10 +6,11 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_model, tiny_processor, write_image_folder, write_index_json
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_app.cli import main
+
+from utils import tiny_model, tiny_processor, write_image_folder, write_index_json
 
 
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('code ran')\n"

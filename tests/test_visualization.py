@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from PIL import Image
-from conftest import shape_image
 
 from mqirtn_app.visualization import (
     TARGET,
@@ -13,6 +11,8 @@ from mqirtn_app.visualization import (
     save_attention_map,
     save_results_grid,
 )
+
+from utils import shape_image, tiny_model
 
 
 def not_blank(image: Image.Image) -> bool:

@@ -64,10 +64,18 @@ def load():
     reason = missing_reason()
     if reason is not None:
         raise ImportError(reason)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    _register_stand_ins()
     import importlib
+    import importlib.util
+
+    if PACKAGE not in sys.modules:  # the unpacked folder as a package of its own (sys.path stays as it is)
+        folder = ROOT / PACKAGE
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    _register_stand_ins()
 
     return tuple(
         importlib.import_module(f"{PACKAGE}.{name}")

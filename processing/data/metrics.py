@@ -38,19 +38,11 @@ from transformers.utils import logging
 
 from modeling_mqirtn.search_mqirtn import check_embedding_pair, exact_search
 
+from .registry import PROTOCOL_KS
+
 
 logger = logging.get_logger(__name__)
 
-# The ranks each protocol reports Recall at; the dataset registry (`processing.data.registry`) gives every dataset
-# its protocol's Ks from here.
-PROTOCOL_KS: dict[str, tuple[int, ...]] = {
-    "shapes": (1, 5, 10, 50),
-    "fashioniq": (10, 50),
-    "cirr": (1, 5, 10, 50),
-    "fashion200k": (1, 10, 50),
-    "mitstates": (1, 5, 10),
-    "exact": (1, 5, 10, 50),
-}
 PROTOCOLS: tuple[str, ...] = tuple(PROTOCOL_KS)
 CIRR_SUBSET_KS: tuple[int, ...] = (1, 2, 3)
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")

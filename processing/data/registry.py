@@ -1,6 +1,6 @@
 """The dataset registry: one `DatasetSpec` per dataset, the only place a dataset's facts live.
 
-`train.py` (choices, default splits, the model-selection metric, which options a loader takes), the loaders'
+The training code (choices, default splits, the model-selection metric, which options a loader takes), the loaders'
 entry points (`load_training_queries`, `load_evaluation_data`), the metrics (a spec's Recall Ks are its protocol's)
 and the model card (display name) all read it. A dataset registers itself with `register_dataset` next to its loader
 (`processing.data.folder_datasets` and `processing.data.loaders` hold the built-in ones), so adding a dataset touches one file.
@@ -18,7 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import PROTOCOL_KS
+
+# The ranks each evaluation protocol reports Recall at (`processing.data.metrics` computes them); a dataset's Recall Ks
+# are its protocol's.
+PROTOCOL_KS: dict[str, tuple[int, ...]] = {
+    "shapes": (1, 5, 10, 50),
+    "fashioniq": (10, 50),
+    "cirr": (1, 5, 10, 50),
+    "fashion200k": (1, 10, 50),
+    "mitstates": (1, 5, 10),
+    "exact": (1, 5, 10, 50),
+}
 
 
 # How a dataset's `data_dir` is read: not at all (generated), a folder/file in the dataset's own layout, or the name
