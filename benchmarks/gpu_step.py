@@ -1,4 +1,4 @@
-"""bf16 training throughput of MQIRTN against plain dual-encoder contrastive steps, in one run (issue 5, "On a GPU").
+"""bf16 training throughput of MQIRTN against plain dual-encoder contrastive steps, in one run.
 
 Paper size (ViT-B/16 224 px + BERT-base, 32 tokens, projection_dim 512), random weights, bf16 autocast, AdamW, SDPA
 attention, activation checkpointing off unless asked. Three steps are timed in alternating rounds:

@@ -1,4 +1,4 @@
-"""Speed ratios of the MQIRTN model (issue 5, "Speed"), every figure against a baseline measured in the same process.
+"""Speed ratios of the MQIRTN model, every figure against a baseline measured in the same process.
 
 Random weights, CPU, one torch thread. Baseline and candidate repeats alternate (B C, C B, B C, ...) and the ratios
 use the medians; the clock is this process's CPU time (`--timer wall` for wall time; both are recorded), so time

@@ -1,7 +1,7 @@
 """Drive the demo in a real browser: start `demo/app.py` in a subprocess, open it in headless Chromium (Playwright over
 the system's `chromium`; Playwright's own browser downloads are not used) and run queries on the page.
 
-Used by the browser tests (`tests/test_demo.py`) and by `demo/screenshot.py` (the README's screenshot and latency).
+Used by the browser tests (`tests/test_demo.py`) and by `demo/screenshot.py` (the screenshot and latency in docs/demo.md and docs/results.md).
 Everything here is bounded in time: the server start, every page action, and `DemoServer.stop`, which ends the server's
 whole process group.
 """

@@ -1,4 +1,4 @@
-"""Every `>>>` example in the package runs (DESIGN: a runnable example per public class). Examples that need the Hub
+"""Every `>>>` example in the package runs (a runnable example per public class). Examples that need the Hub
 or data that is not here carry `# doctest: +SKIP`."""
 
 import doctest

@@ -37,8 +37,8 @@ def bomb_png(width: int, height: int) -> bytes:
 def bombs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bombs")
     paths = {"10k": folder / "bomb_10k.png", "30k": folder / "bomb_30k.png"}
-    paths["10k"].write_bytes(bomb_png(10000, 10000))  # under PIL's own error limit: it used to decode fully
-    paths["30k"].write_bytes(bomb_png(30000, 30000))  # over it: DecompressionBombError used to escape
+    paths["10k"].write_bytes(bomb_png(10000, 10000))  # under PIL's own error limit: PIL alone decodes it fully
+    paths["30k"].write_bytes(bomb_png(30000, 30000))  # over it: PIL alone raises DecompressionBombError
     return paths
 
 

@@ -1,4 +1,4 @@
-"""The layout rule a reader can see (DESIGN 3-4): the top-level `*_mqirtn.py` files of `modeling_mqirtn/` and
+"""The layout rule a reader can see: the top-level `*_mqirtn.py` files of `modeling_mqirtn/` and
 `processing/` are exactly the Hub code, which is what `save_pretrained` copies, and they import only torch,
 transformers, numpy, PIL, the standard library and each other (`from .x import Y`); the data and application code
 stays out of the way of `import processing` and `mqirtn --help`."""

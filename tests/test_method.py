@@ -1,4 +1,4 @@
-"""The paper's mechanisms act from step 0 (issue 8): angles that span radians, a conjugate that changes the symmetric
+"""The paper's mechanisms act from step 0: angles that span radians, a conjugate that changes the symmetric
 constraint, reconstruction that cannot cheat, one logit-scale convention, faithful baselines, any vision tower, fp16."""
 
 import math

@@ -414,7 +414,7 @@ def test_fusion_pooling_mean_pools_every_fused_image_token():
 
 
 def test_image_residual_starts_query_at_reference():
-    """DESIGN 1.4: the MQIRTN query has an identity path to phi(x); turning it off changes the query."""
+    """The MQIRTN query has an identity path to phi(x); turning it off changes the query."""
     batch = random_batch(4)
     with_residual = tiny_model("mqirtn").eval()
     without = tiny_model("mqirtn", image_residual=False).eval()
@@ -525,7 +525,7 @@ def test_cuda_matches_cpu(composition):
 
 
 def test_paper_size_config_builds_on_meta(record_property):
-    """ViT-B/16 224 + BERT-base, projection_dim 512: built without weights; the parameter count goes to notes/tests.md."""
+    """ViT-B/16 224 + BERT-base, projection_dim 512: built without weights: its parameter count."""
     config = MQIRTNConfig(vision_config=ViTConfig().to_dict(), text_config=BertConfig().to_dict(), projection_dim=512)
     with torch.device("meta"):
         model = MQIRTNModel(config)

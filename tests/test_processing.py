@@ -255,7 +255,7 @@ def test_training_evaluation_and_pipeline_see_the_same_pixels(processor, tmp_pat
 
 @pytest.mark.parametrize("mode", ["RGBA", "P"])
 def test_transparent_pixels_are_white_in_training(processor, tmp_path, mode):
-    """A fully transparent pixel is laid on white everywhere (training used to make it black)."""
+    """A fully transparent pixel is laid on white everywhere (a plain RGB conversion makes it black)."""
     from processing.data.transforms import decode_image
 
     path = tmp_path / "transparent.png"

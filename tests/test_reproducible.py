@@ -1,7 +1,7 @@
-"""The main job's result is a function of the seed, not of the machine's speed or load (issue 13, item 1).
+"""The main job's result is a function of the seed, not of the machine's speed or load.
 
-The README's promise: two runs of the default job with the same seed give the same weights and the same Recall,
-one of them with the other core busy (measured on the real main job, see README "Training and evaluation"). Here
+The promise of docs/results.md: two runs of the default job with the same seed give the same weights and the same Recall,
+one of them with the other core busy (measured on the real main job: docs/results.md, "The main job"). Here
 the same check on the tiny run: one run as fast as it goes, one slowed down (a sleep after every micro-batch) while
 another process keeps a core busy. A fixed step budget means both train the same steps on the same batches.
 """

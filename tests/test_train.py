@@ -551,7 +551,7 @@ def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
     assert model.config.loss_type == "soft_triplet" and model.config.symmetric_loss_weight == 0.5
     assert type(model.metric_loss).__name__ == "MQIRTNSoftTripletLoss"
     assert model.config.projection_dim == 32  # the architecture is the saved one
-    # Explicitly asking for the config's default loss is applied too (it used to be mistaken for "not given").
+    # Explicitly asking for the config's default loss is applied too (not mistaken for "not given").
     soft = tmp_path / "soft"
     tiny_model("mqirtn", loss_type="soft_triplet").save_pretrained(soft)
     tiny_processor(tmp_path).save_pretrained(soft)

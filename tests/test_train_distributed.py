@@ -1,6 +1,6 @@
 """train.py on two gloo ranks (CPU): the ranks stay identical, and one step on 2 x B equals one step on 2B.
 
-Launched exactly as the README says: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2
+Launched exactly as docs/training.md says: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2
 --num_machines 1 --mixed_precision no --dynamo_backend no train.py ...`.
 """
 

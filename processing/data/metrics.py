@@ -1,4 +1,4 @@
-"""Evaluation protocols of composed image retrieval (DESIGN section 5) as pure functions over embeddings.
+"""Evaluation protocols of composed image retrieval as pure functions over embeddings.
 
 Every function takes L2-normalised query embeddings ``(num_queries, dim)`` and gallery embeddings
 ``(num_galleries, dim)`` (so a dot product is the cosine similarity) plus the metadata its protocol
