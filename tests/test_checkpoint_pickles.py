@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN_DATA_ARGS, one_error_line, run_train_script
 
 from mqirtn_app.atomic import file_hashes
 from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE, checkpoint_damage, checkpoint_record
+
+from utils import TRAIN_DATA_ARGS, one_error_line, run_train_script
 
 
 TINY_MODEL = [
