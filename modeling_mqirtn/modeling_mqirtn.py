@@ -17,6 +17,7 @@ from .composition_mqirtn import MQIRTNImageResidual, build_composition, build_de
 from .configuration_mqirtn import MQIRTNConfig, tower_width
 from .fusion_mqirtn import MQIRTNFusion, masked_mean
 from .losses_mqirtn import build_metric_loss, image_fingerprints
+
 # Imported so that `save_pretrained` copies the pipeline file with the model's code (it copies what this file imports).
 from .pipeline_mqirtn import CUSTOM_PIPELINES
 

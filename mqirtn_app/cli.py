@@ -219,10 +219,11 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, device=None, 
         os.path.expanduser(name_or_path)
     ):
         raise CLIError(f"the model folder {name_or_path!r} does not exist")
-    import processing  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoProcessor
+
+    import modeling_mqirtn  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
 
     try:
         model, loading = AutoModel.from_pretrained(
@@ -363,8 +364,9 @@ def _check_model_code(index, model_name: str) -> None:
 
 
 def _search(args) -> int:
-    from .index import GalleryIndex
     from modeling_mqirtn import ComposedImageRetrievalPipeline
+
+    from .index import GalleryIndex
 
     if args.top_k < 1:
         raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")

@@ -826,7 +826,7 @@ class GalleryIndex:
         if backend == "milvus":
             from .milvus_store import MilvusStore
 
-            if len(ids):
+            if ids:
                 raise ValueError("a milvus index starts empty: its rows live in the collection (use `add_embeddings`)")
             self._store = MilvusStore(self.backend_options, int(embeddings.shape[1]))
             self.backend_options = self._store.options

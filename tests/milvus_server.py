@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

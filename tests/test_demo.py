@@ -334,7 +334,7 @@ def reference_pipeline(served):
     """The pipeline and index a user would build from the served model folder, for the expected rankings."""
     from transformers import AutoModel, AutoProcessor, pipeline
 
-    import processing  # noqa: F401  (registers the Auto classes and the task)
+    import modeling_mqirtn  # noqa: F401  (registers the Auto classes and the task)
     from mqirtn_app.index import GalleryIndex
 
     _, root, model_dir, _ = served

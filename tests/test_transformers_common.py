@@ -15,6 +15,7 @@ from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor
 
 from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel
 from processing import MQIRTNProcessor
+
 from transformers_testers import REQUIRED, load, missing_reason
 
 

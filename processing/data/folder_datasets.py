@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Value
 from datasets import Sequence as SequenceFeature
+from datasets import Value
 
 from ..processing_mqirtn import IMAGE_EXTENSIONS
 from .loaders import SplitRows, find_bad_images, folder_loaders
