@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 
 # File suffixes read as images wherever a folder is scanned (the index, MIT-States), lower case.
@@ -344,7 +346,13 @@ class MQIRTNProcessor(ProcessorMixin):
                 "`images_kwargs`"
             )
 
-    def __call__(self, images=None, text=None, target_images=None, **kwargs: Unpack[ProcessingKwargs]) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        target_images: ImageInput | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
         r"""
         images (PIL image, numpy array, path, URL, or a list of them, *optional*): reference images.
         text (`str` or `list[str]`, *optional*): modification texts; an empty string makes a pure image query.
