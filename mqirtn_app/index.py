@@ -940,7 +940,9 @@ class GalleryIndex:
         if index._store is not None and index._writes:
             found = index._store.count()
             if found != len(index):
-                raise RuntimeError(
+                from .milvus_store import MilvusBackendError
+
+                raise MilvusBackendError(
                     f"the {index._store.describe()} holds {found} rows after indexing, expected {len(index)} (images "
                     "embedded minus skipped); another writer changed it meanwhile? Run the indexing again"
                 )

@@ -41,8 +41,9 @@ _MAX_ID_LENGTH = 4096
 # A gRPC message to Milvus is limited (64 MB by default, less in Lite: about 5,000 rows of 256 floats failed there):
 # rows go in batches of at most this many bytes of vectors.
 _UPSERT_BYTES = 2 * 1024 * 1024
-# Reads see every write of this client (and of others up to the engine's last time tick). "Strong" would also wait for
-# other writers, at the cost of a time tick (~200 ms on a 2.3 server) per search.
+# Searches see every write of this client (and of others up to the engine's last time tick): "Strong" would also wait
+# for other writers, at the cost of a time tick (~200 ms on a 2.3 server) per search. Counting and listing the rows,
+# rare and after other processes wrote (several ranks, another machine), are "Strong".
 _CONSISTENCY = "Session"
 # The collection property that records the model which wrote the collection.
 _IDENTITY_PROPERTY = "mqirtn.model"
@@ -299,7 +300,7 @@ class MilvusStore:
     def count(self) -> int:
         result = self._call(
             "count", self.client.query, self.collection, filter="", output_fields=["count(*)"],
-            consistency_level=_CONSISTENCY,
+            consistency_level="Strong",
         )
         return int(result[0]["count(*)"])
 
@@ -307,7 +308,7 @@ class MilvusStore:
         """Every row's `id` and `fields`, in batches (no row twice, in no particular order)."""
         iterator = self._call(
             "query_iterator", self.client.query_iterator, self.collection, batch_size=batch_size, filter="",
-            output_fields=["id", *fields], consistency_level=_CONSISTENCY,
+            output_fields=["id", *fields], consistency_level="Strong",
         )
         try:
             while True:

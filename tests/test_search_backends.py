@@ -530,3 +530,23 @@ def test_two_ranks_index_into_milvus(milvus_kind, backend_for, model, processor,
     query = torch.nn.functional.normalize(torch.randn(2, model.config.projection_dim), dim=-1)
     assert_same_hits(hits(index, *index.search(query, top_k=9)), hits(single, *single.search(query, top_k=9)))
     index.close()
+
+
+def test_pipeline_passes_the_filter_to_the_index(kind, backend_for, model, processor, tmp_path):
+    from modeling_mqirtn import ComposedImageRetrievalPipeline
+
+    folder = tmp_path / "images"
+    paths = write_image_folder(folder, 8)
+    backend, options = backend_for(kind)
+    index = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    pipe = ComposedImageRetrievalPipeline(model=model, processor=processor)
+    found = pipe(image=str(paths[0]), text="make it red", gallery=index, top_k=8, filter='folder == "sub"')
+    in_sub = sorted(p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub")
+    assert sorted(hit["id"] for hit in found) == in_sub  # every row of the folder, none of the others
+    unfiltered = pipe(image=str(paths[0]), text="make it red", gallery=index, top_k=8)
+    expected = [hit for hit in unfiltered if hit["id"] in in_sub]  # the same order and scores as without the filter
+    assert [hit["id"] for hit in found] == [hit["id"] for hit in expected]
+    assert [hit["score"] for hit in found] == pytest.approx([hit["score"] for hit in expected], abs=1e-5)
+    with pytest.raises(ValueError, match="`filter` needs a `gallery` index"):
+        pipe(image=str(paths[0]), text="make it red", gallery=torch.zeros(3, model.config.projection_dim), filter="a == 1")
+    index.close()
