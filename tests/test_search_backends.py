@@ -550,3 +550,24 @@ def test_pipeline_passes_the_filter_to_the_index(kind, backend_for, model, proce
     with pytest.raises(ValueError, match="`filter` needs a `gallery` index"):
         pipe(image=str(paths[0]), text="make it red", gallery=torch.zeros(3, model.config.projection_dim), filter="a == 1")
     index.close()
+
+
+def test_dataset_columns_become_filterable_metadata(kind, backend_for, model, processor):
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    images = [shape_image(i) for i in range(6)]
+    dataset = Dataset.from_dict(
+        {"image": images, "name": [f"n{i}" for i in range(6)], "category": ["dress", "shirt", "toptee"] * 2,
+         "price": [10, 20, 30, 40, 50, 60]},
+        features=Features({"image": ImageFeature(), "name": Value("string"), "category": Value("string"),
+                           "price": Value("int64")}),
+    )  # fmt: skip
+    backend, options = backend_for(kind)
+    index = GalleryIndex.from_dataset(
+        model, processor, dataset, id_column="name", backend=backend, backend_options=options, progress=False
+    )
+    query = torch.nn.functional.normalize(torch.randn(1, model.config.projection_dim), dim=-1)
+    _, indices = index.search(query, top_k=6, filter='category == "dress" and price in [10, 40, 60]')
+    assert sorted(index.ids[i] for i in indices[0].tolist() if i >= 0) == ["n0", "n3"]
+    index.close()
