@@ -102,7 +102,9 @@ def build(name, gallery, ids, workdir, server, index_wait):
     else:
         uri = str(workdir / "gallery.db") if name == "milvus-lite" else server.uri
         backend, options = "milvus", {"uri": uri, "collection": "bench", **hnsw}
-    index = GalleryIndex(torch.empty((0, gallery.shape[1])), [], backend=backend, backend_options=options, fingerprint="b")
+    index = GalleryIndex(
+        torch.empty((0, gallery.shape[1])), [], backend=backend, backend_options=options, fingerprint="b"
+    )
     start = time.perf_counter()
     index.add_embeddings(gallery, ids)
     if backend.startswith("faiss"):
@@ -111,7 +113,6 @@ def build(name, gallery, ids, workdir, server, index_wait):
         if index.wait_for_index(timeout=index_wait) is not True:
             raise RuntimeError(f"{name}: the vector index did not cover every row in time")
     return index, time.perf_counter() - start
-
 
 
 def measure(name, index, queries, args, exact_top):
@@ -156,7 +157,9 @@ def main(argv=None):
     ids = [str(i) for i in range(args.gallery_size)]
     _, exact_indices = exact_search(queries, gallery, args.top_k)
     exact_top = [[ids[i] for i in row] for row in exact_indices.tolist()]
-    print(f"Gallery {args.gallery_size} x {args.dim}, {len(queries)} queries, top-{args.top_k}, {args.threads} threads")
+    print(
+        f"Gallery {args.gallery_size} x {args.dim}, {len(queries)} queries, top-{args.top_k}, {args.threads} threads"
+    )
     workdir = Path(tempfile.mkdtemp(prefix="search_backends_"))
     server = None
     rows = []
@@ -180,8 +183,11 @@ def main(argv=None):
             index, insert_s = build(name, gallery, ids, workdir, server, args.index_wait)
             rss = server.rss_bytes() if name == "milvus-server" else rss_bytes() - before
             row = {
-                "backend": name, "insert_s": round(insert_s, 4), "rows_per_s": round(args.gallery_size / insert_s),
-                "rss_mb": round(rss / 2**20, 1), **measure(name, index, queries, args, exact_top),
+                "backend": name,
+                "insert_s": round(insert_s, 4),
+                "rows_per_s": round(args.gallery_size / insert_s),
+                "rss_mb": round(rss / 2**20, 1),
+                **measure(name, index, queries, args, exact_top),
             }
             rows.append(row)
             print(
@@ -201,13 +207,19 @@ def main(argv=None):
     if exact is not None:
         for row in rows:
             row["single_p50_vs_exact"] = round(row["single"]["p50_ms"] / exact["single"]["p50_ms"], 3)
-            row["batch_p50_vs_exact"] = round(row[f"batch_{args.batch}"]["p50_ms"] / exact[f"batch_{args.batch}"]["p50_ms"], 3)
+            row["batch_p50_vs_exact"] = round(
+                row[f"batch_{args.batch}"]["p50_ms"] / exact[f"batch_{args.batch}"]["p50_ms"], 3
+            )
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/search_backends.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
-        "gallery_size": args.gallery_size, "dim": args.dim, "queries_single": args.single,
-        "batch": args.batch, "batches": args.batches, "rows": rows,
+        "gallery_size": args.gallery_size,
+        "dim": args.dim,
+        "queries_single": args.single,
+        "batch": args.batch,
+        "batches": args.batches,
+        "rows": rows,
     }
     write_json(args.output, report)
     print(f"Wrote {args.output}")

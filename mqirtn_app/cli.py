@@ -92,8 +92,11 @@ _INDEX_KNOBS = {
     "nprobe": "faiss-ivf / milvus IVF_FLAT: lists searched (default 16)",
 }
 _KNOB_BACKENDS = {
-    "hnsw-m": ("faiss-hnsw", "milvus"), "ef-construction": ("faiss-hnsw", "milvus"), "ef-search": ("faiss-hnsw", "milvus"),
-    "nlist": ("faiss-ivf", "milvus"), "nprobe": ("faiss-ivf", "milvus"),
+    "hnsw-m": ("faiss-hnsw", "milvus"),
+    "ef-construction": ("faiss-hnsw", "milvus"),
+    "ef-search": ("faiss-hnsw", "milvus"),
+    "nlist": ("faiss-ivf", "milvus"),
+    "nprobe": ("faiss-ivf", "milvus"),
 }
 
 
@@ -109,7 +112,9 @@ def _backend_options(args) -> dict:
         if value < 1:
             raise CLIError(f"--{flag} must be a positive integer, got {value}")
         options[flag.replace("-", "_")] = value
-    milvus = {"uri": args.uri, "collection": args.collection, "token_env": args.token_env, "index_type": args.index_type}
+    milvus = {
+        "uri": args.uri, "collection": args.collection, "token_env": args.token_env, "index_type": args.index_type
+    }
     given = {key: value for key, value in milvus.items() if value is not None}
     if args.backend == "milvus":
         if args.uri is None:
@@ -144,7 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--index-wait", type=int, default=600,
         help="milvus: seconds to wait for the vector index to cover every row after writing (default 600; 0: none)",
     )
-    index.add_argument("--index-type", choices=("HNSW", "IVF_FLAT", "FLAT"), help="milvus: vector index (default HNSW)")
+    index.add_argument(
+        "--index-type", choices=("HNSW", "IVF_FLAT", "FLAT"), help="milvus: vector index (default HNSW)"
+    )
     for flag, what in _INDEX_KNOBS.items():
         index.add_argument(f"--{flag}", type=int, help=what)
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -326,9 +333,13 @@ def _update(args, model, processor, accelerator) -> int:
         raise CLIError("--update runs in one process (it embeds only what changed); run it without accelerate launch")
     index = GalleryIndex.load(args.out, model=model, processor=processor)
     if args.backend != index.backend:
-        raise CLIError(f"--update: the index at {args.out} uses backend {index.backend!r}, not --backend {args.backend}")
+        raise CLIError(
+            f"--update: the index at {args.out} uses backend {index.backend!r}, not --backend {args.backend}"
+        )
     if index.root is None or Path(args.images).resolve() != Path(index.root):
-        raise CLIError(f"--update: the index at {args.out} was built from {index.root!r}, not --images {args.images!r}")
+        raise CLIError(
+            f"--update: the index at {args.out} was built from {index.root!r}, not --images {args.images!r}"
+        )
     workers = 0 if args.num_workers is None else args.num_workers
     counts = index.update_folder(batch_size=args.batch_size, progress=not args.no_progress, num_workers=workers)
     index.save(args.out)

@@ -45,7 +45,9 @@ def _tokens(expression: str) -> list[tuple[str, object]]:
         kind = match.lastgroup
         text = match.group(kind)
         if kind == "bad":
-            raise FilterError(f"filter {expression!r}: unexpected {text!r}; the exact/FAISS backends support {SUPPORTED}")
+            raise FilterError(
+                f"filter {expression!r}: unexpected {text!r}; the exact/FAISS backends support {SUPPORTED}"
+            )
         if kind == "string":
             value = re.sub(r"\\(.)", r"\1", text[1:-1])
             tokens.append(("value", value))
@@ -70,7 +72,11 @@ def parse_filter(expression: str) -> Callable[[dict], bool]:
 
     def take(kind: str, text: str | None = None):
         nonlocal position
-        if position >= len(tokens) or tokens[position][0] != kind or (text is not None and tokens[position][1] != text):
+        if (
+            position >= len(tokens)
+            or tokens[position][0] != kind
+            or (text is not None and tokens[position][1] != text)
+        ):
             found = repr(tokens[position][1]) if position < len(tokens) else "the end"
             fail(f"expected {text or kind} at {found}")
         position += 1

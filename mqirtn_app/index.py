@@ -179,10 +179,13 @@ def check_metadata_row(row) -> dict:
     for key, value in row.items():
         if not isinstance(key, str) or not key.isidentifier() or key in _RESERVED_METADATA:
             raise ValueError(
-                f"metadata column {key!r} must be a name of letters, digits and underscores, not {list(_RESERVED_METADATA)}"
+                f"metadata column {key!r} must be a name of letters, digits and underscores, not "
+                f"{list(_RESERVED_METADATA)}"
             )
         if not isinstance(value, (str, int, float, bool)):
-            raise ValueError(f"metadata column {key!r} must hold strings, numbers or booleans, got {type(value).__name__}")
+            raise ValueError(
+                f"metadata column {key!r} must hold strings, numbers or booleans, got {type(value).__name__}"
+            )
     return dict(row)
 
 
@@ -210,15 +213,19 @@ def dataset_metadata(dataset, exclude: Sequence[str] = ()) -> list[dict] | None:
     None when it has none."""
     from datasets import Value
 
-    kinds = ("string", "large_string", "bool") + tuple(f"{k}{n}" for k in ("int", "uint", "float") for n in (8, 16, 32, 64))
+    kinds = ("string", "large_string", "bool")
+    kinds += tuple(f"{kind}{bits}" for kind in ("int", "uint", "float") for bits in (8, 16, 32, 64))
     columns = [
-        name for name, feature in dataset.features.items()
-        if name not in exclude and name not in _RESERVED_METADATA and isinstance(feature, Value) and feature.dtype in kinds
+        name
+        for name, feature in dataset.features.items()
+        if name not in (*exclude, *_RESERVED_METADATA) and isinstance(feature, Value) and feature.dtype in kinds
     ]
     if not columns:
         return None
     values = {name: dataset[name] for name in columns}
-    return [{name: values[name][row] for name in columns if values[name][row] is not None} for row in range(len(dataset))]
+    return [
+        {name: values[name][row] for name in columns if values[name][row] is not None} for row in range(len(dataset))
+    ]
 
 
 class DecodeWorkerError(RuntimeError):
@@ -1046,7 +1053,8 @@ class GalleryIndex:
                 self.model, self.processor, images, batch_size, progress, num_workers=num_workers
             )
         _warn_skipped(skipped, len(images))
-        self.add_embeddings(embeddings, [ids[i] for i in kept], None if metadata is None else [metadata[i] for i in kept])
+        kept_metadata = None if metadata is None else [metadata[i] for i in kept]
+        self.add_embeddings(embeddings, [ids[i] for i in kept], kept_metadata)
         self.skipped.extend(skipped)
         return len(kept)
 
@@ -1058,7 +1066,8 @@ class GalleryIndex:
         model = accelerator.unwrap_model(self.model)
         with accelerator.split_between_processes(list(range(len(images)))) as shard:
             embeddings, kept, skipped = embed_images(
-                model, self.processor, _SubsetView(images, shard), batch_size, progress and accelerator.is_local_main_process,
+                model, self.processor, _SubsetView(images, shard), batch_size,
+                progress and accelerator.is_local_main_process,
                 f"Embedding gallery (rank {accelerator.process_index}, {len(shard)} images)", num_workers,
             )
             kept = [shard[i] for i in kept] if shard else []
@@ -1116,7 +1125,8 @@ class GalleryIndex:
         wanted = set(ids)
         missing = sorted(wanted - set(self.ids))
         if missing:
-            shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            shown = ", ".join(repr(i) for i in missing[:5])
+            shown += f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ValueError(f"cannot remove {shown}: not an id of this index")
         if not wanted:
             return 0
@@ -1144,9 +1154,13 @@ class GalleryIndex:
         Returns the counts `{"added", "changed", "removed", "unchanged", "skipped"}`.
         """
         if self.root is None:
-            raise ValueError("this index was not built from a folder (it records no root): there is nothing to update from")
+            raise ValueError(
+                "this index was not built from a folder (it records no root): there is nothing to update from"
+            )
         if folder is not None and Path(folder).resolve() != Path(self.root):
-            raise ValueError(f"this index was built from {self.root!r}, not {str(folder)!r}: its ids are relative to it")
+            raise ValueError(
+                f"this index was built from {self.root!r}, not {str(folder)!r}: its ids are relative to it"
+            )
         files, ids = _image_files_and_ids(self.root)
         current = folder_metadata(files, ids)
         if self._store is not None:
@@ -1301,7 +1315,9 @@ class GalleryIndex:
 
         matches = parse_filter(filter)
         if self.metadata is None or not any(self.metadata):
-            logger.warning("this index records no metadata for its rows (built without any), so no row matches a filter")
+            logger.warning(
+                "this index records no metadata for its rows (built without any), so no row matches a filter"
+            )
         rows = [position for position, row in enumerate(self.metadata or ()) if matches(row)]
         width = min(top_k, len(self))
         scores = torch.full((query_embeds.shape[0], width), float("-inf"))
@@ -1337,8 +1353,8 @@ class GalleryIndex:
                 scores[query, place], indices[query, place] = -negative_score, position
         if unknown:
             logger.warning(
-                f"The {self._store.describe()} holds {len(unknown)} row(s) this index does not know (written by another "
-                "process since it was loaded); load the index again to search them"
+                f"The {self._store.describe()} holds {len(unknown)} row(s) this index does not know (written by "
+                "another process since it was loaded); load the index again to search them"
             )
         return scores, indices
 
@@ -1432,8 +1448,8 @@ class GalleryIndex:
         uri = self.backend_options["uri"]
         if is_local_uri(uri) and Path(uri).is_relative_to(directory):
             raise ValueError(
-                f"the Milvus Lite database {uri} lies inside the index folder {str(directory)!r}, which `save` replaces "
-                "as a whole; keep the .db file outside it"
+                f"the Milvus Lite database {uri} lies inside the index folder {str(directory)!r}, which `save` "
+                "replaces as a whole; keep the .db file outside it"
             )
         if self._writes:
             state = self._milvus().index_state()

@@ -96,15 +96,20 @@ def check_options(options: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown milvus backend option(s) {unknown}; known: {sorted(known)}")
     if "uri" not in options:
-        raise ValueError("the 'milvus' backend needs a `uri` option: a Milvus Lite file (gallery.db) or http://host:19530")
+        raise ValueError(
+            "the 'milvus' backend needs a `uri` option: a Milvus Lite file (gallery.db) or http://host:19530"
+        )
     options = dict(options)
     options["uri"] = normalise_uri(options["uri"])
     options.setdefault("collection", DEFAULT_COLLECTION)
     options.setdefault("token_env", DEFAULT_TOKEN_ENV)
     options.setdefault("index_type", "HNSW")
     name = options["collection"]
-    if not isinstance(name, str) or not name or not (name[0].isalpha() or name[0] == "_") or not all(
-        c.isalnum() or c == "_" for c in name
+    if (
+        not isinstance(name, str)
+        or not name
+        or not (name[0].isalpha() or name[0] == "_")
+        or not all(c.isalnum() or c == "_" for c in name)
     ):
         raise ValueError(f"`collection` must be letters, digits and underscores, starting with a letter, got {name!r}")
     if options["index_type"] not in INDEX_TYPES:
@@ -151,7 +156,7 @@ class MilvusStore:
                 import milvus_lite  # noqa: F401
             except ImportError as error:
                 raise ImportError(
-                    f"a local Milvus database ({self.uri}) needs milvus-lite: `pip install \"mqirtn[milvus]\"`, or "
+                    f'a local Milvus database ({self.uri}) needs milvus-lite: `pip install "mqirtn[milvus]"`, or '
                     "give a server's http://host:19530 as the uri"
                 ) from error
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
@@ -222,12 +227,18 @@ class MilvusStore:
         schema.add_field("file_mtime_ns", DataType.INT64)
         index_params = self.client.prepare_index_params()
         index_params.add_index(
-            field_name="embedding", index_type=self.options["index_type"], metric_type="IP",
+            field_name="embedding",
+            index_type=self.options["index_type"],
+            metric_type="IP",
             params=self.build_params(),
         )
         self._call(
-            "create_collection", self.client.create_collection, self.collection, schema=schema,
-            index_params=index_params, consistency_level=_CONSISTENCY,
+            "create_collection",
+            self.client.create_collection,
+            self.collection,
+            schema=schema,
+            index_params=index_params,
+            consistency_level=_CONSISTENCY,
             properties={_IDENTITY_PROPERTY: json.dumps(identity, sort_keys=True)},
         )
 
@@ -299,7 +310,11 @@ class MilvusStore:
 
     def count(self) -> int:
         result = self._call(
-            "count", self.client.query, self.collection, filter="", output_fields=["count(*)"],
+            "count",
+            self.client.query,
+            self.collection,
+            filter="",
+            output_fields=["count(*)"],
             consistency_level="Strong",
         )
         return int(result[0]["count(*)"])
@@ -307,8 +322,13 @@ class MilvusStore:
     def rows(self, fields: Sequence[str], batch_size: int = 10000) -> Iterator[dict]:
         """Every row's `id` and `fields`, in batches (no row twice, in no particular order)."""
         iterator = self._call(
-            "query_iterator", self.client.query_iterator, self.collection, batch_size=batch_size, filter="",
-            output_fields=["id", *fields], consistency_level="Strong",
+            "query_iterator",
+            self.client.query_iterator,
+            self.collection,
+            batch_size=batch_size,
+            filter="",
+            output_fields=["id", *fields],
+            consistency_level="Strong",
         )
         try:
             while True:
@@ -327,8 +347,14 @@ class MilvusStore:
         # Milvus caps the queries of one request too (nq <= 16384).
         for start in range(0, len(queries), 1024):
             found = self._call(
-                f"search with filter {filter!r}" if filter else "search", self.client.search, self.collection, data=queries[start : start + 1024].tolist(),
-                limit=top_k, filter=filter or "", output_fields=["id"], search_params=self.search_params(top_k),
+                f"search with filter {filter!r}" if filter else "search",
+                self.client.search,
+                self.collection,
+                data=queries[start : start + 1024].tolist(),
+                limit=top_k,
+                filter=filter or "",
+                output_fields=["id"],
+                search_params=self.search_params(top_k),
                 consistency_level=_CONSISTENCY,
             )
             results.extend([(hit["id"], float(hit["distance"])) for hit in hits] for hits in found)

@@ -45,7 +45,9 @@ class MilvusServer:
     def start(self, timeout: float = 120) -> None:
         binary = self.base / "bin" / "milvus"
         env = dict(
-            os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
+            os.environ,
+            DEPLOY_MODE="STANDALONE",
+            METRICS_PORT=str(self.health_port),
             MILVUS_RUN_DIR=str(self.base / "run"),
             LD_LIBRARY_PATH=f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}",
         )

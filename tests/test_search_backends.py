@@ -104,7 +104,11 @@ def make_index(kind, backend_for):
     def make(embeddings, ids, metadata=None, fingerprint=FINGERPRINT, **options):
         backend, options = backend_for(kind, **options)
         index = GalleryIndex(
-            torch.empty((0, embeddings.shape[1])), [], backend=backend, backend_options=options, fingerprint=fingerprint
+            torch.empty((0, embeddings.shape[1])),
+            [],
+            backend=backend,
+            backend_options=options,
+            fingerprint=fingerprint,
         )
         index.add_embeddings(embeddings, ids, metadata)
         made.append(index)
@@ -118,7 +122,9 @@ def make_index(kind, backend_for):
 def random_gallery(count, dim=DIM, seed=0):
     generator = torch.Generator().manual_seed(seed)
     centers = torch.randn(12, dim, generator=generator)
-    points = centers[torch.randint(0, 12, (count,), generator=generator)] + 0.4 * torch.randn(count, dim, generator=generator)
+    points = centers[torch.randint(0, 12, (count,), generator=generator)] + 0.4 * torch.randn(
+        count, dim, generator=generator
+    )
     return torch.nn.functional.normalize(points, dim=-1)
 
 
@@ -153,7 +159,9 @@ def test_same_ids_and_scores_as_exact_search(make_index):
     scores, indices = index.search(query, top_k=10)
     assert scores.shape == indices.shape == (25, 10)
     expected_scores, expected_indices = exact_search(query, gallery, 10)
-    expected = [[(ids[i], s) for s, i in zip(r, q)] for r, q in zip(expected_scores.tolist(), expected_indices.tolist())]
+    expected = [
+        [(ids[i], s) for s, i in zip(r, q)] for r, q in zip(expected_scores.tolist(), expected_indices.tolist())
+    ]
     assert_same_hits(hits(index, scores, indices), expected)
     # One query as a 1-D tensor, and numpy input.
     one_scores, one_indices = index.search(query[3].numpy(), top_k=10)
@@ -183,18 +191,24 @@ def test_tied_scores_return_the_same_rows(make_index):
 def test_filters_select_rows_by_metadata(make_index):
     gallery = random_gallery(120)
     ids = [f"f{i}" for i in range(120)]
-    metadata = [{"folder": ["shoes", "bags", "hats"][i % 3], "year": 2020 + i % 4, "sale": i % 5 == 0} for i in range(120)]
+    metadata = [
+        {"folder": ["shoes", "bags", "hats"][i % 3], "year": 2020 + i % 4, "sale": i % 5 == 0} for i in range(120)
+    ]
     index = make_index(gallery, ids, metadata)
     query = queries(6)
     for expression, keep in [
         ('folder == "shoes"', lambda m: m["folder"] == "shoes"),
-        ('folder in ["bags", "hats"] and year == 2021', lambda m: m["folder"] in ("bags", "hats") and m["year"] == 2021),
+        (
+            'folder in ["bags", "hats"] and year == 2021',
+            lambda m: m["folder"] in ("bags", "hats") and m["year"] == 2021,
+        ),
         ("sale == true and year != 2020", lambda m: m["sale"] and m["year"] != 2020),
     ]:
         rows = [i for i, m in enumerate(metadata) if keep(m)]
         expected_scores, expected_indices = exact_search(query, gallery[rows], 5)
         expected = [
-            [(ids[rows[i]], s) for s, i in zip(r, q)] for r, q in zip(expected_scores.tolist(), expected_indices.tolist())
+            [(ids[rows[i]], s) for s, i in zip(r, q)]
+            for r, q in zip(expected_scores.tolist(), expected_indices.tolist())
         ]
         scores, indices = index.search(query, top_k=5, filter=expression)
         assert scores.shape == (6, 5)
@@ -203,8 +217,10 @@ def test_filters_select_rows_by_metadata(make_index):
     rows = [i for i, m in enumerate(metadata) if m["folder"] == "hats" and m["year"] == 2020]
     scores, indices = index.search(query, top_k=30, filter='folder == "hats" and year == 2020')
     assert scores.shape == (6, 30)
-    assert all(sorted(i for i in row if i >= 0) == sorted(index.ids.index(ids[r]) for r in rows) for row in indices.tolist())
-    assert (indices[:, len(rows):] == -1).all() and torch.isinf(scores[:, len(rows):]).all()
+    assert all(
+        sorted(i for i in row if i >= 0) == sorted(index.ids.index(ids[r]) for r in rows) for row in indices.tolist()
+    )
+    assert (indices[:, len(rows) :] == -1).all() and torch.isinf(scores[:, len(rows) :]).all()
     scores, indices = index.search(query, top_k=4, filter='folder == "gloves"')
     assert (indices == -1).all() and (scores == float("-inf")).all()
 
@@ -232,7 +248,9 @@ def test_add_remove_and_duplicate_ids(make_index):
     assert sorted(index.ids) == sorted(ids[i] for i in kept) and len(index) == 57
     query = queries(8)
     expected_scores, expected_indices = exact_search(query, gallery[kept], 6)
-    expected = [[(ids[kept[i]], s) for s, i in zip(r, q)] for r, q in zip(expected_scores.tolist(), expected_indices.tolist())]
+    expected = [
+        [(ids[kept[i]], s) for s, i in zip(r, q)] for r, q in zip(expected_scores.tolist(), expected_indices.tolist())
+    ]
     assert_same_hits(hits(index, *index.search(query, top_k=6)), expected)
     index.add_embeddings(gallery[7:8], ["a7"])  # a removed id can come back
     assert "a7" in index.ids and len(index) == 58
@@ -256,7 +274,11 @@ def test_reload_in_a_fresh_process(make_index, tmp_path):
         "index.close()\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -268,7 +290,9 @@ def test_refuses_another_models_gallery(kind, backend_for, model, processor, tmp
     folder = tmp_path / "images"
     write_image_folder(folder, 6)
     backend, options = backend_for(kind)
-    index = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    index = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     index.save(tmp_path / "index")
     index.close()
     other = tiny_model(seed=1).eval()
@@ -276,17 +300,23 @@ def test_refuses_another_models_gallery(kind, backend_for, model, processor, tmp
         GalleryIndex.load(tmp_path / "index", model=other)
     if backend == "milvus":  # writing into the collection with another model
         with pytest.raises(ModelMismatchError, match="written by another model"):
-            GalleryIndex.from_folder(other, processor, folder, backend=backend, backend_options=options, progress=False)
+            GalleryIndex.from_folder(
+                other, processor, folder, backend=backend, backend_options=options, progress=False
+            )
 
 
 def test_folder_metadata_and_update(kind, backend_for, model, processor, tmp_path):
     folder = tmp_path / "images"
     paths = write_image_folder(folder, 8)  # half of them in sub/
     backend, options = backend_for(kind)
-    index = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    index = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     query = torch.nn.functional.normalize(torch.randn(3, model.config.projection_dim), dim=-1)
     _, indices = index.search(query, top_k=8, filter='folder == "sub"')
-    assert {index.ids[i] for i in indices.flatten().tolist() if i >= 0} == {p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub"}
+    assert {index.ids[i] for i in indices.flatten().tolist() if i >= 0} == {
+        p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub"
+    }
     index.save(tmp_path / "index")
     index.close()
 
@@ -302,14 +332,22 @@ def test_folder_metadata_and_update(kind, backend_for, model, processor, tmp_pat
     fresh = GalleryIndex.from_folder(model, processor, folder, progress=False)
     assert sorted(index.ids) == sorted(fresh.ids)
     assert_same_hits(hits(index, *index.search(query, top_k=8)), hits(fresh, *fresh.search(query, top_k=8)))
-    assert index.update_folder(progress=False) == {"added": 0, "changed": 0, "removed": 0, "unchanged": 8, "skipped": 0}
+    assert index.update_folder(progress=False) == {
+        "added": 0,
+        "changed": 0,
+        "removed": 0,
+        "unchanged": 8,
+        "skipped": 0,
+    }
     index.close()
 
 
 # ---------------------------------------------------------------------------------------------------- milvus only
 def test_milvus_records_its_database_and_index_settings_but_no_token(milvus_kind, backend_for, tmp_path, monkeypatch):
     monkeypatch.setenv("MQIRTN_TEST_TOKEN", "secret-token-value")
-    backend, options = backend_for(milvus_kind, hnsw_m=8, ef_construction=40, ef_search=32, token_env="MQIRTN_TEST_TOKEN")
+    backend, options = backend_for(
+        milvus_kind, hnsw_m=8, ef_construction=40, ef_search=32, token_env="MQIRTN_TEST_TOKEN"
+    )
     if milvus_kind == "milvus-lite":
         monkeypatch.delenv("MQIRTN_TEST_TOKEN")  # Lite takes no token
     index = GalleryIndex(torch.empty((0, DIM)), [], backend=backend, backend_options=options, fingerprint=FINGERPRINT)
@@ -319,11 +357,18 @@ def test_milvus_records_its_database_and_index_settings_but_no_token(milvus_kind
     text = (tmp_path / "saved" / "index.json").read_text()
     assert "secret-token-value" not in text
     meta = json.loads(text)
-    assert meta["backend"] == "milvus" and sorted(os.listdir(tmp_path / "saved")) == ["index.json", "index.json.sha256"]
+    assert meta["backend"] == "milvus" and sorted(os.listdir(tmp_path / "saved")) == [
+        "index.json",
+        "index.json.sha256",
+    ]
     assert meta["backend_options"] == {
         "uri": options["uri"] if milvus_kind == "milvus-server" else str(Path(options["uri"]).resolve()),
-        "collection": options["collection"], "token_env": "MQIRTN_TEST_TOKEN", "index_type": "HNSW",
-        "hnsw_m": 8, "ef_construction": 40, "ef_search": 32,
+        "collection": options["collection"],
+        "token_env": "MQIRTN_TEST_TOKEN",
+        "index_type": "HNSW",
+        "hnsw_m": 8,
+        "ef_construction": 40,
+        "ef_search": 32,
     }
     loaded = GalleryIndex.load(tmp_path / "saved")
     state = loaded._milvus().index_state()
@@ -333,14 +378,20 @@ def test_milvus_records_its_database_and_index_settings_but_no_token(milvus_kind
     loaded.close()
 
 
-def test_milvus_from_images_replaces_a_collection_of_the_same_model(milvus_kind, backend_for, model, processor, tmp_path):
+def test_milvus_from_images_replaces_a_collection_of_the_same_model(
+    milvus_kind, backend_for, model, processor, tmp_path
+):
     folder = tmp_path / "images"
     write_image_folder(folder, 6)
     backend, options = backend_for(milvus_kind)
-    first = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    first = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     first.close()
     (folder / "img_000.jpg").unlink()
-    again = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    again = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     assert len(again) == 5 and "img_000.jpg" not in again.ids
     assert again._milvus().count() == 5  # replaced rows are not duplicated, the file that is gone is deleted
     again.close()
@@ -348,7 +399,10 @@ def test_milvus_from_images_replaces_a_collection_of_the_same_model(milvus_kind,
 
 def test_lite_database_inside_the_index_folder_is_refused(tmp_path):
     index = GalleryIndex(
-        torch.empty((0, DIM)), [], backend="milvus", backend_options={"uri": str(tmp_path / "saved" / "g.db")},
+        torch.empty((0, DIM)),
+        [],
+        backend="milvus",
+        backend_options={"uri": str(tmp_path / "saved" / "g.db")},
         fingerprint=FINGERPRINT,
     )
     with pytest.raises(ValueError, match="inside the index folder"):
@@ -407,16 +461,42 @@ def test_cli_index_filter_search_and_update(kind, backend_for, model, processor,
     paths = write_image_folder(folder, 8)
     backend, options = backend_for(kind)
     extra = ["--uri", options["uri"], "--collection", options["collection"]] if backend == "milvus" else []
-    index_args = ["index", "--model", tmp_path / "model", "--images", folder, "--out", tmp_path / "index", "--backend",
-                  backend, "--no-progress", "--num-workers", 0, *extra]
+    index_args = [
+        "index",
+        "--model",
+        tmp_path / "model",
+        "--images",
+        folder,
+        "--out",
+        tmp_path / "index",
+        "--backend",
+        backend,
+        "--no-progress",
+        "--num-workers",
+        0,
+        *extra,
+    ]
     code, out, err = _cli(index_args, capsys)
     assert code == 0, err
     assert "Indexed 8 images" in out
-    search = ["search", "--index", tmp_path / "index", "--image", paths[0], "--text", "make it red", "--json", "--top-k", 8]
+    search = [
+        "search",
+        "--index",
+        tmp_path / "index",
+        "--image",
+        paths[0],
+        "--text",
+        "make it red",
+        "--json",
+        "--top-k",
+        8,
+    ]
     code, out, err = _cli([*search, "--filter", 'folder == "sub"'], capsys)
     assert code == 0, err
     results = json.loads(out)
-    assert results and {r["id"] for r in results} <= {p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub"}
+    assert results and {r["id"] for r in results} <= {
+        p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub"
+    }
     code, out, err = _cli([*search, "--filter", "folder > 1"], capsys)
     last = err.strip().splitlines()[-1]  # above it: transformers' weight-loading bar
     assert code == 1 and last.startswith("mqirtn search: error:") and "filter" in last and "Traceback" not in err
@@ -473,7 +553,9 @@ def test_search_backends_benchmark_runs_tiny(tmp_path):
     assert set(rows) == {"exact", "faiss-ivf", "milvus-lite"}
     assert rows["exact"]["recall_at_10"] == 1.0 and rows["exact"]["single_p50_vs_exact"] == 1.0
     assert rows["milvus-lite"]["recall_at_10"] > 0.95  # HNSW at ef 64 on 2,000 rows
-    assert all(row["insert_s"] > 0 and row["single"]["p50_ms"] > 0 and row["batch_10"]["p99_ms"] > 0 for row in rows.values())
+    assert all(
+        row["insert_s"] > 0 and row["single"]["p50_ms"] > 0 and row["batch_10"]["p99_ms"] > 0 for row in rows.values()
+    )
 
 
 def test_demo_serves_a_milvus_gallery(milvus_kind, backend_for, model, processor, tmp_path):
@@ -487,10 +569,14 @@ def test_demo_serves_a_milvus_gallery(milvus_kind, backend_for, model, processor
     folder = tmp_path / "images"
     paths = write_image_folder(folder, 10)
     backend, options = backend_for(milvus_kind)
-    built = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    built = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     built.save(tmp_path / "index")
     built.close()
-    args = argparse.Namespace(gallery=str(tmp_path / "index"), cache_dir=str(tmp_path / "cache"), model="m", no_progress=True)
+    args = argparse.Namespace(
+        gallery=str(tmp_path / "index"), cache_dir=str(tmp_path / "cache"), model="m", no_progress=True
+    )
     index, _, description = app.open_gallery(args, model, processor)
     assert index.backend == "milvus" and len(index) == 10 and str(tmp_path / "index") in description
     (gallery,), (status,) = app.CompositionalSearch(model, processor, index)([str(paths[2])], ["make it red"], [4])
@@ -538,7 +624,9 @@ def test_pipeline_passes_the_filter_to_the_index(kind, backend_for, model, proce
     folder = tmp_path / "images"
     paths = write_image_folder(folder, 8)
     backend, options = backend_for(kind)
-    index = GalleryIndex.from_folder(model, processor, folder, backend=backend, backend_options=options, progress=False)
+    index = GalleryIndex.from_folder(
+        model, processor, folder, backend=backend, backend_options=options, progress=False
+    )
     pipe = ComposedImageRetrievalPipeline(model=model, processor=processor)
     found = pipe(image=str(paths[0]), text="make it red", gallery=index, top_k=8, filter='folder == "sub"')
     in_sub = sorted(p.relative_to(folder).as_posix() for p in paths if p.parent.name == "sub")
@@ -548,7 +636,12 @@ def test_pipeline_passes_the_filter_to_the_index(kind, backend_for, model, proce
     assert [hit["id"] for hit in found] == [hit["id"] for hit in expected]
     assert [hit["score"] for hit in found] == pytest.approx([hit["score"] for hit in expected], abs=1e-5)
     with pytest.raises(ValueError, match="`filter` needs a `gallery` index"):
-        pipe(image=str(paths[0]), text="make it red", gallery=torch.zeros(3, model.config.projection_dim), filter="a == 1")
+        pipe(
+            image=str(paths[0]),
+            text="make it red",
+            gallery=torch.zeros(3, model.config.projection_dim),
+            filter="a == 1",
+        )
     index.close()
 
 
