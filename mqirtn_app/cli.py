@@ -133,7 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="embed a folder of images into a gallery index")
     index.add_argument("--model", required=True, help="saved model folder or Hub id (with its processor)")
-    index.add_argument("--images", required=True, help="folder of images, searched recursively")
+    index.add_argument(
+        "--images", required=True,
+        help="folder of images, searched recursively, or a .jsonl/.csv file listing them (column `image`: a path "
+        "relative to the file; the other columns become filterable metadata)",
+    )
     index.add_argument("--out", required=True, help="folder to write the index into")
     index.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     index.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
@@ -266,9 +270,12 @@ def _index(args) -> int:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
         raise CLIError(f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}")
-    if not Path(args.images).is_dir():
-        raise CLIError(f"--images {args.images!r} does not exist or is not a folder")
-    if not image_files(args.images):
+    table = Path(args.images).suffix.lower() in (".jsonl", ".csv") and Path(args.images).is_file()
+    if table and args.update:
+        raise CLIError("--update compares the files of a folder; for a .jsonl/.csv gallery, index it again")
+    if not table and not Path(args.images).is_dir():
+        raise CLIError(f"--images {args.images!r} does not exist or is not a folder (or a .jsonl/.csv gallery file)")
+    if not table and not image_files(args.images):
         raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under --images {args.images!r}")
     options = _backend_options(args)
     accelerator = _accelerator(args.device) if _distributed() else None
@@ -276,7 +283,8 @@ def _index(args) -> int:
     model, processor = load_model(args.model, args.trust_remote_code, device, args.dtype)
     if args.update and Path(args.out, "index.json").is_file():
         return _update(args, model, processor, accelerator)
-    index = GalleryIndex.from_folder(
+    build = GalleryIndex.from_table if table else GalleryIndex.from_folder
+    index = build(
         model,
         processor,
         args.images,

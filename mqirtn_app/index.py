@@ -208,6 +208,44 @@ def folder_metadata(files: Sequence[str | os.PathLike], ids: Sequence[str]) -> l
     return rows
 
 
+def _default_workers_for(model, count: int, kwargs: dict) -> int:
+    """`default_num_workers` for `count` files embedded with `from_images(**kwargs)` (its accelerator, batch size)."""
+    accelerator = kwargs.get("accelerator")
+    processes = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    shard = math.ceil(count / (1 if accelerator is None else accelerator.num_processes))
+    device = next(model.parameters()).device
+    return default_num_workers(shard, kwargs.get("batch_size", 32), processes, device)
+
+
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """The rows of a `.jsonl` (one JSON object per line) or `.csv` (header row) gallery file."""
+    import csv
+
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise ValueError(f"a gallery table must be a .jsonl or .csv file, got {str(path)!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"the gallery table {str(path)!r} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{str(path)!r} line {number} is not JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{str(path)!r} line {number} must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"the gallery table {str(path)!r} lists no images")
+    return rows
+
+
 def dataset_metadata(dataset, exclude: Sequence[str] = ()) -> list[dict] | None:
     """The string, integer, float and boolean columns of a `datasets.Dataset` (not `exclude`), one dict per row;
     None when it has none."""
@@ -974,15 +1012,39 @@ class GalleryIndex:
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"
             )
         if num_workers is None:
-            accelerator = kwargs.get("accelerator")
-            processes = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-            shard = math.ceil(len(files) / (1 if accelerator is None else accelerator.num_processes))
-            device = next(model.parameters()).device
-            num_workers = default_num_workers(shard, kwargs.get("batch_size", 32), processes, device)
+            num_workers = _default_workers_for(model, len(files), kwargs)
         return cls.from_images(
             model, processor, files, ids, root=folder, num_workers=num_workers, metadata=folder_metadata(files, ids),
             **kwargs,
         )
+
+    @classmethod
+    def from_table(
+        cls, model, processor, path: str | os.PathLike, image_column: str = "image", id_column: str | None = None,
+        **kwargs,
+    ) -> "GalleryIndex":
+        """Indexes the images listed in a JSON Lines (`.jsonl`) or CSV (`.csv`) file, one row per image: its
+        `image_column` holds a path (relative to the file's folder, or absolute), `id_column` the id (default: that
+        path); every other column becomes filterable metadata (JSON values as they are; CSV values are strings).
+
+        Keyword arguments are those of `from_images`.
+        """
+        num_workers = kwargs.pop("num_workers", None)
+        rows = read_table(path)
+        for name, column in (("image_column", image_column), ("id_column", id_column)):
+            if column is not None and any(column not in row for row in rows):
+                raise ValueError(f"`{name}` {column!r} is missing from some rows of {str(path)!r}")
+        base = Path(path).resolve().parent
+        images = [str(base / str(row[image_column])) for row in rows]
+        ids = [str(row[id_column] if id_column else row[image_column]) for row in rows]
+        metadata = [
+            {key: value for key, value in row.items() if key not in (image_column, *_RESERVED_METADATA)
+             and isinstance(value, (str, int, float, bool))}
+            for row in rows
+        ]  # fmt: skip
+        if num_workers is None:
+            num_workers = _default_workers_for(model, len(images), kwargs)
+        return cls.from_images(model, processor, images, ids, metadata=metadata, num_workers=num_workers, **kwargs)
 
     @classmethod
     def from_dataset(

@@ -664,3 +664,40 @@ def test_dataset_columns_become_filterable_metadata(kind, backend_for, model, pr
     _, indices = index.search(query, top_k=6, filter='category == "dress" and price in [10, 40, 60]')
     assert sorted(index.ids[i] for i in indices[0].tolist() if i >= 0) == ["n0", "n3"]
     index.close()
+
+
+def test_jsonl_and_csv_galleries_carry_their_columns(kind, backend_for, model, processor, tmp_path, capsys):
+    from modeling_mqirtn import save_for_hub
+
+    paths = write_image_folder(tmp_path / "images", 6, nested=False)
+    rows = [
+        {"image": f"images/{p.name}", "sku": f"sku{i}", "category": ["dress", "shirt"][i % 2], "price": 10 * i}
+        for i, p in enumerate(paths)
+    ]
+    (tmp_path / "gallery.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "gallery.csv").write_text(
+        "image,sku,category\n" + "".join(f"{r['image']},{r['sku']},{r['category']}\n" for r in rows)
+    )
+    backend, options = backend_for(kind)
+    index = GalleryIndex.from_table(
+        model, processor, tmp_path / "gallery.jsonl", id_column="sku", backend=backend, backend_options=options,
+        progress=False,
+    )
+    query = torch.nn.functional.normalize(torch.randn(1, model.config.projection_dim), dim=-1)
+    _, indices = index.search(query, top_k=6, filter='category == "dress" and price != 40')
+    assert sorted(index.ids[i] for i in indices[0].tolist() if i >= 0) == ["sku0", "sku2"]
+    index.close()
+    if kind != "exact":
+        return
+    save_for_hub(model, processor, tmp_path / "model")
+    code, out, err = _cli(
+        ["index", "--model", tmp_path / "model", "--images", tmp_path / "gallery.csv", "--out", tmp_path / "index",
+         "--no-progress"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = _cli(
+        ["search", "--index", tmp_path / "index", "--image", paths[0], "--text", "make it red", "--json",
+         "--filter", 'category in ["shirt"]'], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(hit["id"] for hit in json.loads(out)) == [f"images/{p.name}" for p in paths[1::2]]
