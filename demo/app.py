@@ -140,6 +140,8 @@ def check_arguments(args) -> None:
             raise DemoError(f"--gallery {args.gallery!r} does not exist (give an index folder or a folder of images)")
         if not gallery.is_dir():
             raise DemoError(f"--gallery {args.gallery!r} is a file; give an index folder or a folder of images")
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise DemoError(f"--cache-dir {args.cache_dir!r} is a file; give a folder (it is created if missing)")
     if not 1 <= args.max_batch_size <= 256:
         raise DemoError(f"--max-batch-size must be between 1 and 256, got {args.max_batch_size}")
     if args.max_pixels < 0:

@@ -12,3 +12,5 @@ Modules are imported on their own; this package imports nothing, so `mqirtn --he
 # The search backends of `GalleryIndex`, here so that the command-line parser can list them without importing torch.
 # "milvus": a collection in a Milvus database (Lite file or server), `mqirtn_app.milvus_store`.
 BACKENDS: tuple[str, ...] = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus")
+# The largest integer knob (nlist, nprobe, ef_search, ...) a backend takes: FAISS and Milvus read them as C ints.
+MAX_BACKEND_OPTION = 2**31 - 1

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 # Only the standard library and this constant at import time: `mqirtn --help` must not wait for torch.
-from . import BACKENDS
+from . import BACKENDS, MAX_BACKEND_OPTION
 
 
 class CLIError(Exception):
@@ -109,8 +109,8 @@ def _backend_options(args) -> dict:
             continue
         if args.backend not in _KNOB_BACKENDS[flag]:
             raise CLIError(f"--{flag} applies to --backend {' or '.join(_KNOB_BACKENDS[flag])}, not {args.backend}")
-        if value < 1:
-            raise CLIError(f"--{flag} must be a positive integer, got {value}")
+        if not 1 <= value <= MAX_BACKEND_OPTION:
+            raise CLIError(f"--{flag} must be a positive integer up to {MAX_BACKEND_OPTION}, got {value}")
         options[flag.replace("-", "_")] = value
     milvus = {
         "uri": args.uri, "collection": args.collection, "token_env": args.token_env, "index_type": args.index_type
@@ -219,6 +219,39 @@ def _accelerator(device_name: str):
     return Accelerator(cpu=device_name == "cpu")
 
 
+def _hub_kernels(config) -> list[str]:
+    """The attention implementations of a config dict (and its sub-configs) that name a Hub repository ("org/repo",
+    optionally with ":function" or "@revision"): transformers downloads and runs such a kernel."""
+    found = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in ("attn_implementation", "_attn_implementation") and isinstance(value, str) and "/" in value:
+                found.append(value)
+            elif isinstance(value, (dict, list)):
+                found.extend(_hub_kernels(value))
+    elif isinstance(config, list):
+        for item in config:
+            found.extend(_hub_kernels(item))
+    return found
+
+
+def _refuse_hub_kernels(name_or_path: str) -> None:
+    """`CLIError` when the model's config.json asks for an attention kernel from the Hub (code that would run)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"could not load the model {name_or_path!r}: {first_line}") from error
+    kernels = _hub_kernels(config)
+    if kernels:
+        raise CLIError(
+            f"the config of {name_or_path!r} asks for the attention kernel {kernels[0]!r} from the Hub, which would "
+            "download and run its code; pass --trust-remote-code to allow it (only for a model you trust)"
+        )
+
+
 def load_model(name_or_path: str, trust_remote_code: bool = False, device=None, dtype: str = "float32"):
     """Model and processor of `name_or_path`: with this package's installed classes unless `trust_remote_code`; the
     model in `dtype` (a `--dtype` name) on `device` (a `torch.device`, default the CPU), in eval mode.
@@ -236,6 +269,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, device=None, 
 
     import modeling_mqirtn  # noqa: F401  (registers the MQIRTN Auto classes, the AutoProcessor and the pipeline task)
 
+    if not trust_remote_code:
+        _refuse_hub_kernels(name_or_path)
     try:
         model, loading = AutoModel.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), output_loading_info=True

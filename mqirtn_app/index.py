@@ -41,7 +41,7 @@ from modeling_mqirtn.search_mqirtn import exact_search
 from processing import processing_mqirtn
 from processing.processing_mqirtn import IMAGE_EXTENSIONS, to_rgb_image
 
-from . import BACKENDS
+from . import BACKENDS, MAX_BACKEND_OPTION
 from .atomic import recover_folder, sha256_file, staging_folder, swap_in_folder
 
 
@@ -562,13 +562,18 @@ def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
     elif backend == "faiss-ivf":
         # FAISS wants >= 39 training points per list; 4 * sqrt(N) lists is its usual rule of thumb.
         nlist = int(options.get("nlist") or max(1, min(int(4 * math.sqrt(count)), count // 39)))
+        if nlist > count:
+            raise ValueError(
+                f"`nlist` ({nlist}) is more than the gallery's {count} vectors: IVF needs a training vector per list; "
+                "give a smaller nlist (or none: 4 sqrt(N))"
+            )
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         # k-means on every vector of a large gallery costs O(N * nlist) per iteration for no better lists: train on a
         # fixed random sample of `train_size` vectors (default 64 per list, within FAISS's advised 39-256).
         train_size = int(options.get("train_size") or 64 * nlist)
         if train_size < count:
-            sample = np.random.default_rng(0).choice(count, size=max(train_size, 39 * nlist), replace=False)
+            sample = np.random.default_rng(0).choice(count, size=min(count, max(train_size, 39 * nlist)), replace=False)
             index.train(vectors[np.sort(sample)])
         else:
             index.train(vectors)
@@ -799,8 +804,13 @@ def _read_meta(path: Path, data: bytes | None = None) -> dict:
             if not isinstance(value, str):
                 raise ValueError(f"{str(path)!r}: backend option {name!r} must be a string, got {value!r}")
             continue
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{str(path)!r}: backend option {name!r} must be a positive integer, got {value!r}")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BACKEND_OPTION
+        ):
+            raise ValueError(
+                f"{str(path)!r}: backend option {name!r} must be a positive integer up to {MAX_BACKEND_OPTION}, got "
+                f"{value!r}"
+            )
     return meta
 
 
@@ -866,6 +876,9 @@ class GalleryIndex:
         self.model_code = dict(model_code or {})
         self.backend = backend
         self.backend_options = dict(backend_options or {})
+        for name, value in self.backend_options.items():
+            if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= MAX_BACKEND_OPTION:
+                raise ValueError(f"backend option {name!r} must be a positive integer up to {MAX_BACKEND_OPTION}, got {value}")
         self._store = None  # the milvus backend's `MilvusStore`
         self._positions: dict[str, int] | None = None  # id -> row, for the milvus backend's results
         if backend == "milvus":

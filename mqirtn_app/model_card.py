@@ -83,6 +83,7 @@ def write_model_card(
     base_models: Sequence[str] = (),
     hub_model_id: str | None = None,
     template_path: str | os.PathLike = TEMPLATE,
+    path: str | os.PathLike | None = None,
 ) -> Path:
     """Writes `folder/README.md`: YAML metadata (model-index from `results`) + the filled template; returns its path.
 
@@ -96,6 +97,8 @@ def write_model_card(
             its folder name).
         base_models: Hub ids of the pretrained towers (or of the fine-tuned model).
         hub_model_id: `ORG/NAME` the model is pushed to, if any.
+        path: where to write the card (default `folder/README.md`; a staged copy of the folder when the card is
+            swapped in with the model).
     """
     folder = Path(folder)
     spec = get_dataset_spec(dataset)
@@ -142,7 +145,7 @@ def write_model_card(
         results_table=_results_table(results),
         training_summary="\n".join(f"| {key} | {value} |" for key, value in training_summary.items()),
     )
-    path = folder / "README.md"
+    path = Path(path) if path is not None else folder / "README.md"
     card.save(path)
     return path
 

@@ -95,6 +95,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
@@ -270,6 +280,11 @@ def add_evaluation_and_hub_arguments(parser) -> None:
     evaluation.add_argument("--eval_only", action="store_true", help="Only evaluate --model_name_or_path.")
     evaluation.add_argument("--eval_steps", type=_positive_int, default=None, help="Also evaluate on --validation_split every N steps and keep the best model.")
     evaluation.add_argument("--do_predict", action="store_true", help="CIRR: write the two test-server submission files.")
+    evaluation.add_argument(
+        "--max_dropped_queries", type=_fraction, default=0.0,
+        help="Largest fraction of evaluation queries that may lack a target (left out of Recall) before evaluation "
+        "fails (default 0: none); the count is reported in the table, eval_results.json and the card either way.",
+    )
     evaluation.add_argument("--num_results_grids", type=_non_negative_int, default=4, help="Qualitative result figures written after evaluation.")
 
     hub = parser.add_argument_group("hub")

@@ -155,9 +155,10 @@ def last_good_checkpoint_text(output_dir: Path) -> str:
 
 
 @torch.no_grad()
-def check_finite_model(model, processor, output_dir: Path) -> None:
+def check_finite_model(model, processor, output_dir: Path, consequence: str = "it was not saved") -> None:
     """Raises `TrainingStopped` unless every parameter and buffer of `model` is finite and so are its query and gallery
-    embeddings of a probe batch (a grey image and a short text): a model that cannot embed is never saved."""
+    embeddings of a probe batch (a grey image and a short text): a model that cannot embed is never saved, nor
+    evaluated (its Recall would score an arbitrary ordering). `consequence` says which, in the message."""
     bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if not bad:
         parameter = next(model.parameters())
@@ -177,12 +178,15 @@ def check_finite_model(model, processor, output_dir: Path) -> None:
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise TrainingStopped(
-            f"The trained model is not finite ({shown}); it was not saved. {last_good_checkpoint_text(output_dir)}"
+            f"The model is not finite ({shown}); {consequence}. {last_good_checkpoint_text(output_dir)}"
         )
 
 
-def save_model(accelerator, model, processor, folder: Path, output_dir: Path | None = None) -> None:
+def save_model(accelerator, model, processor, folder: Path, output_dir: Path | None = None, complete=None) -> None:
     """Model (safetensors) + processor + code files, loadable with trust_remote_code and by the pipeline.
+
+    complete (`Callable[[Path], None]`, *optional*): writes the files that describe this model (its metrics, card,
+        training state) into the staged folder, so they are swapped in with the model, never beside another one.
 
     Checked first (`check_finite_model`, on every process): a model with non-finite weights or embeddings raises
     `TrainingStopped` naming the last good checkpoint of `output_dir` (default `folder`) and nothing is written.
@@ -195,4 +199,6 @@ def save_model(accelerator, model, processor, folder: Path, output_dir: Path | N
         folder.mkdir(parents=True, exist_ok=True)
         staged = staging_folder(folder / "model")
         save_for_hub(unwrapped, processor, staged)
+        if complete is not None:
+            complete(staged)
         move_files_into(staged, folder)

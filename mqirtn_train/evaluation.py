@@ -22,6 +22,8 @@ from processing.data.transforms import (
     set_query_transform,
 )
 
+from .checkpoints import check_finite_model
+
 
 logger = get_logger(__name__)
 
@@ -89,11 +91,40 @@ def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args,
         data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference,
         unusable_query_ids=unusable,
     )
+    dropped = dropped_queries(data)
+    if dropped:
+        metrics["dropped_queries"] = dropped
     return metrics, query_embeds, gallery_embeds
 
 
+# Protocols whose hits are target ids: a query without one is left out of their recalls.
+_TARGET_ID_PROTOCOLS = ("shapes", "exact", "fashioniq", "cirr")
+# Counts that evaluation results may carry beside the percentages (shown in the table's title, not as columns).
+COUNT_KEYS = ("dropped_queries", "unusable_queries")
+
+
+def dropped_queries(data: CIREvaluationData) -> int:
+    """How many queries of a split with ground truth have no target (a misspelled target column, a broken row):
+    the recalls leave them out, so they are counted and reported wherever the recalls go."""
+    if data.protocol not in _TARGET_ID_PROTOCOLS or not data.has_targets:
+        return 0
+    return sum(target is None for target in data.queries["target_id"])
+
+
+def check_dropped_queries(data: CIREvaluationData, max_fraction: float, split: str) -> None:
+    """`ValueError` when more than `max_fraction` of the queries would be left out of the recalls (before any
+    embedding is computed)."""
+    dropped, total = dropped_queries(data), len(data.queries)
+    if dropped and dropped / total > max_fraction:
+        raise ValueError(
+            f"{dropped} of the {total} {split} queries ({100 * dropped / total:.1f} %) have no target and would be left "
+            f"out of Recall, more than --max_dropped_queries {max_fraction:g} allows; fix those rows (a misspelled "
+            "target column? an unterminated quote?) or raise --max_dropped_queries"
+        )
+
+
 def format_table(title: str, metrics: dict[str, float]) -> str:
-    names = list(metrics)
+    names = [name for name in metrics if name not in COUNT_KEYS]
     width = max(8, *(len(name) for name in names))
     lines = [title, "  ".join(f"{name:>{width}}" for name in names), "  ".join(f"{metrics[name]:>{width}.2f}" for name in names)]
     return "\n".join(lines)
@@ -120,12 +151,21 @@ def evaluate_and_predict(args, accelerator, model, processor, data: dict, traini
     """Recall@K on the evaluation split (table, figures) and the CIRR test-server files with --do_predict."""
     results = {}
     eval_data, output_dir = data["eval"], Path(args.output_dir)
+    if eval_data is not None or data["predict"] is not None:
+        check_finite_model(accelerator.unwrap_model(model), processor, output_dir, "it was not evaluated")
     if eval_data is not None:
+        check_dropped_queries(eval_data, args.max_dropped_queries, args.eval_split)
         metrics, query_embeds, gallery_embeds = evaluate_split(accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}")
         results[args.eval_split] = metrics
         if accelerator.is_main_process:
             source = Path(args.dataset_name).name if args.source == "hub" else get_dataset_spec(args.source).display_name
-            title = f"\n{source} {args.eval_split} ({len(eval_data.queries)} queries, {len(eval_data.gallery)} gallery images), %"
+            counts = "".join(
+                f", {metrics[key]} {key.replace('_', ' ')}" for key in COUNT_KEYS if metrics.get(key)
+            )  # "6 queries, 2 dropped queries": the recalls' denominator is the queries less the dropped ones
+            title = (
+                f"\n{source} {args.eval_split} ({len(eval_data.queries)} queries{counts}, {len(eval_data.gallery)} "
+                "gallery images), %"
+            )
             if training_state.get("time_limit_reached"):
                 title += (
                     f"  [CUT SHORT by --max_train_minutes {args.max_train_minutes}: trained {training_state['completed_steps']} of "

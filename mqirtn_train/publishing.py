@@ -7,10 +7,12 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
+from mqirtn_app.atomic import write_bytes_atomic
 from mqirtn_app.model_card import HubError, rounded, upload_model_folder, write_model_card
 
 from .arguments import MINILM_HUB_ID, default_text_model
 from .checkpoints import save_model
+from .run import TRAINING_STATE_FILE
 from .evaluation import RETRIEVAL_DIAGNOSTICS_KEY
 
 
@@ -34,22 +36,34 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
     """eval_results.json (with how training went and what the composition does), the model, its card, the Hub."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and results:
+    files = {}
+    if results:
         record = rounded(results)  # percents to 4 decimals, not float32 noise; the diagnostics keep their digits
         if training_state:
             record["training"] = training_state
         if diagnostics:
             record["composition"] = diagnostics
-        (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
+        files["eval_results.json"] = json.dumps(record, indent=2).encode()
     if args.eval_only:
+        if accelerator.is_main_process and results:
+            write_bytes_atomic(output_dir / "eval_results.json", files["eval_results.json"])
         return
-    save_model(accelerator, model, processor, output_dir)
-    if accelerator.is_main_process:
-        split_results = {key: value for key, value in results.items() if key != RETRIEVAL_DIAGNOSTICS_KEY}
+    if training_state:
+        files[TRAINING_STATE_FILE] = json.dumps(training_state, indent=2).encode()
+    split_results = {key: value for key, value in results.items() if key != RETRIEVAL_DIAGNOSTICS_KEY}
+
+    def complete(staged: Path) -> None:
+        # The metrics, the training state and the card are swapped in with the model they describe: a refused model,
+        # a kill or a full disk never leaves this run's numbers beside the previous model.
+        for name, data in files.items():
+            (staged / name).write_bytes(data)
         write_model_card(
             output_dir, split_results, card, args.source, args.composition, hub_dataset_name=args.dataset_name,
-            base_models=card_base_models(args), hub_model_id=args.hub_model_id,
+            base_models=card_base_models(args), hub_model_id=args.hub_model_id, path=staged / "README.md",
         )
+
+    save_model(accelerator, model, processor, output_dir, complete=complete)
+    if accelerator.is_main_process:
         if args.push_to_hub:
             for tracker in accelerator.trackers:  # the TensorBoard logs go up with the model: write them out first
                 if callable(getattr(tracker.tracker, "flush", None)):

@@ -3,7 +3,6 @@ optimiser, schedule, resuming, the loop with its non-finite and wall-clock guard
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -385,9 +384,7 @@ class TrainingRun:
             "train_seconds": round(seconds, 1),
             "samples_per_second": samples_per_second,
         }
-        if self.accelerator.is_main_process:
-            (self.output_dir / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
-        return card, state
+        return card, state  # written with the model (`publishing.save_and_publish`)
 
 
 def forward_loss(model, batch, output_composition: bool):

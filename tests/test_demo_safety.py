@@ -222,3 +222,16 @@ def test_long_text_is_truncated_with_a_warning_in_the_pipeline(small, caplog):
     cut = processor.tokenizer.decode(processor.tokenizer(words)["input_ids"][1 : limit - 1])
     assert [h["id"] for h in hits] == [h["id"] for h in pipe(image=str(gallery / "g00.png"), text=cut, gallery=index,
                                                                top_k=3)]
+
+
+def test_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    from modeling_mqirtn.pipeline_mqirtn import save_for_hub
+
+    model_dir = save_for_hub(tiny_model().eval(), tiny_processor(tmp_path), tmp_path / "model")
+    (tmp_path / "gallery").mkdir()
+    shape_image(0).save(tmp_path / "gallery" / "g.png")
+    (tmp_path / "cache").write_text("a file")
+    argv = ["--model", str(model_dir), "--gallery", str(tmp_path / "gallery"), "--cache-dir", str(tmp_path / "cache")]
+    assert app.main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("demo/app.py: error:")]
+    assert len(lines) == 1 and "--cache-dir" in lines[0] and "is a file" in lines[0], lines

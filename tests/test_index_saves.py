@@ -153,3 +153,58 @@ def test_cli_index_with_a_nan_model_is_one_line_and_writes_nothing(tmp_path, cap
     assert status == 1
     assert "the model's weights are not finite" in one_error_line(capsys, "mqirtn index: error:")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- one-line errors
+@pytest.fixture
+def workspace(tmp_path):
+    folder = save_for_hub(tiny_model().eval(), tiny_processor(tmp_path), tmp_path / "model")
+    write_image_folder(tmp_path / "images", 3, nested=False)
+    return tmp_path, folder
+
+
+def test_faiss_knobs_out_of_range_are_one_line(workspace, capsys):
+    pytest.importorskip("faiss")
+    root, model = workspace
+    base = ["index", "--model", str(model), "--images", str(root / "images"), "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--backend", "faiss-ivf", "--nlist", "50", "--out", str(root / "ivf")]) == 1
+    assert "`nlist` (50) is more than the gallery's 3 vectors" in one_error_line(capsys, "mqirtn index: error:")
+    assert main([*base, "--backend", "faiss-hnsw", "--ef-search", str(2**31), "--out", str(root / "hnsw")]) == 1
+    assert f"--ef-search must be a positive integer up to {2**31 - 1}" in one_error_line(capsys, "mqirtn index: error:")
+    assert not (root / "ivf").exists() and not (root / "hnsw").exists()
+    with pytest.raises(ValueError, match="backend option 'ef_search' must be a positive integer up to"):
+        GalleryIndex(torch.eye(3), ["a", "b", "c"], backend="faiss-hnsw", backend_options={"ef_search": 2**31})
+
+
+def test_out_of_range_option_or_nested_json_in_index_json_is_one_line(tmp_path):
+    from conftest import write_index_json
+
+    random_index(3, 0).save(tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    write_index_json(tmp_path / "index", {**meta, "backend": "faiss-hnsw", "backend_options": {"ef_search": 2**31}})
+    with pytest.raises(ValueError, match="backend option 'ef_search' must be a positive integer up to 2147483647"):
+        GalleryIndex.load(tmp_path / "index")
+    write_index_json(tmp_path / "index", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nests its JSON too deeply"):
+        GalleryIndex.load(tmp_path / "index")
+
+
+def test_csv_field_over_the_limit_is_one_line(tmp_path):
+    from processing.data.loaders import load_evaluation_data
+
+    (tmp_path / "test.csv").write_text('reference,text,target\na.png,"make it red,b.png\n' + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"test.csv line \d+: not readable as CSV \(field larger than field limit"):
+        load_evaluation_data("files", tmp_path, "test")
+
+
+def test_hub_attention_kernel_in_config_is_refused_without_consent(workspace, capsys):
+    root, model = workspace
+    config = json.loads((model / "config.json").read_text())
+    config["vision_config"]["attn_implementation"] = "some-org/some-kernel"
+    (model / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    argv = ["index", "--model", str(model), "--images", str(root / "images"), "--out", str(root / "out"), "--no-progress"]
+    assert main(argv) == 1
+    line = one_error_line(capsys, "mqirtn index: error:")
+    assert "asks for the attention kernel 'some-org/some-kernel' from the Hub" in line and "--trust-remote-code" in line

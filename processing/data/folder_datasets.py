@@ -493,7 +493,11 @@ def _read_table(path: Path) -> list[dict]:
         raise ValueError(f"Expected a .jsonl, .json, .csv or .tsv file, got {path}")
     text = _read_utf8(path)
     if suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            rows = list(reader)
+        except csv.Error as error:  # e.g. a field over the csv module's limit (an unterminated quote swallows lines)
+            raise ValueError(f"{path} line {reader.line_num}: not readable as {suffix[1:].upper()} ({error})") from None
         for row_number, row in enumerate(rows, start=1):
             if None in row:
                 raise ValueError(f"{path} row {row_number}: more fields than the header has columns")
