@@ -573,7 +573,8 @@ def _build_faiss(backend: str, embeddings: torch.Tensor, options: dict):
         # fixed random sample of `train_size` vectors (default 64 per list, within FAISS's advised 39-256).
         train_size = int(options.get("train_size") or 64 * nlist)
         if train_size < count:
-            sample = np.random.default_rng(0).choice(count, size=min(count, max(train_size, 39 * nlist)), replace=False)
+            size = min(count, max(train_size, 39 * nlist))
+            sample = np.random.default_rng(0).choice(count, size=size, replace=False)
             index.train(vectors[np.sort(sample)])
         else:
             index.train(vectors)
@@ -878,7 +879,9 @@ class GalleryIndex:
         self.backend_options = dict(backend_options or {})
         for name, value in self.backend_options.items():
             if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= MAX_BACKEND_OPTION:
-                raise ValueError(f"backend option {name!r} must be a positive integer up to {MAX_BACKEND_OPTION}, got {value}")
+                raise ValueError(
+                    f"backend option {name!r} must be a positive integer up to {MAX_BACKEND_OPTION}, got {value}"
+                )
         self._store = None  # the milvus backend's `MilvusStore`
         self._positions: dict[str, int] | None = None  # id -> row, for the milvus backend's results
         if backend == "milvus":

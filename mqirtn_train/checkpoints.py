@@ -101,7 +101,9 @@ def checkpoint_record(path: Path) -> dict:
     schedule's state."""
     record = json.loads((path / CHECKPOINT_COMPLETE_FILE).read_text())
     if not isinstance(record.get("lr_scheduler"), dict):
-        raise ValueError(f"cannot resume from {path}: its {CHECKPOINT_COMPLETE_FILE} lacks the learning-rate schedule's state")
+        raise ValueError(
+            f"cannot resume from {path}: its {CHECKPOINT_COMPLETE_FILE} lacks the learning-rate schedule's state"
+        )
     return record
 
 

@@ -117,9 +117,9 @@ def check_dropped_queries(data: CIREvaluationData, max_fraction: float, split: s
     dropped, total = dropped_queries(data), len(data.queries)
     if dropped and dropped / total > max_fraction:
         raise ValueError(
-            f"{dropped} of the {total} {split} queries ({100 * dropped / total:.1f} %) have no target and would be left "
-            f"out of Recall, more than --max_dropped_queries {max_fraction:g} allows; fix those rows (a misspelled "
-            "target column? an unterminated quote?) or raise --max_dropped_queries"
+            f"{dropped} of the {total} {split} queries ({100 * dropped / total:.1f} %) have no target and would be "
+            f"left out of Recall, more than --max_dropped_queries {max_fraction:g} allows; fix those rows (a "
+            "misspelled target column? an unterminated quote?) or raise --max_dropped_queries"
         )
 
 

@@ -184,7 +184,7 @@ class TrainingRun:
             if damage is not None:
                 raise ValueError(f"cannot resume from {checkpoint}: {damage}")
         record = checkpoint_record(checkpoint)
-        # Model, optimizer and RNG states: safetensors, or tensors read with `weights_only=True`; nothing else unpickled.
+        # Model, optimizer, RNG states: safetensors or tensors read with `weights_only=True`; nothing else unpickled.
         self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         self.progress.load_state_dict({key: record[key] for key in self.progress.state_dict() if key in record})
         self.lr_scheduler.load_state_dict(record["lr_scheduler"])

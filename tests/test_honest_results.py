@@ -35,8 +35,8 @@ def own_files(folder: Path, misspelled: int) -> Path:
     folder.mkdir()
     for i in range(6):
         shape_image(i).save(folder / f"i{i}.png")
-    rows = [{"reference": f"i{i}.png", "text": "make it red", ("tagret" if i < misspelled else "target"): f"i{(i + 1) % 6}.png",
-             "id": i} for i in range(6)]
+    rows = [{"reference": f"i{i}.png", "text": "make it red", "id": i,
+             ("tagret" if i < misspelled else "target"): f"i{(i + 1) % 6}.png"} for i in range(6)]
     (folder / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     return folder
 
@@ -103,7 +103,8 @@ def test_metrics_are_swapped_in_with_the_model(tmp_path, accelerate_state, monke
     output, processor = tmp_path / "out", tiny_processor(tmp_path)
     old_model = tiny_model(seed=0).eval()
     results = {"test": {"recall@1": 10.0}}
-    save_and_publish(publish_args(output), FakeAccelerator(), old_model, processor, results, {"completed_steps": 1}, {}, {})
+    save_and_publish(publish_args(output), FakeAccelerator(), old_model, processor, results, {"completed_steps": 1},
+                     {}, {})
     names = {"eval_results.json", "training_state.json", "README.md", "model.safetensors"}
     assert names <= {p.name for p in output.iterdir()}
     before = {name: (output / name).read_bytes() for name in names}

@@ -497,7 +497,8 @@ def _read_table(path: Path) -> list[dict]:
         try:
             rows = list(reader)
         except csv.Error as error:  # e.g. a field over the csv module's limit (an unterminated quote swallows lines)
-            raise ValueError(f"{path} line {reader.line_num}: not readable as {suffix[1:].upper()} ({error})") from None
+            kind = suffix[1:].upper()
+            raise ValueError(f"{path} line {reader.line_num}: not readable as {kind} ({error})") from None
         for row_number, row in enumerate(rows, start=1):
             if None in row:
                 raise ValueError(f"{path} row {row_number}: more fields than the header has columns")
