@@ -356,6 +356,11 @@ def test_accelerate_logs_no_line_per_checkpoint_file(tmp_path, caplog):
 
     from mqirtn_train.checkpoints import quiet_accelerate_checkpoint_logs
 
+    # An in-process train.py run of an earlier test may have quieted them already: start from accelerate's defaults.
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.NOTSET)
+    accelerator_logger = logging.getLogger("accelerate.accelerator")
+    for existing in list(accelerator_logger.filters):
+        accelerator_logger.removeFilter(existing)
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(2, 2))
     with caplog.at_level(logging.INFO):

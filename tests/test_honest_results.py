@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line, run_train_script, shape_image, tiny_model, tiny_processor
+from utils import one_error_line, run_train_script, shape_image, tiny_model, tiny_processor
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_train.errors import TrainingStopped

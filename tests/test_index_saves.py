@@ -179,7 +179,7 @@ def test_faiss_knobs_out_of_range_are_one_line(workspace, capsys):
 
 
 def test_out_of_range_option_or_nested_json_in_index_json_is_one_line(tmp_path):
-    from conftest import write_index_json
+    from utils import write_index_json
 
     random_index(3, 0).save(tmp_path / "index")
     meta = json.loads((tmp_path / "index" / "index.json").read_text())

@@ -81,7 +81,8 @@ def test_cli_damaged_model_weights(workspace, capsys, damage, expected):
     "damage, expected",
     [("truncated_embeddings", "is not a readable embeddings file"), ("embeddings_of_another_save", "mixes two saves"),
      ("list", "must hold a JSON object, got a list"), ("no_ids", "lacks the field 'ids'"), ("no_root", "lacks the field 'root'"),
-     ("nlist", "'nlist' must be a positive integer, got -5"), ("fingerprint_null", "records no model fingerprint"),
+     ("nlist", "'nlist' must be a positive integer up to 2147483647, got -5"),
+     ("fingerprint_null", "records no model fingerprint"),
      ("not_json", "is not valid JSON")],
 )  # fmt: skip
 def test_cli_damaged_index_files(workspace, capsys, damage, expected):
