@@ -39,8 +39,17 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("pickles")
     with _pytest.monkeypatch.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MQIRTN_CACHE", str(root / "cache"))
-        argv = [*TRAIN_DATA_ARGS, *TINY_MODEL, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                "--output_dir", str(root / "out"), "--no-do_eval"]
+        argv = [
+            *TRAIN_DATA_ARGS,
+            *TINY_MODEL,
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--output_dir",
+            str(root / "out"),
+            "--no-do_eval",
+        ]
         assert run_train_script(argv, monkeypatch) in (0, None)
     path = root / "out" / "checkpoints" / "checkpoint-2"
     assert checkpoint_damage(path) is None
@@ -70,16 +79,26 @@ def test_checkpoints_hold_no_pickled_custom_state(checkpoint):
 
 def _resume(root, checkpoint, monkeypatch, name):
     monkeypatch.setenv("MQIRTN_CACHE", str(root / "cache"))
-    argv = [*TRAIN_DATA_ARGS, *TINY_MODEL, "--max_train_steps", "3", "--output_dir", str(root / name), "--no-do_eval",
-            "--resume_from_checkpoint", str(checkpoint)]
+    argv = [
+        *TRAIN_DATA_ARGS,
+        *TINY_MODEL,
+        "--max_train_steps",
+        "3",
+        "--output_dir",
+        str(root / name),
+        "--no-do_eval",
+        "--resume_from_checkpoint",
+        str(checkpoint),
+    ]
     return run_train_script(argv, monkeypatch)
 
 
 def test_crafted_custom_state_pickle_is_refused_and_never_loaded(checkpoint, tmp_path, monkeypatch, capsys):
     root, path = checkpoint
     marker = tmp_path / "code_ran"
-    crafted = _copy_with(path, tmp_path / "crafted", pickles=[(f"custom_checkpoint_{i}.pkl", WritesAFile(marker))
-                                                               for i in range(2)])
+    crafted = _copy_with(
+        path, tmp_path / "crafted", pickles=[(f"custom_checkpoint_{i}.pkl", WritesAFile(marker)) for i in range(2)]
+    )
     assert _resume(root, crafted, monkeypatch, "crafted_out") == 1
     line = one_error_line(capsys, "train.py: error:")
     assert "custom_checkpoint_0.pkl, custom_checkpoint_1.pkl, pickled state that is never loaded" in line

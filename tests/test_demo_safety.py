@@ -56,10 +56,12 @@ def crafted(tmp_path):
     built = GalleryIndex.from_folder(model, processor, gallery, progress=False)
     rows = {id_: row for row, id_ in enumerate(built.ids)}
     ids = ["g00.png", "g01.png", "../outside.png", str(outside), "link.png", "fake.png", "secret.txt"]
-    embeddings = built.embeddings[[rows[name] for name in ("g00.png", "g01.png", "g02.png", "g03.png", "g04.png",
-                                                           "g05.png", "link.png")]]
-    index = GalleryIndex(embeddings, ids, fingerprint=built.fingerprint, root=gallery, model=model,
-                         processor=processor)
+    embeddings = built.embeddings[
+        [rows[name] for name in ("g00.png", "g01.png", "g02.png", "g03.png", "g04.png", "g05.png", "link.png")]
+    ]
+    index = GalleryIndex(
+        embeddings, ids, fingerprint=built.fingerprint, root=gallery, model=model, processor=processor
+    )
     return model, processor, index, gallery, outside
 
 
@@ -68,9 +70,15 @@ def test_only_checked_images_are_served(crafted, tmp_path):
     model, processor, index, gallery, outside = crafted
     search = app.CompositionalSearch(model, processor, index, served_dir=tmp_path / "served")
     served = {index.ids[row]: search.servable_file(row) for row in range(len(index))}
-    assert served == {"g00.png": gallery.resolve() / "g00.png", "g01.png": gallery.resolve() / "g01.png",
-                      "../outside.png": None, str(outside): None, "link.png": None, "fake.png": None,
-                      "secret.txt": None}
+    assert served == {
+        "g00.png": gallery.resolve() / "g00.png",
+        "g01.png": gallery.resolve() / "g01.png",
+        "../outside.png": None,
+        str(outside): None,
+        "link.png": None,
+        "fake.png": None,
+        "secret.txt": None,
+    }
     copy = Path(search.gallery_image(0))
     assert copy.parent == tmp_path / "served" and copy.read_bytes() == (gallery / "g00.png").read_bytes()
     assert all(not isinstance(search.gallery_image(row), str) for row in range(2, len(index)))  # the placeholder
@@ -91,16 +99,23 @@ def test_running_demo_serves_no_file_outside_the_indexed_images(crafted, tmp_pat
     demo.launch(**app.launch_options("127.0.0.1", port, []))
     try:
         base = f"http://127.0.0.1:{port}"
-        for target in (gallery / "secret.txt", gallery / "fake.png", gallery / "g00.png", outside,
-                       gallery / "link.png", Path("/etc/passwd"), gallery / ".." / "outside.png"):
+        for target in (
+            gallery / "secret.txt",
+            gallery / "fake.png",
+            gallery / "g00.png",
+            outside,
+            gallery / "link.png",
+            Path("/etc/passwd"),
+            gallery / ".." / "outside.png",
+        ):
             status, body = _get(f"{base}/gradio_api/file={urllib.parse.quote(str(target))}")
             assert status == 403 and b"api-token" not in body, (target, status)
 
-        client = Client(base, verbose=False, download_files=str(tmp_path / "downloads"),
-                        httpx_kwargs={"timeout": 60})
+        client = Client(base, verbose=False, download_files=str(tmp_path / "downloads"), httpx_kwargs={"timeout": 60})
         try:
-            results, status = client.predict(handle_file(str(gallery / "g03.png")), "make it red", len(index),
-                                             api_name="/search")
+            results, status = client.predict(
+                handle_file(str(gallery / "g03.png")), "make it red", len(index), api_name="/search"
+            )
         finally:
             client.close()
         assert status.startswith(f"Top {len(index)} of {len(index)} images"), status
@@ -173,10 +188,18 @@ def test_each_bad_query_gets_its_own_line_and_spares_the_good_ones(small, tmp_pa
     oversized = app.decode_data_url("data:image/png;base64," + "A" * (app.MAX_UPLOAD_BYTES // 3 * 4 + 8))
     long_text = " ".join(["make it much redder than before"] * 40)  # 200 words: more than the tower's positions
     queries = [
-        (good, "make it red", "abc"), (good, "make it red", [3]), (good, "make it red", 1e308),
-        (good, ["make", "it"], 3), (good, 12, 3), ({"path": str(big), "name": "big.png"}, "make it red", 3),
-        (oversized, "make it red", 3), (pasted, "make it red", 2), (good, long_text, 4), (good, "make it red", 3.0),
-        (good, "make it red", float("inf")), (good, "make it red", True),
+        (good, "make it red", "abc"),
+        (good, "make it red", [3]),
+        (good, "make it red", 1e308),
+        (good, ["make", "it"], 3),
+        (good, 12, 3),
+        ({"path": str(big), "name": "big.png"}, "make it red", 3),
+        (oversized, "make it red", 3),
+        (pasted, "make it red", 2),
+        (good, long_text, 4),
+        (good, "make it red", 3.0),
+        (good, "make it red", float("inf")),
+        (good, "make it red", True),
     ]
     calls = []
     original = model.get_query_features
@@ -194,8 +217,10 @@ def test_each_bad_query_gets_its_own_line_and_spares_the_good_ones(small, tmp_pa
     assert len(galleries[2]) == len(index)  # 1e308: a number, clamped
     assert statuses[3] == "**Error:** The modification text must be text, got list."
     assert statuses[4] == "**Error:** The modification text must be text, got int."
-    assert statuses[5] == ("**Error:** “big.png” is 3000 x 3000 pixels; this demo takes at most 4,000,000 pixels "
-                           "per image. Upload a smaller image.")
+    assert statuses[5] == (
+        "**Error:** “big.png” is 3000 x 3000 pixels; this demo takes at most 4,000,000 pixels "
+        "per image. Upload a smaller image."
+    )
     assert statuses[6] == "**Error:** The pasted image is larger than 50 MB."
     assert len(galleries[7]) == 2 and statuses[7].startswith("Top 2 of")
     assert len(galleries[8]) == 4 and statuses[8].startswith("Top 4 of")  # the long text, truncated
@@ -220,8 +245,9 @@ def test_long_text_is_truncated_with_a_warning_in_the_pipeline(small, caplog):
         hits = pipe(image=str(gallery / "g00.png"), text=words, gallery=index, top_k=3)
     assert f"more than the model's {limit}: it was truncated" in caplog.text
     cut = processor.tokenizer.decode(processor.tokenizer(words)["input_ids"][1 : limit - 1])
-    assert [h["id"] for h in hits] == [h["id"] for h in pipe(image=str(gallery / "g00.png"), text=cut, gallery=index,
-                                                               top_k=3)]
+    assert [h["id"] for h in hits] == [
+        h["id"] for h in pipe(image=str(gallery / "g00.png"), text=cut, gallery=index, top_k=3)
+    ]
 
 
 def test_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import one_error_line, run_train_script, shape_image, tiny_model, tiny_processor
 
 from modeling_mqirtn import save_for_hub
 from mqirtn_train.errors import TrainingStopped
+
+from utils import one_error_line, run_train_script, shape_image, tiny_model, tiny_processor
 
 
 @pytest.fixture
@@ -35,16 +36,37 @@ def own_files(folder: Path, misspelled: int) -> Path:
     folder.mkdir()
     for i in range(6):
         shape_image(i).save(folder / f"i{i}.png")
-    rows = [{"reference": f"i{i}.png", "text": "make it red", "id": i,
-             ("tagret" if i < misspelled else "target"): f"i{(i + 1) % 6}.png"} for i in range(6)]
+    rows = [
+        {
+            "reference": f"i{i}.png",
+            "text": "make it red",
+            "id": i,
+            ("tagret" if i < misspelled else "target"): f"i{(i + 1) % 6}.png",
+        }
+        for i in range(6)
+    ]
     (folder / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     return folder
 
 
 def eval_only(tmp_path, monkeypatch, model: Path, data: Path, *extra) -> int:
     monkeypatch.setenv("MQIRTN_CACHE", str(tmp_path / "cache"))
-    argv = ["--eval_only", "--model_name_or_path", str(model), "--dataset", "files", "--data_dir", str(data),
-            "--eval_split", "test", "--output_dir", str(tmp_path / "out"), "--num_results_grids", "0", *extra]
+    argv = [
+        "--eval_only",
+        "--model_name_or_path",
+        str(model),
+        "--dataset",
+        "files",
+        "--data_dir",
+        str(data),
+        "--eval_split",
+        "test",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_results_grids",
+        "0",
+        *extra,
+    ]
     return run_train_script(argv, monkeypatch)
 
 
@@ -89,9 +111,18 @@ class FakeAccelerator:
 
 def publish_args(output: Path) -> argparse.Namespace:
     return argparse.Namespace(
-        output_dir=str(output), eval_only=False, source="shapes", composition="mqirtn", dataset_name=None,
-        model_name_or_path=None, text_model_name_or_path=None, text_from_scratch=True, vision_model_name_or_path=None,
-        hub_model_id=None, push_to_hub=False, hub_token=None,
+        output_dir=str(output),
+        eval_only=False,
+        source="shapes",
+        composition="mqirtn",
+        dataset_name=None,
+        model_name_or_path=None,
+        text_model_name_or_path=None,
+        text_from_scratch=True,
+        vision_model_name_or_path=None,
+        hub_model_id=None,
+        push_to_hub=False,
+        hub_token=None,
     )
 
 
@@ -103,8 +134,9 @@ def test_metrics_are_swapped_in_with_the_model(tmp_path, accelerate_state, monke
     output, processor = tmp_path / "out", tiny_processor(tmp_path)
     old_model = tiny_model(seed=0).eval()
     results = {"test": {"recall@1": 10.0}}
-    save_and_publish(publish_args(output), FakeAccelerator(), old_model, processor, results, {"completed_steps": 1},
-                     {}, {})
+    save_and_publish(
+        publish_args(output), FakeAccelerator(), old_model, processor, results, {"completed_steps": 1}, {}, {}
+    )
     names = {"eval_results.json", "training_state.json", "README.md", "model.safetensors"}
     assert names <= {p.name for p in output.iterdir()}
     before = {name: (output / name).read_bytes() for name in names}
@@ -114,8 +146,16 @@ def test_metrics_are_swapped_in_with_the_model(tmp_path, accelerate_state, monke
     with torch.no_grad():
         nan_model.image_projection.weight[0, 0] = float("nan")
     with pytest.raises(TrainingStopped, match="it was not saved"):
-        save_and_publish(publish_args(output), FakeAccelerator(), nan_model, processor, {"test": {"recall@1": 99.0}},
-                         {"completed_steps": 2}, {}, {})
+        save_and_publish(
+            publish_args(output),
+            FakeAccelerator(),
+            nan_model,
+            processor,
+            {"test": {"recall@1": 99.0}},
+            {"completed_steps": 2},
+            {},
+            {},
+        )
     assert {name: (output / name).read_bytes() for name in names} == before
 
     # A crash before the swap (a kill, a full disk): the same.
@@ -124,14 +164,30 @@ def test_metrics_are_swapped_in_with_the_model(tmp_path, accelerate_state, monke
 
     monkeypatch.setattr(checkpoints, "move_files_into", crash)
     with pytest.raises(OSError):
-        save_and_publish(publish_args(output), FakeAccelerator(), tiny_model(seed=2).eval(), processor,
-                         {"test": {"recall@1": 55.0}}, {"completed_steps": 3}, {}, {})
+        save_and_publish(
+            publish_args(output),
+            FakeAccelerator(),
+            tiny_model(seed=2).eval(),
+            processor,
+            {"test": {"recall@1": 55.0}},
+            {"completed_steps": 3},
+            {},
+            {},
+        )
     assert {name: (output / name).read_bytes() for name in names} == before
 
     # A good save: the four files change together.
     monkeypatch.setattr(checkpoints, "move_files_into", atomic.move_files_into)
-    save_and_publish(publish_args(output), FakeAccelerator(), tiny_model(seed=3).eval(), processor,
-                     {"test": {"recall@1": 42.0}}, {"completed_steps": 4}, {}, {})
+    save_and_publish(
+        publish_args(output),
+        FakeAccelerator(),
+        tiny_model(seed=3).eval(),
+        processor,
+        {"test": {"recall@1": 42.0}},
+        {"completed_steps": 4},
+        {},
+        {},
+    )
     assert json.loads((output / "eval_results.json").read_text())["test"]["recall@1"] == 42.0
     assert json.loads((output / "training_state.json").read_text())["completed_steps"] == 4
     assert "42.00" in (output / "README.md").read_text()

@@ -19,7 +19,9 @@ from utils import one_error_line, tiny_model, tiny_processor, write_image_folder
 
 
 def random_index(count: int, seed: int) -> GalleryIndex:
-    embeddings = torch.nn.functional.normalize(torch.randn(count, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(count, 8, generator=torch.Generator().manual_seed(seed)), dim=-1
+    )
     return GalleryIndex(embeddings, [f"s{seed}-{i}" for i in range(count)], fingerprint="f" * 64)
 
 
@@ -148,8 +150,18 @@ def test_cli_index_with_a_nan_model_is_one_line_and_writes_nothing(tmp_path, cap
     folder = save_for_hub(model, tiny_processor(tmp_path), tmp_path / "model")
     write_image_folder(tmp_path / "images", 3, nested=False)
     capsys.readouterr()
-    status = main(["index", "--model", str(folder), "--images", str(tmp_path / "images"), "--out",
-                   str(tmp_path / "out"), "--no-progress"])
+    status = main(
+        [
+            "index",
+            "--model",
+            str(folder),
+            "--images",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert status == 1
     assert "the model's weights are not finite" in one_error_line(capsys, "mqirtn index: error:")
     assert not (tmp_path / "out").exists()
@@ -205,8 +217,16 @@ def test_hub_attention_kernel_in_config_is_refused_without_consent(workspace, ca
     config["vision_config"]["attn_implementation"] = "some-org/some-kernel"
     (model / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
-    argv = ["index", "--model", str(model), "--images", str(root / "images"), "--out", str(root / "out"),
-            "--no-progress"]
+    argv = [
+        "index",
+        "--model",
+        str(model),
+        "--images",
+        str(root / "images"),
+        "--out",
+        str(root / "out"),
+        "--no-progress",
+    ]
     assert main(argv) == 1
     line = one_error_line(capsys, "mqirtn index: error:")
     assert "asks for the attention kernel 'some-org/some-kernel' from the Hub" in line
