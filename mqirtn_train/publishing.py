@@ -12,8 +12,8 @@ from mqirtn_app.model_card import HubError, rounded, upload_model_folder, write_
 
 from .arguments import MINILM_HUB_ID, default_text_model
 from .checkpoints import save_model
-from .run import TRAINING_STATE_FILE
 from .evaluation import RETRIEVAL_DIAGNOSTICS_KEY
+from .run import TRAINING_STATE_FILE
 
 
 logger = get_logger(__name__)
