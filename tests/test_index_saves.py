@@ -231,3 +231,25 @@ def test_hub_attention_kernel_in_config_is_refused_without_consent(workspace, ca
     line = one_error_line(capsys, "mqirtn index: error:")
     assert "asks for the attention kernel 'some-org/some-kernel' from the Hub" in line
     assert "--trust-remote-code" in line
+
+
+def test_cli_search_with_a_text_longer_than_the_tower_is_truncated(workspace, capsys):
+    """A tokenizer without a length cap (the tiny one) and a 200-word text: ranked from its first tokens, with a
+    warning, instead of a RuntimeError from the position embeddings."""
+    root, model = workspace
+    base = ["--model", str(model), "--no-progress"]
+    assert main(["index", *base, "--images", str(root / "images"), "--out", str(root / "index")]) == 0
+    capsys.readouterr()
+    long_text = " ".join(["make the small red circle a large blue square"] * 25)
+    argv = [
+        "search",
+        "--index",
+        str(root / "index"),
+        "--image",
+        str(root / "images" / "img_001.png"),
+        "--text",
+        long_text,
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["rank", "score", "id"] and len(out.splitlines()) == 4
