@@ -56,6 +56,25 @@ MAX_TOP_K = 16384
 _LITE_CLIENTS: dict[str, int] = {}
 
 
+def _lite_file_is_locked(uri: str) -> bool:
+    """Whether another process holds the lock of the Milvus Lite database `uri` (milvus-lite 3.2 locks the file
+    `LOCK` in its folder); False when that cannot be told."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return False
+    path = os.path.join(uri, "LOCK")
+    if not os.path.isfile(path):
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 class MilvusBackendError(RuntimeError):
     """The Milvus database failed or refused an operation (one line naming the database and the cause)."""
 
@@ -167,14 +186,15 @@ class MilvusStore:
         # 2.3 servers lack the timestamp call `query_iterator` tries first (it then uses the client's clock, warning).
         logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
         logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
+        if is_local_uri(self.uri) and self.uri not in _LITE_CLIENTS and _lite_file_is_locked(self.uri):
+            raise MilvusBackendError(
+                f"the Milvus Lite database {self.uri} is open in another process (Milvus Lite allows one process per "
+                ".db file): close it there, or put the gallery on a Milvus server (--uri http://host:19530)"
+            )
         try:
             client = pymilvus.MilvusClient(uri=self.uri, token=token, timeout=30)
         except Exception as error:  # noqa: BLE001 (pymilvus raises MilvusException, gRPC errors, RuntimeError)
-            hint = ""
-            text = _one_line(error)
-            if is_local_uri(self.uri) and ("lock" in text.lower() or "opened by another" in text.lower()):
-                hint = " (Milvus Lite allows one process per .db file: close the other one, or use a Milvus server)"
-            raise MilvusBackendError(f"could not open the Milvus database {self.uri}: {text}{hint}") from None
+            raise MilvusBackendError(f"could not open the Milvus database {self.uri}: {_one_line(error)}") from None
         if is_local_uri(self.uri):
             _LITE_CLIENTS[self.uri] = _LITE_CLIENTS.get(self.uri, 0) + 1
         return client

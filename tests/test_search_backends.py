@@ -710,3 +710,22 @@ def test_jsonl_and_csv_galleries_carry_their_columns(kind, backend_for, model, p
     )  # fmt: skip
     assert code == 0, err
     assert sorted(hit["id"] for hit in json.loads(out)) == [f"images/{p.name}" for p in paths[1::2]]
+
+
+def test_a_lite_file_open_in_another_process_is_one_line(tmp_path):
+    index = GalleryIndex(
+        torch.empty((0, DIM)), [], backend="milvus", backend_options={"uri": str(tmp_path / "g.db")},
+        fingerprint=FINGERPRINT,
+    )  # fmt: skip
+    index.add_embeddings(random_gallery(5), [f"l{i}" for i in range(5)])
+    index.save(tmp_path / "index")  # this process keeps the database open
+    query = tmp_path / "q.png"
+    shape_image(1).save(query)
+    result = subprocess.run(
+        [sys.executable, "-m", "mqirtn_app.cli", "search", "--index", str(tmp_path / "index"), "--image", str(query),
+         "--text", "make it red"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "one process per .db file" in result.stderr, result.stderr
+    index.close()
