@@ -107,6 +107,24 @@ def checkpoint_record(path: Path) -> dict:
     return record
 
 
+def check_random_states(path: Path, process_index: int) -> None:
+    """`ValueError` unless this process's RNG state file of the checkpoint reads with `weights_only=True` (what
+    `load_state` does; it skips an unreadable one with an INFO line, and the run would go on with other random
+    numbers than the interrupted one)."""
+    from accelerate.utils import load
+
+    name = f"random_states_{process_index}.pkl"
+    try:
+        states = load(path / name)
+    except Exception as error:  # torch's restricted unpickler raises its own UnpicklingError, and others
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"cannot resume from {path}: its {name} does not read as an RNG state with weights_only=True ({first_line})"
+        ) from None
+    if not isinstance(states, dict) or "torch_manual_seed" not in states:
+        raise ValueError(f"cannot resume from {path}: its {name} holds no RNG state")
+
+
 def save_checkpoint(accelerator, args, progress, lr_scheduler=None) -> None:
     """`accelerator.save_state` into checkpoints/checkpoint-STEP, then the completion marker (with the content hashes
     of every file) written last and atomically. A folder being re-saved is invalidated first (its marker removed), so a

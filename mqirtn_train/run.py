@@ -21,6 +21,7 @@ from processing.data.transforms import CIRTrainingCollator, set_training_transfo
 
 from .checkpoints import (
     CHECKPOINT_COMPLETE_FILE,
+    check_random_states,
     checkpoint_damage,
     checkpoint_record,
     last_good_checkpoint_text,
@@ -184,6 +185,7 @@ class TrainingRun:
             if damage is not None:
                 raise ValueError(f"cannot resume from {checkpoint}: {damage}")
         record = checkpoint_record(checkpoint)
+        check_random_states(checkpoint, self.accelerator.process_index)
         # Model, optimizer, RNG states: safetensors or tensors read with `weights_only=True`; nothing else unpickled.
         self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         self.progress.load_state_dict({key: record[key] for key in self.progress.state_dict() if key in record})

@@ -119,3 +119,14 @@ def test_resume_restores_progress_and_schedule_from_json(checkpoint, monkeypatch
     assert _resume(root, path, monkeypatch, "resumed_out") in (0, None)
     state = json.loads((root / "resumed_out" / "training_state.json").read_text())
     assert state["completed_steps"] == 3
+
+
+def test_crafted_rng_state_is_read_without_running_code(checkpoint, tmp_path, monkeypatch, capsys):
+    """accelerate's own pickles (RNG states, optimizer) are read with `weights_only=True`: a crafted one is an error
+    (one line), and its code does not run."""
+    root, path = checkpoint
+    marker = tmp_path / "code_ran"
+    crafted = _copy_with(path, tmp_path / "crafted_rng", pickles=[("random_states_0.pkl", WritesAFile(marker))])
+    assert _resume(root, crafted, monkeypatch, "crafted_rng_out") == 1
+    assert "weights_only" in one_error_line(capsys, "train.py: error:")
+    assert not marker.exists()
