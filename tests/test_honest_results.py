@@ -183,12 +183,13 @@ def test_metrics_are_swapped_in_with_the_model(tmp_path, accelerate_state, monke
         FakeAccelerator(),
         tiny_model(seed=3).eval(),
         processor,
-        {"test": {"recall@1": 42.0}},
+        {"test": {"recall@1": 42.0, "dropped_queries": 2}},
         {"completed_steps": 4},
         {},
         {},
     )
     assert json.loads((output / "eval_results.json").read_text())["test"]["recall@1"] == 42.0
     assert json.loads((output / "training_state.json").read_text())["completed_steps"] == 4
-    assert "42.00" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "42.00" in card and "dropped_queries" in card  # the card says how many queries Recall left out
     assert (output / "model.safetensors").read_bytes() != before["model.safetensors"]
