@@ -346,6 +346,16 @@ class MQIRTNProcessor(ProcessorMixin):
                 "`images_kwargs`"
             )
 
+    def _cap_default_max_length(self, text_kwargs: dict, kwargs: dict) -> None:
+        """A `max_length` the caller did not give (one saved in the tokenizer's files) never exceeds the tokenizer's
+        `model_max_length`, which a model whose text tower has fewer positions lowers after loading."""
+        parts = (kwargs, kwargs.get("text_kwargs"), kwargs.get("common_kwargs"))
+        given = any("max_length" in (part or {}) for part in parts)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        default = text_kwargs.get("max_length")
+        if not given and isinstance(limit, int) and isinstance(default, int) and default > limit:
+            text_kwargs["max_length"] = limit
+
     def __call__(
         self,
         images: ImageInput | None = None,
@@ -364,6 +374,7 @@ class MQIRTNProcessor(ProcessorMixin):
         tokenizer_init_kwargs = self.tokenizer.init_kwargs if self.tokenizer else {}
         merged = self._merge_kwargs(self.valid_processor_kwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        self._cap_default_max_length(text_kwargs, kwargs)
         for flag in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             if merged.get(flag) or text_kwargs.pop(flag, None):
                 raise ValueError(f"`{flag}` does not apply to MQIRTN: its texts hold no image placeholder tokens")
