@@ -1,6 +1,6 @@
 """`mqirtn`: index a folder of images with an MQIRTN model, and search it with (reference image, modification text).
 
-    mqirtn index --model DIR_OR_ID --images FOLDER --out INDEX_DIR [--batch-size N] [--num-workers N]
+    mqirtn index --model DIR_OR_ID --images FOLDER_OR_JSONL_OR_CSV --out INDEX_DIR [--batch-size N] [--num-workers N]
                  [--backend exact|faiss-flat|faiss-ivf|faiss-hnsw|milvus] [--update]
                  [--uri gallery.db|http://host:19530] [--collection NAME] [--token-env NAME]
                  [--index-type HNSW|IVF_FLAT|FLAT] [--hnsw-m N] [--ef-construction N] [--ef-search N] [--nlist N]
