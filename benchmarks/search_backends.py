@@ -171,9 +171,9 @@ def main(argv=None):
             spec = importlib.util.spec_from_file_location("milvus_server", ROOT / "tests" / "milvus_server.py")
             milvus_server = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(milvus_server)
-            MilvusServer = milvus_server.MilvusServer
-
-            server = MilvusServer(workdir / "server")
+            if not milvus_server.loopback_only():
+                raise SystemExit(f"error: {milvus_server.ISOLATION_HINT}")
+            server = milvus_server.MilvusServer(workdir / "server")
             started = time.perf_counter()
             server.start()
             print(f"Milvus server up in {time.perf_counter() - started:.1f} s at {server.uri}")

@@ -2,8 +2,9 @@
 benchmark: its configuration rendered from the package's template with every advertised address and etcd on
 127.0.0.1, the binary started with Popen in its own session, stopped by PID.
 
-Milvus 2.3.5 has no setting for the address its gRPC components listen on: they listen on every interface while the
-server runs (etcd on 127.0.0.1 only).
+Milvus 2.3.5 has no setting for the address its gRPC components listen on: they listen on every interface (etcd on
+127.0.0.1 only). So the server starts only in a network namespace whose one interface is the loopback
+(`unshare --net`, as scripts/test.sh runs the slow tests), where "every interface" is 127.0.0.1.
 """
 
 import os
@@ -13,6 +14,22 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+
+ISOLATION_HINT = (
+    "Milvus 2.3.5 listens on every network interface: start it only in a network namespace with the loopback alone, "
+    "e.g. `sudo unshare --net sh -c 'ip link set lo up && ...'` (scripts/test.sh does this for the slow tests)"
+)
+
+
+def network_interfaces() -> list[str]:
+    """The interfaces of this process's network namespace (/proc/net/dev, unlike /sys, is per namespace)."""
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    return sorted(line.split(":")[0].strip() for line in lines)
+
+
+def loopback_only() -> bool:
+    return network_interfaces() == ["lo"]
 
 
 def _free_port() -> int:
@@ -25,6 +42,8 @@ class MilvusServer:
     """Milvus 2.3.5 standalone from the `milvus` package in the folder `base` (configuration, binary, data, logs)."""
 
     def __init__(self, base: Path):
+        if not loopback_only():
+            raise RuntimeError(f"{ISOLATION_HINT}; this namespace has {network_interfaces()}")
         import milvus
 
         self.base = base
