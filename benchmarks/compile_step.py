@@ -64,8 +64,14 @@ def main_job(batches: int):
     model.text_model = CachedFrozenTextModel(model.text_model)
     dataset = set_training_transform(load_split(train_args, "train", False), processor)
     collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
-    loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0), collate_fn=collator, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=train_args.per_device_train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=collator,
+        drop_last=True,
+    )
     data = []
     for batch in loader:
         data.append(batch)
@@ -82,7 +88,11 @@ def tiny(batches: int):
     for module in model.modules():  # BertConfig's default dropout: compiled code draws other masks than eager
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return model, [speed.make_batch("tiny", 4, seed=i) for i in range(batches)], "tiny (" + speed.describe_size("tiny") + ")"
+    return (
+        model,
+        [speed.make_batch("tiny", 4, seed=i) for i in range(batches)],
+        "tiny (" + speed.describe_size("tiny") + ")",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- equivalence
@@ -103,8 +113,12 @@ def equivalence_model(size: str, dropout: bool):
         vision, text = speed.tower_configs(size)
         if not dropout:
             text.hidden_dropout_prob = text.attention_probs_dropout_prob = 0.0
-        config = MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                              fusion_dropout=0.1 if dropout else 0.0, **speed.SIZES[size]["mqirtn"])
+        config = MQIRTNConfig(
+            vision_config=vision.to_dict(),
+            text_config=text.to_dict(),
+            fusion_dropout=0.1 if dropout else 0.0,
+            **speed.SIZES[size]["mqirtn"],
+        )
         model = MQIRTNModel(config)
         image_size, vocab, length = vision.image_size, (5, text.vocab_size), speed.SIZES[size]["seq_len"]
     if not dropout:
@@ -158,8 +172,10 @@ def gradient_difference(got_model, expected_model) -> dict:
     expected = {n: p.grad for n, p in expected_model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys(), got.keys() ^ expected.keys()
     scale = max(g.abs().max().item() for g in expected.values())
-    return {"max_abs_over_largest_gradient": max((got[n] - expected[n]).abs().max().item() for n in expected) / scale,
-            "gradients": len(expected)}
+    return {
+        "max_abs_over_largest_gradient": max((got[n] - expected[n]).abs().max().item() for n in expected) / scale,
+        "gradients": len(expected),
+    }
 
 
 def equivalence(size: str, scope: str, experiment: str, dtypes: list[str], device: str = "cpu") -> dict:
@@ -168,8 +184,13 @@ def equivalence(size: str, scope: str, experiment: str, dtypes: list[str], devic
         return (copy_, copy_.compile_regions()) if scope == "regions" else (copy_, torch.compile(copy_))
 
     frozen_text = size == "main"  # the main job's text tower is frozen: it stays in eval mode in training
-    result = {"size": size, "scope": scope, "experiment": experiment, "device": device,
-              "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    result = {
+        "size": size,
+        "scope": scope,
+        "experiment": experiment,
+        "device": device,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
     if experiment == "dropout":
         model, batch = equivalence_model(size, dropout=True)
         model.to(device).train()
@@ -200,7 +221,9 @@ def equivalence(size: str, scope: str, experiment: str, dtypes: list[str], devic
         copy_, function = compiled(model)
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(1)
-        moved_batch = {k: moved_one_ulp(v.cpu(), generator).to(device) if v.is_floating_point() else v for k, v in batch.items()}
+        moved_batch = {
+            k: moved_one_ulp(v.cpu(), generator).to(device) if v.is_floating_point() else v for k, v in batch.items()
+        }
         with torch.no_grad():
             expected, got, moved = model(**batch), function(**batch), model(**moved_batch)
             theta = {"expected": unnormalised_query(model, batch), "moved": unnormalised_query(model, moved_batch)}
@@ -236,9 +259,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--towers", action="store_true", help="also time compile_regions(towers=True)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: a smoke test")
     parser.add_argument("--output", default=None, help="JSON (default benchmarks/results/compile_step[_tiny].json)")
-    parser.add_argument("--equivalence", choices=["tiny", "main", "paper"], default=None, help="measure compiled vs eager outputs instead")
-    parser.add_argument("--scope", choices=["regions", "whole"], default="regions", help="--equivalence: what is compiled")
-    parser.add_argument("--experiment", choices=["rounding", "dropout"], default="rounding", help="--equivalence: which comparison")
+    parser.add_argument(
+        "--equivalence",
+        choices=["tiny", "main", "paper"],
+        default=None,
+        help="measure compiled vs eager outputs instead",
+    )
+    parser.add_argument(
+        "--scope", choices=["regions", "whole"], default="regions", help="--equivalence: what is compiled"
+    )
+    parser.add_argument(
+        "--experiment", choices=["rounding", "dropout"], default="rounding", help="--equivalence: which comparison"
+    )
     parser.add_argument("--dtypes", default="float32,float64", help="--equivalence rounding: comma-separated")
     parser.add_argument("--device", default="cpu", help="--equivalence: where to run (cuda on a GPU machine)")
     args = parser.parse_args(argv)
@@ -250,8 +282,11 @@ def main(argv=None) -> dict:
 
     if args.equivalence:
         result = equivalence(args.equivalence, args.scope, args.experiment, args.dtypes.split(","), args.device)
-        result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        result.update(
+            torch=torch.__version__,
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
         name = f"compile_equivalence_{args.equivalence}_{args.scope}_{args.experiment}{'' if args.device == 'cpu' else '_' + args.device}.json"
         output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / name)
         write_json(output, result)
@@ -259,11 +294,18 @@ def main(argv=None) -> dict:
         return result
 
     model, batches, what = (tiny if args.tiny else main_job)(args.batches)
-    frozen = [name for name in ("vision_model", "text_model") if not any(p.requires_grad for p in getattr(model, name).parameters())]
+    frozen = [
+        name
+        for name in ("vision_model", "text_model")
+        if not any(p.requires_grad for p in getattr(model, name).parameters())
+    ]
     variants = {"eager": model, "regions": copy.deepcopy(model).compile_regions()}
     if args.towers:
         variants["regions+towers"] = copy.deepcopy(model).compile_regions(towers=True)
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for name, m in variants.items()}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+        for name, m in variants.items()
+    }
 
     def step(name, batch) -> tuple[float, float, float]:
         model = variants[name]
@@ -280,8 +322,16 @@ def main(argv=None) -> dict:
     result = {"what": what, "batches": len(batches), "rounds": args.rounds, "variants": {}}
     for name in variants:  # warm-up: compile every graph the batches need
         _, walls, losses = zip(*(step(name, batch) for batch in batches))
-        result["variants"][name] = {"warmup_wall_s": round(sum(walls), 2), "first_loss": losses[0], "cpu_s": [], "wall_s": []}
-        print(f"{name}: warm-up pass {sum(walls):.1f} s wall (compilation included), first loss {losses[0]:.6f}", flush=True)
+        result["variants"][name] = {
+            "warmup_wall_s": round(sum(walls), 2),
+            "first_loss": losses[0],
+            "cpu_s": [],
+            "wall_s": [],
+        }
+        print(
+            f"{name}: warm-up pass {sum(walls):.1f} s wall (compilation included), first loss {losses[0]:.6f}",
+            flush=True,
+        )
     names = list(variants)
     for round_index in range(args.rounds):
         for index, batch in enumerate(batches):
@@ -295,16 +345,29 @@ def main(argv=None) -> dict:
         figures["median_step_wall_s"] = statistics.median(figures["wall_s"])
         if name != "eager":
             figures["ratio_cpu_vs_eager"] = statistics.median(c / e for c, e in zip(figures["cpu_s"], eager["cpu_s"]))
-            figures["ratio_wall_vs_eager"] = statistics.median(c / e for c, e in zip(figures["wall_s"], eager["wall_s"]))
+            figures["ratio_wall_vs_eager"] = statistics.median(
+                c / e for c, e in zip(figures["wall_s"], eager["wall_s"])
+            )
             figures["first_loss_minus_eager"] = figures["first_loss"] - eager["first_loss"]
-    result.update(machine=machine(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    result.update(
+        machine=machine(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command="python benchmarks/compile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     for name, figures in result["variants"].items():
-        ratio = "" if name == "eager" else (
-            f"; compiled / eager: CPU time {figures['ratio_cpu_vs_eager']:.3f}, wall {figures['ratio_wall_vs_eager']:.3f}, "
-            f"first loss differs by {figures['first_loss_minus_eager']:.2g}")
+        ratio = (
+            ""
+            if name == "eager"
+            else (
+                f"; compiled / eager: CPU time {figures['ratio_cpu_vs_eager']:.3f}, wall {figures['ratio_wall_vs_eager']:.3f}, "
+                f"first loss differs by {figures['first_loss_minus_eager']:.2g}"
+            )
+        )
         print(f"{name:>15}: step {figures['median_step_cpu_s']:.3f} s CPU{ratio}")
-    output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / f"compile_step{'_tiny' if args.tiny else ''}.json")
+    output = Path(
+        args.output or REPO_ROOT / "benchmarks" / "results" / f"compile_step{'_tiny' if args.tiny else ''}.json"
+    )
     write_json(output, result)
     print(f"wrote {output}")
     return result

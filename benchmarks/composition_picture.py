@@ -65,7 +65,10 @@ def main(argv=None) -> Path:
     composition = record.get("composition", {})
     image_size = trained.config.vision_config.image_size
     rows = load_shapes("train", num_queries=20_000, image_size=image_size).select(range(args.queries))
-    angles = {"newly initialised": angles_of(fresh, processor, rows), "after training": angles_of(trained, processor, rows)}
+    angles = {
+        "newly initialised": angles_of(fresh, processor, rows),
+        "after training": angles_of(trained, processor, rows),
+    }
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     bins = torch.linspace(-4, 4, 81).tolist()
@@ -75,8 +78,14 @@ def main(argv=None) -> Path:
         share = (flat.abs() > math.pi / 4).float().mean().item()
         # How much the angle of one dimension changes from text to text (the text's information in the rotation).
         across_texts = values.std(dim=0).mean().item()
-        left.hist(flat.clamp(-4, 4).tolist(), bins=bins, alpha=0.75, color=color, density=True,
-                  label=f"{label}: rms {rms:.2f} rad, |δ| > π/4 for {share:.0%}, spread across texts {across_texts:.2f} rad")
+        left.hist(
+            flat.clamp(-4, 4).tolist(),
+            bins=bins,
+            alpha=0.75,
+            color=color,
+            density=True,
+            label=f"{label}: rms {rms:.2f} rad, |δ| > π/4 for {share:.0%}, spread across texts {across_texts:.2f} rad",
+        )
     for x in (-math.pi / 4, math.pi / 4):
         left.axvline(x, color="gray", linestyle=":", linewidth=1)
     left.set_xlabel("rotation angle δ (rad), every dimension of every query")
@@ -89,8 +98,13 @@ def main(argv=None) -> Path:
     width = 0.38
     for offset, moment, color in ((-width / 2, "start", "#9ec5e8"), (width / 2, "end", "#2b6cb0")):
         values = [composition.get(moment, {}).get(f"grad_share_{term}", 0.0) for term in terms]
-        bars = right.bar([i + offset for i in range(len(terms))], values, width=width, color=color,
-                         label="step 0" if moment == "start" else "after training")
+        bars = right.bar(
+            [i + offset for i in range(len(terms))],
+            values,
+            width=width,
+            color=color,
+            label="step 0" if moment == "start" else "after training",
+        )
         for bar, value in zip(bars, values):
             right.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
     right.set_xticks(range(len(terms)))

@@ -53,8 +53,13 @@ def main(argv=None) -> dict:
     candidate.text_model = cache = CachedFrozenTextModel(candidate.text_model)
     dataset = set_training_transform(load_split(train_args, "train", False), processor)
     collator = CIRTrainingCollator(processor.tokenizer, train_args.max_text_length)
-    loader = DataLoader(dataset, batch_size=train_args.per_device_train_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0), collate_fn=collator)
+    loader = DataLoader(
+        dataset,
+        batch_size=train_args.per_device_train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=collator,
+    )
     batches = []
     for batch in loader:
         batches.append(batch)

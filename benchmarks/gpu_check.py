@@ -22,12 +22,32 @@ from modeling_mqirtn import COMPOSITIONS, MQIRTNConfig, MQIRTNModel
 
 
 def tiny_config(composition: str) -> MQIRTNConfig:
-    vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    text = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return MQIRTNConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32,
-                        fusion_num_heads=4, composition=composition)
+    vision = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    text = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return MQIRTNConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        projection_dim=32,
+        fusion_num_heads=4,
+        composition=composition,
+    )
 
 
 def batch(size: int, device):
@@ -67,7 +87,9 @@ def check(composition: str, device) -> dict:
         query_cpu = cpu_model.get_query_features(
             cpu_inputs["pixel_values"], cpu_inputs["input_ids"], cpu_inputs["attention_mask"]
         ).pooler_output
-        query_dev = model.get_query_features(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        query_dev = model.get_query_features(
+            inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+        ).pooler_output
         gallery_cpu = cpu_model.get_image_features(cpu_inputs["target_pixel_values"]).pooler_output
         gallery_dev = model.get_image_features(inputs["target_pixel_values"]).pooler_output
     model.train()

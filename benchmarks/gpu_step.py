@@ -80,7 +80,12 @@ def peak_tflops(device_name: str) -> float | None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per step (paper runs use 64-128; default 64, 4 with --tiny)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per step (paper runs use 64-128; default 64, 4 with --tiny)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny towers, few steps: a CPU smoke test")
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 3, 1 with --tiny)")
@@ -89,15 +94,33 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute tower/fusion activations")
     parser.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
-    parser.add_argument("--torch-compile", action="store_true", help="compile MQIRTN's fusion/composition regions (towers eager)")
-    parser.add_argument("--compile-towers", action="store_true", help="with --torch-compile: also the towers' layers, in every model")
-    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode (reduce-overhead: CUDA graphs; the shapes here are static)")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU smoke test)")
-    parser.add_argument("--profile", action="store_true", help="after timing, print torch.profiler tables of one step per model")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s for MFU (default: table)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/speed_gpu.json, speed_gpu_tiny.json with --tiny)")
+    parser.add_argument(
+        "--torch-compile", action="store_true", help="compile MQIRTN's fusion/composition regions (towers eager)"
+    )
+    parser.add_argument(
+        "--compile-towers", action="store_true", help="with --torch-compile: also the towers' layers, in every model"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (reduce-overhead: CUDA graphs; the shapes here are static)",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU smoke test)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="after timing, print torch.profiler tables of one step per model"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s for MFU (default: table)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/speed_gpu.json, speed_gpu_tiny.json with --tiny)",
+    )
     args = parser.parse_args(argv)
     defaults = {"batch_size": (64, 4), "warmup": (3, 1), "rounds": (5, 2), "steps": (5, 1)}
     for name, (full, tiny) in defaults.items():
@@ -178,8 +201,13 @@ def set_up(name, model, optimizers, batch, args, device, autocast) -> dict:
         "loss": float(loss),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "compile_warmup_s": None,
-        "attn_implementation": sorted({m.config._attn_implementation for m in model.modules()
-                                       if isinstance(m, transformers.PreTrainedModel) and m is not model}),
+        "attn_implementation": sorted(
+            {
+                m.config._attn_implementation
+                for m in model.modules()
+                if isinstance(m, transformers.PreTrainedModel) and m is not model
+            }
+        ),
         "step_s": [],
     }
 
@@ -199,7 +227,11 @@ def profile_steps(models, optimizers, batch, autocast, device) -> None:
             speed.training_step(models[name], optimizers[name], inputs, autocast)
             synchronize(device)
         events = prof.key_averages()
-        kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower())
+        kernels = sum(
+            e.count
+            for e in events
+            if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
+        )
         print(f"--- profile: {name} (one step; {len(events)} distinct ops, {kernels} device kernel launches)")
         print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
 
@@ -217,16 +249,23 @@ def main(argv=None):
         # On shared cores a descheduled OpenMP thread stalls every op; one thread keeps a CPU run's ratios sane.
         torch.set_num_threads(1)
     size = "tiny" if args.tiny else "paper"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     peak = args.peak_tflops or (peak_tflops(device_name) if device.type == "cuda" else None)
     dtype = None if args.no_autocast else torch.bfloat16
-    print(f"device: {device_name}; peak bf16 {peak or 'unknown'} TFLOP/s; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    print(f"size: {speed.describe_size(size)}; batch {args.batch_size}; "
-          f"{'bf16 autocast' if dtype else 'fp32'}; attention {args.attn_implementation}; "
-          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
-          f"torch.compile {'off' if not args.torch_compile else ('regions + towers' if args.compile_towers else 'regions') + ' ' + (args.compile_mode or 'default')}; "
-          f"warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps", flush=True)
+    print(
+        f"device: {device_name}; peak bf16 {peak or 'unknown'} TFLOP/s; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    print(
+        f"size: {speed.describe_size(size)}; batch {args.batch_size}; "
+        f"{'bf16 autocast' if dtype else 'fp32'}; attention {args.attn_implementation}; "
+        f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+        f"torch.compile {'off' if not args.torch_compile else ('regions + towers' if args.compile_towers else 'regions') + ' ' + (args.compile_mode or 'default')}; "
+        f"warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps",
+        flush=True,
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -247,7 +286,9 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if args.torch_compile:  # after the eager warm-up and FLOP count (FlopCounterMode does not see inside fused kernels)
+    if (
+        args.torch_compile
+    ):  # after the eager warm-up and FLOP count (FlopCounterMode does not see inside fused kernels)
         compile_models(models, args.compile_towers, args.compile_mode, args.compile_backend)
         for name, model in models.items():
             start = time.perf_counter()
@@ -255,7 +296,10 @@ def main(argv=None):
                 speed.training_step(model, optimizers[name], inputs_for(name, batch), autocast)
             synchronize(device)
             results[name]["compile_warmup_s"] = time.perf_counter() - start
-            print(f"{name}: {args.warmup} compiled warm-up steps in {results[name]['compile_warmup_s']:.1f} s", flush=True)
+            print(
+                f"{name}: {args.warmup} compiled warm-up steps in {results[name]['compile_warmup_s']:.1f} s",
+                flush=True,
+            )
 
     names = list(models)
     for round_index in range(args.rounds):
@@ -287,34 +331,55 @@ def main(argv=None):
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/gpu_step.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": device_name, "peak_bf16_tflops": peak, "torch": torch.__version__,
-        "transformers": transformers.__version__, "size": size, "sizes": speed.describe_size(size),
-        "batch_size": args.batch_size, "autocast": "bf16" if dtype else None,
-        "attn_implementation": args.attn_implementation, "activation_checkpointing": args.activation_checkpointing,
-        "torch_compile": args.torch_compile, "compile_towers": args.compile_towers, "compile_mode": args.compile_mode,
+        "device": device_name,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "size": size,
+        "sizes": speed.describe_size(size),
+        "batch_size": args.batch_size,
+        "autocast": "bf16" if dtype else None,
+        "attn_implementation": args.attn_implementation,
+        "activation_checkpointing": args.activation_checkpointing,
+        "torch_compile": args.torch_compile,
+        "compile_towers": args.compile_towers,
+        "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend if args.torch_compile else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high"/"medium": TF32 in float32 matmuls
-        "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
-        "ratio_vs_dual_encoder": ratio, "target": ">= 0.8", "met": None if ratio is None else ratio >= 0.8,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "ratio_vs_dual_encoder": ratio,
+        "target": ">= 0.8",
+        "met": None if ratio is None else ratio >= 0.8,
         "ratio_vs_towers_contrastive": ratio_of("mqirtn", "towers_contrastive"),
         "flops_ratio_vs_dual_encoder": flops_ratio,
-        "models": results, "failed": failed,
+        "models": results,
+        "failed": failed,
     }
-    print(f"{'model':<20}{'samples/s':>11}{'step ms':>10}{'GFLOP/sample':>14}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    print(
+        f"{'model':<20}{'samples/s':>11}{'step ms':>10}{'GFLOP/sample':>14}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}"
+    )
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{name:<20}{r['samples_per_s']:>11.1f}{r['median_step_s'] * 1e3:>10.1f}{r['flops_per_sample'] / 1e9:>14.1f}"
-              f"{r['achieved_tflops']:>10.2f}{mfu:>8}{memory:>10}")
+        print(
+            f"{name:<20}{r['samples_per_s']:>11.1f}{r['median_step_s'] * 1e3:>10.1f}{r['flops_per_sample'] / 1e9:>14.1f}"
+            f"{r['achieved_tflops']:>10.2f}{mfu:>8}{memory:>10}"
+        )
 
     def show(value):
         return "n/a" if value is None else f"{value:.3f}"
 
     verdict = "n/a" if ratio is None else ("met" if ratio >= 0.8 else "MISSED")
-    print(f"MQIRTN / dual encoder samples/s: {show(ratio)} (target >= 0.8: {verdict}); "
-          f"FLOPs per sample {show(flops_ratio)}x; "
-          f"MQIRTN / towers-only on the same triplets: {show(report['ratio_vs_towers_contrastive'])}")
-    output = args.output or REPO_ROOT / "benchmarks" / "results" / ("speed_gpu_tiny.json" if args.tiny else "speed_gpu.json")
+    print(
+        f"MQIRTN / dual encoder samples/s: {show(ratio)} (target >= 0.8: {verdict}); "
+        f"FLOPs per sample {show(flops_ratio)}x; "
+        f"MQIRTN / towers-only on the same triplets: {show(report['ratio_vs_towers_contrastive'])}"
+    )
+    output = args.output or REPO_ROOT / "benchmarks" / "results" / (
+        "speed_gpu_tiny.json" if args.tiny else "speed_gpu.json"
+    )
     write_json(output, report)
     print(f"wrote {output}")
     return report

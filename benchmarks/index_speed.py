@@ -86,15 +86,30 @@ def build_model(size: str, quick: bool):
         model, processor, _ = build_model_and_processor(args)
     else:  # the paper's vision tower, the main job's text tower and head
         main_model, main_processor, _ = build_model_and_processor(args)
-        vision = ViTConfig() if not quick else ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                                          num_attention_heads=2, intermediate_size=64)
+        vision = (
+            ViTConfig()
+            if not quick
+            else ViTConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+            )
+        )
         config = MQIRTNConfig.from_vision_text_configs(
-            vision, main_model.config.text_config, projection_dim=args.projection_dim,
-            num_fusion_layers=args.num_fusion_layers, fusion_num_heads=args.fusion_num_heads,
+            vision,
+            main_model.config.text_config,
+            projection_dim=args.projection_dim,
+            num_fusion_layers=args.num_fusion_layers,
+            fusion_num_heads=args.fusion_num_heads,
         )
         model = MQIRTNModel(config, text_model=main_model.text_model)
         side = vision.image_size
-        image_processor = ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor = ViTImageProcessorPil(
+            size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
         processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=main_processor.tokenizer)
     vision = model.config.vision_config
     description = (
@@ -141,9 +156,11 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
 
     def end_to_end(workers):
         def run():
-            index = GalleryIndex.from_folder(model, processor, folder, batch_size=batch_size, num_workers=workers,
-                                             progress=False)
+            index = GalleryIndex.from_folder(
+                model, processor, folder, batch_size=batch_size, num_workers=workers, progress=False
+            )
             assert len(index) == count
+
         return run
 
     def tower_beside_busy_process():
@@ -180,9 +197,13 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
         median = statistics.median(seconds)
         cpu_median = statistics.median(cpu[name])
         # cores_busy: CPU seconds / wall seconds, this process and its workers (< 1 + workers: it waited for a core)
-        result[name] = {"images_per_s": round(count / median, 1), "median_s": round(median, 4),
-                        "seconds": [round(s, 4) for s in seconds], "cpu_ms_per_image": round(1000 * cpu_median / count, 3),
-                        "cores_busy": round(cpu_median / median, 2)}
+        result[name] = {
+            "images_per_s": round(count / median, 1),
+            "median_s": round(median, 4),
+            "seconds": [round(s, 4) for s in seconds],
+            "cpu_ms_per_image": round(1000 * cpu_median / count, 3),
+            "cores_busy": round(cpu_median / median, 2),
+        }
     tower_rate = result["tower"]["images_per_s"]
     for name in result:
         if name.startswith("end_to_end") or name in ("decode_only", "tower_beside_busy_process"):
@@ -193,18 +214,26 @@ def measure(model, processor, folder: Path, files: list[Path], args, threads: in
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1024, help="images per gallery without its own count (1024)")
-    parser.add_argument("--sources", nargs="+", default=["48-48:4096", "256-512:1024"],
-                        help="galleries: MIN-MAX side of the source JPEGs in pixels[:image count] "
-                        "(default 48-48:4096 256-512:1024)")
-    parser.add_argument("--sizes", nargs="+", default=["main"], choices=["main", "paper"], help="models (default main)")
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=["48-48:4096", "256-512:1024"],
+        help="galleries: MIN-MAX side of the source JPEGs in pixels[:image count] (default 48-48:4096 256-512:1024)",
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", default=["main"], choices=["main", "paper"], help="models (default main)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (mqirtn index's default)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads of the main process")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--busy-neighbour", action="store_true",
-                        help="also time the tower while another process spins a pure-Python loop on the other core")
+    parser.add_argument(
+        "--busy-neighbour",
+        action="store_true",
+        help="also time the tower while another process spins a pure-Python loop on the other core",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and gallery; the figures mean nothing")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "index_speed.json"))
     args = parser.parse_args(argv)
@@ -221,7 +250,8 @@ def main(argv=None) -> dict:
         "machine": machine(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_before": load_before,
-        "batch_size": args.batch_size, "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "what": "images/s (wall clock, median); ratio_to_tower = images/s / tower images/s at the same torch threads",
         "results": [],
     }
@@ -242,16 +272,25 @@ def main(argv=None) -> dict:
             for source, (folder, files, mean_bytes) in galleries.items():
                 for threads in args.threads:
                     result = measure(model, processor, folder, files, args, threads)
-                    entry = {"model": size, "model_description": description, "source_side_px": source.split(":")[0],
-                             "images": len(files),
-                             "mean_jpeg_bytes": round(mean_bytes), "torch_threads": threads, **result}
+                    entry = {
+                        "model": size,
+                        "model_description": description,
+                        "source_side_px": source.split(":")[0],
+                        "images": len(files),
+                        "mean_jpeg_bytes": round(mean_bytes),
+                        "torch_threads": threads,
+                        **result,
+                    }
                     record["results"].append(entry)
                     line = ", ".join(
                         f"{name} {value['images_per_s']:.0f}/s"
                         + (f" ({value['ratio_to_tower']:.3f})" if "ratio_to_tower" in value else "")
                         for name, value in result.items()
                     )
-                    print(f"[{size}, {len(files)} images of {source.split(':')[0]} px, {threads} thread(s)] {line}", flush=True)
+                    print(
+                        f"[{size}, {len(files)} images of {source.split(':')[0]} px, {threads} thread(s)] {line}",
+                        flush=True,
+                    )
     record["load_average_after"] = load_average()
     record["seconds"] = round(time.perf_counter() - started, 1)
     output = Path(args.output)

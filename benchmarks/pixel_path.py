@@ -31,8 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def pictures(count: int, low: int, high: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     return [
-        Image.fromarray(rng.integers(0, 256, (int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1)), 3),
-                                     dtype=np.uint8))
+        Image.fromarray(
+            rng.integers(
+                0, 256, (int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1)), 3), dtype=np.uint8
+            )
+        )
         for _ in range(count)
     ]
 
@@ -61,7 +64,9 @@ def main(argv=None) -> dict:
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/pixel_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "batch_size": args.batch_size, "repeats": args.repeats,
+        "machine": machine(),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "what": "ms per image (median of alternated passes); ratio = image processor / processor's path",
         "results": [],
     }
@@ -69,32 +74,39 @@ def main(argv=None) -> dict:
         images = pictures(args.images, low, high)
         batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
         for side in (48, 224):
-            image_processor = ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3,
-                                                   image_std=[0.5] * 3)
+            image_processor = ViTImageProcessorPil(
+                size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            )
             assert _resize_rescale_normalize_recipe(image_processor) is not None
             processor = MQIRTNProcessor(image_processor=image_processor, tokenizer=tokenizer)
             candidates = {
                 "processor_path": lambda: [processor(images=b)["pixel_values"] for b in batches],
-                "image_processor": lambda: [image_processor(images=b, return_tensors="pt")["pixel_values"] for b in batches],
+                "image_processor": lambda: [
+                    image_processor(images=b, return_tensors="pt")["pixel_values"] for b in batches
+                ],
             }
             outputs = {name: torch.cat(function()) for name, function in candidates.items()}  # warm-up
             times = {name: [] for name in candidates}
             for repeat in range(args.repeats):
-                for name in (list(candidates) if repeat % 2 == 0 else list(candidates)[::-1]):
+                for name in list(candidates) if repeat % 2 == 0 else list(candidates)[::-1]:
                     start = time.perf_counter()
                     candidates[name]()
                     times[name].append(time.perf_counter() - start)
             ms = {name: 1000 * statistics.median(values) / len(images) for name, values in times.items()}
             entry = {
-                "source": source, "target_px": side, "images": len(images),
+                "source": source,
+                "target_px": side,
+                "images": len(images),
                 "ms_per_image": {name: round(value, 4) for name, value in ms.items()},
                 "ratio": round(ms["image_processor"] / ms["processor_path"], 2),
                 "bit_identical": torch.equal(outputs["processor_path"], outputs["image_processor"]),
             }
             record["results"].append(entry)
-            print(f"[{source} -> {side} px] processor's path {ms['processor_path']:.3f} ms/img, image processor "
-                  f"{ms['image_processor']:.3f} ms/img ({entry['ratio']}x), bit-identical: {entry['bit_identical']}",
-                  flush=True)
+            print(
+                f"[{source} -> {side} px] processor's path {ms['processor_path']:.3f} ms/img, image processor "
+                f"{ms['image_processor']:.3f} ms/img ({entry['ratio']}x), bit-identical: {entry['bit_identical']}",
+                flush=True,
+            )
     output = write_json(args.output, record)
     print(f"Wrote {output}")
     return record

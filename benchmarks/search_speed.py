@@ -46,7 +46,17 @@ def parse_args(argv=None):
     parser.add_argument("--hnsw-ef-search", type=int, nargs="+", default=[64], help="HNSW efSearch (one row each)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: results/search_speed_<N>.json)")
     args = parser.parse_args(argv)
-    for name in ("gallery_size", "dim", "queries", "clusters", "top_k", "repeats", "threads", "ivf_nprobe", "hnsw_ef_search"):
+    for name in (
+        "gallery_size",
+        "dim",
+        "queries",
+        "clusters",
+        "top_k",
+        "repeats",
+        "threads",
+        "ivf_nprobe",
+        "hnsw_ef_search",
+    ):
         if min(getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.output is None:
@@ -113,7 +123,11 @@ def main(argv=None):
             elif backend == "faiss-hnsw":
                 hnsw = index._faiss_index.hnsw
                 hnsw.efSearch = value
-                settings = {"M": index.backend_options.get("hnsw_m", 32), "efConstruction": hnsw.efConstruction, "efSearch": value}
+                settings = {
+                    "M": index.backend_options.get("hnsw_m", 32),
+                    "efConstruction": hnsw.efConstruction,
+                    "efSearch": value,
+                }
             seconds, (_, indices) = best_time(lambda index=index: index.search(queries, args.top_k), args.repeats)
             if backend == "exact":
                 exact_indices = indices
@@ -125,7 +139,9 @@ def main(argv=None):
         del index
 
     exact_qps = next((qps for backend, _, qps, _, _ in rows if backend == "exact"), None)
-    print(f"{'backend':<11} {'build s':>8} {'queries/s':>11} {'vs exact':>9} {'recall@' + str(args.top_k):>10}  settings")
+    print(
+        f"{'backend':<11} {'build s':>8} {'queries/s':>11} {'vs exact':>9} {'recall@' + str(args.top_k):>10}  settings"
+    )
     for backend, build, qps, recall, settings in rows:
         ratio = f"{qps / exact_qps:8.2f}x" if exact_qps else "      n/a"
         recall_text = f"{recall:10.3f}" if recall is not None else "       n/a"

@@ -74,17 +74,34 @@ SIZES = {
         "seq_len": 32,
     },
     "small": {
-        "vision": {"image_size": 64, "patch_size": 8, "hidden_size": 192, "num_hidden_layers": 12,
-                   "num_attention_heads": 3, "intermediate_size": 768},
+        "vision": {
+            "image_size": 64,
+            "patch_size": 8,
+            "hidden_size": 192,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 3,
+            "intermediate_size": 768,
+        },
         "text": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
         "mqirtn": {"projection_dim": 128, "fusion_num_heads": 4},
         "seq_len": 32,
     },
     "tiny": {
-        "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "intermediate_size": 64},
-        "text": {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                 "intermediate_size": 64},
+        "vision": {
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        "text": {
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
         "mqirtn": {"projection_dim": 32, "fusion_num_heads": 4},
         "seq_len": 8,
     },
@@ -213,14 +230,16 @@ def interleaved(baseline, candidate, repeats: int, warmup: int = 1, inner: tuple
     for timer in TIMERS:
         base, cand = times["baseline", timer], times["candidate", timer]
         suffix = "" if timer == TIMER else f"_{timer}"
-        result.update({
-            f"baseline_s{suffix}": statistics.median(base),
-            f"candidate_s{suffix}": statistics.median(cand),
-            f"paired_ratio_median{suffix}": statistics.median(c / b for b, c in zip(base, cand)),
-            f"min_ratio{suffix}": min(cand) / min(base),
-            f"baseline_samples_s_{timer}": base,
-            f"candidate_samples_s_{timer}": cand,
-        })
+        result.update(
+            {
+                f"baseline_s{suffix}": statistics.median(base),
+                f"candidate_s{suffix}": statistics.median(cand),
+                f"paired_ratio_median{suffix}": statistics.median(c / b for b, c in zip(base, cand)),
+                f"min_ratio{suffix}": min(cand) / min(base),
+                f"baseline_samples_s_{timer}": base,
+                f"candidate_samples_s_{timer}": cand,
+            }
+        )
     return result
 
 
@@ -244,22 +263,37 @@ def bench_query_overhead(model, size: str, batch_size: int, repeats: int) -> dic
         timing = interleaved(towers, query, repeats)
     ratio = timing["candidate_s"] / timing["baseline_s"]
     target = "<= 1.15"
-    return {"ratio": ratio, "target": target, "met": _verdict(ratio, target), "batch_size": batch_size,
-            "sizes": describe_size(size), "what": "get_query_features time / (vision tower + text tower forward)",
-            **timing}
+    return {
+        "ratio": ratio,
+        "target": target,
+        "met": _verdict(ratio, target),
+        "batch_size": batch_size,
+        "sizes": describe_size(size),
+        "what": "get_query_features time / (vision tower + text tower forward)",
+        **timing,
+    }
 
 
 def bench_gallery_throughput(model, size: str, batch_size: int, repeats: int) -> dict:
     pixel_values = make_batch(size, batch_size)["pixel_values"]
     with torch.inference_mode():
         timing = interleaved(
-            lambda: model.vision_model(pixel_values=pixel_values), lambda: model.get_image_features(pixel_values), repeats
+            lambda: model.vision_model(pixel_values=pixel_values),
+            lambda: model.get_image_features(pixel_values),
+            repeats,
         )
     ratio = timing["baseline_s"] / timing["candidate_s"]  # throughput ratio
     target = ">= 0.95"
-    return {"ratio": ratio, "target": target, "met": _verdict(ratio, target), "batch_size": batch_size,
-            "sizes": describe_size(size), "what": "get_image_features images/s / bare vision tower images/s",
-            "images_per_s": batch_size / timing["candidate_s"], **timing}
+    return {
+        "ratio": ratio,
+        "target": target,
+        "met": _verdict(ratio, target),
+        "batch_size": batch_size,
+        "sizes": describe_size(size),
+        "what": "get_image_features images/s / bare vision tower images/s",
+        "images_per_s": batch_size / timing["candidate_s"],
+        **timing,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ 3
@@ -303,15 +337,27 @@ class _Labels:
 
 def _label_model(model) -> _Labels:
     labels = _Labels()
-    for name, label in [("vision_model", "towers"), ("text_model", "towers"), ("image_projection", "projections"),
-                        ("text_projection", "projections"), ("fusion", "fusion"), ("composition", "composition"),
-                        ("image_residual", "composition"), ("image_decoder", "loss"), ("text_decoder", "loss"),
-                        ("metric_loss", "loss")]:
+    for name, label in [
+        ("vision_model", "towers"),
+        ("text_model", "towers"),
+        ("image_projection", "projections"),
+        ("text_projection", "projections"),
+        ("fusion", "fusion"),
+        ("composition", "composition"),
+        ("image_residual", "composition"),
+        ("image_decoder", "loss"),
+        ("text_decoder", "loss"),
+        ("metric_loss", "loss"),
+    ]:
         if getattr(model, name, None) is not None:
             labels.module(getattr(model, name), label)
     if isinstance(model, MQIRTNModel):
         # The symmetric pass is the second `_compose` call (conjugate rotation, sign -1) made from `_loss`.
-        labels.method(model, "_compose", lambda *a, **k: "symmetric pass" if (a[5] if len(a) > 5 else k.get("sign", 1.0)) < 0 else None)
+        labels.method(
+            model,
+            "_compose",
+            lambda *a, **k: "symmetric pass" if (a[5] if len(a) > 5 else k.get("sign", 1.0)) < 0 else None,
+        )
         labels.method(model, "_loss", lambda *a, **k: "loss")
     return labels
 
@@ -358,7 +404,10 @@ def profile_groups(model, optimizer, inputs) -> dict:
             totals[group]["forward_ms"] += event.self_cpu_time_total / 1e3
     step_ms = sum(v["forward_ms"] + v["backward_ms"] for v in totals.values())
     return {
-        group: {**{k: round(v, 2) for k, v in ms.items()}, "share": round((ms["forward_ms"] + ms["backward_ms"]) / step_ms, 4)}
+        group: {
+            **{k: round(v, 2) for k, v in ms.items()},
+            "share": round((ms["forward_ms"] + ms["backward_ms"]) / step_ms, 4),
+        }
         for group, ms in sorted(totals.items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"]))
     }
 
@@ -371,10 +420,15 @@ def bench_train_step(size: str, batch_size: int, repeats: int) -> dict:
     torch.manual_seed(0)
     mqirtn, baseline = build_mqirtn(size).train(), build_baseline(size).train()
     inputs = make_batch(size, batch_size)
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in
-                  [("mqirtn", mqirtn), ("baseline", baseline)]}
-    timing = interleaved(lambda: training_step(baseline, optimizers["baseline"], inputs),
-                         lambda: training_step(mqirtn, optimizers["mqirtn"], inputs), repeats)
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for name, model in [("mqirtn", mqirtn), ("baseline", baseline)]
+    }
+    timing = interleaved(
+        lambda: training_step(baseline, optimizers["baseline"], inputs),
+        lambda: training_step(mqirtn, optimizers["mqirtn"], inputs),
+        repeats,
+    )
     # Profile each step twice, alternately, and keep the faster one (the one less disturbed by other processes).
     profiles = {"mqirtn": [], "baseline": []}
     for _ in range(2):
@@ -387,13 +441,21 @@ def bench_train_step(size: str, batch_size: int, repeats: int) -> dict:
     for group in set(profile["mqirtn"]) | set(profile["baseline"]):
         ms = [sum(v for k, v in profile[m].get(group, {}).items() if k != "share") for m in ("mqirtn", "baseline")]
         extra[group] = round(ms[0] - ms[1], 2)
-    return {"ratio": ratio, "target": target, "met": _verdict(ratio, target), "batch_size": batch_size,
-            "sizes": describe_size(size),
-            "what": "MQIRTN step (4 loss terms) / towers + projections + InfoNCE step on the same triplets",
-            "parameters": {"mqirtn": sum(p.numel() for p in mqirtn.parameters()),
-                           "baseline": sum(p.numel() for p in baseline.parameters())},
-            "profile_ms": profile, "extra_ms_over_baseline": dict(sorted(extra.items(), key=lambda kv: -kv[1])),
-            **timing}
+    return {
+        "ratio": ratio,
+        "target": target,
+        "met": _verdict(ratio, target),
+        "batch_size": batch_size,
+        "sizes": describe_size(size),
+        "what": "MQIRTN step (4 loss terms) / towers + projections + InfoNCE step on the same triplets",
+        "parameters": {
+            "mqirtn": sum(p.numel() for p in mqirtn.parameters()),
+            "baseline": sum(p.numel() for p in baseline.parameters()),
+        },
+        "profile_ms": profile,
+        "extra_ms_over_baseline": dict(sorted(extra.items(), key=lambda kv: -kv[1])),
+        **timing,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ 4
@@ -427,17 +489,25 @@ def bench_soft_triplet(batch_size: int, dim: int, repeats: int) -> dict:
         def step():
             fn(query, target, scale).backward()
             query.grad = target.grad = scale.grad = None
+
         return step
 
     # The vectorised call takes well under a millisecond: 100 calls per timed repeat.
     timing = interleaved(run(soft_triplet_loop), run(loss_fn), 2 * repeats, inner=(1, 100))
     speedup = timing["baseline_s"] / timing["candidate_s"]
     target_text = ">= 100"
-    return {"ratio": speedup, "target": target_text, "met": _verdict(speedup, target_text), "batch_size": batch_size,
-            "sizes": f"embeddings {batch_size} x {dim}, forward + backward",
-            "what": "Python-loop reference time / MQIRTNSoftTripletLoss time",
-            "same_value": abs(vectorised_value - loop_value) < 1e-4 * max(1.0, abs(loop_value)),
-            "vectorised_value": vectorised_value, "loop_value": loop_value, **timing}
+    return {
+        "ratio": speedup,
+        "target": target_text,
+        "met": _verdict(speedup, target_text),
+        "batch_size": batch_size,
+        "sizes": f"embeddings {batch_size} x {dim}, forward + backward",
+        "what": "Python-loop reference time / MQIRTNSoftTripletLoss time",
+        "same_value": abs(vectorised_value - loop_value) < 1e-4 * max(1.0, abs(loop_value)),
+        "vectorised_value": vectorised_value,
+        "loop_value": loop_value,
+        **timing,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ 6
@@ -489,8 +559,13 @@ def memory_child(mode: str, size: str, batch_size: int, gallery_size: int, dim: 
         index = build_gallery_index(gallery_size, dim)
         held = _current_rss() - before
         index.search(queries, top_k=GALLERY_TOP_K)
-        return {"raw_bytes": gallery_size * dim * 4, "held_bytes": held,
-                "search_peak_bytes": _peak_rss() - before, "queries": GALLERY_QUERIES, "k": GALLERY_TOP_K}
+        return {
+            "raw_bytes": gallery_size * dim * 4,
+            "held_bytes": held,
+            "search_peak_bytes": _peak_rss() - before,
+            "queries": GALLERY_QUERIES,
+            "k": GALLERY_TOP_K,
+        }
     build = build_mqirtn if mode == "train-mqirtn" else build_baseline
     # One step of the tiny model first maps the kernels' code pages (hundreds of MiB of RSS that are not the step's).
     tiny = build("tiny").train()
@@ -513,10 +588,26 @@ def run_memory_children(modes, size: str, batch_size: int, gallery_size: int, di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     children = [
         subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--memory-child", mode, "--memory-size", size,
-             "--memory-batch-size", str(batch_size), "--gallery-size", str(gallery_size), "--gallery-dim", str(dim),
-             "--threads", str(torch.get_num_threads())],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-child",
+                mode,
+                "--memory-size",
+                size,
+                "--memory-batch-size",
+                str(batch_size),
+                "--gallery-size",
+                str(gallery_size),
+                "--gallery-dim",
+                str(dim),
+                "--threads",
+                str(torch.get_num_threads()),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for mode in modes
     ]
@@ -530,8 +621,16 @@ def run_memory_children(modes, size: str, batch_size: int, gallery_size: int, di
 
 
 # Categories of torch.profiler's memory timeline, in its export order (after a leading unused slot).
-MEMORY_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient",
-                     "autograd_detail", "unknown")
+MEMORY_CATEGORIES = (
+    "parameter",
+    "optimizer_state",
+    "input",
+    "temporary",
+    "activation",
+    "gradient",
+    "autograd_detail",
+    "unknown",
+)
 
 
 def tensor_memory_peak(fn) -> dict:
@@ -541,7 +640,9 @@ def tensor_memory_peak(fn) -> dict:
     what the C allocator keeps mapped; this is what a GPU would have to hold, minus its allocator's caching.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with torch.profiler.profile(
+        activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         fn()
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only API
@@ -567,7 +668,9 @@ def bench_memory(size: str, batch_size: int, gallery_size: int, dim: int, rss: b
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         inputs = make_batch(size, batch_size)
         training_step(model, optimizer, inputs)  # creates the AdamW state, which the profiled step then holds
-        peaks[name] = tensor_memory_peak(lambda model=model, optimizer=optimizer: training_step(model, optimizer, inputs))
+        peaks[name] = tensor_memory_peak(
+            lambda model=model, optimizer=optimizer: training_step(model, optimizer, inputs)
+        )
         del model, optimizer
         gc.collect()
     index = build_gallery_index(gallery_size, dim)
@@ -578,8 +681,9 @@ def bench_memory(size: str, batch_size: int, gallery_size: int, dim: int, rss: b
         "train_step": {
             "ratio": peaks["mqirtn"]["peak_bytes"] / peaks["baseline"]["peak_bytes"],
             "what": "peak live tensor bytes of an AdamW step after a first one (parameters + optimizer state + "
-                    "activations + gradients): MQIRTN / towers-only baseline, from torch.profiler's memory timeline",
-            "batch_size": batch_size, "sizes": describe_size(size),
+            "activations + gradients): MQIRTN / towers-only baseline, from torch.profiler's memory timeline",
+            "batch_size": batch_size,
+            "sizes": describe_size(size),
             "mqirtn_peak_mib": peaks["mqirtn"]["peak_bytes"] / mib,
             "baseline_peak_mib": peaks["baseline"]["peak_bytes"] / mib,
             "mqirtn_at_peak_mib": {k: round(v / mib, 1) for k, v in peaks["mqirtn"]["by_category_bytes"].items()},
@@ -588,25 +692,30 @@ def bench_memory(size: str, batch_size: int, gallery_size: int, dim: int, rss: b
         "gallery": {
             "search_ratio": search["peak_bytes"] / raw,
             "what": f"peak live tensor bytes while searching a GalleryIndex (exact backend: {GALLERY_QUERIES} queries, "
-                    f"top-{GALLERY_TOP_K}, 1024 queries x 65536 rows of scores at a time) / raw float32 gallery bytes",
+            f"top-{GALLERY_TOP_K}, 1024 queries x 65536 rows of scores at a time) / raw float32 gallery bytes",
             "sizes": f"{gallery_size} x {dim} float32",
-            "raw_mib": raw / mib, "search_peak_mib": search["peak_bytes"] / mib,
+            "raw_mib": raw / mib,
+            "search_peak_mib": search["peak_bytes"] / mib,
         },
     }
     if rss:
-        result["train_step"].update({
-            "rss_ratio": rss_mqirtn["step_peak_bytes"] / rss_baseline["step_peak_bytes"],
-            "rss_what": "peak RSS (VmHWM) minus RSS before 2 steps, fresh subprocess each: includes what glibc "
-                        "malloc keeps mapped, so noisier than the tensor figures",
-            "mqirtn_rss_step_peak_mib": rss_mqirtn["step_peak_bytes"] / mib,
-            "baseline_rss_step_peak_mib": rss_baseline["step_peak_bytes"] / mib,
-        })
-        result["gallery"].update({
-            "held_rss_ratio": rss_gallery["held_bytes"] / rss_gallery["raw_bytes"],
-            "held_rss_mib": rss_gallery["held_bytes"] / mib,
-            "search_rss_peak_mib": rss_gallery["search_peak_bytes"] / mib,
-            "search_rss_ratio": rss_gallery["search_peak_bytes"] / rss_gallery["raw_bytes"],
-        })
+        result["train_step"].update(
+            {
+                "rss_ratio": rss_mqirtn["step_peak_bytes"] / rss_baseline["step_peak_bytes"],
+                "rss_what": "peak RSS (VmHWM) minus RSS before 2 steps, fresh subprocess each: includes what glibc "
+                "malloc keeps mapped, so noisier than the tensor figures",
+                "mqirtn_rss_step_peak_mib": rss_mqirtn["step_peak_bytes"] / mib,
+                "baseline_rss_step_peak_mib": rss_baseline["step_peak_bytes"] / mib,
+            }
+        )
+        result["gallery"].update(
+            {
+                "held_rss_ratio": rss_gallery["held_bytes"] / rss_gallery["raw_bytes"],
+                "held_rss_mib": rss_gallery["held_bytes"] / mib,
+                "search_rss_peak_mib": rss_gallery["search_peak_bytes"] / mib,
+                "search_rss_ratio": rss_gallery["search_peak_bytes"] / rss_gallery["raw_bytes"],
+            }
+        )
     return result
 
 
@@ -620,17 +729,31 @@ def parse_args(argv=None):
     parser.add_argument("--triplet-batch-size", type=int, default=32)
     parser.add_argument("--gallery-size", type=int, default=None, help="default 100000 (1000 with --quick)")
     parser.add_argument("--items", default="1,2,3,4,6", help="comma-separated items to run (of 1,2,3,4,6)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/speed.json, speed_quick.json with --quick)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/speed.json, speed_quick.json with --quick)",
+    )
     parser.add_argument("--no-nice", action="store_true", help="do not lower this process's priority")
-    parser.add_argument("--timer", choices=sorted(TIMERS), default="cpu",
-                        help="clock of the headline ratios: this process's CPU time (default; immune to time spent "
-                             "descheduled on a shared machine) or wall time (both are recorded)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on shared cores a descheduled OpenMP thread stalls every "
-                             "parallel op, which makes multi-threaded timings far noisier than single-threaded ones)")
+    parser.add_argument(
+        "--timer",
+        choices=sorted(TIMERS),
+        default="cpu",
+        help="clock of the headline ratios: this process's CPU time (default; immune to time spent "
+        "descheduled on a shared machine) or wall time (both are recorded)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on shared cores a descheduled OpenMP thread stalls every "
+        "parallel op, which makes multi-threaded timings far noisier than single-threaded ones)",
+    )
     # Internal: one memory measurement in a fresh process.
-    parser.add_argument("--memory-child", choices=["train-mqirtn", "train-baseline", "gallery"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", choices=["train-mqirtn", "train-baseline", "gallery"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--memory-size", default="small", help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch-size", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--gallery-dim", type=int, default=512, help=argparse.SUPPRESS)
@@ -659,8 +782,13 @@ def main(argv=None):
     global TIMER
     TIMER = args.timer
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.memory_size, args.memory_batch_size, args.gallery_size,
-                                      args.gallery_dim)))
+        print(
+            json.dumps(
+                memory_child(
+                    args.memory_child, args.memory_size, args.memory_batch_size, args.gallery_size, args.gallery_dim
+                )
+            )
+        )
         return None
     if not args.no_nice and os.nice(0) < 10:
         os.nice(10 - os.nice(0))  # niceness 10, whether or not the command line already said `nice`
@@ -668,20 +796,29 @@ def main(argv=None):
     paper, small = ("tiny", "tiny") if args.quick else ("paper", "small")
     triplet_batch = 8 if args.quick else args.triplet_batch_size
     gallery_dim = SIZES[paper]["mqirtn"]["projection_dim"] if args.quick else 512
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])]),
-              "quick": args.quick, "machine": machine(), "results": {}}
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "machine": machine(),
+        "results": {},
+    }
     results = report["results"]
     started = time.perf_counter()
     report["timer"] = args.timer
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} torch threads; "
-          f"repeats {args.repeats} per side, alternating; {args.timer} time")
+    print(
+        f"machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} torch threads; "
+        f"repeats {args.repeats} per side, alternating; {args.timer} time"
+    )
 
     def show(key, label):
         r = results[key]
-        print(f"[{key}] {label}: ratio {r['ratio']:.3f} (target {r['target']}: {'met' if r['met'] else 'MISSED'}); "
-              f"batch {r['batch_size']}; {r['sizes']}; baseline {r['baseline_s'] * 1e3:.1f} ms, "
-              f"candidate {r['candidate_s'] * 1e3:.2f} ms  [{time.perf_counter() - started:.0f} s]", flush=True)
+        print(
+            f"[{key}] {label}: ratio {r['ratio']:.3f} (target {r['target']}: {'met' if r['met'] else 'MISSED'}); "
+            f"batch {r['batch_size']}; {r['sizes']}; baseline {r['baseline_s'] * 1e3:.1f} ms, "
+            f"candidate {r['candidate_s'] * 1e3:.2f} ms  [{time.perf_counter() - started:.0f} s]",
+            flush=True,
+        )
 
     if {"1", "2"} & args.items:
         torch.manual_seed(0)
@@ -697,31 +834,53 @@ def main(argv=None):
     if "3" in args.items:
         results["train_step"] = bench_train_step(small, args.train_batch_size if not args.quick else 4, args.repeats)
         show("train_step", "3. MQIRTN training step / towers-only contrastive step")
-        print("   profile (ms, forward+backward) MQIRTN: " + ", ".join(
-            f"{g} {v['forward_ms'] + v['backward_ms']:.0f} ({v['share']:.0%})"
-            for g, v in results["train_step"]["profile_ms"]["mqirtn"].items()))
-        print("   profile (ms, forward+backward) baseline: " + ", ".join(
-            f"{g} {v['forward_ms'] + v['backward_ms']:.0f} ({v['share']:.0%})"
-            for g, v in results["train_step"]["profile_ms"]["baseline"].items()))
-        print("   extra over baseline (ms): " + ", ".join(
-            f"{g} {v:+.0f}" for g, v in results["train_step"]["extra_ms_over_baseline"].items()))
+        print(
+            "   profile (ms, forward+backward) MQIRTN: "
+            + ", ".join(
+                f"{g} {v['forward_ms'] + v['backward_ms']:.0f} ({v['share']:.0%})"
+                for g, v in results["train_step"]["profile_ms"]["mqirtn"].items()
+            )
+        )
+        print(
+            "   profile (ms, forward+backward) baseline: "
+            + ", ".join(
+                f"{g} {v['forward_ms'] + v['backward_ms']:.0f} ({v['share']:.0%})"
+                for g, v in results["train_step"]["profile_ms"]["baseline"].items()
+            )
+        )
+        print(
+            "   extra over baseline (ms): "
+            + ", ".join(f"{g} {v:+.0f}" for g, v in results["train_step"]["extra_ms_over_baseline"].items())
+        )
     if "4" in args.items:
         results["soft_triplet"] = bench_soft_triplet(triplet_batch, gallery_dim, args.repeats)
         show("soft_triplet", "4. soft-triplet loss speed-up over a Python loop")
     results["search_1m"] = {"see": "benchmarks/search_speed.py"}
     if "6" in args.items:
-        memory = bench_memory(small, args.train_batch_size if not args.quick else 4, args.gallery_size, gallery_dim,
-                              rss=not args.quick)
+        memory = bench_memory(
+            small, args.train_batch_size if not args.quick else 4, args.gallery_size, gallery_dim, rss=not args.quick
+        )
         results["memory"] = memory
         m, g = memory["train_step"], memory["gallery"]
-        rss = (f" (RSS: {m['mqirtn_rss_step_peak_mib']:.0f} / {m['baseline_rss_step_peak_mib']:.0f} MiB = "
-               f"{m['rss_ratio']:.2f})" if "rss_ratio" in m else "")
-        print(f"[memory] 6. training step peak tensors: MQIRTN {m['mqirtn_peak_mib']:.0f} MiB / baseline "
-              f"{m['baseline_peak_mib']:.0f} MiB = {m['ratio']:.2f}{rss}; batch {m['batch_size']}; {m['sizes']}")
-        rss = (f"; RSS held {g['held_rss_ratio']:.2f}x, search {g['search_rss_ratio']:.2f}x raw"
-               if "held_rss_ratio" in g else "")
-        print(f"[memory] 6. gallery {g['sizes']} ({g['raw_mib']:.1f} MiB): search peak tensors "
-              f"{g['search_peak_mib']:.1f} MiB = {g['search_ratio']:.2f}x raw{rss}")
+        rss = (
+            f" (RSS: {m['mqirtn_rss_step_peak_mib']:.0f} / {m['baseline_rss_step_peak_mib']:.0f} MiB = "
+            f"{m['rss_ratio']:.2f})"
+            if "rss_ratio" in m
+            else ""
+        )
+        print(
+            f"[memory] 6. training step peak tensors: MQIRTN {m['mqirtn_peak_mib']:.0f} MiB / baseline "
+            f"{m['baseline_peak_mib']:.0f} MiB = {m['ratio']:.2f}{rss}; batch {m['batch_size']}; {m['sizes']}"
+        )
+        rss = (
+            f"; RSS held {g['held_rss_ratio']:.2f}x, search {g['search_rss_ratio']:.2f}x raw"
+            if "held_rss_ratio" in g
+            else ""
+        )
+        print(
+            f"[memory] 6. gallery {g['sizes']} ({g['raw_mib']:.1f} MiB): search peak tensors "
+            f"{g['search_peak_mib']:.1f} MiB = {g['search_ratio']:.2f}x raw{rss}"
+        )
     report["total_s"] = time.perf_counter() - started
     output = args.output or REPO_ROOT / "benchmarks" / "results" / ("speed_quick.json" if args.quick else "speed.json")
     write_json(output, report)

@@ -79,28 +79,48 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="demo/app.py", description="Web demo of composed image retrieval with an MQIRTN model.")
     parser.add_argument(
-        "--model", default=os.environ.get("MQIRTN_DEMO_MODEL"),
+        "--model",
+        default=os.environ.get("MQIRTN_DEMO_MODEL"),
         help="saved model folder or Hub id (default: the main job's outputs/mqirtn-shapes, or $MQIRTN_DEMO_MODEL)",
     )
     parser.add_argument(
-        "--gallery", default=os.environ.get("MQIRTN_DEMO_GALLERY"),
+        "--gallery",
+        default=os.environ.get("MQIRTN_DEMO_GALLERY"),
         help="index folder (mqirtn index) or folder of images, indexed on first start and cached (default: the shapes "
         "test gallery, with example queries; or $MQIRTN_DEMO_GALLERY)",
     )
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                        help="port (default 7860)")
-    parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="queries embedded together in one forward pass when several wait (default 8)")
-    parser.add_argument("--cache-dir", help="where indexed image folders and the shapes gallery are cached "
-                        "(default $MQIRTN_CACHE/demo or ~/.cache/mqirtn/demo)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port (default 7860)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="queries embedded together in one forward pass when several wait (default 8)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="where indexed image folders and the shapes gallery are cached "
+        "(default $MQIRTN_CACHE/demo or ~/.cache/mqirtn/demo)",
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the model folder's own Python files instead of the installed MQIRTN classes")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="the most pixels (width x height) of one reference image, read from its header before "
-                        f"decoding (default {DEFAULT_MAX_PIXELS:,}; 0: only the library's cap)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own Python files instead of the installed MQIRTN classes",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="the most pixels (width x height) of one reference image, read from its header before "
+        f"decoding (default {DEFAULT_MAX_PIXELS:,}; 0: only the library's cap)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while indexing")
     return parser
 
@@ -112,7 +132,9 @@ def default_cache_dir() -> Path:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not name.endswith((".", "-"))
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not name.endswith(
+        (".", "-")
+    )
 
 
 def _shown(path: Path) -> str:
@@ -198,8 +220,9 @@ def cached_folder_index(model, processor, folder, cache_dir, progress: bool = Tr
     return index, False
 
 
-def shapes_test_gallery(cache_dir, image_size: int, num_queries: int | None = None, seed: int = 0,
-                        num_examples: int = NUM_EXAMPLES):
+def shapes_test_gallery(
+    cache_dir, image_size: int, num_queries: int | None = None, seed: int = 0, num_examples: int = NUM_EXAMPLES
+):
     """The shapes test gallery as a folder of PNGs (`images/00000.png`, ... in the gallery's row order), and example
     queries from the test split: `(folder, [(reference_path, modification_text, target_id), ...])`.
 
@@ -286,7 +309,12 @@ def _top_k(value) -> int:
     """A query's k: a whole number, clamped to [1, MAX_TOP_K]; None gives DEFAULT_TOP_K. `ValueError` otherwise."""
     if value is None:
         return DEFAULT_TOP_K
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise ValueError(f"Top k must be a whole number from 1 to {MAX_TOP_K}, got {str(value)[:40]!r}.")
     return max(1, min(int(value), MAX_TOP_K))
 
@@ -336,8 +364,16 @@ class CompositionalSearch:
         `gallery_image`); default a new folder under the system's temporary folder, removed at exit.
     """
 
-    def __init__(self, model, processor, index, device=None, known_targets: dict | None = None,
-                 served_dir: str | os.PathLike | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        model,
+        processor,
+        index,
+        device=None,
+        known_targets: dict | None = None,
+        served_dir: str | os.PathLike | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         from modeling_mqirtn import ComposedImageRetrievalPipeline
 
         self.model, self.processor, self.index = model, processor, index
@@ -426,17 +462,23 @@ class CompositionalSearch:
             cell = {"bytes": data, "path": None if data is not None else reference["path"]}
             pixels = _header_pixels(cell)
             if pixels is not None and self.max_pixels is not None and pixels[0] * pixels[1] > self.max_pixels:
-                return None, name, (
-                    f"“{name}” is {pixels[0]} x {pixels[1]} pixels; this demo takes at most {self.max_pixels:,} "
-                    "pixels per image. Upload a smaller image."
+                return (
+                    None,
+                    name,
+                    (
+                        f"“{name}” is {pixels[0]} x {pixels[1]} pixels; this demo takes at most {self.max_pixels:,} "
+                        "pixels per image. Upload a smaller image."
+                    ),
                 )
             return to_rgb_image(cell, "reference"), name, None
         except ValueError as error:
             logger.info(f"unreadable reference {name!r}: {error}")
             too_large = "pixels" in str(error) and "exceed" in str(error)
             reason = "it is too large" if too_large else "it is not an image file this demo can read"
-            return None, name, (
-                f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."
+            return (
+                None,
+                name,
+                (f"Could not read “{name}” as an image: {reason}. Upload a PNG, JPEG, WebP, BMP or GIF."),
             )
 
     def __call__(self, reference: list, text: list, top_k: list) -> tuple[list, list, list]:
@@ -473,9 +515,13 @@ class CompositionalSearch:
             # One forward pass for every waiting query: the pipeline collates them into one batch.
             results = self.pipe(
                 [{"image": image, "text": text} for _, image, text, _, _ in valid],
-                gallery=self.index, top_k=max(k for *_, k, _ in valid), batch_size=len(valid),
+                gallery=self.index,
+                top_k=max(k for *_, k, _ in valid),
+                batch_size=len(valid),
             )
-        except Exception as error:  # a model/index mismatch, or anything else: a line on the page, the server serves on
+        except (
+            Exception
+        ) as error:  # a model/index mismatch, or anything else: a line on the page, the server serves on
             logger.exception("query batch failed")
             message = " ".join(str(error).split())[:500] or type(error).__name__
             for i, *_ in valid:
@@ -495,8 +541,11 @@ class CompositionalSearch:
             )
             if target is not None:
                 ranks = [rank for rank, hit in enumerate(hits, start=1) if hit["id"] == target]
-                statuses[i] += (f" The example's known target {target} is **#{ranks[0]}**." if ranks else
-                                f" The example's known target {target} is not in the top {len(hits)}.")
+                statuses[i] += (
+                    f" The example's known target {target} is **#{ranks[0]}**."
+                    if ranks
+                    else f" The example's known target {target} is not in the top {len(hits)}."
+                )
         return galleries, statuses
 
     def attention(self, reference, text: str):
@@ -557,8 +606,9 @@ def reference_image_class():
     component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
     try:
         # `is_template`: the front end draws it as the `image` component it derives from.
-        _REFERENCE_IMAGE = type("ReferenceImage", (gr.Image,), {"is_template": True, "preprocess": preprocess,
-                                                                "__module__": __name__})
+        _REFERENCE_IMAGE = type(
+            "ReferenceImage", (gr.Image,), {"is_template": True, "preprocess": preprocess, "__module__": __name__}
+        )
     finally:
         component_meta.create_or_modify_pyi = write_stub
     return _REFERENCE_IMAGE
@@ -571,15 +621,22 @@ CSS = """
 """  # captions ("#1 · 0.884 · 01908.png") in full across the thumbnail; the results box as tall as its rows
 
 
-def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", gallery_description: str = "",
-               max_batch_size: int = 8):
+def build_demo(
+    search: CompositionalSearch,
+    examples=(),
+    model_name: str = "",
+    gallery_description: str = "",
+    max_batch_size: int = 8,
+):
     """The Gradio page (a `gr.Blocks`, queue configured) around `search`."""
     import gradio as gr
 
     size = len(search.index)
     top_k = min(DEFAULT_TOP_K, max(size, 1))
     # Gradio copies every result image into its cache folder: files older than two hours go, checked hourly.
-    with gr.Blocks(title="MQIRTN composed image retrieval", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
+    with gr.Blocks(
+        title="MQIRTN composed image retrieval", analytics_enabled=False, delete_cache=(3600, 7200)
+    ) as demo:
         gr.Markdown(
             "# Composed image retrieval with MQIRTN\n"
             "Give a **reference image** and a **modification text** (what to change); the model ranks the gallery "
@@ -588,31 +645,62 @@ def build_demo(search: CompositionalSearch, examples=(), model_name: str = "", g
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                reference = reference_image_class()(label="Reference image", sources=["upload", "clipboard"],
-                                                    height=260, elem_id="reference")
-                text = gr.Textbox(label="Modification text", placeholder="e.g. make the object in the middle red",
-                                  max_length=MAX_TEXT_LENGTH, elem_id="query-text")
+                reference = reference_image_class()(
+                    label="Reference image", sources=["upload", "clipboard"], height=260, elem_id="reference"
+                )
+                text = gr.Textbox(
+                    label="Modification text",
+                    placeholder="e.g. make the object in the middle red",
+                    max_length=MAX_TEXT_LENGTH,
+                    elem_id="query-text",
+                )
                 k = gr.Slider(1, max(1, min(MAX_TOP_K, size)), value=top_k, step=1, label="Top k", elem_id="top-k")
                 button = gr.Button("Search", variant="primary", elem_id="search")
                 if examples:
                     gr.Examples(
-                        [[path, text_] for path, text_, _ in examples], inputs=[reference, text],
+                        [[path, text_] for path, text_, _ in examples],
+                        inputs=[reference, text],
                         label="Example queries from the shapes test split (click one, then Search)",
                         example_labels=[f"{text_} (target {target})" for _, text_, target in examples],
                     )
             with gr.Column(scale=2):
                 status = gr.Markdown(label="Status", elem_id="status")
-                results = gr.Gallery(label="Results (rank · score · id)", show_label=False, columns=5, height="auto",
-                                     object_fit="contain", elem_id="results", allow_preview=True)
-                attention = gr.Image(label="Where the text looked: text→image attention of the query", type="pil",
-                                     show_label=False, interactive=False, elem_id="attention")
+                results = gr.Gallery(
+                    label="Results (rank · score · id)",
+                    show_label=False,
+                    columns=5,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="results",
+                    allow_preview=True,
+                )
+                attention = gr.Image(
+                    label="Where the text looked: text→image attention of the query",
+                    type="pil",
+                    show_label=False,
+                    interactive=False,
+                    elem_id="attention",
+                )
         # One concurrency group of one for both events: the model runs one batch or one picture at a time.
         searched = gr.on(
-            [button.click, text.submit], search, inputs=[reference, text, k], outputs=[results, status],
-            batch=True, max_batch_size=max_batch_size, api_name="search", concurrency_limit=1, concurrency_id="model",
+            [button.click, text.submit],
+            search,
+            inputs=[reference, text, k],
+            outputs=[results, status],
+            batch=True,
+            max_batch_size=max_batch_size,
+            api_name="search",
+            concurrency_limit=1,
+            concurrency_id="model",
         )
-        searched.then(search.attention, inputs=[reference, text], outputs=attention, api_name="attention",
-                      concurrency_limit=1, concurrency_id="model")
+        searched.then(
+            search.attention,
+            inputs=[reference, text],
+            outputs=attention,
+            api_name="attention",
+            concurrency_limit=1,
+            concurrency_id="model",
+        )
     demo.queue(max_size=256, default_concurrency_limit=1)
     return demo
 
@@ -629,8 +717,17 @@ def launch_options(host: str, port: int, examples=()) -> dict:
     """`gr.Blocks.launch` keyword arguments: bound to `host` only, no share tunnel, no MCP server, uploads capped at
     `MAX_UPLOAD_BYTES`, files served from `allowed_paths(examples)` and Gradio's cache only."""
     return dict(
-        server_name=host, server_port=port, share=False, show_error=False, ssr_mode=False, mcp_server=False,
-        allowed_paths=allowed_paths(examples), max_file_size=MAX_UPLOAD_BYTES, quiet=True, theme=None, css=CSS,
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        allowed_paths=allowed_paths(examples),
+        max_file_size=MAX_UPLOAD_BYTES,
+        quiet=True,
+        theme=None,
+        css=CSS,
         prevent_thread_lock=True,
     )
 
@@ -643,8 +740,9 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model(args.model, args.trust_remote_code, args.device)
         index, examples, description = open_gallery(args, model, processor)
         known_targets = {(Path(path).name, text): target for path, text, target in examples}
-        search = CompositionalSearch(model, processor, index, known_targets=known_targets,
-                                     max_pixels=args.max_pixels or None)
+        search = CompositionalSearch(
+            model, processor, index, known_targets=known_targets, max_pixels=args.max_pixels or None
+        )
         model_name = _shown(Path(args.model)) if os.path.isdir(args.model) else args.model
         demo = build_demo(search, examples, model_name, description, args.max_batch_size)
         try:

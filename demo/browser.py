@@ -61,8 +61,15 @@ class DemoServer:
     then SIGKILL after `grace` seconds. The server's output goes to `log_path`.
     """
 
-    def __init__(self, args: list[str], log_path: str | os.PathLike, env: dict | None = None,
-                 timeout: float = 300.0, grace: float = 10.0, python: str = sys.executable):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: str | os.PathLike,
+        env: dict | None = None,
+        timeout: float = 300.0,
+        grace: float = 10.0,
+        python: str = sys.executable,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.command = [python, str(APP), *args, "--host", "127.0.0.1", "--port", str(self.port)]

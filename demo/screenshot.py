@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/demo.png", help="screenshot PNG (default docs/demo.png)")
     parser.add_argument("--queries", type=int, default=20, help="queries timed through the browser (default 20)")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
-    parser.add_argument("--text", default="make the object in the middle red",
-                        help="modification text when the gallery has no example queries")
+    parser.add_argument(
+        "--text",
+        default="make the object in the middle red",
+        help="modification text when the gallery has no example queries",
+    )
     parser.add_argument("--json", help="also write the timings here as JSON")
     args = parser.parse_args(own)
 
@@ -105,17 +108,29 @@ def main(argv: list[str] | None = None) -> int:
             chromium.close()
     median = statistics.median(timings)
     load = (load_before + os.getloadavg()[0]) / 2
-    print(f"{len(timings)} queries through the browser (submit -> {args.top_k} results shown): median {median:.3f} s, "
-          f"min {min(timings):.3f} s, max {max(timings):.3f} s; of which retrieval (query embedding + search, the "
-          f"page's status line): median {statistics.median(retrieval_ms):.0f} ms; {os.cpu_count()} CPUs, load average "
-          f"{load:.1f}")
+    print(
+        f"{len(timings)} queries through the browser (submit -> {args.top_k} results shown): median {median:.3f} s, "
+        f"min {min(timings):.3f} s, max {max(timings):.3f} s; of which retrieval (query embedding + search, the "
+        f"page's status line): median {statistics.median(retrieval_ms):.0f} ms; {os.cpu_count()} CPUs, load average "
+        f"{load:.1f}"
+    )
     print(f"Wrote the screenshot to {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "seconds": timings, "median": median, "retrieval_ms": retrieval_ms,
-            "median_retrieval_ms": statistics.median(retrieval_ms), "top_k": args.top_k, "app_args": app_args,
-            "cpus": os.cpu_count(), "load_average": load,
-        }, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "seconds": timings,
+                    "median": median,
+                    "retrieval_ms": retrieval_ms,
+                    "median_retrieval_ms": statistics.median(retrieval_ms),
+                    "top_k": args.top_k,
+                    "app_args": app_args,
+                    "cpus": os.cpu_count(),
+                    "load_average": load,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -158,7 +158,9 @@ class MQIRTNComplexComposition(nn.Module):
     are always the text's own.
     """
 
-    def __init__(self, hidden_size: int, conv_channels: int, weights_init, rotation: bool = True, angle_channel: bool = True):
+    def __init__(
+        self, hidden_size: int, conv_channels: int, weights_init, rotation: bool = True, angle_channel: bool = True
+    ):
         super().__init__()
         self.image_map = MQIRTNMLP(hidden_size, hidden_size, hidden_size)
         self.text_map = MQIRTNAngleMap(hidden_size)
@@ -208,7 +210,11 @@ class ComposeAEComplexProjection(nn.Module):
     LayerNorm with `angle_layernorm`) instead (see `MQIRTN_DEVIATIONS`)."""
 
     def __init__(
-        self, hidden_size: int, rotation: bool = True, angle_channel: bool = True, plain_mlps: bool = False,
+        self,
+        hidden_size: int,
+        rotation: bool = True,
+        angle_channel: bool = True,
+        plain_mlps: bool = False,
         angle_layernorm: bool = False,
     ):
         super().__init__()
@@ -244,7 +250,12 @@ class ComposeAEComposition(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, conv_channels: int, weights_init, rotation: bool = True, angle_channel: bool = True,
+        self,
+        hidden_size: int,
+        conv_channels: int,
+        weights_init,
+        rotation: bool = True,
+        angle_channel: bool = True,
         deviations=(),
     ):
         super().__init__()
@@ -254,7 +265,10 @@ class ComposeAEComposition(nn.Module):
         self.deviations = tuple(sorted(deviations))
         plain = "plain_mlps" in deviations
         projection = dict(
-            rotation=rotation, angle_channel=angle_channel, plain_mlps=plain, angle_layernorm="angle_layernorm" in deviations
+            rotation=rotation,
+            angle_channel=angle_channel,
+            plain_mlps=plain,
+            angle_layernorm="angle_layernorm" in deviations,
         )
         self.linear_projection = ComposeAEComplexProjection(hidden_size, **projection)
         shared = "shared_projection" in deviations

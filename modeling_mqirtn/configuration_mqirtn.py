@@ -43,6 +43,8 @@ def tower_width(config) -> int | None:
     if width is None and getattr(config, "hidden_sizes", None):
         width = config.hidden_sizes[-1]
     return width
+
+
 FUSION_POOLINGS = ("cls", "mean")
 
 
@@ -179,7 +181,9 @@ class MQIRTNConfig(PreTrainedConfig):
         rotating = sorted(name for name, spec in COMPOSITIONS.items() if spec["complex"])
         for name in ("rotation", "angle_channel"):
             if not getattr(self, name) and not self.composition_spec["complex"]:
-                raise ValueError(f"`{name}=False` applies to the rotating compositions {rotating}, not {self.composition!r}")
+                raise ValueError(
+                    f"`{name}=False` applies to the rotating compositions {rotating}, not {self.composition!r}"
+                )
         if self.image_residual and self.composition_spec["image_residual"] is None:
             with_residual = sorted(name for name, spec in COMPOSITIONS.items() if spec["image_residual"] is not None)
             raise ValueError(
@@ -204,9 +208,13 @@ class MQIRTNConfig(PreTrainedConfig):
                 f"({self.fusion_num_heads})"
             )
         if self.projection_dim < 4:
-            raise ValueError(f"`projection_dim` must be at least 4 (the convolutional mapping pools to d/4), got {self.projection_dim}")
+            raise ValueError(
+                f"`projection_dim` must be at least 4 (the convolutional mapping pools to d/4), got {self.projection_dim}"
+            )
         if self.fusion_intermediate_size is not None and self.fusion_intermediate_size < 1:
-            raise ValueError(f"`fusion_intermediate_size` must be a positive integer or None, got {self.fusion_intermediate_size}")
+            raise ValueError(
+                f"`fusion_intermediate_size` must be a positive integer or None, got {self.fusion_intermediate_size}"
+            )
         if self.fusion_pooling not in FUSION_POOLINGS:
             raise ValueError(f"`fusion_pooling` must be one of {list(FUSION_POOLINGS)}, got {self.fusion_pooling!r}")
         if not 0.0 <= self.fusion_dropout < 1.0:
@@ -222,7 +230,9 @@ class MQIRTNConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {value}")
         if self.composition_weights_init is not None:
             if self.composition in ("image_only", "text_only"):
-                raise ValueError(f"`composition_weights_init` does not apply to {self.composition!r} (it has no mapping weights); leave it unset")
+                raise ValueError(
+                    f"`composition_weights_init` does not apply to {self.composition!r} (it has no mapping weights); leave it unset"
+                )
             if len(self.composition_weights_init) != 2:
                 raise ValueError(
                     "`composition_weights_init` must hold two values (the two mapping weights), "

@@ -32,7 +32,11 @@ class MQIRTNCrossAttention(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, queries, context, context_mask=None, output_attentions: bool = False):
-        q, k, v = self._heads(self.q_proj(queries)), self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+        q, k, v = (
+            self._heads(self.q_proj(queries)),
+            self._heads(self.k_proj(context)),
+            self._heads(self.v_proj(context)),
+        )
         # Boolean mask broadcast over heads and query positions: True = may attend.
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
         dropout = self.dropout if self.training else 0.0
@@ -100,7 +104,15 @@ class MQIRTNFusion(nn.Module):
     """
 
     def __init__(
-        self, vision_width, text_width, hidden_size, num_layers, num_heads, intermediate_size, dropout=0.0, pooling="cls",
+        self,
+        vision_width,
+        text_width,
+        hidden_size,
+        num_layers,
+        num_heads,
+        intermediate_size,
+        dropout=0.0,
+        pooling="cls",
         config=None,
     ):
         super().__init__()

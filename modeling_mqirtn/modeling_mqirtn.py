@@ -215,12 +215,18 @@ class MQIRTNPreTrainedModel(PreTrainedModel):
         mismatches = model.__dict__.pop("_size_mismatches", None)
         if not mismatches:
             return loaded
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs
+        }
         message = _size_mismatch_message(cls, pretrained_model_name_or_path, model.config, mismatches, hub_kwargs)
         if not kwargs.get("ignore_mismatched_sizes", False):
-            raise ValueError(f"{message} Load it with the configuration it was saved with, or pass "
-                             "`ignore_mismatched_sizes=True` to re-initialise the layers that do not fit.")
-        logger.warning(f"{message} Re-initialised the {len(mismatches)} weights that do not fit (`ignore_mismatched_sizes=True`).")
+            raise ValueError(
+                f"{message} Load it with the configuration it was saved with, or pass "
+                "`ignore_mismatched_sizes=True` to re-initialise the layers that do not fit."
+            )
+        logger.warning(
+            f"{message} Re-initialised the {len(mismatches)} weights that do not fit (`ignore_mismatched_sizes=True`)."
+        )
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -250,7 +256,9 @@ def _differing_sizes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def _size_mismatch_message(cls, name_or_path, config, mismatches, hub_kwargs) -> str:
     """One sentence on weights whose checkpoint shape does not fit the model, naming the config fields that differ."""
     key, checkpoint_shape, model_shape = mismatches[0]
-    where = f"{len(mismatches)} weights, e.g. `{key}`: checkpoint {tuple(checkpoint_shape)}, model {tuple(model_shape)}"
+    where = (
+        f"{len(mismatches)} weights, e.g. `{key}`: checkpoint {tuple(checkpoint_shape)}, model {tuple(model_shape)}"
+    )
     try:
         saved, _ = cls.config_class.get_config_dict(name_or_path, **hub_kwargs)
     except (OSError, ValueError):
@@ -347,9 +355,17 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         or the pooled output for towers without one; `outputs` what the tower returned (hidden states and attentions
         when asked: the flags are passed only when set, as convolutional towers take no `output_attentions`)."""
         if pixel_values.dim() != 4:
-            raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        flags = {name: True for name, value in (("output_attentions", output_attentions),
-                                                ("output_hidden_states", output_hidden_states)) if value}
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
+        flags = {
+            name: True
+            for name, value in (
+                ("output_attentions", output_attentions),
+                ("output_hidden_states", output_hidden_states),
+            )
+            if value
+        }
         outputs = self.vision_model(pixel_values=pixel_values, **flags)
         tokens = outputs.last_hidden_state
         if tokens.dim() == 4:  # convolutional towers: (B, C, H, W) feature maps
@@ -369,7 +385,10 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         return self._run_vision(pixel_values)[0]
 
     def _run_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
         output_hidden_states: bool = False,
     ):
         """The text tower: `(tokens, outputs)`, `tokens` (B, L, dt), `outputs` what the tower returned."""
@@ -379,8 +398,14 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             raise ValueError(
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
-        flags = {name: True for name, value in (("output_attentions", output_attentions),
-                                                ("output_hidden_states", output_hidden_states)) if value}
+        flags = {
+            name: True
+            for name, value in (
+                ("output_attentions", output_attentions),
+                ("output_hidden_states", output_hidden_states),
+            )
+            if value
+        }
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **flags)
         return outputs.last_hidden_state, outputs
 
@@ -398,7 +423,14 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         )
 
     def _compose(
-        self, image_tokens, text_tokens, attention_mask, image_embeds, text_embeds, sign=1.0, output_attentions=False,
+        self,
+        image_tokens,
+        text_tokens,
+        attention_mask,
+        image_embeds,
+        text_embeds,
+        sign=1.0,
+        output_attentions=False,
         angle_control=None,
     ):
         """Composed query theta (B, d), unnormalised, and a dict with the angles (or None), the composition term, the
@@ -513,8 +545,12 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         out = self(
-            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         output = MQIRTNQueryOutput(
             pooler_output=out.query_embeds,
@@ -567,7 +603,9 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             Return an `MQIRTNOutput`; with `False`, its `to_tuple()` (the fields that are not `None`, in order).
         """
         if pixel_values is None or input_ids is None:
-            raise ValueError("MQIRTNModel needs both `pixel_values` (reference images) and `input_ids` (modification texts)")
+            raise ValueError(
+                "MQIRTNModel needs both `pixel_values` (reference images) and `input_ids` (modification texts)"
+            )
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"`pixel_values` and `input_ids` must have the same batch size, got {pixel_values.shape[0]} and {input_ids.shape[0]}"
@@ -603,8 +641,20 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             logits = scale * query_embeds @ target_embeds.T
             if return_loss:
                 loss, loss_terms, symmetric_diagnostics = self._loss(
-                    query, query_embeds, target_embeds, scale, image_embeds, text_embeds, target_tokens, target_raw,
-                    text_tokens, attention_mask, pixel_values, target_pixel_values, target_ids, reference_ids,
+                    query,
+                    query_embeds,
+                    target_embeds,
+                    scale,
+                    image_embeds,
+                    text_embeds,
+                    target_tokens,
+                    target_raw,
+                    text_tokens,
+                    attention_mask,
+                    pixel_values,
+                    target_pixel_values,
+                    target_ids,
+                    reference_ids,
                     output_composition,
                 )
 
@@ -636,8 +686,22 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _loss(
-        self, query, query_embeds, target_embeds, scale, image_embeds, text_embeds, target_tokens, target_raw,
-        text_tokens, attention_mask, pixel_values, target_pixel_values, target_ids, reference_ids, output_composition,
+        self,
+        query,
+        query_embeds,
+        target_embeds,
+        scale,
+        image_embeds,
+        text_embeds,
+        target_tokens,
+        target_raw,
+        text_tokens,
+        attention_mask,
+        pixel_values,
+        target_pixel_values,
+        target_ids,
+        reference_ids,
+        output_composition,
     ):
         config = self.config
         spec = config.composition_spec
@@ -660,15 +724,26 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
                 with torch.no_grad():
                     # Controls on the same targets and texts: the same rotation again (+delta), no rotation and the
                     # conjugate of another query's angles; what the conjugate achieves is read against them.
-                    controls = {"same_rotation": (1.0, None), "zero_rotation": (-1.0, "zero"), "shuffled_rotation": (-1.0, "shuffled")}
+                    controls = {
+                        "same_rotation": (1.0, None),
+                        "zero_rotation": (-1.0, "zero"),
+                        "shuffled_rotation": (-1.0, "shuffled"),
+                    }
                     diagnostics = {}
                     for name, (control_sign, control) in controls.items():
                         other, _, _, _ = self._compose(
-                            target_tokens, text_tokens, attention_mask, target_raw, text_embeds, control_sign,
+                            target_tokens,
+                            text_tokens,
+                            attention_mask,
+                            target_raw,
+                            text_embeds,
+                            control_sign,
                             angle_control=control,
                         )
                         other_embeds = normalize(other)
-                        diagnostics[f"loss_{name}"] = self.metric_loss(other_embeds, reference_embeds, scale, reference_ids)
+                        diagnostics[f"loss_{name}"] = self.metric_loss(
+                            other_embeds, reference_embeds, scale, reference_ids
+                        )
                         if name == "same_rotation":
                             diagnostics["back_query_cosine"] = (other_embeds * back_embeds).sum(dim=-1)
         if spec["reconstruction"]:
@@ -701,7 +776,11 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
         compile_kwargs.setdefault("dynamic", True)
         # The fusion as one region (both layers in one graph): compiled layer by layer, each layer's call would need a
         # graph of its own for every mode, twice the graphs per region.
-        regions = [m for m in (self.fusion, self.composition, self.image_residual, self.image_decoder, self.text_decoder) if m is not None]
+        regions = [
+            m
+            for m in (self.fusion, self.composition, self.image_residual, self.image_decoder, self.text_decoder)
+            if m is not None
+        ]
         if towers:
             from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -758,4 +837,11 @@ def reconstruction_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Te
     return (normalize(decoded) - normalize(target.detach())).pow(2).sum(dim=-1).mean()
 
 
-__all__ = ["MQIRTNModel", "MQIRTNPreTrainedModel", "MQIRTNOutput", "MQIRTNQueryOutput", "tower_from_config", "tower_from_pretrained"]
+__all__ = [
+    "MQIRTNModel",
+    "MQIRTNPreTrainedModel",
+    "MQIRTNOutput",
+    "MQIRTNQueryOutput",
+    "tower_from_config",
+    "tower_from_pretrained",
+]

@@ -32,7 +32,9 @@ IMAGE_FEATURES_TASK = "image-feature-extraction"
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"},
     IMAGE_FEATURES_TASK: {
-        "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"
+        "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline",
+        "pt": ["AutoModel"],
+        "type": "image",
     },
 }
 
@@ -115,7 +117,9 @@ class ComposedImageRetrievalPipeline(Pipeline):
         """
         if inputs is None:
             if image is None or text is None:
-                raise ValueError("Give `image=` and `text=` (or a list of {'image': ..., 'text': ...} dicts as `inputs`)")
+                raise ValueError(
+                    "Give `image=` and `text=` (or a list of {'image': ..., 'text': ...} dicts as `inputs`)"
+                )
             if isinstance(image, (list, tuple)) or isinstance(text, (list, tuple)):
                 if not (isinstance(image, (list, tuple)) and isinstance(text, (list, tuple))):
                     raise ValueError("`image` and `text` must both be lists or both be single items")
@@ -158,7 +162,9 @@ class ComposedImageRetrievalPipeline(Pipeline):
         ```
         """
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
-            raise TypeError(f"`images` must be a list of images (PIL, numpy, paths or URLs), got {type(images).__name__}")
+            raise TypeError(
+                f"`images` must be a list of images (PIL, numpy, paths or URLs), got {type(images).__name__}"
+            )
         if not images:
             raise ValueError("`images` is empty: a gallery needs at least one image")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -180,7 +186,9 @@ class ComposedImageRetrievalPipeline(Pipeline):
             if not isinstance(return_tensors, bool):
                 raise TypeError(f"`return_tensors` must be True or False, got {return_tensors!r}")
             if gallery is not None:
-                raise ValueError("`return_tensors` applies to query embeddings (no `gallery`); search results are dicts")
+                raise ValueError(
+                    "`return_tensors` applies to query embeddings (no `gallery`); search results are dicts"
+                )
             postprocess_params["return_tensors"] = return_tensors
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -238,8 +246,10 @@ class ComposedImageRetrievalPipeline(Pipeline):
 
     def _text_limit(self) -> int | None:
         """The most tokens the text tower takes (its position embeddings, or the tokenizer's smaller cap)."""
-        limits = [getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None),
-                  getattr(self.processor.tokenizer, "model_max_length", None)]
+        limits = [
+            getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None),
+            getattr(self.processor.tokenizer, "model_max_length", None),
+        ]
         limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
         return min(limits) if limits else None
 

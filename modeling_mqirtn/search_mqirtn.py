@@ -65,7 +65,8 @@ def exact_search(
     if (query_exclude is None) != (gallery_exclude is None):
         raise ValueError("`query_exclude` and `gallery_exclude` must be given together")
     if query_exclude is not None and (
-        tuple(query_exclude.shape) != (query_embeds.shape[0],) or tuple(gallery_exclude.shape) != (gallery_embeds.shape[0],)
+        tuple(query_exclude.shape) != (query_embeds.shape[0],)
+        or tuple(gallery_exclude.shape) != (gallery_embeds.shape[0],)
     ):
         raise ValueError(
             f"`query_exclude` must have shape ({query_embeds.shape[0]},) and `gallery_exclude` ({gallery_embeds.shape[0]},), "
@@ -101,5 +102,6 @@ def exact_search(
         all_scores.append(best_scores)
         all_indices.append(best_indices)
     return torch.cat(all_scores), torch.cat(all_indices)
+
 
 __all__ = ["check_embedding_pair", "exact_search"]

@@ -57,7 +57,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def file_hashes(folder: str | os.PathLike, names=None) -> dict[str, str]:
     """`{relative POSIX path: sha256}` of the files `names` (default: every file, recursively) of `folder`."""
     folder = Path(folder)
-    paths = [folder / name for name in names] if names is not None else sorted(p for p in folder.rglob("*") if p.is_file())
+    paths = (
+        [folder / name for name in names] if names is not None else sorted(p for p in folder.rglob("*") if p.is_file())
+    )
     return {path.relative_to(folder).as_posix(): sha256_file(path) for path in paths}
 
 
@@ -65,7 +67,9 @@ def differing_files(folder: str | os.PathLike, expected: dict[str, str]) -> list
     """The files of the manifest `expected` that are missing from `folder` or whose bytes differ."""
     folder = Path(folder)
     return sorted(
-        name for name, digest in expected.items() if not (folder / name).is_file() or sha256_file(folder / name) != digest
+        name
+        for name, digest in expected.items()
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest
     )
 
 

@@ -113,7 +113,10 @@ def _backend_options(args) -> dict:
             raise CLIError(f"--{flag} must be a positive integer up to {MAX_BACKEND_OPTION}, got {value}")
         options[flag.replace("-", "_")] = value
     milvus = {
-        "uri": args.uri, "collection": args.collection, "token_env": args.token_env, "index_type": args.index_type
+        "uri": args.uri,
+        "collection": args.collection,
+        "token_env": args.token_env,
+        "index_type": args.index_type,
     }
     given = {key: value for key, value in milvus.items() if value is not None}
     if args.backend == "milvus":
@@ -134,7 +137,8 @@ def _build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="embed a folder of images into a gallery index")
     index.add_argument("--model", required=True, help="saved model folder or Hub id (with its processor)")
     index.add_argument(
-        "--images", required=True,
+        "--images",
+        required=True,
         help="folder of images, searched recursively, or a .jsonl/.csv file listing them (column `image`: a path "
         "relative to the file; the other columns become filterable metadata)",
     )
@@ -143,14 +147,17 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
     index.add_argument("--backend", default="exact", choices=BACKENDS, help="search backend (default exact)")
     index.add_argument(
-        "--update", action="store_true",
+        "--update",
+        action="store_true",
         help="update the index at --out: embed only new or changed files (size, mtime), delete rows of removed ones",
     )
     index.add_argument("--uri", help="milvus: a Milvus Lite file (gallery.db) or a server, http://host:19530")
     index.add_argument("--collection", help="milvus: collection name (default mqirtn_gallery)")
     index.add_argument("--token-env", help="milvus: environment variable holding the token (default MILVUS_TOKEN)")
     index.add_argument(
-        "--index-wait", type=int, default=600,
+        "--index-wait",
+        type=int,
+        default=600,
         help="milvus: seconds to wait for the vector index to cover every row after writing (default 600; 0: none)",
     )
     index.add_argument(
@@ -169,7 +176,7 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--text", required=True, help="modification text, e.g. 'make it red'")
     search.add_argument("--top-k", type=int, default=10, help="number of results (default 10)")
     search.add_argument(
-        "--filter", help='keep rows whose metadata match, e.g. \'folder == "shoes"\' (==, !=, in, not in, and)'
+        "--filter", help="keep rows whose metadata match, e.g. 'folder == \"shoes\"' (==, !=, in, not in, and)"
     )
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("--grid", help="write a results-grid PNG here")
@@ -304,7 +311,9 @@ def _index(args) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
-        raise CLIError(f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}")
+        raise CLIError(
+            f"--num-workers must be a non-negative integer (0: decode in the main process), got {args.num_workers}"
+        )
     table = Path(args.images).suffix.lower() in (".jsonl", ".csv") and Path(args.images).is_file()
     if table and args.update:
         raise CLIError("--update compares the files of a folder; for a .jsonl/.csv gallery, index it again")
@@ -335,7 +344,10 @@ def _index(args) -> int:
         # Every process holds the merged index now. Release the others before the main process builds the FAISS index
         # and writes: a long IVF/HNSW build (minutes at millions of images) must not keep them in a barrier that can
         # time out, and a failed write must not leave them waiting.
-        is_main_process, processes = accelerator.is_main_process, f", embedded by {accelerator.num_processes} processes"
+        is_main_process, processes = (
+            accelerator.is_main_process,
+            f", embedded by {accelerator.num_processes} processes",
+        )
         accelerator.wait_for_everyone()
         accelerator.end_training()
     if is_main_process:
@@ -363,7 +375,8 @@ def _wait_for_index(index, args) -> None:
     if done is False:
         print(
             f"The Milvus vector index is still being built after {args.index_wait} s; searches until it is done are "
-            "exact over the rows not yet indexed (correct, slower)", file=sys.stderr,
+            "exact over the rows not yet indexed (correct, slower)",
+            file=sys.stderr,
         )
 
 
@@ -409,7 +422,9 @@ def _check_model_code(index, model_name: str) -> None:
     if not os.path.isdir(model_name):
         raise CLIError(f"the model folder {model_name!r} recorded in the index does not exist")
     current = model_code_digest(model_name)
-    differing = sorted(name for name in set(current) | set(index.model_code) if current.get(name) != index.model_code.get(name))
+    differing = sorted(
+        name for name in set(current) | set(index.model_code) if current.get(name) != index.model_code.get(name)
+    )
     if differing:
         raise CLIError(
             f"the code files of {model_name!r} changed since the index was built ({', '.join(differing)}); refusing to "
@@ -433,7 +448,9 @@ def _search(args) -> int:
     if not model_name:
         raise CLIError(f"the index {args.index!r} does not record its model; pass --model")
     if index.fingerprint is None:
-        raise CLIError(f"the index {args.index!r} records no model fingerprint, so no model can be checked against it; rebuild it")
+        raise CLIError(
+            f"the index {args.index!r} records no model fingerprint, so no model can be checked against it; rebuild it"
+        )
     if args.trust_remote_code and not args.model:
         # Consent was given for the code of the model the index was built with, not for whatever the path now holds.
         _check_model_code(index, model_name)
@@ -499,7 +516,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _index(args) if args.command == "index" else _search(args)
-    except (CLIError, ModelMismatchError, DecodeWorkerError, ValueError, FileNotFoundError, ImportError, OSError) as error:
+    except (
+        CLIError,
+        ModelMismatchError,
+        DecodeWorkerError,
+        ValueError,
+        FileNotFoundError,
+        ImportError,
+        OSError,
+    ) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"mqirtn {args.command}: error: {message}", file=sys.stderr)
         return 1

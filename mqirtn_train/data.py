@@ -53,7 +53,9 @@ def load_data(args, accelerator) -> dict:
     """Every split the run needs; rank 0 generates/caches the data first, the others then read the cache."""
     with accelerator.main_process_first():
         return {
-            "train": None if args.eval_only else select_first(load_split(args, args.train_split, False), args.max_train_samples),
+            "train": None
+            if args.eval_only
+            else select_first(load_split(args, args.train_split, False), args.max_train_samples),
             "eval": load_split(args, args.eval_split, True) if (args.do_eval or args.eval_only) else None,
             "validation": load_split(args, args.validation_split, True) if args.eval_steps else None,
             "predict": load_split(args, args.predict_split, True) if args.do_predict else None,

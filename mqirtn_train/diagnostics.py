@@ -56,7 +56,11 @@ def composition_diagnostics(model, batches: list[dict], frozen_towers: tuple[str
     probe.train()
     for name in frozen_towers:  # frozen towers stay in eval mode, as in training
         getattr(probe, name).eval()
-    shared = [p for n, p in probe.named_parameters() if p.requires_grad and not n.startswith(("image_decoder.", "text_decoder."))]
+    shared = [
+        p
+        for n, p in probe.named_parameters()
+        if p.requires_grad and not n.startswith(("image_decoder.", "text_decoder."))
+    ]
     sums: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]):
         for batch in batches:
@@ -66,7 +70,9 @@ def composition_diagnostics(model, batches: list[dict], frozen_towers: tuple[str
             if outputs.symmetric_diagnostics is not None:
                 for control in ("same_rotation", "zero_rotation", "shuffled_rotation"):
                     values[f"loss_symmetric_{control}"] = outputs.symmetric_diagnostics[f"loss_{control}"].item()
-                values["back_query_cosine_conjugate_vs_same"] = outputs.symmetric_diagnostics["back_query_cosine"].mean().item()
+                values["back_query_cosine_conjugate_vs_same"] = (
+                    outputs.symmetric_diagnostics["back_query_cosine"].mean().item()
+                )
             norms = {}
             for name, term in outputs.loss_terms.items():
                 weight = float(getattr(probe.config, LOSS_WEIGHT_FIELDS[name]))

@@ -32,7 +32,9 @@ RETRIEVAL_DIAGNOSTICS_KEY = "retrieval_diagnostics"
 
 
 @torch.no_grad()
-def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str, usable: list | None = None) -> torch.Tensor:
+def compute_embeddings(
+    accelerator, model, dataloader, kind: str, desc: str, usable: list | None = None
+) -> torch.Tensor:
     """Embeddings (N, d) of a prepared evaluation dataloader, gathered across processes (padding removed).
 
     usable: a list that receives, per query batch, the gathered ``reference_usable`` flags (False: the reference image
@@ -42,7 +44,9 @@ def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str, usa
     chunks = []
     for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         if kind == "query":
-            embeds = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooler_output
+            embeds = model.get_query_features(
+                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+            ).pooler_output
             if usable is not None and "reference_usable" in batch:
                 usable.append(accelerator.gather_for_metrics(batch["reference_usable"].to(torch.uint8)).cpu().bool())
         else:
@@ -51,7 +55,9 @@ def compute_embeddings(accelerator, model, dataloader, kind: str, desc: str, usa
     return torch.cat(chunks)
 
 
-def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData, args, desc: str, usable: list | None = None):
+def embed_evaluation_data(
+    accelerator, model, processor, data: CIREvaluationData, args, desc: str, usable: list | None = None
+):
     """(query_embeds, gallery_embeds) of an evaluation split; `usable` as in `compute_embeddings`."""
     queries = set_query_transform(data.queries, processor)
     gallery = set_gallery_transform(data.gallery, processor)
@@ -62,7 +68,10 @@ def embed_evaluation_data(accelerator, model, processor, data: CIREvaluationData
         num_workers=args.dataloader_num_workers,
     )
     gallery_loader = DataLoader(
-        gallery, batch_size=args.per_device_eval_batch_size, collate_fn=collate_gallery, num_workers=args.dataloader_num_workers
+        gallery,
+        batch_size=args.per_device_eval_batch_size,
+        collate_fn=collate_gallery,
+        num_workers=args.dataloader_num_workers,
     )
     query_loader, gallery_loader = accelerator.prepare(query_loader, gallery_loader)
     unwrapped = accelerator.unwrap_model(model)
@@ -88,7 +97,12 @@ def evaluate_split(accelerator, model, processor, data: CIREvaluationData, args,
         query_ids = list(data.queries["query_id"])
         unusable |= {query_ids[i] for i in (~torch.cat(usable)).nonzero().flatten().tolist()}
     metrics = evaluate_protocol(
-        data.protocol, query_embeds, gallery_embeds, data.queries, data.gallery, remove_reference=data.remove_reference,
+        data.protocol,
+        query_embeds,
+        gallery_embeds,
+        data.queries,
+        data.gallery,
+        remove_reference=data.remove_reference,
         unusable_query_ids=unusable,
     )
     dropped = dropped_queries(data)
@@ -126,7 +140,11 @@ def check_dropped_queries(data: CIREvaluationData, max_fraction: float, split: s
 def format_table(title: str, metrics: dict[str, float]) -> str:
     names = [name for name in metrics if name not in COUNT_KEYS]
     width = max(8, *(len(name) for name in names))
-    lines = [title, "  ".join(f"{name:>{width}}" for name in names), "  ".join(f"{metrics[name]:>{width}.2f}" for name in names)]
+    lines = [
+        title,
+        "  ".join(f"{name:>{width}}" for name in names),
+        "  ".join(f"{metrics[name]:>{width}.2f}" for name in names),
+    ]
     return "\n".join(lines)
 
 
@@ -155,10 +173,14 @@ def evaluate_and_predict(args, accelerator, model, processor, data: dict, traini
         check_finite_model(accelerator.unwrap_model(model), processor, output_dir, "it was not evaluated")
     if eval_data is not None:
         check_dropped_queries(eval_data, args.max_dropped_queries, args.eval_split)
-        metrics, query_embeds, gallery_embeds = evaluate_split(accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}")
+        metrics, query_embeds, gallery_embeds = evaluate_split(
+            accelerator, model, processor, eval_data, args, f"Evaluating {args.eval_split}"
+        )
         results[args.eval_split] = metrics
         if accelerator.is_main_process:
-            source = Path(args.dataset_name).name if args.source == "hub" else get_dataset_spec(args.source).display_name
+            source = (
+                Path(args.dataset_name).name if args.source == "hub" else get_dataset_spec(args.source).display_name
+            )
             counts = "".join(
                 f", {metrics[key]} {key.replace('_', ' ')}" for key in COUNT_KEYS if metrics.get(key)
             )  # "6 queries, 2 dropped queries": the recalls' denominator is the queries less the dropped ones
@@ -173,26 +195,43 @@ def evaluate_and_predict(args, accelerator, model, processor, data: dict, traini
                 )
             print(format_table(title, metrics))
             retrieval = retrieval_diagnostics(
-                eval_data.protocol, query_embeds, gallery_embeds, eval_data.queries, eval_data.gallery,
-                remove_reference=eval_data.remove_reference, unusable_query_ids=eval_data.unusable_query_ids,
+                eval_data.protocol,
+                query_embeds,
+                gallery_embeds,
+                eval_data.queries,
+                eval_data.gallery,
+                remove_reference=eval_data.remove_reference,
+                unusable_query_ids=eval_data.unusable_query_ids,
             )
             if retrieval:
                 results[RETRIEVAL_DIAGNOSTICS_KEY] = {args.eval_split: retrieval}
                 print(format_retrieval_diagnostics(retrieval))
             save_evaluation_grids(
-                output_dir / "results_grids", eval_data, query_embeds, gallery_embeds, args.num_results_grids,
-                accelerator.unwrap_model(model), processor,
+                output_dir / "results_grids",
+                eval_data,
+                query_embeds,
+                gallery_embeds,
+                args.num_results_grids,
+                accelerator.unwrap_model(model),
+                processor,
             )
         accelerator.log({f"{args.eval_split}/{k}": v for k, v in metrics.items()}, step=step)
     predict_data = data["predict"]
     if predict_data is not None:
-        query_embeds, gallery_embeds = embed_evaluation_data(accelerator, model, processor, predict_data, args, "Predicting")
+        query_embeds, gallery_embeds = embed_evaluation_data(
+            accelerator, model, processor, predict_data, args, "Predicting"
+        )
         if accelerator.is_main_process:
             # Whole columns as lists: indexing `datasets` columns item by item is 50x slower.
             queries = predict_data.queries.select_columns(["pair_id", "reference_id", "subset_ids"]).to_dict()
             paths = cirr_submission(
-                queries["pair_id"], query_embeds, gallery_embeds, queries["reference_id"], queries["subset_ids"],
-                list(predict_data.gallery["image_id"]), output_dir,
+                queries["pair_id"],
+                query_embeds,
+                gallery_embeds,
+                queries["reference_id"],
+                queries["subset_ids"],
+                list(predict_data.gallery["image_id"]),
+                output_dir,
             )
             logger.info(f"CIRR submission files: {[str(p) for p in paths]}")
     return results

@@ -30,7 +30,9 @@ def build_model_and_processor(args):
     tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
     text_model, text_pretrained = new_text_tower(args, tokenizer)
     vision_model, image_processor, vision_pretrained = new_vision_tower(args)
-    pretrained = [prefix for prefix, used in (("text_model.", text_pretrained), ("vision_model.", vision_pretrained)) if used]
+    pretrained = [
+        prefix for prefix, used in (("text_model.", text_pretrained), ("vision_model.", vision_pretrained)) if used
+    ]
     fields = dict(
         projection_dim=args.projection_dim,
         num_fusion_layers=args.num_fusion_layers,
@@ -97,7 +99,11 @@ def parameter_groups(model, args, pretrained_prefixes: tuple[str, ...]) -> list[
     Biases, norms and scalar weights get no weight decay.
     """
     groups = {
-        "towers": {"params": [], "lr": args.learning_rate * args.tower_lr_multiplier, "weight_decay": args.weight_decay},
+        "towers": {
+            "params": [],
+            "lr": args.learning_rate * args.tower_lr_multiplier,
+            "weight_decay": args.weight_decay,
+        },
         "towers_no_decay": {"params": [], "lr": args.learning_rate * args.tower_lr_multiplier, "weight_decay": 0.0},
         "new": {"params": [], "lr": args.learning_rate, "weight_decay": args.weight_decay},
         "new_no_decay": {"params": [], "lr": args.learning_rate, "weight_decay": 0.0},

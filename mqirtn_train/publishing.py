@@ -26,13 +26,17 @@ def card_base_models(args) -> list[str]:
     base_models = []
     text_path = args.text_model_name_or_path
     if args.model_name_or_path is None and not args.text_from_scratch and text_path:
-        base_models.append(MINILM_HUB_ID if text_path == default_text_model() else (None if Path(text_path).exists() else text_path))
+        base_models.append(
+            MINILM_HUB_ID if text_path == default_text_model() else (None if Path(text_path).exists() else text_path)
+        )
     if args.vision_model_name_or_path and not Path(args.vision_model_name_or_path).exists():
         base_models.append(args.vision_model_name_or_path)
     return [name for name in base_models if name]
 
 
-def save_and_publish(args, accelerator, model, processor, results: dict, training_state: dict, diagnostics: dict, card: dict) -> None:
+def save_and_publish(
+    args, accelerator, model, processor, results: dict, training_state: dict, diagnostics: dict, card: dict
+) -> None:
     """eval_results.json (with how training went and what the composition does), the model, its card, the Hub."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
@@ -58,8 +62,15 @@ def save_and_publish(args, accelerator, model, processor, results: dict, trainin
         for name, data in files.items():
             (staged / name).write_bytes(data)
         write_model_card(
-            output_dir, split_results, card, args.source, args.composition, hub_dataset_name=args.dataset_name,
-            base_models=card_base_models(args), hub_model_id=args.hub_model_id, path=staged / "README.md",
+            output_dir,
+            split_results,
+            card,
+            args.source,
+            args.composition,
+            hub_dataset_name=args.dataset_name,
+            base_models=card_base_models(args),
+            hub_model_id=args.hub_model_id,
+            path=staged / "README.md",
         )
 
     save_model(accelerator, model, processor, output_dir, complete=complete)

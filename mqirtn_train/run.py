@@ -52,14 +52,18 @@ def setup_accelerator(args) -> Accelerator:
         # The epoch's shuffle depends only on (seed, epoch): a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # The baselines leave a tower (image_only) or the text projection unused; DDP must then be told.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.composition in ("image_only", "text_only"))],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=args.composition in ("image_only", "text_only"))
+        ],
     )
     import logging
 
     import datasets
     import transformers
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
     quiet_accelerate_checkpoint_logs()
@@ -76,7 +80,9 @@ def setup_accelerator(args) -> Accelerator:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         if args.push_to_hub:
             try:
-                args.hub_model_id = create_hub_repository(args.hub_model_id, token=args.hub_token, private=args.hub_private)
+                args.hub_model_id = create_hub_repository(
+                    args.hub_model_id, token=args.hub_token, private=args.hub_private
+                )
             except HubError as error:
                 raise SystemExit(
                     f"train.py: --push_to_hub: {error}. Nothing was trained: check --hub_token (or `hf auth login`), the "
@@ -135,13 +141,17 @@ class TrainingRun:
         self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         # Stepped once per optimizer step by this script (not prepared), and saved with the checkpoints.
         self.lr_scheduler = get_scheduler(
-            args.lr_scheduler_type, optimizer=self.optimizer, num_warmup_steps=args.num_warmup_steps,
+            args.lr_scheduler_type,
+            optimizer=self.optimizer,
+            num_warmup_steps=args.num_warmup_steps,
             num_training_steps=self.max_train_steps,
         )
         # Saved into each checkpoint's progress.json (JSON), not registered with accelerate (pickles).
         self.progress = TrainingProgress()
         if args.report_to != "none":
-            accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(
+                "runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            )
         self.starting_epoch = self.skip_batches = 0
         self.resumed_rng_state = None
         self.consecutive_nonfinite, self.cycle_nonfinite = 0, False
@@ -177,8 +187,12 @@ class TrainingRun:
                 logger.warning(f"No complete checkpoint in {self.output_dir / 'checkpoints'}: starting from scratch")
                 return
             checkpoint = checkpoints[-1]
-            for unmarked in sorted(set((self.output_dir / "checkpoints").glob("checkpoint-*")) - set(list_checkpoints(self.output_dir))):
-                logger.warning(f"Not resuming from {unmarked}: it has no {CHECKPOINT_COMPLETE_FILE} (its save was interrupted)")
+            for unmarked in sorted(
+                set((self.output_dir / "checkpoints").glob("checkpoint-*")) - set(list_checkpoints(self.output_dir))
+            ):
+                logger.warning(
+                    f"Not resuming from {unmarked}: it has no {CHECKPOINT_COMPLETE_FILE} (its save was interrupted)"
+                )
         else:
             checkpoint = Path(self.args.resume_from_checkpoint)
             damage = checkpoint_damage(checkpoint)
@@ -199,20 +213,31 @@ class TrainingRun:
             self.resumed_rng_state = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 self.resumed_rng_state["cuda"] = torch.cuda.get_rng_state_all()
-        logger.info(f"Resumed from {checkpoint}: step {self.progress.completed_steps}, {self.progress.samples_seen} samples seen")
+        logger.info(
+            f"Resumed from {checkpoint}: step {self.progress.completed_steps}, {self.progress.samples_seen} samples seen"
+        )
 
     def train(self, validation_data) -> None:
         """The epochs: micro-steps, optimiser steps, logging, checkpoints, validation, the wall-clock guard."""
         args, accelerator, progress = self.args, self.accelerator, self.progress
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         logger.info("***** Running training *****")
-        logger.info(f"  Num queries = {len(self.train_dataset)}, epochs = {self.num_epochs}, optimization steps = {self.max_train_steps}")
-        logger.info(f"  Batch size per device = {args.per_device_train_batch_size}, total (parallel, accumulation) = {total_batch}")
-        self.probe_batches = diagnostic_batches(self.train_dataset, self.collator, args.per_device_train_batch_size, args.seed, accelerator.device)
+        logger.info(
+            f"  Num queries = {len(self.train_dataset)}, epochs = {self.num_epochs}, optimization steps = {self.max_train_steps}"
+        )
+        logger.info(
+            f"  Batch size per device = {args.per_device_train_batch_size}, total (parallel, accumulation) = {total_batch}"
+        )
+        self.probe_batches = diagnostic_batches(
+            self.train_dataset, self.collator, args.per_device_train_batch_size, args.seed, accelerator.device
+        )
         if progress.completed_steps == 0:
             self.measure_composition("start", "composition at step 0")
         self.progress_bar = tqdm(
-            range(self.max_train_steps), initial=progress.completed_steps, disable=not accelerator.is_local_main_process, desc="Training"
+            range(self.max_train_steps),
+            initial=progress.completed_steps,
+            disable=not accelerator.is_local_main_process,
+            desc="Training",
         )
         self.train_start = time.time()
         for epoch in range(self.starting_epoch, self.num_epochs):
@@ -237,10 +262,16 @@ class TrainingRun:
         self.progress_bar.close()
         self.measure_composition("end", "composition after training")
         if self.best_step is not None:
-            logger.info(f"Best {args.validation_split} model (step {self.best_step}) saved in {self.output_dir / 'best_model'}")
+            logger.info(
+                f"Best {args.validation_split} model (step {self.best_step}) saved in {self.output_dir / 'best_model'}"
+            )
 
     def measure_composition(self, moment: str, label: str) -> None:
-        frozen = tuple(name for name, on in (("vision_model", self.args.freeze_vision), ("text_model", self.args.freeze_text)) if on)
+        frozen = tuple(
+            name
+            for name, on in (("vision_model", self.args.freeze_vision), ("text_model", self.args.freeze_text))
+            if on
+        )
         self.diagnostics[moment] = composition_diagnostics(self.unwrapped, self.probe_batches, frozen)
         logger.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.diagnostics[moment].items()))
 
@@ -254,7 +285,10 @@ class TrainingRun:
             outputs = forward_loss(self.model, batch, log_step)
             loss = outputs.loss
             # Every process must take the same branch (the backward all-reduces).
-            finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum").item() == accelerator.num_processes
+            finite = (
+                accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum").item()
+                == accelerator.num_processes
+            )
             if finite:
                 accelerator.backward(loss)
                 self.consecutive_nonfinite = 0
@@ -309,7 +343,11 @@ class TrainingRun:
             self.log_window(epoch)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
             save_checkpoint(self.accelerator, args, progress, self.lr_scheduler)
-        if args.eval_steps and progress.completed_steps % args.eval_steps == 0 and progress.completed_steps < self.max_train_steps:
+        if (
+            args.eval_steps
+            and progress.completed_steps % args.eval_steps == 0
+            and progress.completed_steps < self.max_train_steps
+        ):
             self.validate(validation_data)
         if progress.completed_steps >= self.max_train_steps:
             return True
@@ -330,7 +368,9 @@ class TrainingRun:
 
     def validate(self, validation_data) -> None:
         args, step = self.args, self.progress.completed_steps
-        metrics, _, _ = evaluate_split(self.accelerator, self.model, self.processor, validation_data, args, f"Validation @{step}")
+        metrics, _, _ = evaluate_split(
+            self.accelerator, self.model, self.processor, validation_data, args, f"Validation @{step}"
+        )
         headline = metrics[get_dataset_spec(args.source).headline_metric]
         logger.info(format_table(f"{args.validation_split} @ step {step}", metrics))
         self.accelerator.log({f"{args.validation_split}/{k}": v for k, v in metrics.items()}, step=step)
@@ -362,19 +402,28 @@ class TrainingRun:
         card = {
             "optimization steps": progress.completed_steps,
             "samples seen": progress.samples_seen,
-            "total batch size": args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps,
+            "total batch size": args.per_device_train_batch_size
+            * self.accelerator.num_processes
+            * args.gradient_accumulation_steps,
             "learning rate (new layers / towers / logit scale)": f"{args.learning_rate} / {args.learning_rate * args.tower_lr_multiplier} / {args.logit_scale_lr}",
             "final logit scale": f"{self.unwrapped.logit_scale.item():.2f}",
             "processes": self.accelerator.num_processes,
             "stopped by --max_train_minutes": (
-                f"YES: cut short at step {progress.completed_steps} of {self.max_train_steps}" if self.time_limit_reached else "no"
+                f"YES: cut short at step {progress.completed_steps} of {self.max_train_steps}"
+                if self.time_limit_reached
+                else "no"
             ),
             "training wall time (s)": round(seconds, 1),
             "training samples/s": samples_per_second,
         }
         for key in (
-            "angle_spread_across_texts", "angle_text_share", "composition_norm_share", "loss_symmetric",
-            "loss_symmetric_zero_rotation", "loss_symmetric_shuffled_rotation", "loss_symmetric_same_rotation",
+            "angle_spread_across_texts",
+            "angle_text_share",
+            "composition_norm_share",
+            "loss_symmetric",
+            "loss_symmetric_zero_rotation",
+            "loss_symmetric_shuffled_rotation",
+            "loss_symmetric_same_rotation",
         ):
             if key in self.diagnostics.get("end", {}):
                 card[f"after training: {key}"] = self.diagnostics["end"][key]

@@ -129,7 +129,9 @@ def to_rgb_image(image, argument: str = "images", index: int | None = None) -> I
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"{where}: a numpy image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {image.shape}")
+            raise ValueError(
+                f"{where}: a numpy image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {image.shape}"
+            )
         if array.dtype != np.uint8:
             peak = float(array.max()) if array.size else 0.0
             if np.issubdtype(array.dtype, np.integer) and peak > 255:
@@ -190,8 +192,15 @@ def _as_list(value, argument: str) -> list:
 # Image-processor settings `_resize_rescale_normalize_recipe` accepts whatever their value: they change nothing for
 # RGB PIL images turned into one float batch (input layout, output tensor type, grouping, sequence length).
 _NEUTRAL_SETTINGS = frozenset(
-    {"do_convert_rgb", "default_to_square", "input_data_format", "return_tensors", "disable_grouping",
-     "image_seq_length", "device"}
+    {
+        "do_convert_rgb",
+        "default_to_square",
+        "input_data_format",
+        "return_tensors",
+        "disable_grouping",
+        "image_seq_length",
+        "device",
+    }
 )
 
 
@@ -216,8 +225,17 @@ def _resize_rescale_normalize_recipe(image_processor) -> tuple | None:
         return None
     kind = type(image_processor)
     # A subclass that changes any step (e.g. patches, padding) is not the plain recipe.
-    for step in ("preprocess", "_preprocess_image_like_inputs", "_prepare_image_like_inputs", "process_image",
-                 "_preprocess", "resize", "rescale", "normalize", "_standardize_kwargs"):
+    for step in (
+        "preprocess",
+        "_preprocess_image_like_inputs",
+        "_prepare_image_like_inputs",
+        "process_image",
+        "_preprocess",
+        "resize",
+        "rescale",
+        "normalize",
+        "_standardize_kwargs",
+    ):
         if getattr(kind, step, None) is not getattr(PilBackend, step, None):
             return None
     settings = {name: getattr(image_processor, name, None) for name in image_processor._valid_kwargs_names}

@@ -170,7 +170,9 @@ def test_index_save_killed_with_sigkill_leaves_old_or_new(tmp_path):
     folder = tmp_path / "index"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     for attempt, delay in enumerate((0.05, 0.13, 0.29, 0.41, 0.67)):
-        child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(folder)], env=env, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILL_CHILD, str(folder)], env=env, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert child.stdout.readline().strip() == "saved"
             time.sleep(delay)
@@ -180,7 +182,9 @@ def test_index_save_killed_with_sigkill_leaves_old_or_new(tmp_path):
         loaded = GalleryIndex.load(folder)
         seed = int(loaded.ids[0].split("-")[0][1:])
         assert loaded.ids == [f"s{seed}-{i}" for i in range(60000)]
-        expected = torch.nn.functional.normalize(torch.randn(60000, 64, generator=torch.Generator().manual_seed(seed)), dim=-1)
+        expected = torch.nn.functional.normalize(
+            torch.randn(60000, 64, generator=torch.Generator().manual_seed(seed)), dim=-1
+        )
         torch.testing.assert_close(loaded.embeddings, expected, rtol=0, atol=0)
 
 
@@ -222,7 +226,13 @@ def checkpoint_args(tmp_path):
 def checkpoint_write_points():
     """Every write of a checkpoint save: the marker's removal, the state files, the flushes, the marker."""
     module = sys.modules[__name__]  # FakeAccelerator.save_state writes through this module's `save_file`
-    return [(Path, "unlink"), (module, "save_file"), (checkpoints, "fsync_dir"), (checkpoints, "fsync_file"), (checkpoints, "write_bytes_atomic")]
+    return [
+        (Path, "unlink"),
+        (module, "save_file"),
+        (checkpoints, "fsync_dir"),
+        (checkpoints, "fsync_file"),
+        (checkpoints, "write_bytes_atomic"),
+    ]
 
 
 def test_resaved_checkpoint_crashing_at_each_write_is_refused_or_new(monkeypatch, tmp_path):

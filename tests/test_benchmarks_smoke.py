@@ -77,8 +77,16 @@ def test_gpu_step_tiny_writes_json(tmp_path):
     output = tmp_path / "gpu.json"
     gpu_step.main(["--tiny", "--device", "cpu", "--warmup", "0", "--rounds", "1", "--output", str(output)])
     report = json.loads(output.read_text())
-    assert {"device", "batch_size", "ratio_vs_dual_encoder", "ratio_vs_towers_contrastive", "target", "met",
-            "flops_ratio_vs_dual_encoder", "models"} <= set(report)
+    assert {
+        "device",
+        "batch_size",
+        "ratio_vs_dual_encoder",
+        "ratio_vs_towers_contrastive",
+        "target",
+        "met",
+        "flops_ratio_vs_dual_encoder",
+        "models",
+    } <= set(report)
     assert set(report["models"]) == {"mqirtn", "dual_encoder", "towers_contrastive"}
     for result in report["models"].values():
         assert result["samples_per_s"] > 0 and result["flops_per_step"] > 0 and math.isfinite(result["loss"])
@@ -130,7 +138,10 @@ def test_pixel_path_quick_writes_json(tmp_path):
     report = json.loads(output.read_text())
     assert {"date", "command", "machine", "results"} <= set(report)
     assert [(r["source"], r["target_px"]) for r in report["results"]] == [
-        ("48 px", 48), ("48 px", 224), ("256-512 px", 48), ("256-512 px", 224)
+        ("48 px", 48),
+        ("48 px", 224),
+        ("256-512 px", 48),
+        ("256-512 px", 224),
     ]
     for entry in report["results"]:
         assert entry["bit_identical"] is True

@@ -80,7 +80,9 @@ def test_fashioniq_training(fashioniq_dir, caplog):
     row = train[1]
     assert isinstance(row["reference_image"], PILImage.Image) and row["target_image"].format == "JPEG"
 
-    both = load_training_queries("fashioniq", fashioniq_dir, "train", categories=["dress", "shirt"], both_caption_orders=True)
+    both = load_training_queries(
+        "fashioniq", fashioniq_dir, "train", categories=["dress", "shirt"], both_caption_orders=True
+    )
     texts = list(both["modification_text"])
     assert texts[:2] == ["is red and has long sleeves", "has long sleeves and is red"]
     assert Counter(both["category"]) == {"dress": 4, "shirt": 2}
@@ -243,9 +245,17 @@ def test_fashion200k_evaluation(fashion200k_dir, caplog):
     data = load_evaluation_data("fashion200k", fashion200k_dir, "test")
     assert data.protocol == "fashion200k"
     # the third query's reference is missing: kept, and counted as a miss
-    assert list(data.queries["modification_text"]) == ["replace black with white", "replace silk with lace", "replace lace with silk"]
+    assert list(data.queries["modification_text"]) == [
+        "replace black with white",
+        "replace silk with lace",
+        "replace lace with silk",
+    ]
     assert list(data.queries["target_caption"]) == ["white lace top", "black lace top", "black silk top"]
-    assert list(data.queries["reference_id"]) == ["women/tops/1/1_0.jpeg", "women/tops/4/4_0.jpeg", "women/tops/5/5_0.jpeg"]
+    assert list(data.queries["reference_id"]) == [
+        "women/tops/1/1_0.jpeg",
+        "women/tops/4/4_0.jpeg",
+        "women/tops/5/5_0.jpeg",
+    ]
     assert data.unusable_query_ids == {"2"}
     assert list(data.gallery["caption"]) == ["black lace top", "white lace top", "white lace top", "black silk top"]
     assert_one_skip_warning(caplog, missing=1, corrupt=1)
@@ -257,7 +267,13 @@ def test_fashion200k_evaluation(fashion200k_dir, caplog):
         torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 0.2, 1.0], [0.0, 0.0, 0.0, 1.0]]), dim=-1
     )
     result = evaluate_protocol(
-        "fashion200k", queries, gallery, data.queries, data.gallery, ks=(1, 2), unusable_query_ids=data.unusable_query_ids
+        "fashion200k",
+        queries,
+        gallery,
+        data.queries,
+        data.gallery,
+        ks=(1, 2),
+        unusable_query_ids=data.unusable_query_ids,
     )
     assert result == {"recall@1": pytest.approx(100 / 3), "recall@2": pytest.approx(100 / 3), "unusable_queries": 1}
 
@@ -308,7 +324,12 @@ def test_mitstates_evaluation(mitstates_dir, caplog):
     data = load_evaluation_data("mitstates", mitstates_dir, "test")
     assert data.protocol == "mitstates"
     # castle: ancient ×2, ruined, huge (the corrupt one dropped); fan: broken. "adj castle" is ignored.
-    assert Counter(data.gallery["caption"]) == {"ancient castle": 2, "ruined castle": 1, "huge castle": 1, "broken fan": 1}
+    assert Counter(data.gallery["caption"]) == {
+        "ancient castle": 2,
+        "ruined castle": 1,
+        "huge castle": 1,
+        "broken fan": 1,
+    }
     # every castle image × the 2 other castle adjectives; the fan has none
     assert len(data.queries) == 4 * 2
     first = data.queries.select_columns(["reference_id", "modification_text", "target_caption", "target_id"])[0]
@@ -467,10 +488,14 @@ def test_adding_a_dataset_is_one_registration(files_dir, monkeypatch):
 def test_a_modification_type_column_reaches_the_evaluation_queries(files_dir, tmp_path):
     """files: an optional `modification_type` column; --dataset_name: `modification_type_column`."""
     typed = files_dir / "typed.csv"
-    typed.write_text("reference,text,target,modification_type\nimg/a.png,make it blue,img/b.png,colour\nimg/c.png,zoom,img/d.png,\n")
+    typed.write_text(
+        "reference,text,target,modification_type\nimg/a.png,make it blue,img/b.png,colour\nimg/c.png,zoom,img/d.png,\n"
+    )
     data = load_evaluation_data("files", typed, "test")
     assert list(data.queries["modification_type"]) == ["colour", "unlabelled"]
-    assert "modification_type" not in load_evaluation_data("files", files_dir / "test.csv", "test").queries.column_names
+    assert (
+        "modification_type" not in load_evaluation_data("files", files_dir / "test.csv", "test").queries.column_names
+    )
     raw = Dataset.from_dict(
         {
             "src": [str(files_dir / "img" / "a.png")], "caption": ["make it blue"], "dst": [str(files_dir / "img" / "b.png")],

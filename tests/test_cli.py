@@ -51,9 +51,13 @@ def test_index_skips_corrupt_and_non_image_files(workspace, built_index):
     assert "readme.txt" not in " ".join(index.ids)
     assert index.model_name_or_path == str((workspace["root"] / "model").resolve())
     with torch.no_grad():
-        expected = workspace["model"].get_image_features(
-            pixel_values=workspace["processor"](images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
-        ).pooler_output
+        expected = (
+            workspace["model"]
+            .get_image_features(
+                pixel_values=workspace["processor"](images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
+            )
+            .pooler_output
+        )
     torch.testing.assert_close(index.embeddings, expected, atol=1e-5, rtol=0)
 
 
@@ -73,7 +77,9 @@ def test_search_prints_json_equal_to_the_pipeline(workspace, built_index, capsys
     index = GalleryIndex.load(built_index, model=workspace["model"])
     expected = pipe(image=query, text="make it red", gallery=index, top_k=4)
     assert [r["id"] for r in results] == [r["id"] for r in expected]
-    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), torch.tensor([r["score"] for r in expected]))
+    torch.testing.assert_close(
+        torch.tensor([r["score"] for r in results]), torch.tensor([r["score"] for r in expected])
+    )
     assert set(results[0]) == {"score", "index", "id"}
     for name in ("grid.png", "attention.png"):
         with Image.open(root / name) as picture:
@@ -156,13 +162,18 @@ def test_faiss_index_is_built_by_index_and_read_by_each_search(workspace, monkey
     root = workspace["root"]
     builds = []
     original = gallery_index._build_faiss
-    monkeypatch.setattr(gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original(backend, *a))
+    monkeypatch.setattr(
+        gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original(backend, *a)
+    )
     capsys.readouterr()
     code = main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "ivf"),
                  "--backend", "faiss-ivf", "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and builds == ["faiss-ivf"]
-    assert out.strip() == f"Indexed 8 images from {root / 'images'} into {root / 'ivf'} (backend faiss-ivf, skipped 1 unreadable file(s))"
+    assert (
+        out.strip()
+        == f"Indexed 8 images from {root / 'images'} into {root / 'ivf'} (backend faiss-ivf, skipped 1 unreadable file(s))"
+    )
     assert (root / "ivf" / "faiss.index").is_file()
     assert json.loads((root / "ivf" / "index.json").read_text())["faiss"]["ntotal"] == 8
 
@@ -204,10 +215,17 @@ def test_device_cpu_dtype_bfloat16_index_and_search(workspace, monkeypatch, caps
     # bfloat16 keeps ~3 significant digits: the scores are those of the float32 model within that.
     with torch.no_grad():
         processor, model = workspace["processor"], workspace["model"]
-        query_embeds = model.get_query_features(**processor(images=[Image.open(query)], text=["make it red"])).pooler_output
+        query_embeds = model.get_query_features(
+            **processor(images=[Image.open(query)], text=["make it red"])
+        ).pooler_output
         gallery_pixels = processor(images=[Image.open(p) for p in workspace["paths"]])["pixel_values"]
         gallery = model.get_image_features(pixel_values=gallery_pixels).pooler_output
-    expected = dict(zip([p.name if p.parent.name == "images" else f"sub/{p.name}" for p in workspace["paths"]], (query_embeds @ gallery.T)[0].tolist()))
+    expected = dict(
+        zip(
+            [p.name if p.parent.name == "images" else f"sub/{p.name}" for p in workspace["paths"]],
+            (query_embeds @ gallery.T)[0].tolist(),
+        )
+    )
     assert len(results) == 8
     for result in results:
         assert abs(result["score"] - expected[result["id"]]) < 0.05, result
@@ -220,7 +238,17 @@ def test_device_cpu_dtype_bfloat16_index_and_search(workspace, monkeypatch, caps
 )
 def test_unavailable_device_is_one_line(workspace, built_index, capsys, device, expected):
     capsys.readouterr()
-    argv = ["search", "--index", str(built_index), "--image", str(workspace["paths"][0]), "--text", "it", "--device", device]
+    argv = [
+        "search",
+        "--index",
+        str(built_index),
+        "--image",
+        str(workspace["paths"][0]),
+        "--text",
+        "it",
+        "--device",
+        device,
+    ]
     assert main(argv) == 1
     assert expected in error_line(capsys)
 

@@ -79,7 +79,12 @@ def test_compiled_regions_match_eager_and_keep_the_state_dict(composition, tmp_p
     with torch.no_grad():
         for name in ("get_query_features", "get_image_features"):
             args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[: 3 if "query" in name else 1]
-            torch.testing.assert_close(getattr(compiled, name)(*args).pooler_output, getattr(eager, name)(*args).pooler_output, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                getattr(compiled, name)(*args).pooler_output,
+                getattr(eager, name)(*args).pooler_output,
+                atol=1e-6,
+                rtol=0,
+            )
 
     eager.train(), compiled.train()  # BatchNorm (composeae) uses batch statistics and updates its running ones
     for _ in range(2):
@@ -102,7 +107,8 @@ def test_compiled_regions_match_eager_and_keep_the_state_dict(composition, tmp_p
         torch.testing.assert_close(
             reloaded.get_query_features(*query).pooler_output,
             compiled.eval().get_query_features(*query).pooler_output,
-            atol=1e-6, rtol=0,
+            atol=1e-6,
+            rtol=0,
         )
 
 
@@ -124,7 +130,10 @@ def unnormalised_query(model, batch) -> torch.Tensor:
     from modeling_mqirtn.fusion_mqirtn import masked_mean
 
     mask = batch["attention_mask"]
-    image_tokens, text_tokens = model._image_tokens(batch["pixel_values"]), model._text_tokens(batch["input_ids"], mask)
+    image_tokens, text_tokens = (
+        model._image_tokens(batch["pixel_values"]),
+        model._text_tokens(batch["input_ids"], mask),
+    )
     image_embeds = model.image_projection(image_tokens[:, 0])
     text_embeds = model.text_projection(masked_mean(text_tokens, mask))
     return model._compose(image_tokens, text_tokens, mask, image_embeds, text_embeds)[0]
@@ -165,7 +174,9 @@ def test_train_py_torch_compile_trains_like_eager(tmp_path, tmp_path_factory):
     weights = {}
     for name, extra in (("eager", []), ("compiled", ["--torch_compile", "aot_eager"])):
         output = tmp_path / name
-        result = run_train(["--output_dir", str(output), "--max_train_steps", "2", "--num_train_epochs", "1", *extra], cache)
+        result = run_train(
+            ["--output_dir", str(output), "--max_train_steps", "2", "--num_train_epochs", "1", *extra], cache
+        )
         assert ("torch.compile (aot_eager)" in result.stderr) == bool(extra)
         weights[name] = load_file(output / "model.safetensors")
         assert set(read_json(output / "eval_results.json")["test"]) >= {"recall@1"}

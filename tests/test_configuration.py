@@ -24,11 +24,15 @@ def test_defaults_follow_the_paper_and_composeae():
         config.symmetric_loss_weight,
     )
     assert weights == (1.0, 0.1, 0.1, 0.01)
-    assert config.composition_weights_init is None and config.conv_channels is None  # the published defaults per variant
+    assert (
+        config.composition_weights_init is None and config.conv_channels is None
+    )  # the published defaults per variant
     assert config.rotation is True and config.angle_channel is True
     assert config.image_residual is None and config.uses_image_residual and config.composition_deviations is None
-    assert sorted(COMPOSITIONS) == sorted(ALL_COMPOSITIONS) == sorted(
-        ["mqirtn", "mqirtn_paper", "composeae", "tirg", "realspace_concat", "image_only", "text_only"]
+    assert (
+        sorted(COMPOSITIONS)
+        == sorted(ALL_COMPOSITIONS)
+        == sorted(["mqirtn", "mqirtn_paper", "composeae", "tirg", "realspace_concat", "image_only", "text_only"])
     )
     paper = MQIRTNConfig(composition="mqirtn_paper")
     assert paper.uses_fusion and not paper.uses_image_residual  # MQIRTN as published: fusion, no image residual
@@ -36,11 +40,15 @@ def test_defaults_follow_the_paper_and_composeae():
 
 
 def test_sub_configs_accept_config_objects_and_dicts():
-    from_objects = MQIRTNConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=32, fusion_num_heads=4)
+    from_objects = MQIRTNConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=32, fusion_num_heads=4
+    )
     from_dicts = tiny_config()
     assert from_objects.vision_config.hidden_size == from_dicts.vision_config.hidden_size == 32
     assert from_objects.text_config.hidden_size == from_dicts.text_config.hidden_size == 24
-    via_classmethod = MQIRTNConfig.from_vision_text_configs(tiny_vision_config(), tiny_text_config(), projection_dim=32, fusion_num_heads=4)
+    via_classmethod = MQIRTNConfig.from_vision_text_configs(
+        tiny_vision_config(), tiny_text_config(), projection_dim=32, fusion_num_heads=4
+    )
     assert via_classmethod.vision_config.to_dict() == from_objects.vision_config.to_dict()
 
 
@@ -107,7 +115,10 @@ def _raises_naming(overrides: dict, *fragments: str):
     [
         ({"composition": "clip"}, ["`composition`", "'clip'", "mqirtn", "realspace_concat"]),
         ({"loss_type": "triplet"}, ["`loss_type`", "'triplet'", "soft_triplet", "batch_based_classification"]),
-        ({"projection_dim": 30, "fusion_num_heads": 4}, ["`projection_dim`", "(30)", "`fusion_num_heads`", "(4)", "divisible"]),
+        (
+            {"projection_dim": 30, "fusion_num_heads": 4},
+            ["`projection_dim`", "(30)", "`fusion_num_heads`", "(4)", "divisible"],
+        ),
         ({"projection_dim": 0}, ["`projection_dim`", "got 0"]),
         ({"projection_dim": 2, "fusion_num_heads": 1}, ["`projection_dim`", "got 2", "at least 4"]),
         ({"fusion_num_heads": 0}, ["`fusion_num_heads`", "got 0"]),

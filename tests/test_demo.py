@@ -89,7 +89,8 @@ def test_batch_is_one_forward_pass_with_the_pipelines_ranking(setup):
         assert [score for _, score, _ in parsed] == pytest.approx([hit["score"] for hit in expected], abs=1e-3)
         # The images shown: copies of the indexed files.
         assert [Path(image).read_bytes() for image, _ in gallery] == [
-            (Path(index.root) / id_).read_bytes() for _, _, id_ in parsed]
+            (Path(index.root) / id_).read_bytes() for _, _, id_ in parsed
+        ]
         attention = search.attention(reference, text)  # the page's follow-up event
         assert isinstance(attention, Image.Image) and attention.width > 300
         assert f"Top {k} of {GALLERY_SIZE} images in" in status and "shared by 3 queries" in status
@@ -100,8 +101,13 @@ def test_query_errors_are_one_line_messages_and_spare_the_other_queries(setup, t
     search = app.CompositionalSearch(model, processor, index)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is not an image")
-    references = [None, {"path": str(not_an_image), "name": "notes.png"}, {"path": str(paths[0]), "name": "g00.png"},
-                  {"path": str(paths[2]), "name": "g02.png"}, {"bytes": b"\x89PNG broken", "name": "the pasted image"}]
+    references = [
+        None,
+        {"path": str(not_an_image), "name": "notes.png"},
+        {"path": str(paths[0]), "name": "g00.png"},
+        {"path": str(paths[2]), "name": "g02.png"},
+        {"bytes": b"\x89PNG broken", "name": "the pasted image"},
+    ]
     texts = ["make it red", "make it red", "   ", "make it red", "make it red"]
     galleries, statuses = search(references, texts, [4] * 5)
     assert statuses[0] == "**Error:** Upload a reference image (or click an example) first."
@@ -126,10 +132,14 @@ def test_empty_gallery_and_model_mismatch_are_messages(setup, tmp_path):
     assert galleries == [None] and statuses == ["**Error:** The gallery is empty: there is nothing to search."]
 
     other = tiny_model(seed=1).eval()  # same architecture, other weights
-    galleries, statuses = app.CompositionalSearch(other, processor, index)([reference] * 2, ["make it red"] * 2, [5, 3])
+    galleries, statuses = app.CompositionalSearch(other, processor, index)(
+        [reference] * 2, ["make it red"] * 2, [5, 3]
+    )
     assert galleries == [None, None]
-    assert all(s.startswith("**Error:** ModelMismatchError: this gallery index was built with another checkpoint")
-               for s in statuses)
+    assert all(
+        s.startswith("**Error:** ModelMismatchError: this gallery index was built with another checkpoint")
+        for s in statuses
+    )
 
 
 def test_example_queries_say_where_their_known_target_ranked(setup):
@@ -160,9 +170,7 @@ def test_results_of_an_index_without_a_folder_are_decoded_images(setup, tmp_path
 
 def test_top_k_is_clamped_to_the_gallery(setup):
     model, processor, index, pipe, paths = setup
-    galleries, statuses = app.CompositionalSearch(model, processor, index)(
-        [str(paths[3])], ["make it red"], [500.0]
-    )
+    galleries, statuses = app.CompositionalSearch(model, processor, index)([str(paths[3])], ["make it red"], [500.0])
     assert len(galleries[0]) == GALLERY_SIZE and f"Top {GALLERY_SIZE} of {GALLERY_SIZE}" in statuses[0]
 
 
@@ -185,8 +193,13 @@ def test_folder_index_is_cached_by_model_and_folder_content(setup, tmp_path, cap
     assert not from_cache and len(list(cache.iterdir())) == 3
 
     # A damaged cached index is rebuilt, with a warning.
-    key_dir = next(d for d in cache.iterdir() if (d / "index" / "index.json").is_file() and
-                   "new.png" in (d / "index" / "index.json").read_text() and d.name.startswith(third.fingerprint[:16]))
+    key_dir = next(
+        d
+        for d in cache.iterdir()
+        if (d / "index" / "index.json").is_file()
+        and "new.png" in (d / "index" / "index.json").read_text()
+        and d.name.startswith(third.fingerprint[:16])
+    )
     (key_dir / "index" / "embeddings.safetensors").write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="mqirtn.demo"):
         rebuilt, from_cache = app.cached_folder_index(model, processor, folder, cache, progress=False)
@@ -229,8 +242,11 @@ def test_space_layout_matches_the_package():
     assert demo_extra.startswith(f"gradio>={metadata['sdk_version'].rsplit('.', 1)[0]}")
     assert set(options["extras_require"]["demo"]) <= set(options["extras_require"]["dev"])
     assert {"gradio_client>=2.7", "playwright>=1.50"} <= set(options["extras_require"]["dev"])
-    requirements = [line for line in (REPO_ROOT / "demo" / "requirements.txt").read_text().splitlines()
-                    if line and not line.startswith("#")]
+    requirements = [
+        line
+        for line in (REPO_ROOT / "demo" / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert requirements == options["install_requires"]
 
 
@@ -292,8 +308,19 @@ def test_main_serves_on_loopback_without_share(saved_model, tmp_path, monkeypatc
 
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: launched.update(blocked=True))
-    status = app.main(["--model", str(saved_model), "--gallery", str(gallery), "--cache-dir", str(tmp_path / "c"),
-                       "--no-progress", "--max-batch-size", "6"])
+    status = app.main(
+        [
+            "--model",
+            str(saved_model),
+            "--gallery",
+            str(gallery),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+            "--max-batch-size",
+            "6",
+        ]
+    )
     assert status == 0 and launched["blocked"] and launched["prevent_thread_lock"]
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["server_port"] == 7860
     assert launched["allowed_paths"] == []  # result images reach the page as copies of checked files
@@ -315,10 +342,19 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     model_dir = save_for_hub(tiny_model().eval(), tiny_processor(root), root / "model")
     paths = write_gallery(root / "gallery")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MQIRTN_CACHE=str(root / "cache"), GRADIO_TEMP_DIR=str(root / "gradio"),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        MQIRTN_CACHE=str(root / "cache"),
+        GRADIO_TEMP_DIR=str(root / "gradio"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO_ROOT),
+    )
     server = browser.DemoServer(
-        ["--model", str(model_dir), "--gallery", str(root / "gallery"), "--no-progress"], root / "server.log", env=env,
+        ["--model", str(model_dir), "--gallery", str(root / "gallery"), "--no-progress"],
+        root / "server.log",
+        env=env,
         timeout=240,
     )
     server.start()

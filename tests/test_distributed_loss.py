@@ -110,7 +110,9 @@ def two_process_results(tmp_path_factory):
     result_files = [result_dir / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
     missing = [path.name for path in result_files if not path.exists()]
     if missing:
-        pytest.fail(f"the gloo ranks did not all finish their work within 120 s: exit codes {exit_codes}, missing {missing}")
+        pytest.fail(
+            f"the gloo ranks did not all finish their work within 120 s: exit codes {exit_codes}, missing {missing}"
+        )
     if any(code != 0 for code in exit_codes):
         warnings.warn(f"gloo ranks exited with codes {exit_codes} during teardown, after writing their results")
     return [torch.load(path, weights_only=True) for path in result_files]

@@ -46,11 +46,17 @@ def test_docstring_examples_run(name):
     for test in finder.find(module, name):
         runner.run(test)
     results = runner.summarize(verbose=False)
-    assert results.failed == 0, f"{results.failed} of {results.attempted} docstring examples of {name} failed (output above)"
+    assert results.failed == 0, (
+        f"{results.failed} of {results.attempted} docstring examples of {name} failed (output above)"
+    )
 
 
 def test_the_hub_modules_have_examples():
     finder = doctest.DocTestFinder(exclude_empty=True)
-    for name in ("modeling_mqirtn.configuration_mqirtn", "modeling_mqirtn.modeling_mqirtn", "processing.processing_mqirtn"):
+    for name in (
+        "modeling_mqirtn.configuration_mqirtn",
+        "modeling_mqirtn.modeling_mqirtn",
+        "processing.processing_mqirtn",
+    ):
         examples = sum(len(test.examples) for test in finder.find(importlib.import_module(name)))
         assert examples > 0, f"{name} has no >>> example"

@@ -19,7 +19,9 @@ def images(seed: int, count: int = 9, low: int = 3, high: int = 90) -> list:
     grayscale, one exactly 32 x 32."""
     rng = np.random.default_rng(seed)
     made = [
-        Image.fromarray(rng.integers(0, 256, (int(rng.integers(low, high)), int(rng.integers(low, high)), 3), dtype=np.uint8))
+        Image.fromarray(
+            rng.integers(0, 256, (int(rng.integers(low, high)), int(rng.integers(low, high)), 3), dtype=np.uint8)
+        )
         for _ in range(count)
     ]
     made.append(Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), mode="RGBA"))
@@ -78,11 +80,14 @@ def test_recipe_gives_the_image_processors_bits(processor, setting):
     std=st.floats(0.01, 4, allow_nan=False),
 )
 def test_recipe_bits_on_any_size_and_numbers(processor, seed, height, width, resample, mean, std):
-    image_processor = ViTImageProcessorPil(size={"height": height, "width": width}, resample=resample,
-                                           image_mean=[mean] * 3, image_std=[std] * 3)
+    image_processor = ViTImageProcessorPil(
+        size={"height": height, "width": width}, resample=resample, image_mean=[mean] * 3, image_std=[std] * 3
+    )
     items = images(seed, count=3, low=1, high=70)
-    assert torch.equal(with_processor(image_processor, processor)(images=items)["pixel_values"],
-                       reference_pixels(image_processor, items))
+    assert torch.equal(
+        with_processor(image_processor, processor)(images=items)["pixel_values"],
+        reference_pixels(image_processor, items),
+    )
 
 
 class PaddingViT(ViTImageProcessorPil):
@@ -95,12 +100,23 @@ class PaddingViT(ViTImageProcessorPil):
 
 
 OTHER = [
-    ("center crop", lambda: ViTImageProcessorPil(size={"height": 40, "width": 40}, do_center_crop=True,
-                                                 crop_size={"height": 32, "width": 32})),
-    ("shortest edge", lambda: ViTImageProcessorPil(size={"shortest_edge": 32}, do_center_crop=True,
-                                                   crop_size={"height": 32, "width": 32})),
+    (
+        "center crop",
+        lambda: ViTImageProcessorPil(
+            size={"height": 40, "width": 40}, do_center_crop=True, crop_size={"height": 32, "width": 32}
+        ),
+    ),
+    (
+        "shortest edge",
+        lambda: ViTImageProcessorPil(
+            size={"shortest_edge": 32}, do_center_crop=True, crop_size={"height": 32, "width": 32}
+        ),
+    ),
     ("no resize", lambda: ViTImageProcessorPil(size={"height": 32, "width": 32}, do_resize=False)),
-    ("bytes out", lambda: ViTImageProcessorPil(size={"height": 32, "width": 32}, do_rescale=False, do_normalize=False)),
+    (
+        "bytes out",
+        lambda: ViTImageProcessorPil(size={"height": 32, "width": 32}, do_rescale=False, do_normalize=False),
+    ),
     ("subclass", lambda: PaddingViT(size={"height": 32, "width": 32})),
 ]
 
@@ -111,7 +127,9 @@ def test_other_image_processors_run_themselves(processor, name, make, monkeypatc
     assert _resize_rescale_normalize_recipe(image_processor) is None
     calls = []
     original = type(image_processor).__call__
-    monkeypatch.setattr(type(image_processor), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(
+        type(image_processor), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
     items = [Image.new("RGB", (32, 32), (10, 20, 30)), Image.new("RGB", (32, 32), (200, 0, 90))]
     ours = with_processor(image_processor, processor)(images=items)["pixel_values"]
     assert calls, "the image processor was not called"

@@ -31,7 +31,9 @@ def random_gallery(count=2000, dim=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     # Clustered like real embeddings (uniform random points make every neighbour equally far).
     centers = torch.randn(40, dim, generator=generator)
-    points = centers[torch.randint(0, 40, (count,), generator=generator)] + 0.3 * torch.randn(count, dim, generator=generator)
+    points = centers[torch.randint(0, 40, (count,), generator=generator)] + 0.3 * torch.randn(
+        count, dim, generator=generator
+    )
     return torch.nn.functional.normalize(points, dim=-1)
 
 
@@ -57,9 +59,21 @@ def test_from_folder_is_recursive_with_relative_ids(model, processor, tmp_path):
     (tmp_path / "gallery" / "notes.txt").write_text("not an image")
     (tmp_path / "gallery" / "sub" / "UPPER.PNG").write_bytes((tmp_path / "gallery" / "img_000.jpg").read_bytes())
     index = GalleryIndex.from_folder(model, processor, tmp_path / "gallery", progress=False)
-    assert index.ids == sorted(["img_000.jpg", "img_002.png", "img_004.png", "sub/img_001.png", "sub/img_003.jpg",
-                                "sub/img_005.png", "sub/UPPER.PNG"])
-    assert index.image_path(index.ids.index("sub/img_003.jpg")) == (tmp_path / "gallery" / "sub" / "img_003.jpg").resolve()
+    assert index.ids == sorted(
+        [
+            "img_000.jpg",
+            "img_002.png",
+            "img_004.png",
+            "sub/img_001.png",
+            "sub/img_003.jpg",
+            "sub/img_005.png",
+            "sub/UPPER.PNG",
+        ]
+    )
+    assert (
+        index.image_path(index.ids.index("sub/img_003.jpg"))
+        == (tmp_path / "gallery" / "sub" / "img_003.jpg").resolve()
+    )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GalleryIndex.from_folder(model, processor, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
@@ -162,14 +176,18 @@ def test_ivf_trains_on_a_sample_of_a_large_gallery(monkeypatch):
     faiss = pytest.importorskip("faiss")
     trained_on = []
     original_train = faiss.IndexIVFFlat.train
-    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trained_on.append(len(x)) or original_train(self, x))
+    monkeypatch.setattr(
+        faiss.IndexIVFFlat, "train", lambda self, x: trained_on.append(len(x)) or original_train(self, x)
+    )
     gallery = random_gallery(4000)
     queries = random_gallery(50, seed=2)
     _, exact = GalleryIndex(gallery, range(len(gallery))).search(queries, 10)
     sampled = GalleryIndex(gallery, range(len(gallery)), backend="faiss-ivf", backend_options={"train_size": 2000})
     _, approximate = sampled.search(queries, 10)
     nlist = min(int(4 * 4000**0.5), 4000 // 39)
-    assert trained_on == [max(2000, 39 * nlist)] and sampled._faiss_index.ntotal == 4000  # trained on a sample, holds all
+    assert (
+        trained_on == [max(2000, 39 * nlist)] and sampled._faiss_index.ntotal == 4000
+    )  # trained on a sample, holds all
     recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact)) / exact.numel()
     assert recall > 0.5
 
@@ -216,8 +234,12 @@ def record_builds(monkeypatch):
     faiss = pytest.importorskip("faiss")
     builds, trainings = [], []
     original_build, original_train = gallery_index._build_faiss, faiss.IndexIVFFlat.train
-    monkeypatch.setattr(gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original_build(backend, *a))
-    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trainings.append(len(x)) or original_train(self, x))
+    monkeypatch.setattr(
+        gallery_index, "_build_faiss", lambda backend, *a: builds.append(backend) or original_build(backend, *a)
+    )
+    monkeypatch.setattr(
+        faiss.IndexIVFFlat, "train", lambda self, x: trainings.append(len(x)) or original_train(self, x)
+    )
     return builds, trainings
 
 
@@ -233,7 +255,12 @@ def test_faiss_index_is_saved_and_loaded_without_rebuilding(backend, options, kn
     index = GalleryIndex(gallery, [f"id{i}" for i in range(len(gallery))], backend=backend, backend_options=options)
     index.save(tmp_path / "index")  # builds the FAISS index: no search has yet
     assert builds == [backend] and len(trainings) == (backend == "faiss-ivf")
-    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "faiss.index", "index.json", "index.json.sha256"]
+    assert sorted(os.listdir(tmp_path / "index")) == [
+        "embeddings.safetensors",
+        "faiss.index",
+        "index.json",
+        "index.json.sha256",
+    ]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     assert meta["faiss"] == {"file": "faiss.index", "backend": backend, "backend_options": options, "ntotal": 2000, "dim": 32,
                              "embeddings_sha256": meta["files"]["embeddings.safetensors"]}  # fmt: skip
@@ -280,7 +307,10 @@ def test_stale_or_corrupt_faiss_file_is_rebuilt_with_a_warning(damage, monkeypat
 
     with CaptureLogger(gallery_index.logger) as captured:
         loaded = GalleryIndex.load(tmp_path / "index")  # never fatal
-    assert "it will be rebuilt at the first search" in captured.out or "it will be built at the first search" in captured.out
+    assert (
+        "it will be rebuilt at the first search" in captured.out
+        or "it will be built at the first search" in captured.out
+    )
     assert {"count": "ntotal=1999, expected 2000", "options": "backend_options", "no_record": "holds no saved faiss-ivf index",
             "missing": "is missing", "garbage": "is not the file index.json lists",
             "other_vectors": "is not the file index.json lists"}[damage] in captured.out  # fmt: skip

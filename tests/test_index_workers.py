@@ -42,7 +42,9 @@ def gallery(tmp_path_factory):
 
 def build(model, processor, folder, workers, **kwargs):
     with CaptureLogger(gallery_index.logger) as captured:
-        index = GalleryIndex.from_folder(model, processor, folder, batch_size=2, num_workers=workers, progress=False, **kwargs)
+        index = GalleryIndex.from_folder(
+            model, processor, folder, batch_size=2, num_workers=workers, progress=False, **kwargs
+        )
     return index, captured.out
 
 
@@ -66,22 +68,35 @@ def test_in_memory_items_and_add_with_workers(model, processor, gallery, tmp_pat
     """PIL images, numpy arrays, paths, a missing path and a wrong type (skipped as today), through `from_images` and
     `add`; the pixel cap set at run time holds in (forked) workers."""
     paths = sorted(p for p in gallery.rglob("img_*"))
-    items = [shape_image(20), paths[0], np.asarray(shape_image(21)), tmp_path / "missing.jpg", 7, *paths[1:4],
-             gallery / "sub" / "large.png"]
+    items = [
+        shape_image(20),
+        paths[0],
+        np.asarray(shape_image(21)),
+        tmp_path / "missing.jpg",
+        7,
+        *paths[1:4],
+        gallery / "sub" / "large.png",
+    ]
     ids = [f"g{i}" for i in range(len(items))]
     original = processing_mqirtn.MAX_IMAGE_PIXELS
     processing_mqirtn.MAX_IMAGE_PIXELS = 50 * 50  # large.png (64 x 64) is over it
     try:
         results = []
         for workers in (0, 2):
-            index = GalleryIndex.from_images(model, processor, items[:5], ids[:5], batch_size=2, num_workers=workers, progress=False)
+            index = GalleryIndex.from_images(
+                model, processor, items[:5], ids[:5], batch_size=2, num_workers=workers, progress=False
+            )
             assert index.add(items[5:], ids[5:], batch_size=3, num_workers=workers, progress=False) == 3
             results.append(index)
     finally:
         processing_mqirtn.MAX_IMAGE_PIXELS = original
     assert_same_index(results[1], results[0])
     assert results[0].ids == ["g0", "g1", "g2", "g5", "g6", "g7"]
-    assert [s.split(" (")[0] for s in results[0].skipped] == [str(tmp_path / "missing.jpg"), "#4", str(gallery / "sub" / "large.png")]
+    assert [s.split(" (")[0] for s in results[0].skipped] == [
+        str(tmp_path / "missing.jpg"),
+        "#4",
+        str(gallery / "sub" / "large.png"),
+    ]
     assert "more than the cap of 2500" in results[1].skipped[2]
 
 
@@ -89,7 +104,9 @@ def test_embed_images_defaults_to_no_workers_and_equals_the_direct_forward(model
     paths = sorted(gallery.rglob("img_*"))
     embeddings, kept, skipped = embed_images(model, processor, paths, batch_size=4, progress=False)
     with torch.no_grad():
-        expected = model.get_image_features(pixel_values=processor(images=[Image.open(p) for p in paths])["pixel_values"]).pooler_output
+        expected = model.get_image_features(
+            pixel_values=processor(images=[Image.open(p) for p in paths])["pixel_values"]
+        ).pooler_output
     assert kept == list(range(len(paths))) and skipped == []
     torch.testing.assert_close(embeddings, expected, atol=1e-5, rtol=0)
 
@@ -117,8 +134,14 @@ def test_default_num_workers(monkeypatch):
 
 
 def test_handoff_units_are_whole_batches_that_grow_to_the_byte_budget():
-    for count, batch_size, pixel_bytes, workers in [(13, 2, 12288, 1), (4096, 32, 27648, 1), (1000, 7, 27648, 3),
-                                                   (4096, 32, 602112, 4), (10, 32, 27648, 2), (500, 8, None, 1)]:
+    for count, batch_size, pixel_bytes, workers in [
+        (13, 2, 12288, 1),
+        (4096, 32, 27648, 1),
+        (1000, 7, 27648, 3),
+        (4096, 32, 602112, 4),
+        (10, 32, 27648, 2),
+        (500, 8, None, 1),
+    ]:
         ranges = gallery_index._handoff_ranges(count, batch_size, pixel_bytes, workers)
         assert ranges[0][0] == 0 and ranges[-1][1] == count
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
@@ -150,11 +173,15 @@ def test_units_of_several_batches_make_the_same_forward_passes(model, processor,
     """With workers the files travel in units of several batches (here 1, 1, 2 and 3 batches of 2, skipped files
     inside), yet the model sees the same batches as without workers: the same forward passes, bit for bit."""
     files = gallery_index.image_files(gallery)
-    assert [b - a for a, b in gallery_index._handoff_ranges(len(files), 2, gallery_index._pixel_bytes(processor), 1)] == [2, 2, 4, 5]
+    assert [
+        b - a for a, b in gallery_index._handoff_ranges(len(files), 2, gallery_index._pixel_bytes(processor), 1)
+    ] == [2, 2, 4, 5]
     runs = []
     for workers in (0, 1, 2):
         recorder = RecordingModel(model)
-        embeddings, kept, skipped = embed_images(recorder, processor, files, batch_size=2, num_workers=workers, progress=False)
+        embeddings, kept, skipped = embed_images(
+            recorder, processor, files, batch_size=2, num_workers=workers, progress=False
+        )
         runs.append((recorder.inputs, embeddings, kept, skipped))
     (inputs, embeddings, kept, skipped), others = runs[0], runs[1:]
     assert len(skipped) == 2 and [x.shape[0] for x in inputs] == [1, 2, 2, 2, 2, 2] and len(kept) == 11
@@ -175,7 +202,15 @@ def test_image_files_are_listed_like_rglob_sorted_by_parts(tmp_path):
     os.symlink(root / "nowhere.jpg", root / "broken.jpg")
     os.symlink(root / "loop.jpg", root / "loop.jpg")
     os.mkfifo(root / "pipe.jpg")
-    expected = [".hidden.webp", "a/b.jpg", "a/deep/d.jpeg", "a-c.jpg", "linked_file.jpg", "real/inside.jpg", "z/y/x.PNG"]
+    expected = [
+        ".hidden.webp",
+        "a/b.jpg",
+        "a/deep/d.jpeg",
+        "a-c.jpg",
+        "linked_file.jpg",
+        "real/inside.jpg",
+        "z/y/x.PNG",
+    ]
     assert gallery_index.image_files(root) == [root / name for name in expected]
     files, ids = gallery_index._image_files_and_ids(root)
     assert ids == expected and files == [root / name for name in expected]
@@ -192,7 +227,9 @@ class FailingProcessor:
 
     def __call__(self, images, return_tensors="pt"):
         self.calls += 1
-        if self.calls == 2:  # the second batch this process prepares (a forked worker: batch 2; batch 0 is decoded here)
+        if (
+            self.calls == 2
+        ):  # the second batch this process prepares (a forked worker: batch 2; batch 0 is decoded here)
             if self.exit_instead:
                 os._exit(3)  # a worker that dies (as when the system kills it)
             raise TypeError("the processor\nbroke")
@@ -210,8 +247,9 @@ def test_worker_errors_are_one_line(model, processor, gallery):
         embed_images(model, FailingProcessor(processor), paths, batch_size=2, num_workers=0, progress=False)
     # DataLoader says the worker "exited unexpectedly", or the connection to fetch its last batch was refused or reset
     with pytest.raises(DecodeWorkerError, match=r"in 1 DataLoader worker\(s\) failed: .*; num_workers=0") as caught:
-        embed_images(model, FailingProcessor(processor, exit_instead=True), paths, batch_size=2, num_workers=1,
-                     progress=False)
+        embed_images(
+            model, FailingProcessor(processor, exit_instead=True), paths, batch_size=2, num_workers=1, progress=False
+        )
     assert "\n" not in str(caught.value)
 
 
@@ -285,7 +323,10 @@ def test_spawned_workers_give_the_same_index(gallery, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     completed = subprocess.run(
         [sys.executable, str(script), str(REPO_ROOT), str(gallery), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.split() == ["ok", "spawn", "10", "3"]  # large.png over the run-time cap in spawned workers
@@ -310,8 +351,14 @@ def test_cli_num_workers_gives_the_same_index(saved_model, gallery, tmp_path, ca
 
 @pytest.mark.parametrize(
     "value, status, expected",
-    [("-1", 1, "mqirtn index: error: --num-workers must be a non-negative integer (0: decode in the main process), got -1"),
-     ("two", 2, "argument --num-workers: invalid int value: 'two'")],
+    [
+        (
+            "-1",
+            1,
+            "mqirtn index: error: --num-workers must be a non-negative integer (0: decode in the main process), got -1",
+        ),
+        ("two", 2, "argument --num-workers: invalid int value: 'two'"),
+    ],
 )
 def test_cli_bad_num_workers_is_one_line(saved_model, gallery, tmp_path, capsys, value, status, expected):
     argv = ["index", "--model", str(saved_model), "--images", str(gallery), "--out", str(tmp_path / "i"),
@@ -342,7 +389,9 @@ def test_two_rank_sharded_embedding_with_workers(model, processor, saved_model, 
     assert completed.stdout.count("Indexed 11 images") == 1 and "embedded by 2 processes" in completed.stdout
     sharded = GalleryIndex.load(tmp_path / "sharded")
     single, _ = build(model, processor, gallery, 0)
-    assert sharded.ids == single.ids and sharded.skipped == single.skipped  # messages name positions in the whole folder
+    assert (
+        sharded.ids == single.ids and sharded.skipped == single.skipped
+    )  # messages name positions in the whole folder
     torch.testing.assert_close(sharded.embeddings, single.embeddings, atol=1e-5, rtol=0)
 
 

@@ -40,7 +40,9 @@ def test_data_code_imports_neither_the_model_nor_the_applications():
             where = f"{path.relative_to(REPO_ROOT)} imports {module}"
             if module.split(".")[0] == "modeling_mqirtn":
                 known = {m for m in DATA_MAY_IMPORT_FROM_MODEL if module == m or module.startswith(m + ".")}
-                assert known, f"{where}: data code may import only {sorted(DATA_MAY_IMPORT_FROM_MODEL)} of the model package"
+                assert known, (
+                    f"{where}: data code may import only {sorted(DATA_MAY_IMPORT_FROM_MODEL)} of the model package"
+                )
             assert module.split(".")[0] not in APPLICATIONS, f"{where}: data code never imports the applications"
 
 

@@ -21,7 +21,11 @@ HUB_PACKAGES = ("modeling_mqirtn", "processing")
 THIRD_PARTY = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"}
 # These run in every Hub user's process that loads a processor or the pipeline: nothing beyond transformers/torch, and
 # of the siblings only the search (the pipeline's top-k).
-PROCESSOR_AND_PIPELINE = {"processing_mqirtn.py": set(), "pipeline_mqirtn.py": {"search_mqirtn"}, "search_mqirtn.py": set()}
+PROCESSOR_AND_PIPELINE = {
+    "processing_mqirtn.py": set(),
+    "pipeline_mqirtn.py": {"search_mqirtn"},
+    "search_mqirtn.py": set(),
+}
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +81,17 @@ def test_hub_code_imports_only_allowed_modules(hub_files):
                 assert level == 1 and module and "." not in module, f"{where}: only `from .x import Y` works remotely"
                 assert f"{module}.py" in hub_files, f"{where}: imports a file that does not ship"
                 if name in PROCESSOR_AND_PIPELINE:
-                    assert module in PROCESSOR_AND_PIPELINE[name], f"{where}: the processor and pipeline import no model code"
+                    assert module in PROCESSOR_AND_PIPELINE[name], (
+                        f"{where}: the processor and pipeline import no model code"
+                    )
                 continue
             top = module.split(".")[0]
             allowed = THIRD_PARTY | set(sys.stdlib_module_names) | {"__future__"}
             if name in PROCESSOR_AND_PIPELINE:
                 allowed = {"torch", "transformers", "numpy", "PIL"} | set(sys.stdlib_module_names) | {"__future__"}
-            assert top in allowed, f"{where}: Hub code may import only {sorted(THIRD_PARTY)}, the standard library and siblings"
+            assert top in allowed, (
+                f"{where}: Hub code may import only {sorted(THIRD_PARTY)}, the standard library and siblings"
+            )
 
 
 def test_hub_file_names_are_unique_across_both_folders():

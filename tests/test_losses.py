@@ -116,7 +116,9 @@ def test_soft_triplet_masks_duplicate_targets():
 
 def test_explicit_ids_equal_fingerprints():
     queries, targets = unit(6, seed=14), unit(6, seed=15)
-    from_pixels = MQIRTNBatchClassificationLoss()(queries, targets, torch.tensor(4.0), image_fingerprints(_with_duplicate_target()))
+    from_pixels = MQIRTNBatchClassificationLoss()(
+        queries, targets, torch.tensor(4.0), image_fingerprints(_with_duplicate_target())
+    )
     from_ids = MQIRTNBatchClassificationLoss()(queries, targets, torch.tensor(4.0), torch.tensor([0, 7, 2, 3, 7, 5]))
     torch.testing.assert_close(from_pixels, from_ids)
 

@@ -18,7 +18,11 @@ def angles_at_init(projection_dim: int, composition: str = "mqirtn", seed: int =
     # The package's own initialisation (0.02), not the tests' 0.1: the point is what a new user's model starts with.
     torch.manual_seed(seed)
     config = tiny_config(
-        composition, projection_dim=projection_dim, fusion_intermediate_size=None, initializer_range=0.02, conv_channels=None,
+        composition,
+        projection_dim=projection_dim,
+        fusion_intermediate_size=None,
+        initializer_range=0.02,
+        conv_channels=None,
         **overrides,
     )
     model = MQIRTNModel(config).train()
@@ -67,14 +71,18 @@ def test_no_rotation_and_no_angle_path_keep_the_parameters(composition):
     torch.testing.assert_close(reported[0], reported[2])
     # Channel layout: mqirtn stacks [Re z, Im z, eta, delta, image], ComposeAE [eta, delta, image, Re z, Im z].
     real, imag, eta, delta = (0, 1, 2, 3) if composition == "mqirtn" else (3, 4, 0, 1)
-    seen = {name: _rotation_inputs_seen(m, batch) for name, m in (("rot", rotating), ("still", still), ("none", no_angles))}
+    seen = {
+        name: _rotation_inputs_seen(m, batch) for name, m in (("rot", rotating), ("still", still), ("none", no_angles))
+    }
     torch.testing.assert_close(seen["still"][:, real], seen["still"][:, eta])  # eta * cos 0 = eta
     assert torch.equal(seen["still"][:, imag], torch.zeros_like(seen["still"][:, imag]))  # eta * sin 0
     assert seen["still"][:, delta].abs().sum() > 0 and torch.equal(seen["still"][:, delta], seen["rot"][:, delta])
     assert torch.equal(seen["none"][:, delta], torch.zeros_like(seen["none"][:, delta]))
     torch.testing.assert_close(seen["none"][:, real], seen["still"][:, real])
     queries = [m(**batch).query_embeds for m in (rotating, still, no_angles)]
-    assert not torch.allclose(queries[0], queries[1], atol=1e-4) and not torch.allclose(queries[1], queries[2], atol=1e-4)
+    assert not torch.allclose(queries[0], queries[1], atol=1e-4) and not torch.allclose(
+        queries[1], queries[2], atol=1e-4
+    )
     for field in ("rotation", "angle_channel"):
         with pytest.raises(Exception, match=f"{field}=False"):
             tiny_config("tirg", **{field: False})
@@ -87,15 +95,23 @@ def test_symmetric_controls_use_no_rotation_and_another_querys_angles(compositio
     batch = random_batch(6)
     out = model(**batch, return_loss=True, output_composition=True)
     diagnostics = out.symmetric_diagnostics
-    values = {name: diagnostics[f"loss_{name}"].item() for name in ("same_rotation", "zero_rotation", "shuffled_rotation")}
+    values = {
+        name: diagnostics[f"loss_{name}"].item() for name in ("same_rotation", "zero_rotation", "shuffled_rotation")
+    }
     assert len({round(v, 6) for v in values.values()} | {round(out.loss_terms["symmetric"].item(), 6)}) == 4, values
     # The zero control equals the same model with rotation=False (identity rotation, angles still in rho_conv).
     still = tiny_model(composition, rotation=False).eval()
     still.load_state_dict(model.state_dict())
-    torch.testing.assert_close(still(**batch, return_loss=True).loss_terms["symmetric"], diagnostics["loss_zero_rotation"])
+    torch.testing.assert_close(
+        still(**batch, return_loss=True).loss_terms["symmetric"], diagnostics["loss_zero_rotation"]
+    )
     # The shuffled control with a batch whose texts are all equal is the conjugate itself (without fusion, where the
     # angles depend on the text alone).
-    same_text = {**batch, "input_ids": batch["input_ids"][:1].expand(6, -1), "attention_mask": batch["attention_mask"][:1].expand(6, -1)}
+    same_text = {
+        **batch,
+        "input_ids": batch["input_ids"][:1].expand(6, -1),
+        "attention_mask": batch["attention_mask"][:1].expand(6, -1),
+    }
     out = tiny_model(composition, num_fusion_layers=0).eval()(**same_text, return_loss=True, output_composition=True)
     torch.testing.assert_close(out.symmetric_diagnostics["loss_shuffled_rotation"], out.loss_terms["symmetric"])
 
@@ -118,7 +134,9 @@ def test_composition_outputs_report_term_norms():
     assert (out.composition_norms > 0).all() and (out.image_residual_norms > 0).all()
     assert model(**random_batch(5)).composition_angles is None  # only when asked
     tirg = tiny_model("tirg")(**random_batch(5), output_composition=True)
-    assert tirg.composition_angles is None and tirg.image_residual_norms is None and tirg.composition_norms.shape == (5,)
+    assert (
+        tirg.composition_angles is None and tirg.image_residual_norms is None and tirg.composition_norms.shape == (5,)
+    )
 
 
 def test_reconstruction_loss_stops_the_gradient_into_its_target():
@@ -139,7 +157,10 @@ def test_reconstruction_loss_stops_the_gradient_into_its_target():
 def test_reconstruction_terms_in_the_model(composition):
     model = tiny_model(composition).train()
     out = model(**random_batch(6), return_loss=True)
-    assert 0.5 < out.loss_terms["reconstruction_text"].item() < 4.0 and 0.5 < out.loss_terms["reconstruction_image"].item() < 4.0
+    assert (
+        0.5 < out.loss_terms["reconstruction_text"].item() < 4.0
+        and 0.5 < out.loss_terms["reconstruction_image"].item() < 4.0
+    )
     # With fusion, psi feeds nothing but the text target: a fixed projection of the text tower's features.
     assert all(p.requires_grad for p in model.text_projection.parameters()) == (composition != "mqirtn")
     grads = torch.autograd.grad(out.loss_terms["reconstruction_text"], list(model.text_decoder.parameters()))
@@ -150,8 +171,13 @@ def test_text_embedding_does_not_collapse_under_reconstruction():
     """Trained on the text-reconstruction term, with the text tower frozen as in the main job, psi keeps its geometry
     (before the gradient was stopped, psi was trained by this term alone and collapsed: pairwise cosine 0.86 -> 0.996
     in this test)."""
-    model = tiny_model("mqirtn", base_loss_weight=0.0, symmetric_loss_weight=0.0, reconstruction_image_loss_weight=0.0,
-                       reconstruction_text_loss_weight=1.0).train()
+    model = tiny_model(
+        "mqirtn",
+        base_loss_weight=0.0,
+        symmetric_loss_weight=0.0,
+        reconstruction_image_loss_weight=0.0,
+        reconstruction_text_loss_weight=1.0,
+    ).train()
     model.text_model.requires_grad_(False)
     batch = random_batch(8)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -195,8 +221,18 @@ def test_one_logit_scale_default_for_config_and_train():
 
     args = parse_args([])
     model, _, _ = build_model_and_processor(
-        parse_args(["--vision_num_hidden_layers", "1", "--vision_hidden_size", "32", "--vision_num_attention_heads", "2",
-                          "--projection_dim", "32"])
+        parse_args(
+            [
+                "--vision_num_hidden_layers",
+                "1",
+                "--vision_hidden_size",
+                "32",
+                "--vision_num_attention_heads",
+                "2",
+                "--projection_dim",
+                "32",
+            ]
+        )
     )
     assert args.logit_scale_init_value is None  # the flag defers to the config
     assert model.config.logit_scale_init_value == MQIRTNConfig().logit_scale_init_value == 20.0
@@ -224,12 +260,26 @@ def test_composeae_follows_its_published_code():
         kinds = [type(m).__name__ for m in projection.image_features]
         assert kinds == ["BatchNorm1d", "Linear", "Dropout", "ReLU", "Linear"]
         assert projection.image_features[2].p == 0.5
-        assert [type(m).__name__ for m in projection.text_features] == ["BatchNorm1d", "Linear", "Dropout", "ReLU", "Linear"]
+        assert [type(m).__name__ for m in projection.text_features] == [
+            "BatchNorm1d",
+            "Linear",
+            "Dropout",
+            "ReLU",
+            "Linear",
+        ]
         assert projection.text_features[2].p == 0.0
-    assert [type(m).__name__ for m in composition.linear_mapping] == ["BatchNorm1d", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in composition.linear_mapping] == [
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "ReLU",
+        "Linear",
+    ]
     conv = composition.conv_mapping
     assert conv.conv.in_channels == 5 and isinstance(conv.pool, nn.AdaptiveMaxPool1d) and conv.pool.output_size == 16
-    assert tiny_model("composeae", conv_channels=None).composition.conv_mapping.conv.out_channels == 64  # ComposeAE's 64
+    assert (
+        tiny_model("composeae", conv_channels=None).composition.conv_mapping.conv.out_channels == 64
+    )  # ComposeAE's 64
     assert composition.mapping_weights.tolist() == [10.0, 1.0]  # theta = 10 * linear + 1 * conv
     assert [type(m).__name__ for m in model.image_decoder] == ["BatchNorm1d", "ReLU", "Linear", "ReLU", "Linear"]
     _linear_weights_are_torch_default(composition)
@@ -265,7 +315,11 @@ def test_baseline_init_survives_save_and_load(tmp_path):
 
 @pytest.mark.parametrize(
     "composition, field, value",
-    [("tirg", "conv_channels", 8), ("image_only", "composition_weights_init", [1.0, 1.0]), ("text_only", "conv_channels", 4)],
+    [
+        ("tirg", "conv_channels", 8),
+        ("image_only", "composition_weights_init", [1.0, 1.0]),
+        ("text_only", "conv_channels", 4),
+    ],
 )
 def test_fields_that_do_not_apply_are_refused(composition, field, value):
     with pytest.raises(Exception, match=field):
@@ -292,7 +346,12 @@ def _vision_configs():
 
     return {
         "siglip_vision_model": SiglipVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
         ),
         "swin": SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
         "convnext": ConvNextConfig(image_size=32, num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1]),
@@ -324,8 +383,17 @@ def test_vision_towers_without_cls_use_their_pooled_output(model_type):
 def test_clip_vision_and_text_towers():
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    text = CLIPTextConfig(vocab_size=100, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=16)
+    vision = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    text = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     model = MQIRTNModel(tiny_config("mqirtn", vision_config=vision.to_dict(), text_config=text.to_dict()))
     assert model.vision_has_cls_token  # CLIP's class embedding is token 0
@@ -348,6 +416,9 @@ def test_angle_statistics_separate_the_text_from_a_shared_offset():
     stats = composition_step_stats(outputs)
     assert abs(stats["angle_text_share"].item() - 1 / 5) < 0.01
     assert abs(stats["angle_spread_across_texts"].item() - 1.0) < 0.02
-    assert composition_step_stats(SimpleNamespace(composition_angles=offset.expand(8, -1), image_residual_norms=None))[
-        "angle_text_share"
-    ].item() == 0.0
+    assert (
+        composition_step_stats(SimpleNamespace(composition_angles=offset.expand(8, -1), image_residual_norms=None))[
+            "angle_text_share"
+        ].item()
+        == 0.0
+    )

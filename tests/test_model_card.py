@@ -15,7 +15,9 @@ from mqirtn_app.model_card import LICENSE, TASK_TYPE, is_hub_id, metric_type, ro
 from utils import REPO_ROOT
 
 
-RESULTS = {"test": {"recall@1": 5.000000074505806, "recall@5": 33.33333333, "recall_subset@1": 12.5, "average": 20.123456}}
+RESULTS = {
+    "test": {"recall@1": 5.000000074505806, "recall@5": 33.33333333, "recall_subset@1": 12.5, "average": 20.123456}
+}
 
 
 def read_card(path):
@@ -56,9 +58,16 @@ def test_card_yaml_validates_offline(tmp_path, dataset, hub_dataset_name, expect
     assert metadata["pipeline_tag"] == TASK_TYPE and metadata["library_name"] == "transformers"
     assert model_name == "mqirtn-x" and len(eval_results) == 4
     for result in eval_results:
-        assert result.task_type == TASK_TYPE and result.dataset_type == expected_type and result.dataset_split == "test"
+        assert (
+            result.task_type == TASK_TYPE and result.dataset_type == expected_type and result.dataset_split == "test"
+        )
     types = {result.metric_name: result.metric_type for result in eval_results}
-    assert types == {"recall@1": "recall_at_1", "recall@5": "recall_at_5", "recall_subset@1": "recall_subset_at_1", "average": "average"}
+    assert types == {
+        "recall@1": "recall_at_1",
+        "recall@5": "recall_at_5",
+        "recall_subset@1": "recall_subset_at_1",
+        "average": "average",
+    }
     values = {result.metric_name: result.metric_value for result in eval_results}
     assert values == {"recall@1": 5.0, "recall@5": 33.3333, "recall_subset@1": 12.5, "average": 20.1235}
     text = path.read_text()

@@ -92,7 +92,9 @@ class MQIRTNModelTesterMixin:
         torch.testing.assert_close(out.loss, total)
         # Without targets: queries only, no logits and no loss.
         queries_only = model(**{k: v for k, v in batch.items() if k != "target_pixel_values"})
-        assert queries_only.target_embeds is None and queries_only.logits_per_query is None and queries_only.loss is None
+        assert (
+            queries_only.target_embeds is None and queries_only.logits_per_query is None and queries_only.loss is None
+        )
         return out
 
     def test_output_shapes(self, composition):
@@ -160,7 +162,9 @@ class MQIRTNModelTesterMixin:
         batch = random_batch(5)
         with torch.no_grad():
             out = model(**batch, return_loss=True)
-            queries = model.get_query_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooler_output
+            queries = model.get_query_features(
+                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+            ).pooler_output
             images = model.get_image_features(batch["target_pixel_values"]).pooler_output
             references = model.get_image_features(batch["pixel_values"]).pooler_output
             texts = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
@@ -287,7 +291,9 @@ class MQIRTNModelTesterMixin:
             return hook
 
         # Hooks on a module *inside* a layer: transformers checkpoints `forward`, so the layer's own hooks run once.
-        vision_layer = next(m for m in checkpointed.vision_model.modules() if isinstance(m, GradientCheckpointingLayer))
+        vision_layer = next(
+            m for m in checkpointed.vision_model.modules() if isinstance(m, GradientCheckpointingLayer)
+        )
         next(vision_layer.children()).register_forward_hook(counter("vision"))
         if checkpointed.fusion is not None:
             checkpointed.fusion.layers[0].image_norm.register_forward_hook(counter("fusion"))
@@ -407,7 +413,8 @@ def test_fusion_pooling_mean_pools_every_fused_image_token():
     with torch.no_grad():
         expected = mean_model.fusion.image_output_norm(tokens.mean(dim=1))
         fused_image, _, _, _ = mean_model.fusion(
-            mean_model._image_tokens(batch["pixel_values"]), mean_model._text_tokens(batch["input_ids"], batch["attention_mask"]),
+            mean_model._image_tokens(batch["pixel_values"]),
+            mean_model._text_tokens(batch["input_ids"], batch["attention_mask"]),
             batch["attention_mask"],
         )
     torch.testing.assert_close(fused_image, expected)
@@ -418,7 +425,9 @@ def test_image_residual_starts_query_at_reference():
     batch = random_batch(4)
     with_residual = tiny_model("mqirtn").eval()
     without = tiny_model("mqirtn", image_residual=False).eval()
-    without.load_state_dict({k: v for k, v in with_residual.state_dict().items() if not k.startswith("image_residual.")})
+    without.load_state_dict(
+        {k: v for k, v in with_residual.state_dict().items() if not k.startswith("image_residual.")}
+    )
     with torch.no_grad():
         q_with, q_without = with_residual(**batch).query_embeds, without(**batch).query_embeds
         reference = with_residual(**batch).reference_embeds
@@ -436,8 +445,14 @@ def test_forward_input_errors():
         model(**{**batch, "target_pixel_values": batch["target_pixel_values"][:2]})
     with pytest.raises(ValueError, match=r"`return_loss=True` needs `target_pixel_values`"):
         model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], return_loss=True)
-    with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(4, 7\), got \(4, 6\)"):
-        model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][:, :6])
+    with pytest.raises(
+        ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(4, 7\), got \(4, 6\)"
+    ):
+        model(
+            pixel_values=batch["pixel_values"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"][:, :6],
+        )
     with pytest.raises(ValueError, match=r"`pixel_values` must have shape \(batch, channels, height, width\)"):
         model(pixel_values=batch["pixel_values"][0], input_ids=batch["input_ids"][:3])
     with pytest.raises(ValueError, match=r"needs both `pixel_values`"):
@@ -450,7 +465,9 @@ def test_attention_mask_defaults_to_ones():
     full = torch.ones_like(batch["input_ids"])
     with torch.no_grad():
         implicit = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).query_embeds
-        explicit = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=full).query_embeds
+        explicit = model(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=full
+        ).query_embeds
         padded = model(**{k: v for k, v in batch.items() if k != "target_pixel_values"}).query_embeds
     torch.testing.assert_close(implicit, explicit)
     assert not torch.allclose(padded[1:], explicit[1:], atol=1e-4), "the attention mask must matter"
@@ -479,7 +496,12 @@ def test_no_hard_coded_device_in_hub_code():
     """CUDA-agnostic code: tensors are created on the inputs' device, never on a named one."""
     files = sorted((REPO_ROOT / "modeling_mqirtn").glob("*.py")) + [REPO_ROOT / "processing" / "processing_mqirtn.py"]
     pattern = re.compile(r"\.cuda\(|[\"']cuda|device\s*=\s*[\"']cpu|torch\.device\([\"']")
-    offenders = [f"{path.name}:{i}" for path in files for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{path.name}:{i}"
+        for path in files
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, offenders
 
 
@@ -498,7 +520,9 @@ def test_own_modules_follow_the_input_device():
     ids = image_fingerprints(torch.randn(batch_size, 3, 8, 8, device="meta"))
     assert ids.device.type == "meta" and ids.dtype == torch.int64
     for loss_type in ("batch_based_classification", "soft_triplet"):
-        loss = build_metric_loss(loss_type)(F.normalize(query, dim=-1), F.normalize(fused_image, dim=-1), torch.tensor(4.0, device="meta"), ids)
+        loss = build_metric_loss(loss_type)(
+            F.normalize(query, dim=-1), F.normalize(fused_image, dim=-1), torch.tensor(4.0, device="meta"), ids
+        )
         assert loss.device.type == "meta" and loss.shape == ()
 
 
@@ -521,7 +545,9 @@ def test_cuda_matches_cpu(composition):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**cuda_batch, return_loss=True, output_attentions=True)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(out.loss) and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
 
 
 def test_paper_size_config_builds_on_meta(record_property):
@@ -537,7 +563,9 @@ def test_paper_size_config_builds_on_meta(record_property):
     }
     new = total - sum(towers.values())
     record_property("paper_size_parameters", total)
-    print(f"paper-size MQIRTN parameters: total {total:,}, vision {towers['vision_model']:,}, text {towers['text_model']:,}, new {new:,}")
+    print(
+        f"paper-size MQIRTN parameters: total {total:,}, vision {towers['vision_model']:,}, text {towers['text_model']:,}, new {new:,}"
+    )
     # ViT-B/16 without pooler: 85.8M; BERT-base without pooler: 108.9M.
     assert 85_000_000 < towers["vision_model"] < 87_000_000
     assert 108_000_000 < towers["text_model"] < 110_000_000
@@ -562,10 +590,14 @@ def test_mqirtn_paper_is_the_fusion_plus_composeae_modules_without_residual():
     # Two complex projections, BatchNorm + Dropout 0.5 in the image map, one 64-channel-default convolution.
     assert paper.composition.conv_projection is not None
     image_map = paper.composition.linear_projection.image_features
-    assert isinstance(image_map[0], torch.nn.BatchNorm1d) and any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in image_map)
+    assert isinstance(image_map[0], torch.nn.BatchNorm1d) and any(
+        isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in image_map
+    )
     assert paper.composition.linear_projection.angle_norm is None
     assert tiny_config("mqirtn_paper", conv_channels=None).conv_channels is None
-    assert MQIRTNModel(tiny_config("mqirtn_paper", conv_channels=None)).composition.conv_mapping.conv.out_channels == 64
+    assert (
+        MQIRTNModel(tiny_config("mqirtn_paper", conv_channels=None)).composition.conv_mapping.conv.out_channels == 64
+    )
     # PyTorch's default init everywhere in the composition (nonzero biases), as ComposeAE.
     linears = [m for m in paper.composition.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
     assert linears and all(_is_torch_default(m) for m in linears)
@@ -582,10 +614,17 @@ def test_each_deviation_changes_only_its_module(deviation):
         image_map = deviated.linear_projection.image_features
         outside_rho_conv = [deviated.linear_projection, deviated.conv_projection, deviated.linear_mapping]
         norm_or_dropout = (torch.nn.BatchNorm1d, torch.nn.Dropout)
-        assert not any(isinstance(m, norm_or_dropout) and getattr(m, "p", 1) > 0 for part in outside_rho_conv for m in part.modules())
+        assert not any(
+            isinstance(m, norm_or_dropout) and getattr(m, "p", 1) > 0
+            for part in outside_rho_conv
+            for m in part.modules()
+        )
         assert hasattr(image_map, "fc1") and _is_torch_default(image_map.fc1)
     elif deviation == "small_conv":
-        assert [m.out_channels for m in deviated.conv_mapping.modules() if isinstance(m, torch.nn.Conv1d)] == [4, 4]  # tiny's
+        assert [m.out_channels for m in deviated.conv_mapping.modules() if isinstance(m, torch.nn.Conv1d)] == [
+            4,
+            4,
+        ]  # tiny's
         assert [m.out_channels for m in paper.conv_mapping.modules() if isinstance(m, torch.nn.Conv1d)] == [4]
         assert isinstance(deviated.conv_mapping.pool, torch.nn.AdaptiveAvgPool1d)
         assert isinstance(paper.conv_mapping.pool, torch.nn.AdaptiveMaxPool1d)
@@ -594,18 +633,24 @@ def test_each_deviation_changes_only_its_module(deviation):
     elif deviation == "normal_init":
         biases = [m.bias for m in deviated.linear_mapping.modules() if isinstance(m, torch.nn.Linear)]
         assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)  # transformers' init zeroes biases
-        text_linears = [m for m in deviated.linear_projection.text_features.modules() if isinstance(m, torch.nn.Linear)]
+        text_linears = [
+            m for m in deviated.linear_projection.text_features.modules() if isinstance(m, torch.nn.Linear)
+        ]
         assert all(_is_torch_default(m) for m in text_linears)  # the angle map keeps PyTorch's init
     else:  # angle_layernorm: angles of rms 1 per text
         assert deviated.linear_projection.angle_norm is not None
-        angles = tiny_model("mqirtn_paper", composition_deviations=[deviation])(**random_batch(4), output_composition=True).composition_angles
+        angles = tiny_model("mqirtn_paper", composition_deviations=[deviation])(
+            **random_batch(4), output_composition=True
+        ).composition_angles
         torch.testing.assert_close(angles.pow(2).mean(dim=-1).sqrt(), torch.ones(4), atol=0.05, rtol=0)
     assert deviated.deviations == (deviation,)
 
 
 def test_all_deviations_plus_residual_build_the_default_composition():
     ours = tiny_model("mqirtn")
-    rebuilt = tiny_model("mqirtn_paper", composition_deviations=list(COMPOSITION_DEVIATIONS), image_residual=True, conv_channels=4)
+    rebuilt = tiny_model(
+        "mqirtn_paper", composition_deviations=list(COMPOSITION_DEVIATIONS), image_residual=True, conv_channels=4
+    )
     shapes = lambda model: sorted(tuple(p.shape) for p in model.parameters())  # noqa: E731
     assert shapes(rebuilt) == shapes(ours)
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in ours.parameters())

@@ -88,7 +88,9 @@ def test_a_run_diverging_late_stops_on_its_non_finite_budget(tmp_path, cache_dir
     errors = [line for line in failed.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1, failed.stderr[-3000:]
     last = errors[0]
-    assert last.startswith("train.py: error: The loss was non-finite for 3 micro-batches in this run (--max_nonfinite_total 3)")
+    assert last.startswith(
+        "train.py: error: The loss was non-finite for 3 micro-batches in this run (--max_nonfinite_total 3)"
+    )
     # skipped updates keep the weights finite: the newest checkpoint (step 4, two non-finite losses before it) is good
     assert "The last checkpoint with finite weights is" in last and "checkpoint-4 " in last
     assert not (output / "model.safetensors").exists()

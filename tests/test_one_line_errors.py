@@ -71,7 +71,16 @@ def test_cli_damaged_model_weights(workspace, capsys, damage, expected):
     root = workspace["root"]
     model = damaged_model(root, f"model_{damage}", damage)
     capsys.readouterr()
-    argv = ["index", "--model", str(model), "--images", str(root / "images"), "--out", str(root / f"out_{damage}"), "--no-progress"]
+    argv = [
+        "index",
+        "--model",
+        str(model),
+        "--images",
+        str(root / "images"),
+        "--out",
+        str(root / f"out_{damage}"),
+        "--no-progress",
+    ]
     assert main(argv) == 1
     assert expected in one_error_line(capsys, "mqirtn index: error:")
     assert not (root / f"out_{damage}").exists()
@@ -98,5 +107,10 @@ def test_cli_unreachable_url_and_out_a_file(workspace, capsys):
     assert main(["search", "--index", str(root / "index"), "--image", "http://127.0.0.1:9/x.png", "--text", "x"]) == 1
     assert "could not read the image 'http://127.0.0.1:9/x.png'" in one_error_line(capsys, "mqirtn search: error:")
     (root / "a_file").write_text("x")
-    assert main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "a_file")]) == 1
+    assert (
+        main(
+            ["index", "--model", str(root / "model"), "--images", str(root / "images"), "--out", str(root / "a_file")]
+        )
+        == 1
+    )
     assert "is a file" in one_error_line(capsys, "mqirtn index: error:")

@@ -36,10 +36,22 @@ def test_a_byte_order_mark_is_accepted(images):
 @pytest.mark.parametrize(
     "name, content, expected",
     [
-        ("train.csv", "reference,text,target\na.png,caf\xe9,b.png\n".encode("latin-1"), r"is not UTF-8 text \(byte \d+ is b'\\xe9'\)"),
+        (
+            "train.csv",
+            "reference,text,target\na.png,caf\xe9,b.png\n".encode("latin-1"),
+            r"is not UTF-8 text \(byte \d+ is b'\\xe9'\)",
+        ),
         ("train.jsonl", b'["a.png", "x", "b.png"]\n', r"train.jsonl row 1: expected an object of columns"),
-        ("train.jsonl", b'{"reference": "a.png", "text": 5, "target": "b.png"}\n', r"row 1: `text` must be a string, got 5"),
-        ("train.jsonl", b'{"reference": ["a.png"], "text": "x", "target": "b.png"}\n', r"row 1: `reference` must be a string"),
+        (
+            "train.jsonl",
+            b'{"reference": "a.png", "text": 5, "target": "b.png"}\n',
+            r"row 1: `text` must be a string, got 5",
+        ),
+        (
+            "train.jsonl",
+            b'{"reference": ["a.png"], "text": "x", "target": "b.png"}\n',
+            r"row 1: `reference` must be a string",
+        ),
         ("train.jsonl", b"\n\n", r"train.jsonl holds no rows"),
         ("train.csv", b"reference,text,target\n", r"train.csv holds no rows"),
         ("train.csv", b"reference,text,target\na.png,x,b.png,extra\n", r"row 1: more fields than the header"),
@@ -55,7 +67,8 @@ def test_malformed_own_files_name_the_file_and_row(images, name, content, expect
 def test_a_symlink_loop_is_a_missing_image(images, caplog):
     os.symlink(images / "loop", images / "loop")
     (images / "test.jsonl").write_text(
-        json.dumps({"reference": "a.png", "text": "x", "target": "b.png", "id": 1}) + "\n"
+        json.dumps({"reference": "a.png", "text": "x", "target": "b.png", "id": 1})
+        + "\n"
         + json.dumps({"reference": "loop", "text": "y", "target": "b.png", "id": 2})
     )
     data = load_evaluation_data("files", images, "test")
@@ -79,7 +92,9 @@ def test_grid_paths_never_leave_a_folder_index_root(tmp_path):
     (tmp_path / "gallery").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "gallery" / "in.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
-    index = GalleryIndex(torch.eye(3), ["in.png", "../secret.png", str(tmp_path / "secret.png")], root=tmp_path / "gallery")
+    index = GalleryIndex(
+        torch.eye(3), ["in.png", "../secret.png", str(tmp_path / "secret.png")], root=tmp_path / "gallery"
+    )
     assert index.image_path(0) == tmp_path / "gallery" / "in.png"
     assert index.image_path(1) is None and index.image_path(2) is None
 

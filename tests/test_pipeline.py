@@ -72,7 +72,9 @@ def test_batched_list_input_equals_direct_batch(setup, batch_size):
     model, processor, gallery, pipe = setup["model"], setup["processor"], setup["gallery"], setup["pipe"]
     images = [shape_image(50 + i) for i in range(len(TEXTS))]
     # Texts of different lengths: the pipeline pads per batch, the direct call pads to the longest overall.
-    results = pipe([{"image": i, "text": t} for i, t in zip(images, TEXTS)], gallery=gallery, top_k=3, batch_size=batch_size)
+    results = pipe(
+        [{"image": i, "text": t} for i, t in zip(images, TEXTS)], gallery=gallery, top_k=3, batch_size=batch_size
+    )
     scores, indices = direct_topk(model, processor, images, TEXTS, gallery, 3)
     assert len(results) == len(TEXTS)
     for row, result in enumerate(results):
@@ -137,7 +139,9 @@ def test_embed_gallery_equals_image_features_in_any_batch_size(setup):
         torch.testing.assert_close(embeds, gallery, atol=1e-5, rtol=0)
     image = shape_image(100)
     hits = pipe(image=image, text="make it red", gallery=pipe.embed_gallery(images), top_k=4)
-    assert [r["index"] for r in hits] == direct_topk(model, processor, [image], ["make it red"], gallery, 4)[1][0].tolist()
+    assert [r["index"] for r in hits] == direct_topk(model, processor, [image], ["make it red"], gallery, 4)[1][
+        0
+    ].tolist()
 
 
 @pytest.mark.parametrize(
@@ -157,7 +161,13 @@ def test_embed_gallery_refuses_bad_input(setup, images, batch_size, error, match
 def test_pipeline_save_pretrained_writes_the_processor_too(setup, tmp_path):
     setup["pipe"].save_pretrained(tmp_path / "saved")
     files = {path.name for path in (tmp_path / "saved").iterdir()}
-    assert {"config.json", "model.safetensors", "pipeline_mqirtn.py", "processor_config.json", "processing_mqirtn.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "pipeline_mqirtn.py",
+        "processor_config.json",
+        "processing_mqirtn.py",
+    } <= files
     reloaded = pipeline("composed-image-retrieval", model=str(tmp_path / "saved"), trust_remote_code=True)
     image = shape_image(3)
     torch.testing.assert_close(
@@ -230,11 +240,17 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
     texts = TEXTS[:3]
     completed = subprocess.run(
         [sys.executable, str(script), str(folder), str(tmp_path), json.dumps(texts), str(out)],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["class"].startswith("transformers_modules") and result["model_class"].startswith("transformers_modules")
+    assert result["class"].startswith("transformers_modules") and result["model_class"].startswith(
+        "transformers_modules"
+    )
 
     # Direct calls on the PNG round trip of the same images (what the subprocess read).
     from PIL import Image
@@ -246,7 +262,10 @@ def test_fresh_process_trust_remote_code_equals_direct(setup, tmp_path):
         assert [r["index"] for r in hits] == indices[row].tolist()
         torch.testing.assert_close(torch.tensor([r["score"] for r in hits]), scores[row], atol=1e-5, rtol=0)
     torch.testing.assert_close(
-        torch.tensor(result["embedding"]), direct_queries(model, processor, reloaded[:1], texts[:1])[0], atol=1e-5, rtol=0
+        torch.tensor(result["embedding"]),
+        direct_queries(model, processor, reloaded[:1], texts[:1])[0],
+        atol=1e-5,
+        rtol=0,
     )
     # The gallery the child embedded from files equals the direct gallery embeddings of the same files, and searching
     # it gives the direct ranking.

@@ -16,7 +16,16 @@ from processing import MQIRTNProcessor
 from utils import PROJECTION_DIM, random_batch, tiny_processor, tiny_text_config, tiny_vision_config
 
 
-NEW_LAYERS = ["composition", "fusion", "image_decoder", "image_projection", "image_residual", "logit_scale", "text_decoder", "text_projection"]
+NEW_LAYERS = [
+    "composition",
+    "fusion",
+    "image_decoder",
+    "image_projection",
+    "image_residual",
+    "logit_scale",
+    "text_decoder",
+    "text_projection",
+]
 MQIRTN_KWARGS = dict(projection_dim=PROJECTION_DIM, fusion_num_heads=4, conv_channels=4, fusion_intermediate_size=64)
 
 
@@ -33,7 +42,9 @@ def tower_folders(tmp_path_factory):
 def compose(vision_path, text_path, **kwargs):
     logger = logging.get_logger("modeling_mqirtn.modeling_mqirtn")
     with CaptureLogger(logger) as captured:
-        model = MQIRTNModel.from_vision_text_pretrained(str(vision_path), str(text_path), **{**MQIRTN_KWARGS, **kwargs})
+        model = MQIRTNModel.from_vision_text_pretrained(
+            str(vision_path), str(text_path), **{**MQIRTN_KWARGS, **kwargs}
+        )
     return model, captured.out
 
 
@@ -111,19 +122,25 @@ def test_real_minilm_text_tower(tower_folders, minilm_path):
     assert model.config.text_config.hidden_size == 384 and model.config.text_config.num_hidden_layers == 6
     assert str(minilm_path) in log
     # The real tokenizer in the processor; the tower produces the pretrained model's token states.
-    processor = MQIRTNProcessor(ViTImageProcessor(size={"height": 32, "width": 32}), AutoTokenizer.from_pretrained(minilm_path))
+    processor = MQIRTNProcessor(
+        ViTImageProcessor(size={"height": 32, "width": 32}), AutoTokenizer.from_pretrained(minilm_path)
+    )
     images = [Image.new("RGB", (48, 48), colour) for colour in ("red", "blue", "green")]
     batch = processor(images=images, text=["make it blue", "add a small circle", ""], target_images=images[::-1])
     model.eval()
     with torch.no_grad():
-        tokens = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        tokens = model.text_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         expected = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         out = model(**batch, return_loss=True)
     torch.testing.assert_close(tokens, expected)
     assert out.query_embeds.shape == (3, PROJECTION_DIM) and torch.isfinite(out.loss)
     # Pretrained text semantics survive into the (untrained) text embedding path: the sentence-transformers mean
     # pooling of the tower ranks a paraphrase above an unrelated sentence.
-    paraphrases = processor.tokenizer(["make the dress blue", "change the dress to blue", "a dog runs on grass"], padding=True, return_tensors="pt")
+    paraphrases = processor.tokenizer(
+        ["make the dress blue", "change the dress to blue", "a dog runs on grass"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         states = model.text_model(**paraphrases).last_hidden_state
     mask = paraphrases["attention_mask"][..., None].float()

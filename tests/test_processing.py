@@ -14,7 +14,15 @@ from utils import IMAGE_SIZE, VOCAB, tiny_model
 
 
 def solid(mode, size=(40, 30), color=None):
-    defaults = {"RGB": (200, 10, 30), "L": 128, "RGBA": (10, 200, 30, 255), "CMYK": (0, 255, 255, 0), "P": 3, "I;16": 4000, "LA": (90, 255)}
+    defaults = {
+        "RGB": (200, 10, 30),
+        "L": 128,
+        "RGBA": (10, 200, 30, 255),
+        "CMYK": (0, 255, 255, 0),
+        "P": 3,
+        "I;16": 4000,
+        "LA": (90, 255),
+    }
     return Image.new(mode, size, defaults[mode] if color is None else color)
 
 
@@ -132,7 +140,10 @@ def test_nothing_given(processor):
 
 @pytest.mark.parametrize("argument", ["images", "target_images"])
 def test_non_image_object_names_argument_position_and_type(processor, argument):
-    with pytest.raises(ValueError, match=rf"`{argument}\[1\]` must be a PIL image, a numpy array, a path, a URL or a {{'bytes', 'path'}} dict, got int"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`{argument}\[1\]` must be a PIL image, a numpy array, a path, a URL or a {{'bytes', 'path'}} dict, got int",
+    ):
         processor(**{argument: [solid("RGB"), 42]})
     with pytest.raises(ValueError, match=rf"`{argument}\[0\]` must be .* got dict"):
         processor(**{argument: [{"image": 1}]})
@@ -169,7 +180,9 @@ def test_save_and_load_in_process(processor, tmp_path):
     processor.save_pretrained(folder)
     for loaded in (MQIRTNProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(folder)):
         assert type(loaded).__name__ == "MQIRTNProcessor"
-        inputs = dict(images=[solid("RGB"), solid("L")], text=["make it blue", ""], target_images=[solid("CMYK"), solid("RGBA")])
+        inputs = dict(
+            images=[solid("RGB"), solid("L")], text=["make it blue", ""], target_images=[solid("CMYK"), solid("RGBA")]
+        )
         expected, got = processor(**inputs), loaded(**inputs)
         assert set(expected) == set(got)
         for name in expected:
@@ -186,7 +199,6 @@ def test_processor_output_feeds_the_model(processor):
     with torch.no_grad():
         out = model(**batch, return_loss=True)
     assert out.query_embeds.shape == (3, 32) and torch.isfinite(out.loss)
-
 
 
 # ---------------------------------------------------------------------------------------------------- one decoder
@@ -250,7 +262,9 @@ def test_training_evaluation_and_pipeline_see_the_same_pixels(processor, tmp_pat
     model = pipe.model
     indexed, kept, skipped = embed_images(model, processor, [str(path)], progress=False)
     assert kept == [0] and not skipped
-    torch.testing.assert_close(indexed, model.get_image_features(pixel_values=served).pooler_output.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        indexed, model.get_image_features(pixel_values=served).pooler_output.detach(), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P"])
@@ -320,6 +334,7 @@ def test_default_settings_take_the_fast_pixel_path(processor, monkeypatch):
     expected = processor(images=[image])["pixel_values"]
     calls = []
     original = type(processor.image_processor).__call__
+
     def counting(self, *args, **kwargs):
         calls.append(kwargs)
         return original(self, *args, **kwargs)

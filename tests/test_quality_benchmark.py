@@ -54,12 +54,22 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     assert "loss_symmetric_shuffled_rotation" in rows["mqirtn_paper"]["composition"]
     # The paired difference is the mean of the per-seed differences.
     (pair,) = [p for p in summary["paired_differences"] if (p["row"], p["minus"]) == ("mqirtn_paper", "tirg")]
-    runs = {(r["row"], r["seed"]): r for r in map(json.loads, map(Path.read_text, (results_dir / "quality_runs" / "validation").glob("*.json")))}
-    per_seed = [runs["mqirtn_paper", s]["metrics"]["recall@1"] - runs["tirg", s]["metrics"]["recall@1"] for s in (0, 1)]
+    runs = {
+        (r["row"], r["seed"]): r
+        for r in map(json.loads, map(Path.read_text, (results_dir / "quality_runs" / "validation").glob("*.json")))
+    }
+    per_seed = [
+        runs["mqirtn_paper", s]["metrics"]["recall@1"] - runs["tirg", s]["metrics"]["recall@1"] for s in (0, 1)
+    ]
     assert pair["seeds"] == [0, 1] and pair["recall@1"]["values"] == pytest.approx(per_seed)
     # Each run recorded the repository files it imported (train.py, the model code, the data code), nothing else.
     sources = runs["mqirtn_paper", 0]["sources"]
-    for name in ("train.py", "modeling_mqirtn/composition_mqirtn.py", "processing/data/shapes.py", "processing/data/metrics.py"):
+    for name in (
+        "train.py",
+        "modeling_mqirtn/composition_mqirtn.py",
+        "processing/data/shapes.py",
+        "processing/data/metrics.py",
+    ):
         assert name in sources, name
     assert not any(name.startswith(("benchmarks/", "tests/", ".venv/")) for name in sources)
     assert quality.changed_sources(runs["mqirtn_paper", 0]) == []
@@ -132,7 +142,10 @@ def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, mo
     summary = quality.main([*argv, "--summarize_only"])
     status = summary["status"]
     assert (status["current"], status["missing"], status["stale"]) == (1, 2, 1)
-    assert status["stale_runs"] == ["tirg seed 1"] and status["missing_runs"] == ["mqirtn_paper seed 0", "mqirtn_paper seed 1"]
+    assert status["stale_runs"] == ["tirg seed 1"] and status["missing_runs"] == [
+        "mqirtn_paper seed 0",
+        "mqirtn_paper seed 1",
+    ]
     tirg = [e for e in summary["rows"] if e["row"] == "tirg"][0]
     assert tirg["seeds"] == [0] and tirg["recall@1"]["mean"] == 40.0  # the stale run does not count
     table = (tmp_path / "grid.md").read_text()
@@ -193,8 +206,12 @@ def test_unknown_variant_is_an_error(quality):
 
 def test_at_commit_trains_with_a_snapshot_of_that_commit(quality, tmp_path):
     folder = quality.code_snapshot("HEAD", tmp_path)
-    committed = subprocess.run(["git", "-C", str(quality.REPO_ROOT), "show", "HEAD:train.py"], capture_output=True, check=True).stdout
-    assert (folder / "train.py").read_bytes() == committed and (folder / "modeling_mqirtn" / "composition_mqirtn.py").is_file()
+    committed = subprocess.run(
+        ["git", "-C", str(quality.REPO_ROOT), "show", "HEAD:train.py"], capture_output=True, check=True
+    ).stdout
+    assert (folder / "train.py").read_bytes() == committed and (
+        folder / "modeling_mqirtn" / "composition_mqirtn.py"
+    ).is_file()
     assert quality.code_snapshot("HEAD", tmp_path) == folder  # made once
     pinned, _ = quality.parse_args(["--at_commit", "HEAD"])
     checkout, _ = quality.parse_args([])

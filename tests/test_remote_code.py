@@ -22,18 +22,27 @@ from mqirtn_app.model_card import write_model_card
 from utils import ALL_COMPOSITIONS, BLOCK_OUR_PACKAGES, tiny_model, tiny_processor
 
 
-CODE_FILES = {"configuration_mqirtn.py", "modeling_mqirtn.py", "fusion_mqirtn.py", "composition_mqirtn.py", "losses_mqirtn.py"}
+CODE_FILES = {
+    "configuration_mqirtn.py",
+    "modeling_mqirtn.py",
+    "fusion_mqirtn.py",
+    "composition_mqirtn.py",
+    "losses_mqirtn.py",
+}
 
 # Runs in the fresh process. Inputs are built there from plain data so nothing of ours is needed to make them.
 # The child first records whether our packages would be found, then blocks them (a Hub user without this repository).
-CHILD_SCRIPT = textwrap.dedent(
-    '''
+CHILD_SCRIPT = (
+    textwrap.dedent(
+        """
     import importlib.util
     OUR_PACKAGES = ("modeling_mqirtn", "processing")
     found = {name: importlib.util.find_spec(name) is not None for name in OUR_PACKAGES}
-    '''
-) + BLOCK_OUR_PACKAGES + textwrap.dedent(
-    '''
+    """
+    )
+    + BLOCK_OUR_PACKAGES
+    + textwrap.dedent(
+        """
     import json, os, sys
     import numpy as np
     import torch
@@ -87,7 +96,8 @@ CHILD_SCRIPT = textwrap.dedent(
     except ImportError:
         results["still_blocked"] = {"modeling_mqirtn": True}
     print("RESULTS" + json.dumps(results))
-    '''
+    """
+    )
 )
 
 
@@ -132,7 +142,9 @@ def push_with_stand_in(model, processor, folder, monkeypatch_context):
     monkeypatch_context.setattr(transformers_hub, "_hf_api", api)
     # The card lookup would ask the Hub whether a card exists: answer "no card yet" offline.
     monkeypatch_context.setattr(
-        transformers_hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None: ModelCard.from_template(ModelCardData())
+        transformers_hub,
+        "create_and_tag_model_card",
+        lambda repo_id, tags=None, token=None: ModelCard.from_template(ModelCardData()),
     )
     model.push_to_hub("someone/mqirtn-pushed")
     processor.push_to_hub("someone/mqirtn-pushed")
@@ -146,7 +158,9 @@ def saved_folders(tmp_path_factory):
     folders = {}
     for seed, composition in enumerate(ALL_COMPOSITIONS):
         folder = root / composition
-        model = tiny_model(composition, seed=seed, loss_type="soft_triplet" if composition == "tirg" else "batch_based_classification")
+        model = tiny_model(
+            composition, seed=seed, loss_type="soft_triplet" if composition == "tirg" else "batch_based_classification"
+        )
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         folders[composition] = folder
@@ -198,10 +212,14 @@ def test_saved_folder_holds_code_and_auto_map(saved_folders, how):
     # What `pipeline(task, model=folder, trust_remote_code=True)` reads to find the task's class.
     assert config["custom_pipelines"] == {
         "composed-image-retrieval": {
-            "impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"
+            "impl": "pipeline_mqirtn.ComposedImageRetrievalPipeline",
+            "pt": ["AutoModel"],
+            "type": "multimodal",
         },
         "image-feature-extraction": {
-            "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"
+            "impl": "pipeline_mqirtn.MQIRTNImageFeatureExtractionPipeline",
+            "pt": ["AutoModel"],
+            "type": "image",
         },
     }
     processor_config = json.loads((folder / "processor_config.json").read_text())
@@ -228,7 +246,9 @@ def test_fresh_process_round_trip_gives_the_same_outputs(saved_folders, child_re
     folder = folders[composition]
     info = child_results[str(folder)]
     assert info["model_class"].startswith("transformers_modules.") and info["model_class"].endswith(".MQIRTNModel")
-    assert info["processor_class"].startswith("transformers_modules.") and info["processor_class"].endswith(".MQIRTNProcessor")
+    assert info["processor_class"].startswith("transformers_modules.") and info["processor_class"].endswith(
+        ".MQIRTNProcessor"
+    )
     child = torch.load(folder / "child_outputs.pt", weights_only=True)
     assert info["pipeline_class"].startswith("transformers_modules.")
     assert info["pipeline_class"].endswith(".ComposedImageRetrievalPipeline")

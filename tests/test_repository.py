@@ -36,7 +36,11 @@ def test_no_sys_path_edits():
             if isinstance(node, (ast.Assign, ast.AugAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 target = next((t.value for t in targets if isinstance(t, ast.Subscript)), None)
-            if isinstance(target, ast.Attribute) and target.attr == "path" and getattr(target.value, "id", "") == "sys":
+            if (
+                isinstance(target, ast.Attribute)
+                and target.attr == "path"
+                and getattr(target.value, "id", "") == "sys"
+            ):
                 edits.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     assert not edits, f"sys.path is edited in {edits}"
 
@@ -56,7 +60,11 @@ def test_tests_share_helpers_through_utils_and_never_import_each_other():
 
 # ------------------------------------------------------------------------------------------------ documents
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-DOCUMENTS = [REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [
+    REPO_ROOT / "README.md",
+    REPO_ROOT / "benchmarks" / "README.md",
+    *sorted((REPO_ROOT / "docs").glob("*.md")),
+]
 FILE_NAME = re.compile(r"[\w{},*.\-/]+\.(?:json|md|png|csv|txt|jsonl|log)")
 
 
@@ -65,7 +73,11 @@ def _expand_braces(token: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", token)
     if match is None:
         return [token]
-    return [name for part in match.group(1).split(",") for name in _expand_braces(token[: match.start()] + part + token[match.end() :])]
+    return [
+        name
+        for part in match.group(1).split(",")
+        for name in _expand_braces(token[: match.start()] + part + token[match.end() :])
+    ]
 
 
 def cited_results(text: str) -> tuple[set[str], list[str]]:
@@ -98,8 +110,12 @@ def test_every_results_file_is_cited_and_every_citation_exists():
 
 def test_no_working_notes_and_no_references_to_the_history_of_the_writing():
     assert not (REPO_ROOT / "notes").exists()
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
-    texts = [REPO_ROOT / name for name in listed if name.endswith((".py", ".md", ".sh", ".toml", ".cfg", ".txt", ".yaml"))]
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    texts = [
+        REPO_ROOT / name for name in listed if name.endswith((".py", ".md", ".sh", ".toml", ".cfg", ".txt", ".yaml"))
+    ]
     pattern = re.compile(r"issue [0-9]|DESIGN [0-9]|/work/", re.IGNORECASE)
     found = [
         f"{path.relative_to(REPO_ROOT)}:{number}"

@@ -108,7 +108,9 @@ def test_cirr_subset_ignores_items_outside_the_subset():
     gallery_ids = ["r", "t", "outside", "m"]
     # overall: outside > m > t; subset (r, t, m) minus r ranks m > t: Rs@1 = 0, Rs@2 = 100
     queries = queries_with_orders([[2, 3, 1, 0]], 4)
-    result = evaluate_cirr(queries, torch.eye(4), ["r"], ["t"], [["r", "t", "m"]], gallery_ids, ks=(1, 5), subset_ks=(1, 2))
+    result = evaluate_cirr(
+        queries, torch.eye(4), ["r"], ["t"], [["r", "t", "m"]], gallery_ids, ks=(1, 5), subset_ks=(1, 2)
+    )
     assert result["recall@1"] == 0.0 and result["recall_subset@1"] == 0.0 and result["recall_subset@2"] == 100.0
 
 
@@ -121,7 +123,13 @@ def test_fashioniq_ranks_within_category_and_averages():
     orders = [[4, 0, 1], [3, 2], [4, 2, 3]]
     queries = queries_with_orders(orders, 5)
     result = evaluate_fashioniq(
-        queries, torch.eye(5), ["d1", "s1", "s0"], ["dress", "shirt", "shirt"], gallery_ids, gallery_categories, ks=(1, 2)
+        queries,
+        torch.eye(5),
+        ["d1", "s1", "s0"],
+        ["dress", "shirt", "shirt"],
+        gallery_ids,
+        gallery_categories,
+        ks=(1, 2),
     )
     assert result["dress_recall@1"] == 0.0 and result["dress_recall@2"] == 100.0
     assert result["shirt_recall@1"] == 50.0 and result["shirt_recall@2"] == 100.0
@@ -135,7 +143,9 @@ def test_caption_match_counts_any_image_with_the_target_caption_and_removes_quer
     captions = ["red dress", "blue dress", "red dress", "blue dress"]
     # query image q (caption "red dress") is nearest; target caption "red dress" -> a hit only if q is not removed
     queries = queries_with_orders([[0, 1, 2, 3]], 4)
-    kept = evaluate_caption_match(queries, torch.eye(4), ["red dress"], captions, ["other.jpg"], gallery_ids, ks=(1, 3))
+    kept = evaluate_caption_match(
+        queries, torch.eye(4), ["red dress"], captions, ["other.jpg"], gallery_ids, ks=(1, 3)
+    )
     assert kept == {"recall@1": 100.0, "recall@3": 100.0}
     removed = evaluate_caption_match(queries, torch.eye(4), ["red dress"], captions, ["q.jpg"], gallery_ids, ks=(1, 2))
     # without q: a (blue), b (red) -> R@1 miss, R@2 hit
@@ -150,7 +160,12 @@ def test_evaluate_protocol_reads_metadata_columns():
     from datasets import Dataset
 
     queries = Dataset.from_dict(
-        {"reference_id": ["r", "r"], "target_id": ["t", "x"], "target_caption": ["c1", "c2"], "subset_ids": [["r", "t"], ["r", "x"]]}
+        {
+            "reference_id": ["r", "r"],
+            "target_id": ["t", "x"],
+            "target_caption": ["c1", "c2"],
+            "subset_ids": [["r", "t"], ["r", "x"]],
+        }
     )
     gallery = Dataset.from_dict({"image_id": ["r", "t", "x"], "caption": ["c0", "c1", "c2"]})
     embeds = queries_with_orders([[0, 1, 2], [0, 1, 2]], 3)
@@ -217,7 +232,10 @@ def test_evaluate_module_loads_offline_and_agrees_with_protocol_functions(monkey
         "recall@3": 100.0,
     }
     # scores: ties count against the query (target index 0 ties with index 1 -> rank 1)
-    assert metric.compute(predictions=[[0.5, 0.5, 0.1]], references=[0], k=[1, 2]) == {"recall@1": 0.0, "recall@2": 100.0}
+    assert metric.compute(predictions=[[0.5, 0.5, 0.1]], references=[0], k=[1, 2]) == {
+        "recall@1": 0.0,
+        "recall@2": 100.0,
+    }
     # Integer rankings against an integer target would be read as scores: refused in one line, whichever way they come.
     for predictions in ([[3, 1, 2]], [np.array([3, 1, 2])], np.array([[3, 1, 2]])):
         with pytest.raises(ValueError, match="rankings of integer ids") as error:
@@ -235,7 +253,9 @@ def test_evaluate_module_loads_offline_and_agrees_with_protocol_functions(monkey
     gallery_ids = [f"g{i}" for i in range(30)]
     expected = recall_at_k(queries, gallery, [gallery_ids[t] for t in targets], gallery_ids, ks=(1, 5, 10))
     from_scores = metric.compute(predictions=(queries @ gallery.T).tolist(), references=targets.tolist(), k=[1, 5, 10])
-    rankings = [[gallery_ids[i] for i in row] for row in (queries @ gallery.T).argsort(dim=1, descending=True).tolist()]
+    rankings = [
+        [gallery_ids[i] for i in row] for row in (queries @ gallery.T).argsort(dim=1, descending=True).tolist()
+    ]
     from_rankings = metric.compute(predictions=rankings, references=[gallery_ids[t] for t in targets], k=[1, 5, 10])
     for key, value in expected.items():
         assert from_scores[key] == pytest.approx(value)
@@ -253,7 +273,9 @@ def test_one_search_engine_exclusions_across_blocks_match_a_plain_ranking():
     exclude = torch.tensor([0, 3, -1, 10, 5, 5, 1])
     codes = torch.arange(11)
     full = rank_gallery(queries, gallery, 11, exclude, codes)
-    _, blocked = exact_search(queries, gallery, 11, block_size=3, query_batch_size=2, query_exclude=exclude, gallery_exclude=codes)
+    _, blocked = exact_search(
+        queries, gallery, 11, block_size=3, query_batch_size=2, query_exclude=exclude, gallery_exclude=codes
+    )
     assert torch.equal(full, blocked)
     scores = queries @ gallery.T
     for row, code in enumerate(exclude.tolist()):
@@ -310,13 +332,22 @@ def test_retrieval_diagnostics_by_type_and_own_reference_first_by_hand():
     embeds = queries_with_orders(orders, 5)
     result = retrieval_diagnostics("shapes", embeds, torch.eye(5), queries, gallery)
     assert result["reference_ranked_first"] == 50.0  # q1 and q3
-    assert result["by_modification_type"]["add"] == {"queries": 2, "recall@1": 50.0, "recall@5": 100.0, "recall@10": 100.0, "recall@50": 100.0}
+    assert result["by_modification_type"]["add"] == {
+        "queries": 2,
+        "recall@1": 50.0,
+        "recall@5": 100.0,
+        "recall@10": 100.0,
+        "recall@50": 100.0,
+    }
     assert result["by_modification_type"]["remove"]["recall@1"] == 0.0
     assert result["by_modification_type"]["remove"]["recall@5"] == 100.0
     # Each type's figures are the protocol's own on that type's queries (the one Recall path).
-    assert result["by_modification_type"]["remove"]["recall@1"] == evaluate_protocol(
-        "shapes", embeds[2:], torch.eye(5), {k: v[2:] for k, v in queries.items()}, gallery
-    )["recall@1"]
+    assert (
+        result["by_modification_type"]["remove"]["recall@1"]
+        == evaluate_protocol("shapes", embeds[2:], torch.eye(5), {k: v[2:] for k, v in queries.items()}, gallery)[
+            "recall@1"
+        ]
+    )
     # An unusable query counts as a miss in its own type only.
     unusable = retrieval_diagnostics("shapes", embeds, torch.eye(5), queries, gallery, unusable_query_ids={"0"})
     assert unusable["by_modification_type"]["add"]["recall@1"] == 0.0

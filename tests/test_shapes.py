@@ -89,7 +89,9 @@ def test_remove_and_change_descriptions_are_unambiguous(generated):
     for query in generated["train"]:
         if query.modification_type == "add":
             continue
-        match = re.fullmatch(r"remove the (.+)", query.text) or re.fullmatch(r"make the (.+?) (?:a \w+|\w+)", query.text)
+        match = re.fullmatch(r"remove the (.+)", query.text) or re.fullmatch(
+            r"make the (.+?) (?:a \w+|\w+)", query.text
+        )
         description = match.group(1)
         assert len(find(query.reference, description)) == 1, query.text
         seen_descriptions.add(len(description.split()))
@@ -137,6 +139,7 @@ def test_rendering_is_legible():
     # a small and a large object of the same kind differ in area
     small = render_scene(make_scene([ShapeObject(4, 3, 1, 0)]), 64)
     large = render_scene(make_scene([ShapeObject(4, 3, 1, 1)]), 64)
+
     def count(img):
         return int((np.asarray(img) != np.array(BACKGROUND)).any(axis=-1).sum())
 
@@ -159,7 +162,9 @@ def test_load_shapes_schema_cache_and_gallery(tmp_path, monkeypatch):
     ]  # fmt: skip
     row = queries[0]
     assert isinstance(row["reference_image"], PILImage.Image) and row["reference_image"].size == (32, 32)
-    assert row["target_image"].convert("RGB").tobytes() == render_scene(parse_scene_key(row["target_id"]), 32).tobytes()
+    assert (
+        row["target_image"].convert("RGB").tobytes() == render_scene(parse_scene_key(row["target_id"]), 32).tobytes()
+    )
 
     gallery = load_shapes_gallery("test", num_queries=200, image_size=32, seed=1)
     gallery_ids = list(gallery["image_id"])

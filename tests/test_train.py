@@ -55,12 +55,21 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     # What the headline hides: Recall per modification type and the queries that return their own reference.
     retrieval = results["retrieval_diagnostics"]["test"]
     assert set(retrieval["by_modification_type"]) == set(MODIFICATION_TYPES)
-    assert sum(entry["queries"] for entry in retrieval["by_modification_type"].values()) == int(DATA_ARGS[DATA_ARGS.index("--shapes_num_test_queries") + 1])
+    assert sum(entry["queries"] for entry in retrieval["by_modification_type"].values()) == int(
+        DATA_ARGS[DATA_ARGS.index("--shapes_num_test_queries") + 1]
+    )
     assert 0.0 <= retrieval["reference_ranked_first"] <= 100.0
     assert "By modification type" in result.stdout and "own reference image is ranked first" in result.stdout
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 4 and state["samples_seen"] == 4 * 8
-    for name in ("model.safetensors", "config.json", "processor_config.json", "modeling_mqirtn.py", "processing_mqirtn.py", "README.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "modeling_mqirtn.py",
+        "processing_mqirtn.py",
+        "README.md",
+    ):
         assert (output / name).is_file(), name
     assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
     assert (output / "results_grids" / "query_0.png").is_file()  # qualitative figures after evaluation
@@ -112,7 +121,9 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
         """
     )
     env = {k: v for k, v in run_env(cache_dir).items() if k != "PYTHONPATH"}
-    loaded = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     info = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert info["module"].startswith("transformers_modules")  # the saved code, not this repository
@@ -124,7 +135,11 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
 
     # --eval_only on the saved model reproduces the numbers of the training run's evaluation.
     eval_output = tmp_path / "eval"
-    run_train(["--eval_only", "--model_name_or_path", str(output), "--output_dir", str(eval_output)], cache_dir, base=DATA_ARGS)
+    run_train(
+        ["--eval_only", "--model_name_or_path", str(output), "--output_dir", str(eval_output)],
+        cache_dir,
+        base=DATA_ARGS,
+    )
     evaluated = read_json(eval_output / "eval_results.json")["test"]
     assert evaluated.keys() == results["test"].keys()
     for key, value in results["test"].items():
@@ -137,7 +152,15 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
     # 64 queries / batch 8 = 8 steps per epoch; 12 steps cross an epoch boundary; checkpoints at 3, 6, 9 fall mid-epoch.
     # Dropout on (the from-scratch text tower's 0.1): a resumed run must continue the same dropout masks.
-    common = ["--max_train_steps", "12", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--no-do_eval"]
+    common = [
+        "--max_train_steps",
+        "12",
+        "--checkpointing_steps",
+        "3",
+        "--checkpoints_total_limit",
+        "2",
+        "--no-do_eval",
+    ]
     reference = tmp_path / "reference"
     run_train([*common, "--output_dir", str(reference)], cache_dir)
 
@@ -161,14 +184,20 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
             process.kill()
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "training_state.json").exists()  # it really died mid-run
-    checkpoints = sorted(int(p.parent.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*/progress.json"))
+    checkpoints = sorted(
+        int(p.parent.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*/progress.json")
+    )
     assert checkpoints and checkpoints[-1] < 12
 
     resumed = run_train([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], cache_dir)
     assert f"Resumed from {killed / 'checkpoints'}" in resumed.stderr
     expected = read_json(reference / "training_state.json")
     state = read_json(killed / "training_state.json")
-    assert (state["completed_steps"], state["samples_seen"]) == (expected["completed_steps"], expected["samples_seen"]) == (12, 96)
+    assert (
+        (state["completed_steps"], state["samples_seen"])
+        == (expected["completed_steps"], expected["samples_seen"])
+        == (12, 96)
+    )
     # Model, optimizer, scheduler, RNG and data order were all restored: the weights match too.
     final, expected_weights = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
     for name, tensor in expected_weights.items():
@@ -181,7 +210,11 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(tmp_path, cache_dir):
     output = tmp_path / "once"
-    result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--no-do_eval"], cache_dir, faults=["--nonfinite_micro_steps", "1"])
+    result = run_train(
+        ["--output_dir", str(output), "--max_train_steps", "4", "--no-do_eval"],
+        cache_dir,
+        faults=["--nonfinite_micro_steps", "1"],
+    )
     assert "Non-finite loss at step 1" in result.stderr
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 4 and state["skipped_nonfinite_steps"] == 1
@@ -217,7 +250,9 @@ class RecordingHfApi:
         return {"name": "someone"}
 
     def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
-        RecordingHfApi.calls.append(("create_repo", repo_id, {"exist_ok": exist_ok, "private": private}, self._trained_yet()))
+        RecordingHfApi.calls.append(
+            ("create_repo", repo_id, {"exist_ok": exist_ok, "private": private}, self._trained_yet())
+        )
 
         class RepoUrl(str):
             pass
@@ -234,7 +269,8 @@ class RecordingHfApi:
         files = sorted(
             str(p.relative_to(folder_path))
             for p in Path(folder_path).rglob("*")
-            if p.is_file() and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in ignore_patterns or [])
+            if p.is_file()
+            and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in ignore_patterns or [])
         )
         RecordingHfApi.calls.append(("upload_folder", repo_id, files))
 
@@ -260,11 +296,18 @@ def run_with_recording_hub(monkeypatch, cache_dir, output, *extra, fail_upload=N
 @pytest.mark.slow
 def test_push_to_hub_checks_first_and_uploads_the_saved_folder_with_tensorboard_logs(tmp_path, cache_dir, monkeypatch):
     output = tmp_path / "pushed"
-    status = run_with_recording_hub(monkeypatch, cache_dir, output, "--report_to", "tensorboard", "--hub_token", "hf_secret")
+    status = run_with_recording_hub(
+        monkeypatch, cache_dir, output, "--report_to", "tensorboard", "--hub_token", "hf_secret"
+    )
     assert status == 0
     # Token checked and repository created before anything was trained; the upload comes last.
     assert RecordingHfApi.calls[0] == ("whoami", "hf_secret", False)
-    assert RecordingHfApi.calls[1] == ("create_repo", "someone/mqirtn-tiny", {"exist_ok": True, "private": True}, False)
+    assert RecordingHfApi.calls[1] == (
+        "create_repo",
+        "someone/mqirtn-tiny",
+        {"exist_ok": True, "private": True},
+        False,
+    )
     kind, repo_id, files = RecordingHfApi.calls[2]
     assert (kind, repo_id) == ("upload_folder", "someone/mqirtn-tiny") and len(RecordingHfApi.calls) == 3
     for name in ("model.safetensors", "config.json", "README.md", "eval_results.json", "modeling_mqirtn.py",
@@ -280,7 +323,11 @@ def test_push_to_hub_checks_first_and_uploads_the_saved_folder_with_tensorboard_
 @pytest.mark.slow
 def test_push_to_hub_upload_failure_is_one_line_and_the_model_stays(tmp_path, cache_dir, monkeypatch):
     output = tmp_path / "kept"
-    message = str(run_with_recording_hub(monkeypatch, cache_dir, output, fail_upload=ConnectionError("Name or service not known\nmore")))
+    message = str(
+        run_with_recording_hub(
+            monkeypatch, cache_dir, output, fail_upload=ConnectionError("Name or service not known\nmore")
+        )
+    )
     assert "\n" not in message and "uploading" in message and "ConnectionError: Name or service not known" in message
     assert f"The model is safe in {output}" in message and "hf upload someone/mqirtn-tiny" in message
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
@@ -310,7 +357,10 @@ def test_push_to_hub_offline_fails_before_training_in_one_line(tmp_path, cache_d
     "argv, message",
     [
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
-        (["--push_to_hub", "--hub_model_id", "a/b", "--eval_only", "--model_name_or_path", "m"], "--eval_only trains nothing"),
+        (
+            ["--push_to_hub", "--hub_model_id", "a/b", "--eval_only", "--model_name_or_path", "m"],
+            "--eval_only trains nothing",
+        ),
         (["--eval_only"], "--eval_only needs --model_name_or_path"),
         (["--dataset", "cirr"], "needs --data_dir"),
         (["--do_predict"], "--do_predict writes CIRR"),
@@ -330,15 +380,27 @@ def test_push_to_hub_offline_fails_before_training_in_one_line(tmp_path, cache_d
         (["--config_overrides", "composition_weights_init=[1,0.1"], "unbalanced '['"),
         (["--config_overrides", "composition_weights_init=1,0.1]"], "unbalanced ']'"),
         # A flag that does not apply is refused, never parsed and ignored.
-        (["--model_name_or_path", "m", "--projection_dim", "64"], "--projection_dim define a new model's architecture"),
+        (
+            ["--model_name_or_path", "m", "--projection_dim", "64"],
+            "--projection_dim define a new model's architecture",
+        ),
         (["--model_name_or_path", "m", "--composition", "tirg"], "--composition define a new model's architecture"),
-        (["--model_name_or_path", "m", "--config_overrides", "fusion_dropout=0.1"], "--config_overrides fusion_dropout define"),
+        (
+            ["--model_name_or_path", "m", "--config_overrides", "fusion_dropout=0.1"],
+            "--config_overrides fusion_dropout define",
+        ),
         (["--model_name_or_path", "m", "--text_model_name_or_path", "x"], "--text_model_name_or_path define"),
         (["--both_caption_orders"], "--both_caption_orders swaps FashionIQ's two captions"),
         (["--text_column", "caption"], "--text_column only apply to --dataset_name"),
         (["--modification_type_column", "kind"], "--modification_type_column only apply to --dataset_name"),
-        (["--composition", "tirg", "--no_image_residual"], "--no_image_residual applies to the compositions with an image residual"),
-        (["--dataset", "cirr", "--data_dir", "x", "--shapes_num_test_queries", "9"], "--shapes_num_test_queries only apply to --dataset shapes"),
+        (
+            ["--composition", "tirg", "--no_image_residual"],
+            "--no_image_residual applies to the compositions with an image residual",
+        ),
+        (
+            ["--dataset", "cirr", "--data_dir", "x", "--shapes_num_test_queries", "9"],
+            "--shapes_num_test_queries only apply to --dataset shapes",
+        ),
     ],
 )
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
@@ -373,12 +435,16 @@ def test_parameter_groups_give_the_logit_scale_and_pretrained_towers_their_own_r
     assert groups["towers"]["lr"] == pytest.approx(1e-4) and groups["new"]["lr"] == 1e-3
     tower_ids = {id(p) for g in ("towers", "towers_no_decay") for p in groups[g]["params"]}
     assert tower_ids == {id(p) for p in model.text_model.parameters()}
-    assert {id(p) for p in model.vision_model.parameters()} <= {id(p) for g in ("new", "new_no_decay") for p in groups[g]["params"]}
+    assert {id(p) for p in model.vision_model.parameters()} <= {
+        id(p) for g in ("new", "new_no_decay") for p in groups[g]["params"]
+    }
     # The pretrained weights survived composition (post_init must not re-initialise them).
     from transformers import AutoModel
 
     reference = AutoModel.from_pretrained(args.text_model_name_or_path, add_pooling_layer=False)
-    torch.testing.assert_close(model.text_model.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(
+        model.text_model.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight
+    )
 
 
 def test_config_overrides_reach_the_model_config():
@@ -392,7 +458,12 @@ def test_config_overrides_reach_the_model_config():
                                      "composition_weights_init": [1, 0.1], "logit_scale_bounds": [2, 50]}  # fmt: skip
     model, _, _ = build_model_and_processor(args)
     config = model.config
-    assert (config.symmetric_loss_weight, config.fusion_dropout, config.image_residual, config.conv_channels) == (0, 0.25, False, 4)
+    assert (config.symmetric_loss_weight, config.fusion_dropout, config.image_residual, config.conv_channels) == (
+        0,
+        0.25,
+        False,
+        4,
+    )
     assert list(config.composition_weights_init) == [1, 0.1] and list(config.logit_scale_bounds) == [2, 50]
     assert model.image_residual is None and model.composition.conv_mapping.conv1.out_channels == 4
 
@@ -411,7 +482,14 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
         PILImage.new("RGB", (20, 20), color).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    features = Features({"reference_image": Image(), "modification_text": Value("string"), "target_image": Image(), "target_id": Value("string")})
+    features = Features(
+        {
+            "reference_image": Image(),
+            "modification_text": Value("string"),
+            "target_image": Image(),
+            "target_id": Value("string"),
+        }
+    )
     dataset = Dataset.from_dict(
         {
             "reference_image": [{"bytes": png((255, 0, 0)), "path": None}, {"bytes": b"not a png", "path": None},
@@ -427,7 +505,9 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
         AutoTokenizer.from_pretrained(default_text_model()),
     )
     transformed = set_training_transform(dataset, processor)
-    assert dataset.features["reference_image"].decode and dataset.format["type"] is None  # the caller's dataset is untouched
+    assert (
+        dataset.features["reference_image"].decode and dataset.format["type"] is None
+    )  # the caller's dataset is untouched
     rows = [transformed[i] for i in range(4)]
     assert rows[1]["pixel_values"] is None and rows[2]["pixel_values"] is None
     batch = CIRTrainingCollator(processor.tokenizer)(rows)
@@ -441,7 +521,9 @@ def test_training_collator_replaces_unreadable_images_and_keeps_ids(tmp_path):
 @pytest.mark.slow
 def test_max_train_minutes_stops_every_process_at_the_same_step(tmp_path, cache_dir):
     output = tmp_path / "timed"
-    result = run_train(["--output_dir", str(output), "--max_train_steps", "40", "--max_train_minutes", "1e-6"], cache_dir)
+    result = run_train(
+        ["--output_dir", str(output), "--max_train_steps", "40", "--max_train_minutes", "1e-6"], cache_dir
+    )
     assert "--max_train_minutes 1e-06 reached: stopping at step 10 of 40" in result.stderr
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 10 and state["time_limit_reached"] is True
@@ -483,7 +565,9 @@ def test_cirr_training_evaluation_and_submission_files(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_bf16_mixed_precision_on_cpu(tmp_path, cache_dir):
     output = tmp_path / "bf16"
-    result = run_train(["--output_dir", str(output), "--max_train_steps", "3", "--no-do_eval", "--mixed_precision", "bf16"], cache_dir)
+    result = run_train(
+        ["--output_dir", str(output), "--max_train_steps", "3", "--no-do_eval", "--mixed_precision", "bf16"], cache_dir
+    )
     assert "Mixed precision type: bf16" in result.stderr
     assert read_json(output / "training_state.json")["skipped_nonfinite_steps"] == 0
     weights = load_file(output / "model.safetensors")
@@ -495,7 +579,9 @@ def test_eval_steps_select_the_best_model_on_validation(tmp_path, cache_dir):
     output = tmp_path / "selected"
     result = run_train(["--output_dir", str(output), "--max_train_steps", "4", "--eval_steps", "2"], cache_dir)
     assert "validation @ step 2" in result.stderr  # model selection uses the validation split, not test
-    assert (output / "best_model" / "model.safetensors").is_file() and (output / "best_model" / "config.json").is_file()
+    assert (output / "best_model" / "model.safetensors").is_file() and (
+        output / "best_model" / "config.json"
+    ).is_file()
 
 
 def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
@@ -526,12 +612,17 @@ def test_frozen_text_cache_gives_the_same_queries_and_reuses_texts(tmp_path):
     # The state dict is the plain tower's (same keys, same order, same tensors), and loads back either way.
     cached_state = model.state_dict()
     assert list(cached_state) == list(plain_state)
-    assert all(cached_state[key] is plain_state[key] or torch.equal(cached_state[key], plain_state[key]) for key in plain_state)
+    assert all(
+        cached_state[key] is plain_state[key] or torch.equal(cached_state[key], plain_state[key])
+        for key in plain_state
+    )
     other = tiny_model("mqirtn", seed=5)
     other.text_model.requires_grad_(False)
     other.text_model = CachedFrozenTextModel(other.text_model)
     other.load_state_dict(plain_state)
-    assert torch.equal(other.text_model.tower.embeddings.word_embeddings.weight, tower.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        other.text_model.tower.embeddings.word_embeddings.weight, tower.embeddings.word_embeddings.weight
+    )
     with pytest.raises(ValueError, match="frozen tower"):
         CachedFrozenTextModel(tiny_model("mqirtn").text_model)
 
@@ -545,7 +636,14 @@ def test_a_loaded_model_takes_the_training_objective_flags(tmp_path):
 
     tiny_processor(tmp_path).save_pretrained(folder)
     args = parse_args(
-        ["--model_name_or_path", str(folder), "--loss_type", "soft_triplet", "--config_overrides", "symmetric_loss_weight=0.5"]
+        [
+            "--model_name_or_path",
+            str(folder),
+            "--loss_type",
+            "soft_triplet",
+            "--config_overrides",
+            "symmetric_loss_weight=0.5",
+        ]
     )
     model, _, _ = build_model_and_processor(args)
     assert model.config.loss_type == "soft_triplet" and model.config.symmetric_loss_weight == 0.5
@@ -594,7 +692,9 @@ def test_from_scratch_text_tower_caps_the_tokenizer_at_its_positions():
     from PIL import Image
 
     long_text = " ".join(["make the small red circle a large blue square"] * 12)  # ~100 tokens
-    batch = processor(images=[Image.new("RGB", (48, 48))], text=[long_text], return_tensors="pt")  # truncates by default
+    batch = processor(
+        images=[Image.new("RGB", (48, 48))], text=[long_text], return_tensors="pt"
+    )  # truncates by default
     assert batch["input_ids"].shape[1] <= 64
     model.eval()(**batch)
 

@@ -42,7 +42,12 @@ def test_train_path_mistakes_are_usage_errors(tmp_path, capsys, case):
     (tmp_path / "a_file").write_text("x")
     extra = {
         "output_dir_is_a_file": ["--output_dir", str(tmp_path / "a_file")],
-        "missing_model_folder": ["--model_name_or_path", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "out")],
+        "missing_model_folder": [
+            "--model_name_or_path",
+            str(tmp_path / "no_model"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
     }[case]
     with pytest.raises(SystemExit) as exit_info:
         parse_args([*TRAIN_DATA_ARGS, *extra])

@@ -37,8 +37,18 @@ random_attention_mask = modeling_common.random_attention_mask
 class MQIRTNVisionTester:
     """A ViT of 16 px images, patch 8 (4 patches + CLS), width 32, 2 layers."""
 
-    def __init__(self, parent, batch_size=4, image_size=16, patch_size=8, num_channels=3, hidden_size=32,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=37):
+    def __init__(
+        self,
+        parent,
+        batch_size=4,
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+    ):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -52,10 +62,15 @@ class MQIRTNVisionTester:
 
     def get_config(self):
         return ViTConfig(
-            image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
-            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
 
     def prepare_config_and_inputs(self):
@@ -70,8 +85,17 @@ class MQIRTNVisionTester:
 class MQIRTNTextTester:
     """A BERT with a 99-token vocabulary, 7 tokens, width 24, 2 layers; masks padded on the right."""
 
-    def __init__(self, parent, batch_size=4, seq_length=7, vocab_size=99, hidden_size=24, num_hidden_layers=2,
-                 num_attention_heads=4, intermediate_size=37):
+    def __init__(
+        self,
+        parent,
+        batch_size=4,
+        seq_length=7,
+        vocab_size=99,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+    ):
         self.parent = parent
         self.batch_size = batch_size
         self.seq_length = seq_length
@@ -83,9 +107,14 @@ class MQIRTNTextTester:
 
     def get_config(self):
         return BertConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
 
     def prepare_config_and_inputs(self):
@@ -146,7 +175,9 @@ class MQIRTNModelTestBase(ModelTesterMixin):
     def setUp(self):
         self.model_tester = MQIRTNModelTester(self, composition=self.composition)
         self.config_tester = ConfigTester(
-            self, config_class=MQIRTNConfig, has_text_modality=False,
+            self,
+            config_class=MQIRTNConfig,
+            has_text_modality=False,
             common_properties=["projection_dim", "logit_scale_init_value"],
         )
 
@@ -191,8 +222,28 @@ for _composition in sorted(COMPOSITIONS):
 del _cls, _composition
 
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lower", "newer", "make", "it", "blue", "red", "with", "a",
-         "dress", "shirt", "long", "short", "sleeves", "and", "the"]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "lower",
+    "newer",
+    "make",
+    "it",
+    "blue",
+    "red",
+    "with",
+    "a",
+    "dress",
+    "shirt",
+    "long",
+    "short",
+    "sleeves",
+    "and",
+    "the",
+]
 
 
 class MQIRTNProcessorTest(ProcessorTesterMixin, unittest.TestCase):

@@ -70,7 +70,9 @@ def test_attention_maps_are_distributions_over_patches(model, processor):
     # Out-of-vocabulary words keep their panel, labelled as written.
     assert attention_maps(model, processor, shape_image(3), "make it crimson")["words"] == ["make", "it", "crimson"]
     # A single layer differs from the average.
-    assert not np.allclose(attention_maps(model, processor, shape_image(3), "make it red", layers=[0])["map"], maps["map"])
+    assert not np.allclose(
+        attention_maps(model, processor, shape_image(3), "make it red", layers=[0])["map"], maps["map"]
+    )
 
 
 def test_attention_png(model, processor, tmp_path):

@@ -51,7 +51,11 @@ def main() -> None:
 
     def recording_apply_update(run):
         if options.dump_grads and calls["updates"] == 0 and run.accelerator.is_main_process:
-            grads = {n: p.grad.detach().cpu().contiguous() for n, p in run.unwrapped.named_parameters() if p.grad is not None}
+            grads = {
+                n: p.grad.detach().cpu().contiguous()
+                for n, p in run.unwrapped.named_parameters()
+                if p.grad is not None
+            }
             save_file(grads, options.dump_grads)
         calls["updates"] += 1
         runs[:] = [run]

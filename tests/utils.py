@@ -233,7 +233,9 @@ def train_env(cache_dir: Path) -> dict:
     """The environment of a `train.py` subprocess: this repository importable, data cached in `cache_dir`."""
     env = dict(os.environ)
     # One thread: several of these processes share two cores, and OpenMP spinning makes 2 threads far slower then.
-    env.update(PYTHONPATH=str(REPO_ROOT), MQIRTN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        PYTHONPATH=str(REPO_ROOT), MQIRTN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
+    )
     return env
 
 
@@ -245,7 +247,11 @@ def train_command(args: list[str], base: list[str] = TINY_TRAIN_ARGS, faults: li
 
 
 def run_train(
-    args: list[str], cache_dir: Path, check: bool = True, base: list[str] = TINY_TRAIN_ARGS, faults: list[str] | None = None,
+    args: list[str],
+    cache_dir: Path,
+    check: bool = True,
+    base: list[str] = TINY_TRAIN_ARGS,
+    faults: list[str] | None = None,
     **kwargs,
 ) -> subprocess.CompletedProcess:
     """`python train.py *base *args` in a subprocess (see `train_command`); raises with its stderr when `check` and it

@@ -104,10 +104,16 @@ class RecallAtK(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=[
                 datasets.Features(
-                    {"predictions": datasets.Sequence(datasets.Value("string")), "references": datasets.Value("string")}
+                    {
+                        "predictions": datasets.Sequence(datasets.Value("string")),
+                        "references": datasets.Value("string"),
+                    }
                 ),
                 datasets.Features(
-                    {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                    {
+                        "predictions": datasets.Sequence(datasets.Value("float32")),
+                        "references": datasets.Value("int64"),
+                    }
                 ),
             ],
         )
@@ -136,6 +142,8 @@ class RecallAtK(evaluate.Metric):
                 raise ValueError(f"Score predictions must all have the same gallery length, got shape {scores.shape}")
             targets = np.asarray(references, dtype=np.int64)
             if targets.min() < 0 or targets.max() >= scores.shape[1]:
-                raise ValueError(f"Target indices must lie in [0, {scores.shape[1]}), got {targets.min()}..{targets.max()}")
+                raise ValueError(
+                    f"Target indices must lie in [0, {scores.shape[1]}), got {targets.min()}..{targets.max()}"
+                )
             ranks = ranks_from_scores(scores, targets)
         return hits_at_k(ranks, ks)

@@ -58,8 +58,6 @@ MITSTATES_LAYOUT = """expected the MIT-States layout:
   {data_dir}/images/<adjective> <noun>/<name>.jpg   (e.g. images/ancient castle/image_123.jpg)"""
 
 
-
-
 def _require_file(path: Path, layout: str, data_dir: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Missing {path}: {layout.format(data_dir=data_dir)}")
@@ -90,7 +88,6 @@ def fashioniq_caption(captions: Sequence[str]) -> str:
     return " and ".join(caption.strip(".?, ") for caption in captions)
 
 
-
 def _read_fashioniq(
     data_dir: Path,
     split: str,
@@ -111,7 +108,9 @@ def _read_fashioniq(
     if unknown or not categories:
         raise ValueError(f"`categories` must be a non-empty subset of {FASHIONIQ_CATEGORIES}, got {tuple(categories)}")
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"FashionIQ folder {data_dir} does not exist: {FASHIONIQ_LAYOUT.format(data_dir=data_dir)}")
+        raise FileNotFoundError(
+            f"FashionIQ folder {data_dir} does not exist: {FASHIONIQ_LAYOUT.format(data_dir=data_dir)}"
+        )
 
     def image_path(asin: str) -> str:
         png = data_dir / "images" / f"{asin}.png"
@@ -143,7 +142,9 @@ def _read_fashioniq(
                     }
                 )
         if evaluation:
-            names = _read_json(data_dir / "image_splits" / f"split.{category}.{split}.json", FASHIONIQ_LAYOUT, data_dir)
+            names = _read_json(
+                data_dir / "image_splits" / f"split.{category}.{split}.json", FASHIONIQ_LAYOUT, data_dir
+            )
             gallery.extend({"image_id": name, "image": image_path(name), "category": category} for name in names)
     category = {"category": Value("string")}
     return SplitRows(f"FashionIQ {split}", "fashioniq", queries, gallery, query_extra=category, gallery_extra=category)
@@ -151,6 +152,7 @@ def _read_fashioniq(
 
 # ----------------------------------------------------------------------------------------------------------------
 # CIRR
+
 
 def _cirr_annotation_dir(data_dir: Path) -> Path:
     """The folder holding ``captions/`` and ``image_splits/``: ``data_dir`` itself or ``data_dir/cirr``."""
@@ -186,7 +188,6 @@ def _has_split_folder(root: Path, split_file_values: Sequence[str]) -> bool:
     return bool(split_file_values) and (root / _split_folder(split_file_values)).is_dir()
 
 
-
 def _read_cirr(data_dir: Path, split: str, evaluation: bool, mode: str) -> SplitRows:
     """CIRR (Liu et al., ICCV 2021) in its distributed layout (see ``CIRR_LAYOUT``); images come from NLVR2.
 
@@ -195,11 +196,15 @@ def _read_cirr(data_dir: Path, split: str, evaluation: bool, mode: str) -> Split
     Evaluation queries carry ``pair_id`` (int) and ``subset_ids`` (the names of ``img_set.members``); the gallery is
     every image of the split (protocol ``"cirr"``).
     """
-    split = _normalize_split(split, {"validation": "val", "dev": "val", "test": "test1"}, ("train", "val", "test1"), "CIRR")
+    split = _normalize_split(
+        split, {"validation": "val", "dev": "val", "test": "test1"}, ("train", "val", "test1"), "CIRR"
+    )
     if not data_dir.is_dir():
         raise FileNotFoundError(f"CIRR folder {data_dir} does not exist: {CIRR_LAYOUT.format(data_dir=data_dir)}")
     annotations = _cirr_annotation_dir(data_dir)
-    split_map: dict[str, str] = _read_json(annotations / "image_splits" / f"split.rc2.{split}.json", CIRR_LAYOUT, data_dir)
+    split_map: dict[str, str] = _read_json(
+        annotations / "image_splits" / f"split.rc2.{split}.json", CIRR_LAYOUT, data_dir
+    )
     entries = _read_json(annotations / "captions" / f"cap.rc2.{split}.json", CIRR_LAYOUT, data_dir)
     image_root = _cirr_image_root(annotations, list(split_map.values()), mode)
 
@@ -207,7 +212,9 @@ def _read_cirr(data_dir: Path, split: str, evaluation: bool, mode: str) -> Split
         try:
             return str(image_root / split_map[name])
         except KeyError:
-            raise ValueError(f"CIRR image {name!r} is in cap.rc2.{split}.json but not in split.rc2.{split}.json") from None
+            raise ValueError(
+                f"CIRR image {name!r} is in cap.rc2.{split}.json but not in split.rc2.{split}.json"
+            ) from None
 
     queries = [
         {
@@ -229,6 +236,7 @@ def _read_cirr(data_dir: Path, split: str, evaluation: bool, mode: str) -> Split
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fashion200k (TIRG protocol)
+
 
 def replacement_text(source_caption: str, target_caption: str) -> str:
     """TIRG's modification text for two captions differing by one word: ``"replace <source word> with <target word>"``.
@@ -264,7 +272,6 @@ def _read_fashion200k_labels(data_dir: Path, split: str) -> list[dict]:
     return images
 
 
-
 def _fashion200k_training_pairs(images: list[dict], pairs_per_image: int, seed: int) -> list[tuple[dict, dict]]:
     """(source, target) image pairs whose captions differ by exactly one word position."""
     caption_to_images: dict[str, list[dict]] = {}
@@ -295,7 +302,6 @@ def _fashion200k_training_pairs(images: list[dict], pairs_per_image: int, seed: 
     return pairs
 
 
-
 def _read_fashion200k(
     data_dir: Path, split: str, evaluation: bool, mode: str, pairs_per_image: int = 1, seed: int = 0
 ) -> SplitRows:
@@ -312,7 +318,9 @@ def _read_fashion200k(
     if pairs_per_image < 1:
         raise ValueError(f"`pairs_per_image` must be a positive integer, got {pairs_per_image}")
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"Fashion200k folder {data_dir} does not exist: {FASHION200K_LAYOUT.format(data_dir=data_dir)}")
+        raise FileNotFoundError(
+            f"Fashion200k folder {data_dir} does not exist: {FASHION200K_LAYOUT.format(data_dir=data_dir)}"
+        )
     images = _read_fashion200k_labels(data_dir, split)
     source = f"Fashion200k {split}"
     caption = {"caption": Value("string")}
@@ -341,12 +349,22 @@ def _read_fashion200k(
                     "target_caption": caption_of[target_path],
                 }
             )
-        gallery = [{"image_id": i["image_id"], "image": str(data_dir / i["image_id"]), "caption": i["caption"]} for i in images]
+        gallery = [
+            {"image_id": i["image_id"], "image": str(data_dir / i["image_id"]), "caption": i["caption"]}
+            for i in images
+        ]
         return SplitRows(
-            source, "fashion200k", queries, gallery, query_extra={"target_caption": Value("string")}, gallery_extra=caption
+            source,
+            "fashion200k",
+            queries,
+            gallery,
+            query_extra={"target_caption": Value("string")},
+            gallery_extra=caption,
         )
 
-    bad = find_bad_images((str(data_dir / image["image_id"]) for image in images), mode, desc=f"Checking images of {source}")
+    bad = find_bad_images(
+        (str(data_dir / image["image_id"]) for image in images), mode, desc=f"Checking images of {source}"
+    )
     good = [image for image in images if str(data_dir / image["image_id"]) not in bad]
     queries = [
         {
@@ -362,7 +380,12 @@ def _read_fashion200k(
     ]
     extras = {"reference_caption": Value("string"), "target_caption": Value("string")}
     return SplitRows(
-        source, "fashion200k", queries, query_extra=extras, bad=bad, dropped={"images from training": len(images) - len(good)}
+        source,
+        "fashion200k",
+        queries,
+        query_extra=extras,
+        bad=bad,
+        dropped={"images from training": len(images) - len(good)},
     )
 
 
@@ -406,9 +429,13 @@ def _read_mitstates(
             continue
         for file in sorted(folder.iterdir()):
             if file.suffix.lower() in IMAGE_EXTENSIONS:
-                images.append({"image_id": f"{folder.name}/{file.name}", "path": str(file), "adj": adjective, "noun": noun})
+                images.append(
+                    {"image_id": f"{folder.name}/{file.name}", "path": str(file), "adj": adjective, "noun": noun}
+                )
     if not images:
-        raise FileNotFoundError(f"No MIT-States {split} images under {image_dir}: {MITSTATES_LAYOUT.format(data_dir=data_dir)}")
+        raise FileNotFoundError(
+            f"No MIT-States {split} images under {image_dir}: {MITSTATES_LAYOUT.format(data_dir=data_dir)}"
+        )
     source = f"MIT-States {split}"
     # Queries are built from the usable images only, so the images are checked here.
     bad = find_bad_images((image["path"] for image in images), mode, desc=f"Checking images of {source}")
@@ -467,12 +494,18 @@ def _read_mitstates(
     ]
     extras = {"reference_caption": Value("string"), "target_caption": Value("string")}
     return SplitRows(
-        source, "mitstates", queries, query_extra=extras, bad=bad, dropped={"images from training": len(images) - len(good)}
+        source,
+        "mitstates",
+        queries,
+        query_extra=extras,
+        bad=bad,
+        dropped={"images from training": len(images) - len(good)},
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # A user's own files
+
 
 def _read_utf8(path: Path) -> str:
     """The text of `path` as UTF-8 (a byte-order mark is dropped); `ValueError` naming the first bad byte otherwise."""
@@ -481,7 +514,7 @@ def _read_utf8(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte {error.start} is {data[error.start:error.start + 1]!r}); save it as UTF-8"
+            f"{path} is not UTF-8 text (byte {error.start} is {data[error.start : error.start + 1]!r}); save it as UTF-8"
         ) from error
 
 
@@ -543,7 +576,6 @@ to the file; optionally `modification_type`, for Recall per type), or a folder h
 (column `image`, optional `id`)"""
 
 
-
 def _read_files(
     data_file: Path,
     split: str,
@@ -595,7 +627,9 @@ def _read_files(
     for row_number, row in enumerate(table, start=1):
         missing = [name for name in required if row.get(name) in (None, "")]
         if missing:
-            raise ValueError(f"{data_file} row {row_number}: expected columns {required}, missing {missing}; got {sorted(row)}")
+            raise ValueError(
+                f"{data_file} row {row_number}: expected columns {required}, missing {missing}; got {sorted(row)}"
+            )
         for name in (reference_column, text_column, target_column):
             if row.get(name) not in (None, ""):
                 _text_cell(data_file, row_number, row, name)
@@ -640,13 +674,21 @@ def _read_files(
     if evaluation and not gallery:
         seen: dict[str, str] = {}
         for row in queries:
-            for path, identifier in ((row["reference_image"], row["reference_id"]), (row["target_image"], row["target_id"])):
+            for path, identifier in (
+                (row["reference_image"], row["reference_id"]),
+                (row["target_image"], row["target_id"]),
+            ):
                 if path is not None:
                     seen.setdefault(identifier, path)
         gallery = [{"image_id": identifier, "image": path} for identifier, path in seen.items()]
     extra = {"modification_type": Value("string")} if typed else {}
     return SplitRows(
-        str(data_file), "exact", queries, gallery if evaluation else [], query_extra=extra, remove_reference=remove_reference
+        str(data_file),
+        "exact",
+        queries,
+        gallery if evaluation else [],
+        query_extra=extra,
+        remove_reference=remove_reference,
     )
 
 
@@ -660,7 +702,9 @@ register_dataset(
     )
 )  # fmt: skip
 register_dataset(
-    DatasetSpec("cirr", "CIRR", "cirr", "val", *folder_loaders(_read_cirr), predict_split="test1", headline_metric="average")
+    DatasetSpec(
+        "cirr", "CIRR", "cirr", "val", *folder_loaders(_read_cirr), predict_split="test1", headline_metric="average"
+    )
 )
 register_dataset(DatasetSpec("fashion200k", "Fashion200k", "fashion200k", "test", *folder_loaders(_read_fashion200k)))
 register_dataset(DatasetSpec("mitstates", "MIT-States", "mitstates", "test", *folder_loaders(_read_mitstates)))

@@ -81,7 +81,9 @@ class CIREvaluationData:
         self.unusable_query_ids = frozenset(self.unusable_query_ids)
         grouped = "category" in self.gallery.column_names
         gallery_keys = (
-            list(zip(self.gallery["category"], self.gallery["image_id"])) if grouped else list(self.gallery["image_id"])
+            list(zip(self.gallery["category"], self.gallery["image_id"]))
+            if grouped
+            else list(self.gallery["image_id"])
         )
         _refuse_duplicates(gallery_keys, "gallery image id" + (" (within a category)" if grouped else ""))
         if "query_id" in self.queries.column_names:
@@ -143,7 +145,9 @@ def _image_problem(path: str, mode: str) -> str | None:
     return None
 
 
-def find_bad_images(paths: Iterable[str], check_images: bool | str = "verify", desc: str = "Checking images") -> dict[str, str]:
+def find_bad_images(
+    paths: Iterable[str], check_images: bool | str = "verify", desc: str = "Checking images"
+) -> dict[str, str]:
     """Check image files; returns ``{path: "missing" | "corrupt"}`` for the unusable ones (empty when all are fine).
 
     ``check_images``: ``"verify"`` (open + `PIL.Image.Image.verify`), ``"exists"`` or ``"none"``.
@@ -171,7 +175,6 @@ def _warn_skipped(source: str, bad: dict[str, str], dropped: dict[str, int]) -> 
         f"{source}: skipped {len(bad)} unusable images ({missing} missing, {len(bad) - missing} corrupt; e.g. {examples}); "
         f"dropped {dropped_text or 'no rows'}"
     )
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,7 +226,9 @@ def _drop_unusable(rows: SplitRows, mode: str, evaluation: bool = False) -> tupl
     bad = rows.bad
     if bad is None:
         paths = [row[key] for row in rows.queries for key in QUERY_IMAGE_COLUMNS if row.get(key)]
-        bad = find_bad_images(paths + [row["image"] for row in rows.gallery], mode, desc=f"Checking images of {rows.source}")
+        bad = find_bad_images(
+            paths + [row["image"] for row in rows.gallery], mode, desc=f"Checking images of {rows.source}"
+        )
     unusable: set[str] = set()
     if evaluation:
         queries, dropped_queries = rows.queries, 0
@@ -290,13 +295,21 @@ def folder_loaders(read: Callable[..., SplitRows]) -> tuple[Callable[..., Datase
     ``read(data_dir: Path, split, evaluation: bool, mode, **options) -> SplitRows``."""
 
     def load_training(
-        data_dir: str | os.PathLike, split: str = "train", check_images: bool | str = "verify", decode_images: bool = True, **options
+        data_dir: str | os.PathLike,
+        split: str = "train",
+        check_images: bool | str = "verify",
+        decode_images: bool = True,
+        **options,
     ) -> Dataset:
         mode = _check_mode(check_images)
         return _training_dataset(read(Path(data_dir), split, False, mode, **options), mode, decode_images)
 
     def load_evaluation(
-        data_dir: str | os.PathLike, split: str, check_images: bool | str = "verify", decode_images: bool = True, **options
+        data_dir: str | os.PathLike,
+        split: str,
+        check_images: bool | str = "verify",
+        decode_images: bool = True,
+        **options,
     ) -> CIREvaluationData:
         mode = _check_mode(check_images)
         return _evaluation_data(read(Path(data_dir), split, True, mode, **options), mode, decode_images)
@@ -317,7 +330,11 @@ def _hf_columns(
     target_id_column: str | None,
     modification_type_column: str | None = None,
 ) -> Dataset:
-    columns = {reference_image_column: "reference_image", text_column: "modification_text", target_image_column: "target_image"}
+    columns = {
+        reference_image_column: "reference_image",
+        text_column: "modification_text",
+        target_image_column: "target_image",
+    }
     if reference_id_column is not None:
         columns[reference_id_column] = "reference_id"
     if target_id_column is not None:
@@ -352,7 +369,12 @@ def from_hf_dataset(
     """Training queries in the unified schema from any `datasets.Dataset`, by naming its columns (like
     ``run_clip.py``'s ``--image_column`` / ``--caption_column``). String image columns are read as image paths."""
     return _hf_columns(
-        dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column,
+        dataset,
+        reference_image_column,
+        text_column,
+        target_image_column,
+        reference_id_column,
+        target_id_column,
         modification_type_column,
     )
 
@@ -373,7 +395,12 @@ def evaluation_data_from_hf(
     if reference_id_column is None or target_id_column is None:
         raise ValueError("Evaluation on a `datasets` dataset needs `reference_id_column` and `target_id_column`")
     dataset = _hf_columns(
-        dataset, reference_image_column, text_column, target_image_column, reference_id_column, target_id_column,
+        dataset,
+        reference_image_column,
+        text_column,
+        target_image_column,
+        reference_id_column,
+        target_id_column,
         modification_type_column,
     )
     first_row: dict[str, tuple[str, int]] = {}
@@ -404,12 +431,18 @@ HUB_OPTIONS: tuple[str, ...] = (
 
 
 def _load_hub_training(
-    dataset_name: str, split: str = "train", dataset_config_name: str | None = None, cache_dir: str | None = None, **columns
+    dataset_name: str,
+    split: str = "train",
+    dataset_config_name: str | None = None,
+    cache_dir: str | None = None,
+    **columns,
 ) -> Dataset:
     """`datasets.load_dataset(dataset_name, dataset_config_name, split=split)`, then :func:`from_hf_dataset` (the
     modification type is for evaluation only: training leaves it out)."""
     columns.pop("modification_type_column", None)
-    return from_hf_dataset(load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir), **columns)
+    return from_hf_dataset(
+        load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir), **columns
+    )
 
 
 def _load_hub_evaluation(
@@ -477,7 +510,9 @@ def _checked_spec(name: str, data_dir) -> DatasetSpec:
     return spec
 
 
-def load_training_queries(name: str, data_dir: str | os.PathLike | None = None, split: str = "train", **options: Any) -> Dataset:
+def load_training_queries(
+    name: str, data_dir: str | os.PathLike | None = None, split: str = "train", **options: Any
+) -> Dataset:
     """Training queries of a registered dataset (``processing.data.registry.dataset_names()``).
 
     Args:
@@ -507,7 +542,9 @@ def load_evaluation_data(
     """
     spec = _checked_spec(name, data_dir)
     return spec.load_evaluation(
-        str(data_dir) if spec.data_dir == "dataset" else data_dir, spec.eval_split if split is None else split, **options
+        str(data_dir) if spec.data_dir == "dataset" else data_dir,
+        spec.eval_split if split is None else split,
+        **options,
     )
 
 

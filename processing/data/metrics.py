@@ -351,7 +351,9 @@ def evaluate_cirr(
     subset_indices = _subset_indices([subset_ids[i] for i in rows], [reference_ids[i] for i in rows], gallery_index)
     ranking = rank_subsets(query_embeds[keep], gallery_embeds, subset_indices, max_block_elements)
     gallery_codes, target_codes = encode_labels(gallery_ids, [target_ids[i] for i in rows])
-    result.update(recall_from_hits(hits_from_ranking(ranking, gallery_codes, target_codes), subset_ks, "recall_subset"))
+    result.update(
+        recall_from_hits(hits_from_ranking(ranking, gallery_codes, target_codes), subset_ks, "recall_subset")
+    )
     if 5 in ks and 1 in subset_ks:
         result["average"] = (result["recall@5"] + result["recall_subset@1"]) / 2
     return result
@@ -362,7 +364,9 @@ def _column(table, name: str) -> list:
         return list(table[name])
     # `datasets.Dataset` raises ValueError for an unknown column, a dict KeyError.
     except (KeyError, ValueError) as error:
-        raise ValueError(f"Expected a `{name}` column, got columns {list(getattr(table, 'column_names', table))}") from error
+        raise ValueError(
+            f"Expected a `{name}` column, got columns {list(getattr(table, 'column_names', table))}"
+        ) from error
 
 
 _QUERY_METADATA = ("query_id", "reference_id", "target_id", "target_caption", "category", "subset_ids")
@@ -381,7 +385,9 @@ def _with_forced_misses(protocol: str, queries, unusable_ids: set[str]) -> dict[
     query_ids = _column(queries, "query_id")
     unknown = unusable_ids - set(query_ids)
     if unknown:
-        raise ValueError(f"`unusable_query_ids` names {len(unknown)} ids that are not queries, e.g. {sorted(unknown)[:3]}")
+        raise ValueError(
+            f"`unusable_query_ids` names {len(unknown)} ids that are not queries, e.g. {sorted(unknown)[:3]}"
+        )
     label_column = "target_caption" if protocol in ("fashion200k", "mitstates") else "target_id"
     present = getattr(queries, "column_names", None) or list(queries)
     # Only the metadata the protocols read: never an image column (reading it would decode every image).
@@ -390,7 +396,9 @@ def _with_forced_misses(protocol: str, queries, unusable_ids: set[str]) -> dict[
         _NeverRetrieved() if query_id in unusable_ids and label is not None else label
         for query_id, label in zip(query_ids, columns[label_column])
     ]
-    logger.warning(f"{len(unusable_ids)} of {len(query_ids)} queries have an unusable reference image: counted as misses")
+    logger.warning(
+        f"{len(unusable_ids)} of {len(query_ids)} queries have an unusable reference image: counted as misses"
+    )
     return columns
 
 
@@ -519,10 +527,17 @@ def retrieval_diagnostics(
     result: dict = {}
     if protocol in ("shapes", "exact", "cirr") and "reference_id" in present:
         result["reference_ranked_first"] = reference_ranked_first(
-            query_embeds, gallery_embeds, _column(queries, "reference_id"), _column(gallery, "image_id"), max_block_elements
+            query_embeds,
+            gallery_embeds,
+            _column(queries, "reference_id"),
+            _column(gallery, "image_id"),
+            max_block_elements,
         )
     if MODIFICATION_TYPE_COLUMN in present:
-        types = [str(value) if value not in (None, "") else "unlabelled" for value in _column(queries, MODIFICATION_TYPE_COLUMN)]
+        types = [
+            str(value) if value not in (None, "") else "unlabelled"
+            for value in _column(queries, MODIFICATION_TYPE_COLUMN)
+        ]
         columns = {name: _column(queries, name) for name in _QUERY_METADATA if name in present}
         query_ids = columns.get("query_id")
         by_type = {}
@@ -533,8 +548,14 @@ def retrieval_diagnostics(
             if all(label is None for label in subset.get("target_id", [0])):
                 continue  # no ground truth for this type (e.g. a test split without targets)
             metrics = evaluate_protocol(
-                protocol, query_embeds[rows], gallery_embeds, subset, gallery, remove_reference=remove_reference,
-                max_block_elements=max_block_elements, unusable_query_ids=unusable,
+                protocol,
+                query_embeds[rows],
+                gallery_embeds,
+                subset,
+                gallery,
+                remove_reference=remove_reference,
+                max_block_elements=max_block_elements,
+                unusable_query_ids=unusable,
             )
             by_type[kind] = {"queries": len(rows), **metrics}
         result["by_modification_type"] = by_type
@@ -559,7 +580,9 @@ def cirr_submission_dicts(
         _check_length(name, values, query_embeds.shape[0], "query")
     _check_length("gallery_ids", gallery_ids, gallery_embeds.shape[0], "gallery item")
     # `datasets` columns index item by item (35.7 s for a CIRR test1 submission): plain lists once (0.7 s).
-    pair_ids, reference_ids, subset_ids, gallery_ids = (list(v) for v in (pair_ids, reference_ids, subset_ids, gallery_ids))
+    pair_ids, reference_ids, subset_ids, gallery_ids = (
+        list(v) for v in (pair_ids, reference_ids, subset_ids, gallery_ids)
+    )
     gallery_codes, reference_codes = encode_labels(gallery_ids, reference_ids)
     ranking = rank_gallery(query_embeds, gallery_embeds, top_k, reference_codes, gallery_codes, max_block_elements)
     gallery_index = {name: i for i, name in enumerate(gallery_ids)}

@@ -71,9 +71,13 @@ class DatasetSpec:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOL_KS:
-            raise ValueError(f"`protocol` of dataset {self.name!r} must be one of {tuple(PROTOCOL_KS)}, got {self.protocol!r}")
+            raise ValueError(
+                f"`protocol` of dataset {self.name!r} must be one of {tuple(PROTOCOL_KS)}, got {self.protocol!r}"
+            )
         if self.data_dir not in DATA_DIR_KINDS:
-            raise ValueError(f"`data_dir` of dataset {self.name!r} must be one of {DATA_DIR_KINDS}, got {self.data_dir!r}")
+            raise ValueError(
+                f"`data_dir` of dataset {self.name!r} must be one of {DATA_DIR_KINDS}, got {self.data_dir!r}"
+            )
 
     @property
     def recall_ks(self) -> tuple[int, ...]:

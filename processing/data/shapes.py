@@ -167,7 +167,9 @@ def parse_scene_key(key: str) -> Scene:
                 ShapeObject(int(cell), COLOR_NAMES.index(color), SHAPE_NAMES.index(shape), SIZE_NAMES.index(size))
             )
         except ValueError as error:
-            raise ValueError(f"Expected a scene key like '0:small:red:circle|4:large:blue:square', got {key!r}") from error
+            raise ValueError(
+                f"Expected a scene key like '0:small:red:circle|4:large:blue:square', got {key!r}"
+            ) from error
     return make_scene(objects)
 
 
@@ -391,7 +393,13 @@ def _load_or_build(
     num_queries = DEFAULT_NUM_QUERIES[split] if num_queries is None else num_queries
     if not isinstance(image_size, int) or image_size < 12:
         raise ValueError(f"`image_size` must be an integer >= 12, got {image_size!r}")
-    params = {"version": SHAPES_VERSION, "split": split, "num_queries": num_queries, "image_size": image_size, "seed": seed}
+    params = {
+        "version": SHAPES_VERSION,
+        "split": split,
+        "num_queries": num_queries,
+        "image_size": image_size,
+        "seed": seed,
+    }
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     root = _cache_root(cache_dir)
     path = root / f"{split}-{digest}"

@@ -122,7 +122,9 @@ def set_training_transform(
             else [_image_key(v, f"ref{i}") for i, v in enumerate(batch[reference_column])]
         )
         target_keys = (
-            batch[target_id_column] if has_target_id else [_image_key(v, f"tgt{i}") for i, v in enumerate(batch[target_column])]
+            batch[target_id_column]
+            if has_target_id
+            else [_image_key(v, f"tgt{i}") for i, v in enumerate(batch[target_column])]
         )
         return {
             "pixel_values": _pixels(processor, references),
