@@ -1470,7 +1470,12 @@ class GalleryIndex:
         if self._positions is None:
             self._positions = {item: position for position, item in enumerate(self.ids)}
         width = min(top_k, len(self))
-        found = self._milvus().search(np.ascontiguousarray(query_embeds.numpy()), width, filter)
+        # Asked for exactly `width`, the engine can return fewer: deleted rows still in a segment are dropped after its
+        # (approximate) candidates are chosen. A margin of candidates keeps `width` results; the best are kept.
+        from .milvus_store import MAX_TOP_K
+
+        fetch = min(width + max(width, 16), MAX_TOP_K)
+        found = self._milvus().search(np.ascontiguousarray(query_embeds.numpy()), fetch, filter)
         scores = torch.full((query_embeds.shape[0], width), float("-inf"))
         indices = torch.full((query_embeds.shape[0], width), -1, dtype=torch.long)
         unknown = set()
