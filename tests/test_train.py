@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -62,6 +63,10 @@ def test_train_save_reload_in_fresh_process_and_eval_only(tmp_path, cache_dir):
     assert "By modification type" in result.stdout and "own reference image is ranked first" in result.stdout
     state = read_json(output / "training_state.json")
     assert state["completed_steps"] == 4 and state["samples_seen"] == 4 * 8
+    # The library versions that decide the weights bit for bit travel with the run's numbers.
+    assert state["libraries"]["torch"] == torch.__version__
+    assert state["libraries"]["transformers"] == transformers.__version__
+    assert results["training"]["libraries"] == state["libraries"]
     for name in (
         "model.safetensors",
         "config.json",
