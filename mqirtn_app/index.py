@@ -1563,7 +1563,13 @@ class GalleryIndex:
             faiss_record = _faiss_record(
                 self.backend, self.backend_options, int(faiss_index.ntotal), int(faiss_index.d), files[EMBEDDINGS_FILE]
             )
-        meta = {
+        _write_meta(staged, self._index_record(faiss=faiss_record, files=files, ids=self.ids, metadata=self.metadata))
+
+    def _index_record(self, **rows) -> dict:
+        """index.json's content: what the index was built from and how it searches, plus `rows` (the FAISS record,
+        the files' hashes, the ids and their metadata of an in-memory index; a milvus index keeps its rows in the
+        collection and lists none)."""
+        return {
             "format_version": FORMAT_VERSION,
             "size": len(self),
             "projection_dim": self.projection_dim,
@@ -1574,12 +1580,11 @@ class GalleryIndex:
             "backend_options": self.backend_options,
             "root": self.root,
             "skipped": self.skipped,
-            "faiss": faiss_record,
-            "files": files,
-            "ids": self.ids,
-            "metadata": self.metadata,
+            "faiss": None,
+            "files": {},
+            "ids": [],
+            **rows,
         }
-        _write_meta(staged, meta)
 
     def _save_milvus(self, given: Path, directory: Path) -> Path:
         """`save` of the milvus backend: `index.json` only (the rows live in the collection), naming the database,
@@ -1600,22 +1605,7 @@ class GalleryIndex:
             )
         directory.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_folder(directory)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "size": len(self),
-            "projection_dim": self.projection_dim,
-            "model_name_or_path": self.model_name_or_path,
-            "fingerprint": self.fingerprint,
-            "model_code": self.model_code,
-            "backend": self.backend,
-            "backend_options": self.backend_options,
-            "root": self.root,
-            "skipped": self.skipped,
-            "faiss": None,
-            "files": {},
-            "ids": [],
-        }
-        _write_meta(staged, meta)
+        _write_meta(staged, self._index_record())
         swap_in_folder(staged, directory)
         return given
 
