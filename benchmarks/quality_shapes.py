@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -429,6 +430,44 @@ def train_command(args, row: Row, seed: int, learning_rate: str, output_dir: Pat
     return command + train_arguments(args, row, seed, learning_rate)
 
 
+# The training progress bar's postfix, one per step: "  37/936 [...]  loss=2.351, scale=14.7]".
+_PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]]*?loss=([-+\d.eE]+), scale=([-+\d.eE]+)\]")
+TRAJECTORY_POINTS = 20
+
+
+def training_trajectory(log_text: str) -> dict:
+    """The training loss and logit scale at TRAJECTORY_POINTS evenly spaced steps (and the last), read from the
+    run's progress bar: how a seed's run got where it did (the logit scale's growth, a late collapse)."""
+    by_step = {}
+    for match in _PROGRESS.finditer(log_text):
+        by_step[int(match.group(1))] = (float(match.group(3)), float(match.group(4)))
+    if not by_step:
+        return {}
+    last = max(by_step)
+    steps = sorted(
+        {max(1, round(last * k / TRAJECTORY_POINTS)) for k in range(1, TRAJECTORY_POINTS + 1)} & set(by_step)
+    )
+    return {
+        "step": steps,
+        "loss": [by_step[step][0] for step in steps],
+        "logit_scale": [by_step[step][1] for step in steps],
+    }
+
+
+def final_parameters(model_file: Path) -> dict:
+    """The trained logit scale and the composition's mapping weights (a_linear, a_conv), from model.safetensors."""
+    if not model_file.is_file():
+        return {}
+    from safetensors import safe_open
+
+    values = {}
+    with safe_open(str(model_file), framework="pt") as tensors:
+        for name in tensors.keys():
+            if name == "logit_scale" or name.endswith("mapping_weights"):
+                values[name] = [round(float(x), 6) for x in tensors.get_tensor(name).float().flatten()]
+    return values
+
+
 def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
     """Train + evaluate one run with train.py; return (and store) its results."""
     path = run_path(args, row, seed, learning_rate)
@@ -470,6 +509,8 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
         "metrics": eval_results[args.split],
         "retrieval": eval_results.get("retrieval_diagnostics", {}).get(args.split, {}),
         "composition": {k: v for k, v in composition.items() if k in COMPOSITION_KEYS},
+        "final_parameters": final_parameters(output_dir / "model.safetensors"),
+        "trajectory": training_trajectory(log_path.read_text(errors="replace")),
         "command": "python train.py " + " ".join(train_arguments(args, row, seed, learning_rate)),
         "threads": args.threads,
         "versions": library_versions(),

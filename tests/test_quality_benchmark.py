@@ -72,6 +72,11 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     ):
         assert name in sources, name
     assert not any(name.startswith(("benchmarks/", "tests/", ".venv/")) for name in sources)
+    # How each run got there: the trained logit scale and mapping weights, the loss and scale along the steps.
+    final = runs["mqirtn_paper", 0]["final_parameters"]
+    assert len(final["logit_scale"]) == 1 and len(final["composition.mapping_weights"]) == 2
+    trajectory = runs["tirg", 1]["trajectory"]
+    assert trajectory["step"][-1] == 2 and len(trajectory["loss"]) == len(trajectory["logit_scale"]) >= 1
     assert quality.changed_sources(runs["mqirtn_paper", 0]) == []
     assert (results_dir / "tiny.md").read_text().count("mqirtn_paper − tirg") == 1
     assert not list(work_dir.rglob("model.safetensors"))
@@ -81,6 +86,17 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     # use it, matplotlib's font cache on its first import.)
     monkeypatch.setattr(quality, "run_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert quality.main(argv)["rows"] == summary["rows"]
+
+
+def test_training_trajectory_reads_the_progress_bar_at_evenly_spaced_steps(quality):
+    bar = "".join(
+        f"\rTraining: {step}/40 [00:0{step % 9}<00:01, 3.1it/s, loss={4 - step / 20:.3f}, scale={10 + step / 4:.1f}]"
+        for step in range(1, 41)
+    )
+    trajectory = quality.training_trajectory("INFO start\n" + bar + "\nEvaluating")
+    assert trajectory["step"] == list(range(2, 41, 2))
+    assert trajectory["loss"][-1] == pytest.approx(2.0) and trajectory["logit_scale"][0] == pytest.approx(10.5)
+    assert quality.training_trajectory("no progress bar here") == {}
 
 
 def test_run_key_covers_arguments_threads_and_library_versions(quality, monkeypatch):
