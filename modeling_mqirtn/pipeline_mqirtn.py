@@ -39,7 +39,26 @@ CUSTOM_PIPELINES = {
 }
 
 
-class ComposedImageRetrievalPipeline(Pipeline):
+class _MQIRTNPipeline(Pipeline):
+    """What both MQIRTN pipelines share: they read images and texts through the MQIRTN processor (never a separate
+    tokenizer or image processor) and run the model in eval mode."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a `processor` (an MQIRTNProcessor): pass `processor=` or load from a "
+                "folder saved with `save_for_hub`, which holds the processor"
+            )
+        self.model.eval()
+
+
+class ComposedImageRetrievalPipeline(_MQIRTNPipeline):
     r"""
     Composed image retrieval: a query is a reference image plus a modification text; the answer is the gallery images
     ranked by cosine similarity between the composed query embedding and their gallery embeddings.
@@ -87,20 +106,6 @@ class ComposedImageRetrievalPipeline(Pipeline):
     (2, ['id', 'index', 'score'])
     ```
     """
-
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.processor is None:
-            raise ValueError(
-                "ComposedImageRetrievalPipeline needs a `processor` (an MQIRTNProcessor): pass `processor=` or load "
-                "from a folder saved with `save_for_hub`, which holds the processor"
-            )
-        self.model.eval()
 
     def __call__(self, inputs=None, *, image=None, text=None, **kwargs):
         r"""
@@ -283,7 +288,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
         ]
 
 
-class MQIRTNImageFeatureExtractionPipeline(Pipeline):
+class MQIRTNImageFeatureExtractionPipeline(_MQIRTNPipeline):
     r"""
     The `"image-feature-extraction"` task (the model card's `pipeline_tag`) for an MQIRTN folder: the gallery embedding
     of each image, `get_image_features(...).pooler_output`, L2-normalised, read through the MQIRTN processor (the same
@@ -305,20 +310,6 @@ class MQIRTNImageFeatureExtractionPipeline(Pipeline):
     >>> embedding = pipe("dress.jpg", return_tensors=True)  # (1, projection_dim), L2-normalised  # doctest: +SKIP
     ```
     """
-
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.processor is None:
-            raise ValueError(
-                "MQIRTNImageFeatureExtractionPipeline needs a `processor` (an MQIRTNProcessor): pass `processor=` or "
-                "load from a folder saved with `save_for_hub`, which holds the processor"
-            )
-        self.model.eval()
 
     def _sanitize_parameters(self, return_tensors=None, pool=None, **unknown):
         if unknown:
