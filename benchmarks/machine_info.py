@@ -33,3 +33,17 @@ def write_json(path: str | os.PathLike, record, indent: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, (json.dumps(record, indent=indent) + "\n").encode())
     return path
+
+
+def clustered_embeddings(gallery_size: int, dim: int, clusters: int, query_count: int, seed: int):
+    """A synthetic search workload: `gallery_size` L2-normalised vectors around `clusters` random centres (so
+    approximate indexes have structure to exploit) and `query_count` queries, each a gallery row plus a little noise.
+    The same arguments give the same tensors in every benchmark script."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, dim, generator=generator)
+    assignment = torch.randint(0, clusters, (gallery_size,), generator=generator)
+    gallery = centers[assignment] + 0.5 * torch.randn(gallery_size, dim, generator=generator)
+    gallery = torch.nn.functional.normalize(gallery, dim=-1)
+    picks = torch.randint(0, gallery_size, (query_count,), generator=generator)
+    queries = gallery[picks] + 0.05 * torch.randn(query_count, dim, generator=generator)
+    return gallery, torch.nn.functional.normalize(queries, dim=-1)

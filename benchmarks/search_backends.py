@@ -34,7 +34,7 @@ import torch
 from modeling_mqirtn.search_mqirtn import exact_search
 from mqirtn_app.index import GalleryIndex
 
-from machine_info import machine, write_json
+from machine_info import clustered_embeddings, machine, write_json
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,15 +67,9 @@ def parse_args(argv=None):
 
 
 def make_data(args):
-    generator = torch.Generator().manual_seed(args.seed)
-    centers = torch.randn(args.clusters, args.dim, generator=generator)
-    assignment = torch.randint(0, args.clusters, (args.gallery_size,), generator=generator)
-    gallery = centers[assignment] + 0.5 * torch.randn(args.gallery_size, args.dim, generator=generator)
-    gallery = torch.nn.functional.normalize(gallery, dim=-1)
-    count = args.single + args.batch * args.batches
-    picks = torch.randint(0, args.gallery_size, (count,), generator=generator)
-    queries = gallery[picks] + 0.05 * torch.randn(count, args.dim, generator=generator)
-    return gallery, torch.nn.functional.normalize(queries, dim=-1)
+    return clustered_embeddings(
+        args.gallery_size, args.dim, args.clusters, args.single + args.batch * args.batches, args.seed
+    )
 
 
 def rss_bytes() -> int:

@@ -28,7 +28,7 @@ import torch
 
 from mqirtn_app.index import GalleryIndex  # noqa: E402
 
-from machine_info import machine, write_json  # noqa: E402
+from machine_info import clustered_embeddings, machine, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,14 +65,7 @@ def parse_args(argv=None):
 
 
 def make_data(args):
-    generator = torch.Generator().manual_seed(args.seed)
-    centers = torch.randn(args.clusters, args.dim, generator=generator)
-    assignment = torch.randint(0, args.clusters, (args.gallery_size,), generator=generator)
-    gallery = centers[assignment] + 0.5 * torch.randn(args.gallery_size, args.dim, generator=generator)
-    gallery = torch.nn.functional.normalize(gallery, dim=-1)
-    picks = torch.randint(0, args.gallery_size, (args.queries,), generator=generator)
-    queries = gallery[picks] + 0.05 * torch.randn(args.queries, args.dim, generator=generator)
-    return gallery, torch.nn.functional.normalize(queries, dim=-1)
+    return clustered_embeddings(args.gallery_size, args.dim, args.clusters, args.queries, args.seed)
 
 
 def best_time(function, repeats):
