@@ -81,7 +81,8 @@ LEARNING_RATES = {
     "composeae": "5e-4",
     "realspace_concat": "5e-4",
 }
-LR_GRID = ("2.5e-4", "5e-4", "1e-3")
+# Rates a factor 2 apart; a choice at either end of the grid is reported as such (the grid should then grow).
+LR_GRID = ("1.25e-4", "2.5e-4", "5e-4", "1e-3")
 LR_GRID_STEPS = 300
 QUICK_STEPS = 40
 QUICK_SHAPES_SIZES = (
@@ -608,7 +609,8 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
                     chosen[entry["row"]] = {"learning_rate": entry["learning_rate"], "recall@1": mean}
         for name, choice in chosen.items():
             complete = all(e["seeds"] for e in rows if e["row"] == name)
-            choice.update(complete=complete, table=LEARNING_RATES[ROW_BY_NAME[name].composition])
+            edge = choice["learning_rate"] in (LR_GRID[0], LR_GRID[-1])
+            choice.update(complete=complete, at_edge=edge, table=LEARNING_RATES[ROW_BY_NAME[name].composition])
     return {
         "benchmark": "shapes",
         "split": args.split,
@@ -728,6 +730,8 @@ def markdown_table(summary: dict) -> str:
         lines += ["", "**Learning rate chosen on validation** (best R@1 of the grid):", ""]
         for name, choice in summary["learning_rate_choice"].items():
             state = "grid complete" if choice["complete"] else "grid INCOMPLETE"
+            if choice.get("at_edge"):
+                state += "; AT THE GRID'S EDGE"
             agree = "agrees with" if choice["learning_rate"] == choice["table"] else "DIFFERS from"
             lines.append(
                 f"- {name}: {choice['learning_rate']} (R@1 {choice['recall@1']:.2f}; {state}; {agree} LEARNING_RATES {choice['table']})"

@@ -196,6 +196,27 @@ def test_paired_differences_use_only_the_seeds_both_rows_have(quality):
     assert rows["mqirtn_paper"]["recall@1"]["mean"] == 60.0
 
 
+def test_learning_rate_choice_is_the_best_validation_rate_and_says_when_it_is_at_the_grids_edge(quality):
+    args, _ = quality.parse_args(["--lr_grid", "--variants", "mqirtn_paper,tirg"])
+    args.argv = []
+    low, *_, high = quality.LR_GRID
+    middle = quality.LR_GRID[1]
+    runs = {
+        ("mqirtn_paper", low): {0: fake_run(quality, "mqirtn_paper", 0, 30.0)},
+        ("mqirtn_paper", middle): {0: fake_run(quality, "mqirtn_paper", 0, 20.0)},
+        ("tirg", low): {0: fake_run(quality, "tirg", 0, 40.0)},
+        ("tirg", middle): {0: fake_run(quality, "tirg", 0, 45.0)},
+        ("tirg", high): {0: fake_run(quality, "tirg", 0, 41.0)},
+    }
+    status = {"current": 5, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+    summary = quality.summarize(args, runs, status)
+    paper, tirg = summary["learning_rate_choice"]["mqirtn_paper"], summary["learning_rate_choice"]["tirg"]
+    assert (paper["learning_rate"], paper["recall@1"], paper["at_edge"]) == (low, 30.0, True)
+    assert (tirg["learning_rate"], tirg["recall@1"], tirg["at_edge"]) == (middle, 45.0, False)
+    assert not paper["complete"]  # two of its rates never ran
+    assert "AT THE GRID'S EDGE" in quality.markdown_table(summary)
+
+
 def test_every_main_composition_has_a_learning_rate_and_the_grid_covers_them(quality):
     mains = {row.composition for row in quality.ROWS if row.group == "main"}
     assert mains == set(quality.LEARNING_RATES)
