@@ -301,7 +301,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.quick:
         shared += list(QUICK_SHAPES_SIZES)
     args.shared_train_args = shared + train_extra
+    args.shared_eval_args = shared[2:] + evaluation_flags(train_extra)  # the same data; the model folder has the rest
     return args, train_extra
+
+
+# Flags passed through to train.py that an `--eval_only` of the trained model needs too (the data); the others
+# (tower sizes, optimisation) are the saved model's or training's own, and train.py refuses most with a model folder.
+EVALUATION_FLAG_PREFIXES = ("--shapes_", "--per_device_eval_batch_size", "--dataloader_num_workers")
+
+
+def evaluation_flags(train_extra: list[str]) -> list[str]:
+    """The `EVALUATION_FLAG_PREFIXES` flags of `train_extra`, each with its values."""
+    kept, keep = [], False
+    for item in train_extra:
+        if item.startswith("--"):
+            keep = item.startswith(EVALUATION_FLAG_PREFIXES)
+        if keep:
+            kept.append(item)
+    return kept
 
 
 def row_seeds(args, row: Row) -> list[int]:
@@ -469,6 +486,25 @@ def final_parameters(model_file: Path) -> dict:
     return values
 
 
+def evaluate_on_validation(args, model_dir: Path, seed: int, env: dict) -> dict:
+    """Recall@K of a test-split run's trained model on the validation split too (`train.py --eval_only`, same code):
+    choices made from the grid's runs (a learning rate, a default) are then made on validation, never on test."""
+    eval_dir = model_dir.with_name(model_dir.name + "-validation")
+    command = ["nice", "-n", str(args.nice)] if args.nice else []
+    command += [sys.executable, str(CODE_ROOT / "train.py"), "--eval_only", "--model_name_or_path", str(model_dir)]
+    command += ["--output_dir", str(eval_dir), "--eval_split", "validation", "--seed", str(seed)]
+    command += args.shared_eval_args
+    log_path = model_dir.parent / f"{model_dir.name}-validation.log"
+    with open(log_path, "w") as log:
+        completed = subprocess.run(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeError(f"validation evaluation of {model_dir} failed; log {log_path}:\n" + "\n".join(tail))
+    metrics = json.loads((eval_dir / "eval_results.json").read_text())["validation"]
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    return metrics
+
+
 def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
     """Train + evaluate one run with train.py; return (and store) its results."""
     path = run_path(args, row, seed, learning_rate)
@@ -495,6 +531,7 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
             + "\n".join(tail)
         )
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    validation = evaluate_on_validation(args, output_dir, seed, env) if args.split == "test" else None
     state_path = output_dir / "training_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     composition = eval_results.get("composition", {}).get("end", {})
@@ -509,6 +546,7 @@ def run_one(args, row: Row, seed: int, learning_rate: str) -> dict:
         "wall_seconds": round(wall, 1),
         "metrics": eval_results[args.split],
         "retrieval": eval_results.get("retrieval_diagnostics", {}).get(args.split, {}),
+        **({"validation_metrics": validation} if validation is not None else {}),
         "composition": {k: v for k, v in composition.items() if k in COMPOSITION_KEYS},
         "final_parameters": final_parameters(output_dir / "model.safetensors"),
         "trajectory": training_trajectory(log_path.read_text(errors="replace")),

@@ -41,7 +41,7 @@ def fake_run(quality, row, seed, recall_at_1, sources=None):
 def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resumes(quality, tmp_path, monkeypatch):
     results_dir, work_dir = tmp_path / "results", tmp_path / "work"
     argv = [
-        "--steps", "2", "--seeds", "2", "--variants", "mqirtn_paper,tirg", "--split", "validation", "--nice", "0",
+        "--steps", "2", "--seeds", "2", "--variants", "mqirtn_paper,tirg", "--split", "test", "--nice", "0",
         "--results_dir", str(results_dir), "--work_dir", str(work_dir), "--name", "tiny",
         "--", *TINY_TRAIN_ARGS, "--shapes_cache_dir", str(tmp_path / "shapes"),
     ]  # fmt: skip
@@ -56,7 +56,7 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     (pair,) = [p for p in summary["paired_differences"] if (p["row"], p["minus"]) == ("mqirtn_paper", "tirg")]
     runs = {
         (r["row"], r["seed"]): r
-        for r in map(json.loads, map(Path.read_text, (results_dir / "quality_runs" / "validation").glob("*.json")))
+        for r in map(json.loads, map(Path.read_text, (results_dir / "quality_runs" / "test").glob("*.json")))
     }
     per_seed = [
         runs["mqirtn_paper", s]["metrics"]["recall@1"] - runs["tirg", s]["metrics"]["recall@1"] for s in (0, 1)
@@ -72,6 +72,9 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     ):
         assert name in sources, name
     assert not any(name.startswith(("benchmarks/", "tests/", ".venv/")) for name in sources)
+    # A test-split run's model is evaluated on validation too (choices are made there, never on test).
+    assert set(runs["tirg", 0]["validation_metrics"]) == set(quality.METRICS)
+    assert not list(work_dir.rglob("*-validation/eval_results.json"))
     # How each run got there: the trained logit scale and mapping weights, the loss and scale along the steps.
     final = runs["mqirtn_paper", 0]["final_parameters"]
     assert len(final["logit_scale"]) == 1 and len(final["composition.mapping_weights"]) == 2
@@ -269,3 +272,12 @@ def test_pair_runs_differences_stored_runs_over_shared_seeds(quality, tmp_path):
     assert result["recall@1"]["values"] == [5.0, -1.0] and result["recall@1"]["mean"] == 2.0
     with pytest.raises(SystemExit, match="no seed in both"):
         quality.pair_runs(str(tmp_path / "a-seed2.json"), str(tmp_path / "b-seed*.json"))
+
+
+def test_validation_evaluation_keeps_the_data_flags_and_drops_the_training_ones(quality):
+    extra = ["--image_size", "32", "--text_from_scratch", "--shapes_num_test_queries", "40", "--shapes_cache_dir=/x"]
+    assert quality.evaluation_flags(extra) == ["--shapes_num_test_queries", "40", "--shapes_cache_dir=/x"]
+    args, _ = quality.parse_args(["--quick", "--", *extra])
+    assert "--max_train_minutes" not in args.shared_eval_args and "--image_size" not in args.shared_eval_args
+    assert args.shared_eval_args[:2] == ["--num_results_grids", "0"]
+    assert "--shapes_num_validation_queries" in args.shared_eval_args  # --quick's smaller splits
