@@ -618,6 +618,10 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
                           if t in by_seed[s]["retrieval"].get("by_modification_type", {})])
                 for t in types
             }  # fmt: skip
+            validation = [
+                by_seed[s]["validation_metrics"]["recall@1"] for s in seeds if "validation_metrics" in by_seed[s]
+            ]
+            entry["validation_recall@1"] = _stat(validation)  # a test-split run's model on validation
             entry["composition"] = {}
             for key in COMPOSITION_KEYS:
                 values = [by_seed[s]["composition"][key] for s in seeds if key in by_seed[s]["composition"]]
@@ -698,8 +702,8 @@ def markdown_table(summary: dict) -> str:
         f"**Runs: {status['current']} current, {status['missing']} missing, {status['stale']} stale** (made with code that "
         "has changed since; not counted).",
         "",
-        "| row | what | lr | seeds | R@1 | R@5 | R@10 | R@50 | own ref. first | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | what | lr | seeds | R@1 | R@5 | R@10 | R@50 | own ref. first | validation R@1 | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary["rows"]:
         seeds = ",".join(map(str, entry["seeds"])) or "none"
@@ -708,7 +712,7 @@ def markdown_table(summary: dict) -> str:
         cells = " | ".join(_cell(entry[m]) for m in METRICS)
         lines.append(
             f"| {entry['row']} | {entry['description']} | {entry['learning_rate']} | {seeds} ({len(entry['seeds'])}/{wanted}) | "
-            f"{cells} | {_cell(entry['reference_ranked_first'])} | {seconds} |"
+            f"{cells} | {_cell(entry['reference_ranked_first'])} | {_cell(entry['validation_recall@1'])} | {seconds} |"
         )
     types = sorted({t for e in summary["rows"] for t in e["recall@1_by_type"]})
     if types:
