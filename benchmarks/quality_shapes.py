@@ -32,8 +32,9 @@ checkout (an editable install elsewhere) fails. `--at_commit C` trains with the 
 while the checkout moves on; its runs are keyed apart from the checkout's.
 
 Chunks: `--max_runs N` / `--max_minutes M` stop after N trainings / start none after M minutes, so each invocation
-fits a working stretch and the cache accumulates; `--summarize_only` trains nothing and writes what exists and what
-is missing. Summaries: `<results_dir>/<name>.json` and `.md` (name `quality_grid`, `quality_lr_grid` with --lr_grid).
+fits a working stretch and the cache accumulates; several invocations of one command work side by side (each run is
+claimed by one process under <work_dir>/claims/; one core each with the default --threads 1); `--summarize_only`
+trains nothing and writes what exists and what is missing. Summaries: `<results_dir>/<name>.json` and `.md` (name `quality_grid`, `quality_lr_grid` with --lr_grid).
 
     python benchmarks/quality_shapes.py --max_minutes 25                 # next runs of the grid, in order
     python benchmarks/quality_shapes.py --at_commit <C> --max_minutes 25 # the same at the grid's pinned code
@@ -811,14 +812,19 @@ def code_snapshot(commit: str, work_dir: Path) -> Path:
         ) from None
     folder = work_dir.resolve() / "code" / full
     if not (folder / "train.py").is_file():
-        partial = folder.with_name(full + ".partial")
+        partial = folder.with_name(f"{full}.partial-{os.getpid()}")  # side-by-side invocations export apart
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         archive = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "archive", full], capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
-        os.replace(partial, folder)
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not (folder / "train.py").is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another invocation exported the same commit first
     return folder
 
 
@@ -851,6 +857,44 @@ def pair_runs(pattern_a: str, pattern_b: str) -> dict:
     for metric in METRICS:
         result[metric] = _stat([first[s]["metrics"][metric] - second[s]["metrics"][metric] for s in shared])
     return result
+
+
+def claim_run(args, path: Path) -> int | None:
+    """Claims the run stored at `path` for this process (a file created exclusively under <work_dir>/claims/), so that
+    several invocations of this script can work through one grid side by side, each on other runs. Returns None once
+    claimed, or the pid of the live process that holds the claim; a claim whose process has ended is taken over."""
+    claim = Path(args.work_dir) / "claims" / f"{path.parent.name}-{path.stem}.claim"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(claim.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return holder
+            claim.unlink(missing_ok=True)  # left by a process that ended: take it over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return None
+    return -1  # another process took it over at the same moment
+
+
+def release_run(args, path: Path) -> None:
+    (Path(args.work_dir) / "claims" / f"{path.parent.name}-{path.stem}.claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _jobs(args) -> list[tuple[Row, int, str]]:
@@ -910,10 +954,20 @@ def main(argv: list[str] | None = None) -> dict:
         ):
             break
         row, seed, lr = job
-        run = run_one(args, row, seed, lr)
+        label = f"{row.name} seed {seed}" + (f" lr {lr}" if args.lr_grid else "")
+        states[job] = lookup(args, *job)  # another invocation may have trained it meanwhile
+        if states[job][0] == "current":
+            continue
+        holder = claim_run(args, run_path(args, row, seed, lr))
+        if holder is not None:
+            print(f"[{index}/{len(jobs)}] {label}: being trained by process {holder}; left to it", flush=True)
+            continue
+        try:
+            run = run_one(args, row, seed, lr)
+        finally:
+            release_run(args, run_path(args, row, seed, lr))
         states[job] = ("current", run)
         trained += 1
-        label = f"{row.name} seed {seed}" + (f" lr {lr}" if args.lr_grid else "")
         print(f"[{index}/{len(jobs)}] {label}: R@1 {run['metrics']['recall@1']:.2f} ({run['wall_seconds']:.0f} s; "
               f"{(time.time() - start) / 60:.1f} min elapsed)", flush=True)  # fmt: skip
         write_summary(args, *tally())  # partial results are usable while the rest runs

@@ -3,6 +3,7 @@ differences over shared seeds only, and one tiny-budget run through train.py end
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
@@ -180,6 +181,38 @@ def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, mo
     monkeypatch.setattr(quality, "run_one", pretend)
     quality.main([*argv, "--max_runs", "2"])
     assert trained == [("mqirtn_paper", 0), ("mqirtn_paper", 1)]
+
+
+def test_side_by_side_invocations_leave_a_run_claimed_by_a_live_process_to_it(quality, tmp_path, monkeypatch):
+    argv = ["--variants", "mqirtn_paper,tirg", "--seeds", "2", "--results_dir", str(tmp_path / "results")]
+    argv += ["--work_dir", str(tmp_path / "work"), "--name", "grid"]
+    args, _ = quality.parse_args(argv)
+    trained = []
+
+    def pretend(args, row, seed, lr):
+        trained.append((row.name, seed))
+        claims = list((tmp_path / "work" / "claims").glob("*.claim"))
+        assert [int(c.read_text()) for c in claims if f"{row.name}-seed{seed}-" in c.name] == [os.getpid()]
+        return fake_run(quality, row.name, seed, 10.0)
+
+    monkeypatch.setattr(quality, "run_one", pretend)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = quality.run_path(args, quality.ROW_BY_NAME["mqirtn_paper"], 0, "5e-4")
+        assert quality.claim_run(args, path) is None  # claimed here, then handed to the other process
+        claim = next((tmp_path / "work" / "claims").glob("*.claim"))
+        claim.write_text(str(other.pid))
+        quality.main([*argv, "--max_runs", "2"])
+        assert trained == [("tirg", 0), ("mqirtn_paper", 1)]  # mqirtn_paper seed 0 is the other process's
+        assert claim.read_text() == str(other.pid)
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    # The other process ended without finishing: its claim is taken over.
+    trained.clear()
+    quality.main([*argv, "--max_runs", "1"])
+    assert trained == [("mqirtn_paper", 0)]
+    assert not list((tmp_path / "work" / "claims").glob("*.claim"))  # every claim released
 
 
 def test_paired_differences_use_only_the_seeds_both_rows_have(quality):
