@@ -12,6 +12,9 @@ and step budget; only the row's own flags, the seed and the composition's learni
                 Dropout, the small rho_conv, normal init, angle LayerNorm, image residual); 936 steps, seeds 0-2
     ablation    the default without the rotation (angles still feed rho_conv), without any angle path, without the
                 symmetric constraint, without the reconstruction terms; 936 steps, seeds 0-2
+    spread      the default with one suspect of its seed-to-seed spread changed: the logit scale fixed, the mapping
+                weights initialised (1, 1), no angle LayerNorm, half the learning rate; 936 steps, seeds 0-4, read
+                on validation (every test-split run's model is evaluated on validation too)
 
 Differences between rows are **paired by seed**: the mean +- std of the per-seed differences over the seeds both rows
 have; a row is never subtracted from a mean over other seeds.
@@ -44,7 +47,8 @@ trains nothing and writes what exists and what is missing. Summaries: `<results_
 
 Cost here (2 shared CPU cores, one thread per run): a fusion run of 936 steps takes about 12 minutes alone
 (~1.35 steps/s), a baseline about 6 (~2.6 steps/s), plus about a minute of start-up and test evaluation; with other
-jobs on the machine, up to twice that. The whole grid is 25 main + 18 deviation + 12 ablation runs: about 10 hours.
+jobs on the machine, up to twice that. The whole grid is 25 main + 18 deviation + 12 ablation + 20 spread runs:
+about 14 hours of one core.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ CODE_ROOT = REPO_ROOT
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@50")
 MAIN_JOB_STEPS = 936  # train.py's default run: 3 epochs of 20,000 shapes queries at batch 64
-SEEDS = {"main": 5, "deviation": 3, "ablation": 3}
+SEEDS = {"main": 5, "deviation": 3, "ablation": 3, "spread": 5}
 # Learning rate of the new layers per composition. 5e-4 was chosen on the validation split at 200 steps for MQIRTN
 # (R@1 43.2 +- 2.9 against 31-32 at 2.5e-4 and 14.3 +- 11.0 at 1e-3) and TIRG (22.5 +- 1.2 against 21.6 +- 2.8 at
 # 1e-3); the other compositions use it until `--lr_grid` has chosen theirs (the summary says which are chosen).
@@ -136,6 +140,7 @@ class Row:
     group: str
     composition: str
     train_args: tuple[str, ...] = ()
+    learning_rate: str | None = None  # this row's own rate instead of its composition's
 
 
 def _paper(deviations: str) -> tuple[str, ...]:
@@ -158,6 +163,10 @@ ROWS: tuple[Row, ...] = (
     Row("no_angle_path", "default, rotation=false + angle_channel=false: no angle path", "ablation", "mqirtn", ("--config_overrides", "rotation=false,angle_channel=false")),
     Row("no_symmetric", "default, symmetric_loss_weight=0", "ablation", "mqirtn", ("--config_overrides", "symmetric_loss_weight=0")),
     Row("no_reconstruction", "default, both reconstruction weights 0", "ablation", "mqirtn", ("--config_overrides", "reconstruction_image_loss_weight=0,reconstruction_text_loss_weight=0")),
+    Row("spread:fixed_logit_scale", "default, logit scale fixed at its initial 20", "spread", "mqirtn", ("--logit_scale_lr", "0")),
+    Row("spread:mapping_init_1_1", "default, mapping weights initialised (1, 1), not (10, 1)", "spread", "mqirtn", ("--config_overrides", "composition_weights_init=[1,1]")),
+    Row("spread:no_angle_layernorm", "default without the angle LayerNorm", "spread", "mqirtn", _paper("composition_deviations=[shared_projection,plain_mlps,small_conv,normal_init],image_residual=true")),
+    Row("spread:half_lr", "default at half its learning rate", "spread", "mqirtn", (), "half"),
 )  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
 # Paired comparisons of the table: (row, minus row, what the difference says).
@@ -174,6 +183,11 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
         if row.group == "deviation"
     ),
     *(("mqirtn", row.name, f"what the default loses as {row.name}") for row in ROWS if row.group == "ablation"),
+    *(
+        (row.name, "mqirtn", f"what {row.name.split(':')[1]} changes in the default")
+        for row in ROWS
+        if row.group == "spread"
+    ),
 )
 
 
@@ -328,8 +342,19 @@ def row_seeds(args, row: Row) -> list[int]:
     return [0] if (args.lr_grid or args.quick) else list(range(SEEDS[row.group]))
 
 
+def row_learning_rate(row: Row) -> str:
+    """The row's rate: its composition's (`LEARNING_RATES`), or half of it for a row whose `learning_rate` is "half"."""
+    rate = LEARNING_RATES[row.composition]
+    if row.learning_rate is None:
+        return rate
+    if row.learning_rate != "half":
+        return row.learning_rate
+    mantissa, exponent = f"{float(rate) / 2:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def run_learning_rates(args, row: Row) -> list[str]:
-    return list(LR_GRID) if args.lr_grid else [LEARNING_RATES[row.composition]]
+    return list(LR_GRID) if args.lr_grid else [row_learning_rate(row)]
 
 
 # ================================================================================================ the run cache
@@ -675,7 +700,7 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
 
 
 def _lr(name: str) -> str:
-    return LEARNING_RATES[ROW_BY_NAME[name].composition] if name in ROW_BY_NAME else ""
+    return row_learning_rate(ROW_BY_NAME[name]) if name in ROW_BY_NAME else ""
 
 
 def _cell(stat: dict, digits: int = 2) -> str:
@@ -902,7 +927,7 @@ def _jobs(args) -> list[tuple[Row, int, str]]:
     """Every run of the selected rows, in the order they are trained: group by group (main, deviation, ablation),
     seed by seed within a group, so the rows of one seed are complete (paired) before the next seed starts."""
     jobs = []
-    for group in ("main", "deviation", "ablation"):
+    for group in ("main", "deviation", "ablation", "spread"):
         rows = [row for row in args.rows if row.group == group]
         for seed in range(max((len(row_seeds(args, row)) for row in rows), default=0)):
             for row in rows:
