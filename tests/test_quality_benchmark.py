@@ -155,9 +155,9 @@ def test_stale_and_missing_runs_are_reported_and_retrained(quality, tmp_path, mo
     args, _ = quality.parse_args(argv)
     current = fake_run(quality, "tirg", 0, 40.0, sources={})
     current["sources"] = {"train.py": quality.file_digest(quality.CODE_ROOT / "train.py")}
-    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 0, "5e-4"), current)
+    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 0, quality._lr("tirg")), current)
     stale = fake_run(quality, "tirg", 1, 50.0, sources={"train.py": "0" * 64})
-    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 1, "5e-4"), stale)
+    quality._write_json(quality.run_path(args, quality.ROW_BY_NAME["tirg"], 1, quality._lr("tirg")), stale)
     monkeypatch.setattr(quality, "run_one", lambda *a, **k: pytest.fail("--summarize_only trained"))
     summary = quality.main([*argv, "--summarize_only"])
     status = summary["status"]
@@ -198,7 +198,7 @@ def test_side_by_side_invocations_leave_a_run_claimed_by_a_live_process_to_it(qu
     monkeypatch.setattr(quality, "run_one", pretend)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        path = quality.run_path(args, quality.ROW_BY_NAME["mqirtn_paper"], 0, "5e-4")
+        path = quality.run_path(args, quality.ROW_BY_NAME["mqirtn_paper"], 0, quality._lr("mqirtn_paper"))
         assert quality.claim_run(args, path) is None  # claimed here, then handed to the other process
         claim = next((tmp_path / "work" / "claims").glob("*.claim"))
         claim.write_text(str(other.pid))
@@ -219,9 +219,9 @@ def test_paired_differences_use_only_the_seeds_both_rows_have(quality):
     args, _ = quality.parse_args(["--variants", "mqirtn_paper,tirg"])
     args.argv = []
     runs = {
-        ("mqirtn_paper", "5e-4"): {0: fake_run(quality, "mqirtn_paper", 0, 50.0), 1: fake_run(quality, "mqirtn_paper", 1, 40.0),
+        ("mqirtn_paper", quality._lr("mqirtn_paper")): {0: fake_run(quality, "mqirtn_paper", 0, 50.0), 1: fake_run(quality, "mqirtn_paper", 1, 40.0),
                                    2: fake_run(quality, "mqirtn_paper", 2, 90.0)},
-        ("tirg", "5e-4"): {0: fake_run(quality, "tirg", 0, 45.0), 1: fake_run(quality, "tirg", 1, 41.0)},
+        ("tirg", quality._lr("tirg")): {0: fake_run(quality, "tirg", 0, 45.0), 1: fake_run(quality, "tirg", 1, 41.0)},
     }  # fmt: skip
     status = {"current": 5, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
     summary = quality.summarize(args, runs, status)
