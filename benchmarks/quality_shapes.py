@@ -286,6 +286,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--summarize_only", action="store_true", help="Train nothing: summarize what exists, list what is missing."
     )
+    parser.add_argument(
+        "--update_readme",
+        action="store_true",
+        help="Also write the summary's short table into README.md (between its quality-grid markers).",
+    )
     args, train_extra = parser.parse_known_args(argv)
     train_extra = [item for item in train_extra if item != "--"]
     for forbidden in (
@@ -814,6 +819,86 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The README's short table: the main rows, then what each comparison the README answers gives, paired by seed.
+HEADLINE_ROWS = {
+    "mqirtn_paper": "MQIRTN as published (`mqirtn_paper`)",
+    "mqirtn": "this package's default (`mqirtn`)",
+    "tirg": "TIRG",
+    "composeae": "ComposeAE",
+    "realspace_concat": "ComposeAE's real-space ablation",
+}
+HEADLINE_PAIRS = (
+    ("mqirtn_paper", "tirg"),
+    ("mqirtn_paper", "composeae"),
+    ("mqirtn", "mqirtn_paper"),
+    ("mqirtn", "tirg"),
+    *((row.name, "mqirtn_paper") for row in ROWS if row.group == "deviation"),
+)
+
+
+def headline_table(summary: dict) -> str:
+    """The README's results table, made from a grid summary (`quality_grid.json`): R@1 and R@10 of the main rows
+    (mean ± std over their seeds) and the paired differences the README's answers rest on. tests/test_readme.py
+    checks that the README holds exactly this text for the committed summary."""
+    rows = {entry["row"]: entry for entry in summary["rows"]}
+    lines = [
+        f"| shapes {summary['split']}, {summary['steps']} steps | lr | seeds | R@1 | R@10 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in HEADLINE_ROWS.items():
+        entry = rows.get(name)
+        if entry is None or not entry["seeds"]:
+            lines.append(f"| {label} | – | none | – | – |")
+            continue
+        seeds = ",".join(map(str, entry["seeds"]))
+        lines.append(
+            f"| {label} | {entry['learning_rate']} | {seeds} | {_cell(entry['recall@1'])} | {_cell(entry['recall@10'])} |"
+        )
+    pairs = {(pair["row"], pair["minus"]): pair for pair in summary["paired_differences"]}
+    lines += ["", "| paired by seed | seeds | ΔR@1 | ΔR@10 | ΔR@1 per seed |", "|---|---|---|---|---|"]
+    for name, other in HEADLINE_PAIRS:
+        pair = pairs.get((name, other))
+        if pair is None:
+            continue
+        per_seed = ", ".join(f"{value:+.2f}" for value in pair["recall@1"]["values"])
+        lines.append(
+            f"| {name} − {other} | {','.join(map(str, pair['seeds']))} | {_signed_cell(pair['recall@1'])} | "
+            f"{_signed_cell(pair['recall@10'])} | {per_seed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+README_START = (
+    "<!-- quality grid: made by benchmarks/quality_shapes.py from benchmarks/results/quality_grid.json -->\n"
+)
+README_END = "<!-- end of quality grid -->"
+
+
+def readme_table(readme_text: str) -> str | None:
+    """The text between the README's quality-grid markers (None without them)."""
+    start, end = readme_text.find(README_START), readme_text.find(README_END)
+    return None if start < 0 or end < start else readme_text[start + len(README_START) : end]
+
+
+def update_readme(summary: dict, readme: Path) -> None:
+    """Replaces the README's quality-grid table by `headline_table(summary)`."""
+    text = readme.read_text()
+    if readme_table(text) is None:
+        raise SystemExit(
+            f"quality_shapes.py: {readme} has no quality-grid markers ({README_START.strip()} ... {README_END})"
+        )
+    start, end = text.find(README_START) + len(README_START), text.find(README_END)
+    readme.write_text(text[:start] + headline_table(summary) + text[end:])
+
+
+def _signed_cell(stat: dict) -> str:
+    return (
+        "–"
+        if stat["mean"] is None
+        else f"{stat['mean']:+.2f}" + (f" ± {stat['std']:.2f}" if len(stat["values"]) > 1 else "")
+    )
+
+
 def write_summary(args, runs, status) -> dict:
     summary = summarize(args, runs, status)
     results_dir = Path(args.results_dir)
@@ -1000,6 +1085,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_summary(args, *tally())  # partial results are usable while the rest runs
     runs, status = tally()
     summary = write_summary(args, runs, status)
+    if args.update_readme:
+        update_readme(summary, REPO_ROOT / "README.md")
     print(markdown_table(summary))
     print(f"Wrote {Path(args.results_dir) / args.name}.json / .md")
     return summary

@@ -314,3 +314,28 @@ def test_validation_evaluation_keeps_the_data_flags_and_drops_the_training_ones(
     assert "--max_train_minutes" not in args.shared_eval_args and "--image_size" not in args.shared_eval_args
     assert args.shared_eval_args[:2] == ["--num_results_grids", "0"]
     assert "--shapes_num_validation_queries" in args.shared_eval_args  # --quick's smaller splits
+
+
+def test_update_readme_replaces_only_the_table_between_the_markers(quality, tmp_path):
+    args, _ = quality.parse_args(["--variants", "mqirtn_paper,tirg"])
+    args.argv = []
+    runs = {
+        ("mqirtn_paper", quality._lr("mqirtn_paper")): {0: fake_run(quality, "mqirtn_paper", 0, 20.0)},
+        ("tirg", quality._lr("tirg")): {0: fake_run(quality, "tirg", 0, 45.5)},
+    }
+    summary = quality.summarize(
+        args, runs, {"current": 2, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nBefore.\n\n{quality.README_START}| old | table |\n{quality.README_END}\n\nAfter.\n")
+    quality.update_readme(summary, readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nBefore.\n\n") and text.endswith(f"{quality.README_END}\n\nAfter.\n")
+    table = quality.readme_table(text)
+    assert "| old |" not in table and table == quality.headline_table(summary)
+    assert f"| MQIRTN as published (`mqirtn_paper`) | {quality._lr('mqirtn_paper')} | 0 | 20.00 | 20.00 |" in table
+    assert "| mqirtn_paper − tirg | 0 | -25.50 | -25.50 | -25.50 |" in table
+    assert "| ComposeAE | – | none | – | – |" in table  # a row without runs says so
+    readme.write_text("# No markers\n")
+    with pytest.raises(SystemExit, match="no quality-grid markers"):
+        quality.update_readme(summary, readme)

@@ -66,3 +66,22 @@ def test_the_readme_code_runs_as_written(tmp_path):
         outputs.append(completed.stdout)
     hits = [line.split() for line in outputs[0].splitlines() if line.startswith("gallery/")]
     assert len(hits) == 2 and all(-1.0 <= float(score) <= 1.0 for _, score in hits), outputs[0]
+
+
+def test_the_quality_table_is_the_committed_grid_summary():
+    """The README's results table is made from benchmarks/results/quality_grid.json (by `quality_shapes.py
+    --update_readme`), never typed in: a figure there is a figure the grid measured."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_shapes_for_readme", REPO_ROOT / "benchmarks" / "quality_shapes.py"
+    )
+    quality = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = quality
+    spec.loader.exec_module(quality)
+    summary = json.loads((REPO_ROOT / "benchmarks" / "results" / "quality_grid.json").read_text())
+    assert not summary["quick"] and not summary["lr_grid"] and summary["split"] == "test"
+    table = quality.readme_table((REPO_ROOT / "README.md").read_text())
+    assert table is not None, "README.md has lost its quality-grid markers"
+    assert table == quality.headline_table(summary)
