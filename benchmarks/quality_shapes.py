@@ -899,6 +899,56 @@ def _signed_cell(stat: dict) -> str:
     )
 
 
+def draw_grid(runs: dict[tuple[str, str], dict[int, dict]], path: Path) -> Path | None:
+    """The grid as a picture: R@1 of every run (one dot per seed, the row's mean as a bar) and, for the rows whose runs
+    recorded it, the logit scale along training, one line per seed, shaded by the run's R@1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row.name for row in ROWS if any(name == row.name for name, _ in runs)]
+    if not names:
+        return None
+    by_name = {name: by_seed for (name, _), by_seed in runs.items()}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 0.38 * len(names) + 2.5), width_ratios=(3, 2))
+    colours = {"main": "tab:blue", "deviation": "tab:orange", "ablation": "tab:green", "spread": "tab:purple"}
+    for position, name in enumerate(names):
+        values = [run["metrics"]["recall@1"] for run in by_name[name].values()]
+        colour = colours[ROW_BY_NAME[name].group]
+        left.barh(position, statistics.fmean(values), color=colour, alpha=0.25)
+        left.scatter(values, [position] * len(values), color=colour, s=18, zorder=3)
+        for seed, run in by_name[name].items():
+            left.annotate(str(seed), (run["metrics"]["recall@1"], position), xytext=(0, 5), textcoords="offset points",
+                          fontsize=6, ha="center")  # fmt: skip
+    left.set_yticks(range(len(names)), names, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("R@1 (%) per seed; bar: mean")
+    left.grid(axis="x", alpha=0.3)
+    scores = [run["metrics"]["recall@1"] for by_seed in by_name.values() for run in by_seed.values()]
+    low, high = min(scores), max(scores)
+    drawn = False
+    for name, style in (("mqirtn", "-"), ("tirg", "--"), ("mqirtn_paper", ":")):
+        for seed, run in sorted(by_name.get(name, {}).items()):
+            trajectory = run.get("trajectory") or {}
+            if not trajectory.get("step"):
+                continue
+            shade = plt.cm.viridis((run["metrics"]["recall@1"] - low) / max(high - low, 1e-9))
+            right.plot(trajectory["step"], trajectory["logit_scale"], style, color=shade, label=f"{name} seed {seed}")
+            drawn = True
+    if drawn:
+        right.set_xlabel("step")
+        right.set_ylabel("logit scale")
+        right.set_title("logit scale along training (colour: the run's R@1)", fontsize=9)
+        right.legend(fontsize=6, ncol=2)
+    else:
+        right.set_axis_off()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def write_summary(args, runs, status) -> dict:
     summary = summarize(args, runs, status)
     results_dir = Path(args.results_dir)
@@ -1087,6 +1137,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_summary(args, runs, status)
     if args.update_readme:
         update_readme(summary, REPO_ROOT / "README.md")
+    if not args.lr_grid and draw_grid(runs, Path(args.results_dir) / f"{args.name}.png"):
+        print(f"Drew {Path(args.results_dir) / args.name}.png")
     print(markdown_table(summary))
     print(f"Wrote {Path(args.results_dir) / args.name}.json / .md")
     return summary

@@ -83,6 +83,7 @@ def test_tiny_grid_trains_through_train_py_records_sources_pairs_seeds_and_resum
     assert trajectory["step"][-1] == 2 and len(trajectory["loss"]) == len(trajectory["logit_scale"]) >= 1
     assert quality.changed_sources(runs["mqirtn_paper", 0]) == []
     assert (results_dir / "tiny.md").read_text().count("mqirtn_paper − tirg") == 1
+    assert (results_dir / "tiny.png").stat().st_size > 10_000  # per-seed R@1 and the logit scale along training
     assert not list(work_dir.rglob("model.safetensors"))
 
     # Resume: everything is cached, nothing trains.
