@@ -131,14 +131,20 @@ def check_random_states(path: Path, process_index: int) -> None:
         raise ValueError(f"cannot resume from {path}: its {name} holds no RNG state")
 
 
-def save_checkpoint(accelerator, args, progress, lr_scheduler=None) -> None:
+def text_cache_history_file(process_index: int) -> str:
+    """The checkpoint file of one process's frozen-text-cache history (`CachedFrozenTextModel.save_history`)."""
+    return f"frozen_text_cache_{process_index}.safetensors"
+
+
+def save_checkpoint(accelerator, args, progress, lr_scheduler=None, text_cache=None) -> None:
     """`accelerator.save_state` into checkpoints/checkpoint-STEP, then the completion marker (with the content hashes
     of every file) written last and atomically. A folder being re-saved is invalidated first (its marker removed), so a
     crash mid-save never leaves new weights beside the old optimizer/scheduler/RNG state under a valid marker.
 
     The training progress and `lr_scheduler`'s state go into the marker as JSON (nothing is registered with
     accelerate, whose custom states are pickles loaded with full unpickling); accelerate's own files are safetensors
-    and tensors that `load_state` reads with `weights_only=True`."""
+    and tensors that `load_state` reads with `weights_only=True`. With a frozen-text cache (`text_cache`), each
+    process also writes the cache's history, so that a resumed run computes its texts exactly as this one did."""
     output_dir = Path(args.output_dir)
     path = output_dir / "checkpoints" / f"checkpoint-{progress.completed_steps}"
     marker = path / CHECKPOINT_COMPLETE_FILE
@@ -147,6 +153,8 @@ def save_checkpoint(accelerator, args, progress, lr_scheduler=None) -> None:
         fsync_dir(path)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
+    if text_cache is not None:
+        text_cache.save_history(path / text_cache_history_file(accelerator.process_index))
     accelerator.wait_for_everyone()  # every process's random states are written before the marker lists them
     if accelerator.is_main_process:
         for file in path.rglob("*"):

@@ -29,10 +29,12 @@ from .checkpoints import (
     quiet_accelerate_checkpoint_logs,
     save_checkpoint,
     save_model,
+    text_cache_history_file,
 )
 from .diagnostics import composition_diagnostics, composition_step_stats, diagnostic_batches
 from .errors import TrainingStopped
 from .evaluation import evaluate_split, format_table
+from .frozen_text import CachedFrozenTextModel
 from .model import parameter_groups, set_train_mode
 from .versions import library_versions
 
@@ -164,6 +166,12 @@ class TrainingRun:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def text_cache(self) -> CachedFrozenTextModel | None:
+        """The frozen-text cache in place of the text tower (`--frozen_text_cache`), if any."""
+        text_model = self.unwrapped.text_model
+        return text_model if isinstance(text_model, CachedFrozenTextModel) else None
+
     def new_window(self) -> None:
         self.window = {"samples": 0, "time": time.time(), "terms": {}, "count": 0, "composition": {}}
 
@@ -203,6 +211,19 @@ class TrainingRun:
         check_random_states(checkpoint, self.accelerator.process_index)
         # Model, optimizer, RNG states: safetensors or tensors read with `weights_only=True`; nothing else unpickled.
         self.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        if self.text_cache is not None:
+            history = checkpoint / text_cache_history_file(self.accelerator.process_index)
+            if history.is_file():
+                try:
+                    count = self.text_cache.load_history(history)
+                except ValueError as error:
+                    raise ValueError(f"cannot resume from {checkpoint}: {error}") from None
+                logger.info(f"Frozen-text cache: recomputed the {count} texts of {history.name} in their sub-batches")
+            else:
+                logger.warning(
+                    f"{checkpoint} has no {history.name}: texts are computed anew in other sub-batches, so the run "
+                    "continues equal to the interrupted one up to float rounding, not bit for bit"
+                )
         self.progress.load_state_dict({key: record[key] for key in self.progress.state_dict() if key in record})
         self.lr_scheduler.load_state_dict(record["lr_scheduler"])
         self.starting_epoch, within = divmod(self.progress.completed_steps, self.steps_per_epoch)
@@ -259,7 +280,7 @@ class TrainingRun:
                 if accelerator.sync_gradients and self.after_optimizer_step(epoch, validation_data):
                     break
             if args.checkpointing_steps == "epoch" and not self.time_limit_reached:
-                save_checkpoint(accelerator, args, progress, self.lr_scheduler)
+                save_checkpoint(accelerator, args, progress, self.lr_scheduler, self.text_cache)
         self.progress_bar.close()
         self.measure_composition("end", "composition after training")
         if self.best_step is not None:
@@ -343,7 +364,7 @@ class TrainingRun:
         if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == self.max_train_steps:
             self.log_window(epoch)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-            save_checkpoint(self.accelerator, args, progress, self.lr_scheduler)
+            save_checkpoint(self.accelerator, args, progress, self.lr_scheduler, self.text_cache)
         if (
             args.eval_steps
             and progress.completed_steps % args.eval_steps == 0

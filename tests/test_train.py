@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer
 
 from modeling_mqirtn import COMPOSITIONS, LOSS_TYPES
 from mqirtn_train.arguments import build_parser, default_text_model, parse_args
+from mqirtn_train.checkpoints import CHECKPOINT_COMPLETE_FILE
 from mqirtn_train.data import DATASETS, DEFAULT_SPLITS, loader_options
 from mqirtn_train.evaluation import evaluate_split
 from mqirtn_train.frozen_text import CachedFrozenTextModel
@@ -209,6 +211,72 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
         torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     # checkpoints_total_limit=2 keeps the last two.
     assert len(list((killed / "checkpoints").glob("checkpoint-*"))) == 2
+
+
+@pytest.mark.slow
+def test_resume_with_the_frozen_text_cache_is_bit_exact(tmp_path, cache_dir):
+    # A frozen pretrained text tower (the cache is on): the resumed run recomputes the cache's texts in the sub-batches
+    # the interrupted run used, so its weights equal the uninterrupted run's bit for bit.
+    pretrained_text = [*DATA_ARGS, *TINY_ARGS[TINY_ARGS.index("--patch_size") :]]
+    start = pretrained_text.index("--text_from_scratch")
+    del pretrained_text[start : start + 7]  # the from-scratch text tower and its 3 sizes: the default MiniLM instead
+    assert not any(arg.startswith("--text_") for arg in pretrained_text)
+    common = ["--freeze_text", "--max_train_steps", "6", "--checkpointing_steps", "3", "--no-do_eval"]
+    reference = tmp_path / "reference"
+    run_train([*common, "--output_dir", str(reference)], cache_dir, base=pretrained_text)
+    checkpoint = reference / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "frozen_text_cache_0.safetensors").is_file()
+
+    def resumed_weights(name: str, drop_history: bool = False) -> tuple[dict, str]:
+        copy = tmp_path / name / "checkpoints" / "checkpoint-3"
+        shutil.copytree(checkpoint, copy)
+        if drop_history:  # a checkpoint without the history: the marker must not list the file either
+            (copy / "frozen_text_cache_0.safetensors").unlink()
+            marker = json.loads((copy / CHECKPOINT_COMPLETE_FILE).read_text())
+            del marker["files"]["frozen_text_cache_0.safetensors"]
+            (copy / CHECKPOINT_COMPLETE_FILE).write_text(json.dumps(marker))
+        args = [*common, "--output_dir", str(tmp_path / name), "--resume_from_checkpoint", str(copy)]
+        result = run_train(args, cache_dir, base=pretrained_text)
+        return load_file(tmp_path / name / "model.safetensors"), result.stderr
+
+    expected = load_file(reference / "model.safetensors")
+    exact, log = resumed_weights("resumed")
+    assert "Frozen-text cache: recomputed the" in log
+    assert exact.keys() == expected.keys() and all(torch.equal(exact[k], expected[k]) for k in expected)
+    approximate, log = resumed_weights("without_history", drop_history=True)
+    assert "has no frozen_text_cache_0.safetensors" in log and "not bit for bit" in log
+    for name, tensor in expected.items():
+        torch.testing.assert_close(approximate[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_damaged_frozen_text_cache_history_is_refused_with_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from utils import tiny_model
+
+    tower = tiny_model("mqirtn").text_model.requires_grad_(False)
+    cache = CachedFrozenTextModel(tower)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    cache(input_ids=ids, attention_mask=(ids > 0).long())
+    cache(input_ids=torch.tensor([[5, 6, 7, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    history = tmp_path / "history.safetensors"
+    cache.save_history(history)
+    replayed = CachedFrozenTextModel(tower)
+    assert replayed.load_history(history) == 3
+    assert replayed.groups == cache.groups == [[(5, 6, 7), (8, 9)], [(5, 6, 7, 3)]]
+    assert all(torch.equal(replayed.entries[key], cache.entries[key]) for key in cache.entries)
+    vocab = tower.get_input_embeddings().num_embeddings
+    for arrays in (
+        {"token_ids": torch.tensor([1, 2, 3]), "lengths": torch.tensor([2]), "group_sizes": torch.tensor([1])},
+        {"token_ids": torch.tensor([1, vocab]), "lengths": torch.tensor([2]), "group_sizes": torch.tensor([1])},
+        {"token_ids": torch.tensor([1, 2]), "lengths": torch.tensor([2])},
+    ):
+        save_file(arrays, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match="bad.safetensors is not a frozen-text-cache history"):
+            CachedFrozenTextModel(tower).load_history(tmp_path / "bad.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
+        CachedFrozenTextModel(tower).load_history(tmp_path / "junk.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ non-finite losses
