@@ -634,10 +634,12 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
                           if t in by_seed[s]["retrieval"].get("by_modification_type", {})])
                 for t in types
             }  # fmt: skip
-            validation = [
-                by_seed[s]["validation_metrics"]["recall@1"] for s in seeds if "validation_metrics" in by_seed[s]
-            ]
-            entry["validation_recall@1"] = _stat(validation)  # a test-split run's model on validation
+            validated = [s for s in seeds if "validation_metrics" in by_seed[s]]
+            # A test-split run's model on validation (runs recorded before that evaluation existed have none).
+            entry["validation_recall@1"] = {
+                **_stat([by_seed[s]["validation_metrics"]["recall@1"] for s in validated]),
+                "seeds": validated,
+            }
             entry["composition"] = {}
             for key in COMPOSITION_KEYS:
                 values = [by_seed[s]["composition"][key] for s in seeds if key in by_seed[s]["composition"]]
@@ -702,6 +704,13 @@ def _cell(stat: dict, digits: int = 2) -> str:
     )
 
 
+def _validation_cell(entry: dict) -> str:
+    """Validation R@1, naming its seeds when they are not all of the row's."""
+    stat = entry["validation_recall@1"]
+    some = stat.get("seeds", entry["seeds"]) != entry["seeds"] and stat["mean"] is not None
+    return _cell(stat) + (f" (seeds {','.join(map(str, stat['seeds']))})" if some else "")
+
+
 def _composition_cell(entry: dict, key: str) -> str:
     stat = entry["composition"].get(key)
     return "–" if stat is None else f"{stat['mean']:.2f}"
@@ -728,7 +737,7 @@ def markdown_table(summary: dict) -> str:
         cells = " | ".join(_cell(entry[m]) for m in METRICS)
         lines.append(
             f"| {entry['row']} | {entry['description']} | {entry['learning_rate']} | {seeds} ({len(entry['seeds'])}/{wanted}) | "
-            f"{cells} | {_cell(entry['reference_ranked_first'])} | {_cell(entry['validation_recall@1'])} | {seconds} |"
+            f"{cells} | {_cell(entry['reference_ranked_first'])} | {_validation_cell(entry)} | {seconds} |"
         )
     types = sorted({t for e in summary["rows"] for t in e["recall@1_by_type"]})
     if types:
