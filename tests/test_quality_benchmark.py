@@ -340,3 +340,12 @@ def test_update_readme_replaces_only_the_table_between_the_markers(quality, tmp_
     readme.write_text("# No markers\n")
     with pytest.raises(SystemExit, match="no quality-grid markers"):
         quality.update_readme(summary, readme)
+
+
+def test_validation_cell_names_its_seeds_when_some_runs_have_no_validation(quality):
+    some = {"seeds": [0, 1, 2], "validation_recall@1": {**quality._stat([60.0, 62.0]), "seeds": [1, 2]}}
+    assert quality._validation_cell(some) == "61.00 ± 1.41 (seeds 1,2)"
+    every = {"seeds": [1, 2], "validation_recall@1": {**quality._stat([60.0, 62.0]), "seeds": [1, 2]}}
+    assert quality._validation_cell(every) == "61.00 ± 1.41"
+    none = {"seeds": [0], "validation_recall@1": {**quality._stat([]), "seeds": []}}
+    assert quality._validation_cell(none) == "–"
