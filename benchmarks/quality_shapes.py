@@ -13,8 +13,10 @@ and step budget; only the row's own flags, the seed and the composition's learni
     ablation    the default without the rotation (angles still feed rho_conv), without any angle path, without the
                 symmetric constraint, without the reconstruction terms; 936 steps, seeds 0-2
     spread      the default with one suspect of its seed-to-seed spread changed: the logit scale fixed, the mapping
-                weights initialised (1, 1), no angle LayerNorm, half the learning rate; 936 steps, seeds 0-4, read
-                on validation (every test-split run's model is evaluated on validation too)
+                weights initialised (1, 1), no angle LayerNorm, half the learning rate; and the default with the two
+                changes that do not help the paper preset reverted to ComposeAE's modules (two projections, its
+                rho_conv); 936 steps, seeds 0-4, read on validation (every test-split run's model is evaluated on
+                validation too)
 
 Differences between rows are **paired by seed**: the mean +- std of the per-seed differences over the seeds both rows
 have; a row is never subtracted from a mean over other seeds.
@@ -118,8 +120,9 @@ COMPOSITION_KEYS = (
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: its name, what it is, its group (main / deviation / ablation), its composition (which
-    sets its learning rate) and its train.py flags on top of the shared ones."""
+    """One line of the table: its name, what it is, its group (main / deviation / ablation / spread: a change to the
+    default, seeded like the main rows), its composition (which sets its learning rate) and its train.py flags on top
+    of the shared ones."""
 
     name: str
     description: str
@@ -153,6 +156,7 @@ ROWS: tuple[Row, ...] = (
     Row("spread:mapping_init_1_1", "default, mapping weights initialised (1, 1), not (10, 1)", "spread", "mqirtn", ("--config_overrides", "composition_weights_init=[1,1]")),
     Row("spread:no_angle_layernorm", "default without the angle LayerNorm", "spread", "mqirtn", _paper("composition_deviations=[shared_projection,plain_mlps,small_conv,normal_init],image_residual=true")),
     Row("spread:half_lr", "default at half its learning rate", "spread", "mqirtn", (), "half"),
+    Row("revert:projections_conv", "default with ComposeAE's two projections and rho_conv (the two changes that do not help the paper preset)", "spread", "mqirtn", _paper("composition_deviations=[plain_mlps,normal_init,angle_layernorm],image_residual=true")),
 )  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
 # Paired comparisons of the table: (row, minus row, what the difference says).
@@ -383,7 +387,8 @@ def run_key(args, row: Row, seed: int, learning_rate: str) -> str:
 
 
 def run_path(args, row: Row, seed: int, learning_rate: str) -> Path:
-    stem = f"{row.name}-seed{seed}" + (f"-lr{learning_rate}" if args.lr_grid else "")
+    # ':' is not allowed in file names on every system git checks out to
+    stem = f"{row.name.replace(':', '_')}-seed{seed}" + (f"-lr{learning_rate}" if args.lr_grid else "")
     return (
         Path(args.results_dir) / "quality_runs" / args.split / f"{stem}-{run_key(args, row, seed, learning_rate)}.json"
     )

@@ -270,7 +270,7 @@ def test_the_grid_order_completes_one_seed_of_the_main_rows_first(quality):
     jobs = [(row.name, seed) for row, seed, _ in quality._jobs(args)]
     assert jobs[:5] == [("mqirtn_paper", 0), ("mqirtn", 0), ("tirg", 0), ("composeae", 0), ("realspace_concat", 0)]
     assert jobs[5] == ("mqirtn_paper", 1)
-    assert len(jobs) == 5 * 5 + 6 * 3 + 4 * 3 + 4 * 5  # main, deviation, ablation, seed-spread rows
+    assert len(jobs) == 5 * 5 + 6 * 3 + 4 * 3 + 5 * 5  # main, deviation, ablation, rows that change the default
 
 
 def test_unknown_variant_is_an_error(quality):
