@@ -641,21 +641,21 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
             logits = scale * query_embeds @ target_embeds.T
             if return_loss:
                 loss, loss_terms, symmetric_diagnostics = self._loss(
-                    query,
-                    query_embeds,
-                    target_embeds,
-                    scale,
-                    image_embeds,
-                    text_embeds,
-                    target_tokens,
-                    target_raw,
-                    text_tokens,
-                    attention_mask,
-                    pixel_values,
-                    target_pixel_values,
-                    target_ids,
-                    reference_ids,
-                    output_composition,
+                    query=query,
+                    query_embeds=query_embeds,
+                    target_embeds=target_embeds,
+                    scale=scale,
+                    image_embeds=image_embeds,
+                    text_embeds=text_embeds,
+                    target_tokens=target_tokens,
+                    target_raw=target_raw,
+                    text_tokens=text_tokens,
+                    attention_mask=attention_mask,
+                    pixel_values=pixel_values,
+                    target_pixel_values=target_pixel_values,
+                    target_ids=target_ids,
+                    reference_ids=reference_ids,
+                    output_composition=output_composition,
                 )
 
         composition_outputs = {}
@@ -687,6 +687,7 @@ class MQIRTNModel(MQIRTNPreTrainedModel):
 
     def _loss(
         self,
+        *,
         query,
         query_embeds,
         target_embeds,
