@@ -663,6 +663,17 @@ def summarize(args, runs: dict[tuple[str, str], dict[int, dict]], status: dict) 
             pair = {"row": name, "minus": other, "what": what, "seeds": shared}
             for metric in METRICS:
                 pair[metric] = _stat([ours[s]["metrics"][metric] - theirs[s]["metrics"][metric] for s in shared])
+            # The same models on validation, over the seeds both evaluated there: choices are read from this column.
+            validated = [s for s in shared if "validation_metrics" in ours[s] and "validation_metrics" in theirs[s]]
+            pair["validation_recall@1"] = {
+                **_stat(
+                    [
+                        ours[s]["validation_metrics"]["recall@1"] - theirs[s]["validation_metrics"]["recall@1"]
+                        for s in validated
+                    ]
+                ),
+                "seeds": validated,
+            }
             pairs.append(pair)
     chosen = {}
     if args.lr_grid:
@@ -707,6 +718,15 @@ def _cell(stat: dict, digits: int = 2) -> str:
         if len(stat["values"]) > 1
         else f"{stat['mean']:.{digits}f}"
     )
+
+
+def _paired_validation_cell(pair: dict) -> str:
+    """The paired validation difference, naming its seeds when they are not all of the pair's."""
+    stat = pair.get("validation_recall@1")
+    if not stat or not stat["seeds"]:
+        return "–"
+    cell = _cell(stat)
+    return cell if stat["seeds"] == pair["seeds"] else f"{cell} (seeds {','.join(map(str, stat['seeds']))})"
 
 
 def _validation_cell(entry: dict) -> str:
@@ -789,14 +809,15 @@ def markdown_table(summary: dict) -> str:
             "",
             "**Paired differences** (row minus row, per seed, over the seeds both have; mean ± std of the differences):",
             "",
-            "| row − row | what | seeds | ΔR@1 | ΔR@5 | ΔR@10 | ΔR@50 | per seed ΔR@1 |",
-            "|---|---|---|---|---|---|---|---|",
+            "| row − row | what | seeds | ΔR@1 | ΔR@5 | ΔR@10 | ΔR@50 | per seed ΔR@1 | validation ΔR@1 |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for pair in summary["paired_differences"]:
             per_seed = ", ".join(f"{v:+.2f}" for v in pair["recall@1"]["values"])
             cells = " | ".join(_cell(pair[m]) for m in METRICS)
             lines.append(
-                f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | {per_seed} |"
+                f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | "
+                f"{per_seed} | {_paired_validation_cell(pair)} |"
             )
     if summary["learning_rate_choice"]:
         lines += ["", "**Learning rate chosen on validation** (best R@1 of the grid):", ""]

@@ -233,6 +233,27 @@ def test_paired_differences_use_only_the_seeds_both_rows_have(quality):
     assert rows["mqirtn_paper"]["recall@1"]["mean"] == 60.0
 
 
+def test_paired_validation_differences_use_only_seeds_both_rows_evaluated_on_validation(quality):
+    args, _ = quality.parse_args(["--variants", "mqirtn,spread:half_lr"])
+    args.argv = []
+    mqirtn = {s: fake_run(quality, "mqirtn", s, 60.0) for s in range(3)}
+    half = {s: fake_run(quality, "spread:half_lr", s, 58.0) for s in range(3)}
+    for seed, value in ((1, 70.0), (2, 66.0)):
+        mqirtn[seed]["validation_metrics"] = {"recall@1": value}
+    for seed, value in ((0, 50.0), (1, 67.0), (2, 68.0)):
+        half[seed]["validation_metrics"] = {"recall@1": value}
+    runs = {("mqirtn", quality._lr("mqirtn")): mqirtn, ("spread:half_lr", quality._lr("spread:half_lr")): half}
+    status = {"current": 6, "missing": 0, "stale": 0, "missing_runs": [], "stale_runs": []}
+    summary = quality.summarize(args, runs, status)
+    (pair,) = summary["paired_differences"]
+    assert (pair["row"], pair["minus"], pair["seeds"]) == ("spread:half_lr", "mqirtn", [0, 1, 2])
+    # Seed 0 of the default has no validation evaluation: the validation difference pairs seeds 1 and 2 only.
+    assert pair["validation_recall@1"]["seeds"] == [1, 2]
+    assert pair["validation_recall@1"]["values"] == [-3.0, 2.0]
+    assert quality._paired_validation_cell(pair) == "-0.50 ± 3.54 (seeds 1,2)"
+    assert "| -0.50 ± 3.54 (seeds 1,2) |" in quality.markdown_table(summary)
+
+
 def test_learning_rate_choice_is_the_best_validation_rate_and_says_when_it_is_at_the_grids_edge(quality):
     args, _ = quality.parse_args(["--lr_grid", "--variants", "mqirtn_paper,tirg"])
     args.argv = []
