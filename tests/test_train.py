@@ -787,15 +787,13 @@ print("IMPORTED", sorted({"torch", "transformers", "datasets", "modeling_mqirtn"
 def test_help_is_fast_complete_and_names_the_real_choices():
     """`train.py --help` answers before torch is imported, every flag has help text without internal references, and
     the names the help lists are the registry's datasets, the compositions and the losses."""
-    started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-c", HELP_PROBE, str(TRAIN_SCRIPT)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    elapsed = time.perf_counter() - started
     assert completed.returncode == 0, completed.stderr[-2000:]
+    # Fast because nothing heavy is imported (a wall-clock bound would fail on a loaded machine, not on slow code).
     assert "IMPORTED []" in completed.stdout
-    assert elapsed < 3.0, f"train.py --help took {elapsed:.1f} s"
     help_text = " ".join(completed.stdout.split())
     for name in [*DATASETS, *COMPOSITIONS, *LOSS_TYPES]:
         assert name in help_text, name
