@@ -720,17 +720,8 @@ def _cell(stat: dict, digits: int = 2) -> str:
     )
 
 
-def _paired_validation_cell(pair: dict) -> str:
-    """The paired validation difference, naming its seeds when they are not all of the pair's."""
-    stat = pair.get("validation_recall@1")
-    if not stat or not stat["seeds"]:
-        return "–"
-    cell = _cell(stat)
-    return cell if stat["seeds"] == pair["seeds"] else f"{cell} (seeds {','.join(map(str, stat['seeds']))})"
-
-
 def _validation_cell(entry: dict) -> str:
-    """Validation R@1, naming its seeds when they are not all of the row's."""
+    """Validation R@1 of a row or a paired difference, naming its seeds when they are not all of the row's (pair's)."""
     stat = entry["validation_recall@1"]
     some = stat.get("seeds", entry["seeds"]) != entry["seeds"] and stat["mean"] is not None
     return _cell(stat) + (f" (seeds {','.join(map(str, stat['seeds']))})" if some else "")
@@ -817,7 +808,7 @@ def markdown_table(summary: dict) -> str:
             cells = " | ".join(_cell(pair[m]) for m in METRICS)
             lines.append(
                 f"| {pair['row']} − {pair['minus']} | {pair['what']} | {','.join(map(str, pair['seeds']))} | {cells} | "
-                f"{per_seed} | {_paired_validation_cell(pair)} |"
+                f"{per_seed} | {_validation_cell(pair)} |"
             )
     if summary["learning_rate_choice"]:
         lines += ["", "**Learning rate chosen on validation** (best R@1 of the grid):", ""]

@@ -250,7 +250,7 @@ def test_paired_validation_differences_use_only_seeds_both_rows_evaluated_on_val
     # Seed 0 of the default has no validation evaluation: the validation difference pairs seeds 1 and 2 only.
     assert pair["validation_recall@1"]["seeds"] == [1, 2]
     assert pair["validation_recall@1"]["values"] == [-3.0, 2.0]
-    assert quality._paired_validation_cell(pair) == "-0.50 ± 3.54 (seeds 1,2)"
+    assert quality._validation_cell(pair) == "-0.50 ± 3.54 (seeds 1,2)"
     assert "| -0.50 ± 3.54 (seeds 1,2) |" in quality.markdown_table(summary)
 
 
